@@ -1,0 +1,29 @@
+//! drover's wire schema, `drover.v1`, as Rust types.
+//!
+//! The messages are generated from `proto/drover/v1/drover.proto` at build time. Every
+//! command, reply and notification travels inside a `google.protobuf.Any`; this crate
+//! owns the one table that maps a type URL to its message ([`Payload`]), so the rest of
+//! drover matches on an enum and an Any nobody handles is an ordinary value
+//! ([`Payload::Unknown`]) rather than an error path repeated at every call site.
+//!
+//! With the `grpc` feature the tonic client and server for `drover.v1.Controller` are
+//! generated too; the sans-IO core depends on this crate without it, so it never links
+//! an async runtime.
+
+/// Generated `drover.v1` messages (and, with `grpc`, the service).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/drover.v1.rs"));
+}
+
+mod payload;
+
+pub use payload::{Payload, PayloadError, TABLE, type_url};
+pub use prost::{Message, Name};
+pub use prost_types::Any;
+
+/// The encoded `FileDescriptorSet` of the schema, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/drover_descriptor.bin"));
+
+/// The protocol name and version the controller reports in `ControllerAppVersionV1Reply`.
+pub const PROTOCOL: &str = "drover.v1";
