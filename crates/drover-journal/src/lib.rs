@@ -1,0 +1,181 @@
+//! drover's journal: a durable log of AMBROSIA log records with group commit,
+//! checkpoints, trimming and checkpoint-plus-replay recovery.
+//!
+//! Layout of a journal directory (`<data-dir>/journal/`):
+//!
+//! * `committer-id`: the committer id, chosen once when the journal is created.
+//! * `<first seq, 20 digits>.log`: segments, each a run of log records (24-byte
+//!   header, XXH64 check bytes, sequence ids 0, 1, 2 … continuing across segments).
+//!   Each record is one group-committed batch of entries; an entry is one AMBROSIA
+//!   message (the controller logs its inputs as RPC messages).
+//! * `checkpoint-<next seq, 20 digits>.ckpt`: a checkpoint announcement record (seq -2,
+//!   holding a `Checkpoint` message), the serialized state, then a trailer with the
+//!   sequence id it covers up to and the XXH64 of the state.
+//!
+//! [`Journal::open`] recovers (see [`recovery`]) and starts the writer thread
+//! ([`writer`]); the caller then replays [`Recovery::entries`] into its state machine
+//! ([`machine`]) before appending.
+
+pub mod checkpoint;
+pub mod inspect;
+pub mod machine;
+pub mod recovery;
+pub mod scan;
+pub mod storage;
+pub mod writer;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use drover_wire::ambrosia::Limits;
+pub use machine::{DecodeError, StateMachine, encode_entry, replay};
+pub use recovery::{Recovery, RecoveryReport, ReplayEntry};
+pub use storage::{Faults, FaultyStorage, FsStorage, MemStorage, Storage};
+pub use writer::{Journal, JournalStats, Position, Ticket};
+
+/// Whether appends are fsynced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FsyncMode {
+    /// `fdatasync` once per batch before any append of the batch is acknowledged.
+    Always,
+    /// Never sync: for measurements only. Acknowledged appends can be lost on a crash,
+    /// and the journal says so loudly in its log when it opens.
+    Never,
+}
+
+/// What recovery does with damage in the middle of the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecoveryMode {
+    /// Refuse to start, naming the file and byte offset.
+    Strict,
+    /// Skip to the next valid record and report what was dropped.
+    TolerateCorruption,
+}
+
+/// Journal settings.
+#[derive(Clone, Debug)]
+pub struct JournalConfig {
+    /// The journal directory.
+    pub dir: PathBuf,
+    /// Start a new segment once the current one reaches this size.
+    pub segment_bytes: u64,
+    /// Close a batch once it holds this many bytes.
+    pub max_batch_bytes: usize,
+    /// After the first entry of a batch, wait up to this long for more (0: batch only
+    /// what arrived while the previous write was in flight).
+    pub max_batch_delay: Duration,
+    /// fsync policy.
+    pub fsync: FsyncMode,
+    /// Checkpoints kept; segments older than the oldest kept one are trimmed.
+    pub keep_checkpoints: usize,
+    /// Suggest a checkpoint after this many records since the last one.
+    pub checkpoint_every_records: u64,
+    /// Suggest a checkpoint after this many log bytes since the last one.
+    pub checkpoint_every_bytes: u64,
+    /// Damage policy for recovery.
+    pub recovery: RecoveryMode,
+    /// Size limits on records and messages.
+    pub limits: Limits,
+    /// Appends queued to the writer before `append` waits.
+    pub queue_depth: usize,
+}
+
+impl JournalConfig {
+    /// Defaults for a journal in `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        JournalConfig {
+            dir: dir.into(),
+            segment_bytes: 64 << 20,
+            max_batch_bytes: 4 << 20,
+            max_batch_delay: Duration::ZERO,
+            fsync: FsyncMode::Always,
+            keep_checkpoints: 2,
+            checkpoint_every_records: 100_000,
+            checkpoint_every_bytes: 256 << 20,
+            recovery: RecoveryMode::Strict,
+            limits: Limits::default(),
+            queue_depth: 65_536,
+        }
+    }
+}
+
+/// Everything that can go wrong in the journal.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum JournalError {
+    /// A file operation failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On which file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: Arc<io::Error>,
+    },
+    /// Damage that is not a torn tail: recovery refuses to start.
+    #[error("journal corrupt: {} at byte {offset}: {damage}", file.display())]
+    Corrupt {
+        /// The damaged file.
+        file: PathBuf,
+        /// Byte offset of the damage.
+        offset: u64,
+        /// What is wrong.
+        damage: String,
+    },
+    /// A write or fsync failed earlier; nothing more is accepted, because what the
+    /// file system holds can no longer be trusted.
+    #[error("journal stopped after a failed write: {0}")]
+    Poisoned(String),
+    /// The journal was closed.
+    #[error("journal is closed")]
+    Closed,
+}
+
+impl JournalError {
+    pub(crate) fn io(op: &'static str, path: &Path, source: io::Error) -> Self {
+        JournalError::Io { op, path: path.to_owned(), source: Arc::new(source) }
+    }
+}
+
+/// File name of the segment whose first record has sequence id `first_seq`.
+pub fn segment_name(first_seq: i64) -> String {
+    format!("{first_seq:020}.log")
+}
+
+/// File name of the checkpoint that covers every record before `next_seq`.
+pub fn checkpoint_name(next_seq: i64) -> String {
+    format!("checkpoint-{next_seq:020}.ckpt")
+}
+
+/// Name of the file holding the committer id.
+pub const COMMITTER_FILE: &str = "committer-id";
+
+/// The first sequence id of a segment file name.
+pub fn parse_segment_name(name: &str) -> Option<i64> {
+    let digits = name.strip_suffix(".log")?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok()).flatten()
+}
+
+/// The covered sequence id of a checkpoint file name.
+pub fn parse_checkpoint_name(name: &str) -> Option<i64> {
+    let digits = name.strip_prefix("checkpoint-")?.strip_suffix(".ckpt")?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok()).flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        assert_eq!(parse_segment_name(&segment_name(42)), Some(42));
+        assert_eq!(parse_checkpoint_name(&checkpoint_name(7)), Some(7));
+        assert_eq!(parse_segment_name("42.log"), None);
+        assert_eq!(parse_segment_name("checkpoint-00000000000000000007.ckpt"), None);
+    }
+}

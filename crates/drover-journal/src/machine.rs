@@ -1,0 +1,105 @@
+//! The interface between the journal and a deterministic state machine.
+//!
+//! A [`StateMachine`] applies inputs and produces outputs, serializes itself to a
+//! checkpoint and restores from one. Its inputs are journaled as AMBROSIA RPC messages
+//! (method [`INPUT_METHOD`], fire-and-forget, the encoded input as arguments).
+//! [`replay`] rebuilds a machine from a [`Recovery`]: restore the checkpoint, apply
+//! every logged input in order, and discard the outputs, which were already emitted
+//! before the crash.
+
+use bytes::Bytes;
+use drover_wire::ambrosia::{MessageType, RpcBody, RpcKind, RpcType, varint};
+
+use crate::{JournalError, Recovery};
+
+/// The method id under which state machine inputs are logged.
+pub const INPUT_METHOD: i32 = 1;
+
+/// A checkpoint or logged input that does not decode.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(pub String);
+
+/// A deterministic state machine driven by journaled inputs.
+pub trait StateMachine: Sized {
+    /// What drives the machine.
+    type Input;
+    /// What the machine asks the outside world to do.
+    type Output;
+
+    /// Applies one input, appending the outputs it causes to `out`.
+    fn apply(&mut self, input: Self::Input, out: &mut Vec<Self::Output>);
+    /// Appends the input's encoding to `buf`.
+    fn encode_input(input: &Self::Input, buf: &mut Vec<u8>);
+    /// Decodes an input encoded by `encode_input`.
+    fn decode_input(bytes: &[u8]) -> Result<Self::Input, DecodeError>;
+    /// Serializes the whole state.
+    fn checkpoint(&self) -> Vec<u8>;
+    /// Rebuilds the state from `checkpoint`'s bytes.
+    fn restore(bytes: &[u8]) -> Result<Self, DecodeError>;
+}
+
+/// Encodes `args` as a logged RPC message (size, type 0, body) with the given method.
+pub fn encode_entry(method_id: i32, args: &[u8]) -> Bytes {
+    let body_len = 1 + varint::int_len(method_id) + 1 + args.len();
+    let size = 1 + body_len;
+    let mut out = Vec::with_capacity(varint::int_len(size as i32) + size);
+    varint::put_int(&mut out, size as i32);
+    out.push(MessageType::Rpc as u8);
+    out.push(RpcKind::Call as u8);
+    varint::put_int(&mut out, method_id);
+    out.push(RpcType::FireAndForget as u8);
+    out.extend_from_slice(args);
+    out.into()
+}
+
+/// Encodes a state machine input as a journal entry.
+pub fn encode_input<M: StateMachine>(input: &M::Input) -> Bytes {
+    let mut args = Vec::new();
+    M::encode_input(input, &mut args);
+    encode_entry(INPUT_METHOD, &args)
+}
+
+/// Counts from a replay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplayStats {
+    /// Inputs applied.
+    pub inputs: u64,
+    /// Logged messages that were not inputs (other methods or types) and were skipped.
+    pub skipped: u64,
+}
+
+/// Rebuilds a machine: from the checkpoint if there is one (else `fresh()`), then
+/// every logged input after it. Outputs are discarded.
+pub fn replay<M: StateMachine>(
+    recovery: &Recovery,
+    fresh: impl FnOnce() -> M,
+) -> Result<(M, ReplayStats), JournalError> {
+    let corrupt = |what: String| JournalError::Corrupt { file: "checkpoint".into(), offset: 0, damage: what };
+    let mut machine = match &recovery.checkpoint {
+        Some(state) => M::restore(state).map_err(|e| corrupt(format!("checkpoint does not restore: {e}")))?,
+        None => fresh(),
+    };
+    let mut stats = ReplayStats::default();
+    let mut out = Vec::new();
+    for entry in recovery.entries() {
+        let entry = entry?;
+        let Some((&ty, body)) = entry.message.split_first() else { continue };
+        if ty != MessageType::Rpc as u8 {
+            stats.skipped += 1;
+            continue;
+        }
+        let body = RpcBody::parse(entry.message.slice(1..1 + body.len()))
+            .map_err(|e| corrupt(format!("record {}: bad RPC: {e}", entry.seq)))?;
+        if body.method_id() != INPUT_METHOD {
+            stats.skipped += 1;
+            continue;
+        }
+        let input = M::decode_input(body.args())
+            .map_err(|e| corrupt(format!("record {}: input does not decode: {e}", entry.seq)))?;
+        machine.apply(input, &mut out);
+        out.clear();
+        stats.inputs += 1;
+    }
+    Ok((machine, stats))
+}

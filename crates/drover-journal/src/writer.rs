@@ -1,0 +1,451 @@
+//! The group-commit writer: one thread owns the active segment file.
+//!
+//! Callers hand entries (encoded AMBROSIA messages) to [`Journal::append`] and get a
+//! [`Ticket`] that resolves once the entry is on disk. The thread takes the first
+//! waiting entry, then everything else that arrived meanwhile (up to
+//! `max_batch_bytes`, optionally waiting `max_batch_delay` for more), writes them as one
+//! log record, calls `fdatasync` once, and only then resolves the batch's tickets. A
+//! failed write or fsync resolves every waiting ticket with the error and poisons the
+//! journal: after a failed fsync the page cache can no longer be trusted, so nothing
+//! more is accepted.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use drover_wire::ambrosia::{HEADER_LEN, RecordHeader, check_bytes};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::recovery::{Recovery, recover};
+use crate::storage::{AppendFile, Storage};
+use crate::{
+    FsyncMode, JournalConfig, JournalError, checkpoint, parse_checkpoint_name, parse_segment_name, segment_name,
+};
+
+/// Where an entry landed: its record's sequence id and its index in that record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    /// The record's sequence id.
+    pub seq: i64,
+    /// The entry's index within the record.
+    pub index: u32,
+}
+
+/// Resolves when an appended entry is durable (or the write failed).
+#[derive(Debug)]
+pub struct Ticket(oneshot::Receiver<Result<Position, JournalError>>);
+
+impl Future for Ticket {
+    type Output = Result<Position, JournalError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|r| r.unwrap_or(Err(JournalError::Closed)))
+    }
+}
+
+impl Ticket {
+    /// Waits for durability from a thread that is not running an async runtime.
+    pub fn wait(self) -> Result<Position, JournalError> {
+        self.0.blocking_recv().unwrap_or(Err(JournalError::Closed))
+    }
+}
+
+enum Cmd {
+    Append { message: Bytes, done: oneshot::Sender<Result<Position, JournalError>> },
+    Checkpoint { state: Vec<u8>, done: oneshot::Sender<Result<i64, JournalError>> },
+    Flush { done: oneshot::Sender<Result<i64, JournalError>> },
+}
+
+/// Counters the writer keeps, for metrics and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JournalStats {
+    /// Entries made durable.
+    pub entries: u64,
+    /// Records written.
+    pub records: u64,
+    /// Log bytes written.
+    pub bytes: u64,
+    /// fsync calls.
+    pub fsyncs: u64,
+    /// Total time spent in fsync.
+    pub fsync_nanos: u64,
+    /// Largest batch, in entries.
+    pub max_batch: u64,
+    /// Checkpoints written.
+    pub checkpoints: u64,
+    /// Every record before this sequence id is durable.
+    pub durable_seq: i64,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    entries: AtomicU64,
+    records: AtomicU64,
+    bytes: AtomicU64,
+    fsyncs: AtomicU64,
+    fsync_nanos: AtomicU64,
+    max_batch: AtomicU64,
+    checkpoints: AtomicU64,
+    durable_seq: AtomicI64,
+    checkpoint_due: AtomicBool,
+}
+
+/// A handle on an open journal. Appends from one handle are written in the order they
+/// were made.
+#[derive(Debug)]
+pub struct Journal {
+    tx: mpsc::Sender<Cmd>,
+    shared: Arc<Shared>,
+    committer_id: i32,
+    max_entry: usize,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Journal {
+    /// Recovers the journal in `config.dir` and starts its writer. The returned
+    /// [`Recovery`] holds the checkpoint and the entries to replay.
+    pub fn open(config: JournalConfig, storage: Arc<dyn Storage>) -> Result<(Journal, Recovery), JournalError> {
+        let recovery = recover(&config, &storage)?;
+        if config.fsync == FsyncMode::Never {
+            tracing::warn!(
+                dir = %config.dir.display(),
+                "JOURNAL FSYNC IS OFF (--fsync never): acknowledged inputs WILL BE LOST on a crash; use only for measurements"
+            );
+        }
+        let (file, file_len, file_first_seq) = match &recovery.tail.segment {
+            Some((path, len)) => {
+                let first = path.file_name().and_then(|n| parse_segment_name(&n.to_string_lossy())).unwrap_or(0);
+                (storage.open_append(path).map_err(|e| JournalError::io("open", path, e))?, *len, first)
+            }
+            None => {
+                let path = config.dir.join(segment_name(recovery.next_seq));
+                let f = storage.open_append(&path).map_err(|e| JournalError::io("create", &path, e))?;
+                storage.sync_dir(&config.dir).map_err(|e| JournalError::io("sync", &config.dir, e))?;
+                (f, 0, recovery.next_seq)
+            }
+        };
+        let shared = Arc::new(Shared::default());
+        shared.durable_seq.store(recovery.next_seq, Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
+        let max_entry = config.max_batch_bytes.min(config.limits.max_record - HEADER_LEN);
+        let writer = Writer {
+            committer_id: recovery.committer_id,
+            next_seq: recovery.next_seq,
+            file,
+            file_len,
+            file_first_seq,
+            buf: Vec::new(),
+            poisoned: None,
+            shared: shared.clone(),
+            since_checkpoint: (0, 0),
+            storage,
+            config,
+        };
+        let thread = std::thread::Builder::new()
+            .name("journal-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| JournalError::io("spawn writer for", std::path::Path::new("journal"), e))?;
+        Ok((Journal { tx, shared, committer_id: recovery.committer_id, max_entry, thread: Some(thread) }, recovery))
+    }
+
+    fn check_size(&self, message: &Bytes) -> Result<(), JournalError> {
+        if message.len() > self.max_entry {
+            return Err(JournalError::Poisoned(format!(
+                "entry of {} bytes exceeds the batch limit of {}",
+                message.len(),
+                self.max_entry
+            )));
+        }
+        Ok(())
+    }
+
+    /// Queues an encoded message; waits only for queue space. The ticket resolves when
+    /// the message is durable.
+    pub async fn append(&self, message: Bytes) -> Result<Ticket, JournalError> {
+        self.check_size(&message)?;
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Cmd::Append { message, done }).await.map_err(|_| JournalError::Closed)?;
+        Ok(Ticket(rx))
+    }
+
+    /// [`Journal::append`] for threads without an async runtime.
+    pub fn append_blocking(&self, message: Bytes) -> Result<Ticket, JournalError> {
+        self.check_size(&message)?;
+        let (done, rx) = oneshot::channel();
+        self.tx.blocking_send(Cmd::Append { message, done }).map_err(|_| JournalError::Closed)?;
+        Ok(Ticket(rx))
+    }
+
+    /// Writes a checkpoint of `state`, which must reflect every entry appended before
+    /// this call, then trims what it makes unnecessary. Returns the sequence id it
+    /// covers up to.
+    pub async fn checkpoint(&self, state: Vec<u8>) -> Result<i64, JournalError> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Cmd::Checkpoint { state, done }).await.map_err(|_| JournalError::Closed)?;
+        rx.await.unwrap_or(Err(JournalError::Closed))
+    }
+
+    /// [`Journal::checkpoint`] for threads without an async runtime.
+    pub fn checkpoint_blocking(&self, state: Vec<u8>) -> Result<i64, JournalError> {
+        let (done, rx) = oneshot::channel();
+        self.tx.blocking_send(Cmd::Checkpoint { state, done }).map_err(|_| JournalError::Closed)?;
+        rx.blocking_recv().unwrap_or(Err(JournalError::Closed))
+    }
+
+    /// Waits until everything appended before is durable; returns the next sequence id.
+    pub async fn flush(&self) -> Result<i64, JournalError> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Cmd::Flush { done }).await.map_err(|_| JournalError::Closed)?;
+        rx.await.unwrap_or(Err(JournalError::Closed))
+    }
+
+    /// Whether enough log has accumulated since the last checkpoint that one is due.
+    pub fn checkpoint_due(&self) -> bool {
+        self.shared.checkpoint_due.load(Ordering::Relaxed)
+    }
+
+    /// This journal's committer id.
+    pub fn committer_id(&self) -> i32 {
+        self.committer_id
+    }
+
+    /// A snapshot of the writer's counters.
+    pub fn stats(&self) -> JournalStats {
+        let s = &self.shared;
+        JournalStats {
+            entries: s.entries.load(Ordering::Relaxed),
+            records: s.records.load(Ordering::Relaxed),
+            bytes: s.bytes.load(Ordering::Relaxed),
+            fsyncs: s.fsyncs.load(Ordering::Relaxed),
+            fsync_nanos: s.fsync_nanos.load(Ordering::Relaxed),
+            max_batch: s.max_batch.load(Ordering::Relaxed),
+            checkpoints: s.checkpoints.load(Ordering::Relaxed),
+            durable_seq: s.durable_seq.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Stops accepting appends, lets the writer finish what is queued, and waits for
+    /// its thread (blocking).
+    pub fn close_blocking(mut self) {
+        let thread = self.thread.take();
+        drop(self);
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Writer {
+    config: JournalConfig,
+    storage: Arc<dyn Storage>,
+    committer_id: i32,
+    next_seq: i64,
+    file: Box<dyn AppendFile>,
+    file_len: u64,
+    file_first_seq: i64,
+    buf: Vec<u8>,
+    poisoned: Option<String>,
+    shared: Arc<Shared>,
+    /// Records and bytes since the last checkpoint.
+    since_checkpoint: (u64, u64),
+}
+
+type Waiter = oneshot::Sender<Result<Position, JournalError>>;
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        let mut batch: Vec<Waiter> = Vec::new();
+        let mut pending: Option<Cmd> = None;
+        loop {
+            let cmd = match pending.take() {
+                Some(c) => c,
+                None => match rx.blocking_recv() {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
+            match cmd {
+                Cmd::Append { message, done } => {
+                    self.start_record();
+                    self.buf.extend_from_slice(&message);
+                    batch.push(done);
+                    pending = self.gather(&mut rx, &mut batch);
+                    self.commit(&mut batch);
+                }
+                Cmd::Checkpoint { state, done } => {
+                    let _ = done.send(self.checkpoint(&state));
+                }
+                Cmd::Flush { done } => {
+                    let _ = done.send(match &self.poisoned {
+                        Some(p) => Err(JournalError::Poisoned(p.clone())),
+                        None => Ok(self.next_seq),
+                    });
+                }
+            }
+        }
+    }
+
+    fn start_record(&mut self) {
+        self.buf.clear();
+        self.buf.resize(HEADER_LEN, 0);
+    }
+
+    /// Adds every append already waiting (and, with a batch delay, those arriving
+    /// soon) to the current record. Returns a non-append command that ended the batch.
+    fn gather(&mut self, rx: &mut mpsc::Receiver<Cmd>, batch: &mut Vec<Waiter>) -> Option<Cmd> {
+        let deadline = Instant::now() + self.config.max_batch_delay;
+        let limit = self.config.max_batch_bytes.min(self.config.limits.max_record);
+        loop {
+            match rx.try_recv() {
+                Ok(Cmd::Append { message, done }) => {
+                    if self.buf.len() + message.len() > limit {
+                        return Some(Cmd::Append { message, done });
+                    }
+                    self.buf.extend_from_slice(&message);
+                    batch.push(done);
+                }
+                Ok(other) => return Some(other),
+                Err(mpsc::error::TryRecvError::Empty) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_micros(20));
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Writes the current record, syncs, and resolves the batch's tickets.
+    fn commit(&mut self, batch: &mut Vec<Waiter>) {
+        if let Some(p) = &self.poisoned {
+            for w in batch.drain(..) {
+                let _ = w.send(Err(JournalError::Poisoned(p.clone())));
+            }
+            return;
+        }
+        let seq = self.next_seq;
+        let payload_len = self.buf.len() - HEADER_LEN;
+        let header = RecordHeader {
+            committer_id: self.committer_id,
+            length: self.buf.len() as i32,
+            check: check_bytes(&self.buf[HEADER_LEN..]),
+            seq,
+        };
+        let mut head = Vec::with_capacity(HEADER_LEN);
+        header.encode(&mut head);
+        self.buf[..HEADER_LEN].copy_from_slice(&head);
+
+        let result = self.write_and_sync();
+        match result {
+            Ok(()) => {
+                self.next_seq += 1;
+                self.file_len += self.buf.len() as u64;
+                let s = &self.shared;
+                s.entries.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                s.records.fetch_add(1, Ordering::Relaxed);
+                s.bytes.fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+                s.max_batch.fetch_max(batch.len() as u64, Ordering::Relaxed);
+                s.durable_seq.store(self.next_seq, Ordering::SeqCst);
+                self.since_checkpoint.0 += 1;
+                self.since_checkpoint.1 += self.buf.len() as u64;
+                if self.since_checkpoint.0 >= self.config.checkpoint_every_records
+                    || self.since_checkpoint.1 >= self.config.checkpoint_every_bytes
+                {
+                    s.checkpoint_due.store(true, Ordering::Relaxed);
+                }
+                for (i, w) in batch.drain(..).enumerate() {
+                    let _ = w.send(Ok(Position { seq, index: i as u32 }));
+                }
+                if self.file_len >= self.config.segment_bytes
+                    && let Err(e) = self.rotate()
+                {
+                    self.poison(&e);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, record = seq, payload = payload_len, "journal write failed; journal stops");
+                self.poison(&e);
+                for w in batch.drain(..) {
+                    let _ = w.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    fn poison(&mut self, e: &JournalError) {
+        self.poisoned.get_or_insert_with(|| e.to_string());
+    }
+
+    fn segment_path(&self) -> PathBuf {
+        self.config.dir.join(segment_name(self.file_first_seq))
+    }
+
+    fn write_and_sync(&mut self) -> Result<(), JournalError> {
+        self.file.write_all(&self.buf).map_err(|e| JournalError::io("write", &self.segment_path(), e))?;
+        if self.config.fsync == FsyncMode::Always {
+            let t = Instant::now();
+            self.file.sync_data().map_err(|e| JournalError::io("fsync", &self.segment_path(), e))?;
+            self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+            self.shared.fsync_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> Result<(), JournalError> {
+        let path = self.config.dir.join(segment_name(self.next_seq));
+        self.file = self.storage.open_append(&path).map_err(|e| JournalError::io("create", &path, e))?;
+        self.storage.sync_dir(&self.config.dir).map_err(|e| JournalError::io("sync", &self.config.dir, e))?;
+        self.file_len = 0;
+        self.file_first_seq = self.next_seq;
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, state: &[u8]) -> Result<i64, JournalError> {
+        if let Some(p) = &self.poisoned {
+            return Err(JournalError::Poisoned(p.clone()));
+        }
+        let covered = self.next_seq;
+        let path = self.config.dir.join(crate::checkpoint_name(covered));
+        let bytes = checkpoint::encode(self.committer_id, covered, state);
+        self.storage.write_atomic(&path, &bytes).map_err(|e| JournalError::io("write", &path, e))?;
+        self.shared.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.shared.checkpoint_due.store(false, Ordering::Relaxed);
+        self.since_checkpoint = (0, 0);
+        // Each checkpoint starts a new segment, so that trimming removes whole files.
+        if self.file_len > 0 {
+            self.rotate()?;
+        }
+        if let Err(e) = self.trim() {
+            // Trimming only saves space; a failure is worth a log line, not an outage.
+            tracing::warn!(error = %e, "journal trim failed");
+        }
+        Ok(covered)
+    }
+
+    /// Keeps the newest `keep_checkpoints` checkpoints and removes segments that only
+    /// hold records the oldest kept checkpoint covers.
+    fn trim(&mut self) -> Result<(), JournalError> {
+        let dir = &self.config.dir;
+        let names = self.storage.list(dir).map_err(|e| JournalError::io("list", dir, e))?;
+        let mut checkpoints: Vec<i64> = names.iter().filter_map(|n| parse_checkpoint_name(n)).collect();
+        checkpoints.sort_unstable_by(|a, b| b.cmp(a));
+        let keep = self.config.keep_checkpoints.max(1);
+        for &old in checkpoints.iter().skip(keep) {
+            let p = dir.join(crate::checkpoint_name(old));
+            self.storage.remove(&p).map_err(|e| JournalError::io("remove", &p, e))?;
+        }
+        let Some(&oldest_kept) = checkpoints.get(keep.min(checkpoints.len()).wrapping_sub(1)) else { return Ok(()) };
+        let mut segments: Vec<i64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
+        segments.sort_unstable();
+        for pair in segments.windows(2) {
+            let (this, next) = (pair[0], pair[1]);
+            if next <= oldest_kept && this != self.file_first_seq {
+                let p = dir.join(segment_name(this));
+                self.storage.remove(&p).map_err(|e| JournalError::io("remove", &p, e))?;
+            }
+        }
+        self.storage.sync_dir(dir).map_err(|e| JournalError::io("sync", dir, e))
+    }
+}

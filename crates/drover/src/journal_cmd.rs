@@ -1,0 +1,151 @@
+//! `drover journal verify|dump`: read-only operator tools over a journal directory.
+//! `verify` exits non-zero on any damage and prints where it is; `dump` lists the
+//! records with their sequence ids, message types and sizes (`--json` for scripts).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Subcommand;
+use drover_journal::inspect::{Inspection, inspect};
+use drover_journal::{FsStorage, Limits};
+
+#[derive(Debug, Subcommand)]
+pub enum JournalCommand {
+    /// Check every checkpoint and record; exit 1 and say where if anything is damaged.
+    Verify {
+        /// A data directory (holding `journal/`) or a journal directory.
+        dir: PathBuf,
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List checkpoints and records: sequence ids, offsets, sizes, message types.
+    Dump {
+        /// A data directory (holding `journal/`) or a journal directory.
+        dir: PathBuf,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn journal_dir(dir: &Path) -> PathBuf {
+    let nested = dir.join("journal");
+    if nested.is_dir() { nested } else { dir.to_owned() }
+}
+
+fn load(dir: &Path) -> anyhow::Result<Inspection> {
+    let dir = journal_dir(dir);
+    inspect(&dir, &FsStorage, &Limits::default())
+        .with_context(|| format!("cannot read the journal in {}", dir.display()))
+}
+
+fn type_name(t: u8) -> &'static str {
+    match t {
+        0 => "RPC",
+        1 => "AttachTo",
+        2 => "TakeCheckpoint",
+        3 => "Commit",
+        4 => "ReplayFrom",
+        5 => "RPCBatch",
+        6 => "Ping",
+        7 => "PingReturn",
+        8 => "Checkpoint",
+        9 => "InitialMessage",
+        10 => "UpgradeTakeCheckpoint",
+        11 => "TakeBecomingPrimaryCheckpoint",
+        12 => "UpgradeService",
+        13 => "CountReplayableRPCBatch",
+        14 => "TrimTo",
+        15 => "BecomingPrimary",
+        _ => "unknown",
+    }
+}
+
+pub fn run(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        JournalCommand::Verify { dir, json } => {
+            let ins = load(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ins)?);
+            } else {
+                print_summary(&ins);
+                for c in ins.checkpoints.iter().filter(|c| c.error.is_some()) {
+                    println!("DAMAGED checkpoint {}: {}", c.file.display(), c.error.as_deref().unwrap_or(""));
+                }
+                for (file, expected) in &ins.gaps {
+                    println!("GAP {}: expected the log to continue at record {expected}", file.display());
+                }
+                for s in &ins.segments {
+                    if let Some(d) = &s.damage {
+                        println!("DAMAGED ({}) {} at byte {}: {}", d.kind, s.file.display(), d.offset, d.damage);
+                    }
+                }
+                println!("{}", if ins.damaged() { "journal is DAMAGED" } else { "journal OK" });
+            }
+            Ok(if ins.damaged() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+        JournalCommand::Dump { dir, json } => {
+            let ins = load(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ins)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            print_summary(&ins);
+            for c in &ins.checkpoints {
+                match c.state_bytes {
+                    Some(n) => {
+                        println!("checkpoint {} covers records < {} ({n} bytes of state)", c.file.display(), c.covers)
+                    }
+                    None => println!("checkpoint {} DAMAGED: {}", c.file.display(), c.error.as_deref().unwrap_or("")),
+                }
+            }
+            for s in &ins.segments {
+                println!("segment {} ({} bytes, {} records)", s.file.display(), s.bytes, s.records.len());
+                for r in &s.records {
+                    let mut kinds: Vec<(u8, usize, usize)> = Vec::new();
+                    for m in &r.messages {
+                        match kinds.last_mut() {
+                            Some((t, n, sz)) if *t == m.r#type => {
+                                *n += 1;
+                                *sz += m.size;
+                            }
+                            _ => kinds.push((m.r#type, 1, m.size)),
+                        }
+                    }
+                    let kinds: Vec<String> =
+                        kinds.iter().map(|(t, n, sz)| format!("{n}x {} ({sz} B)", type_name(*t))).collect();
+                    println!(
+                        "  seq {:>8}  offset {:>10}  length {:>8}  {}",
+                        r.seq,
+                        r.offset,
+                        r.length,
+                        kinds.join(", ")
+                    );
+                }
+                if let Some(d) = &s.damage {
+                    println!("  DAMAGED ({}) at byte {}: {}", d.kind, d.offset, d.damage);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_summary(ins: &Inspection) {
+    let records: usize = ins.segments.iter().map(|s| s.records.len()).sum();
+    let first = ins.segments.iter().flat_map(|s| s.records.first()).next().map(|r| r.seq);
+    let last = ins.segments.iter().rev().flat_map(|s| s.records.last()).next().map(|r| r.seq);
+    println!(
+        "journal {}: committer id {}, {} checkpoint(s), {} segment(s), {records} record(s){}",
+        ins.dir.display(),
+        ins.committer_id,
+        ins.checkpoints.len(),
+        ins.segments.len(),
+        match (first, last) {
+            (Some(a), Some(b)) => format!(", sequence ids {a}..={b}"),
+            _ => String::new(),
+        }
+    );
+}
