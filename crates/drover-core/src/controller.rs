@@ -1,0 +1,1042 @@
+//! The controller's state and the rules that change it.
+//!
+//! `apply` handles one input, then `settle` re-establishes the assignment invariants
+//! (timeouts, failover, stale streamers, drains, pins) and sends every node whose set
+//! of pairs changed its full new set in one `NodeStreamModifyStateV1Req`. Every map is
+//! a `BTreeMap`, so iteration order, and with it every output, is the same on replay.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use drover_journal::{DecodeError, StateMachine};
+use drover_proto::{Any, Payload, v1};
+use serde::{Deserialize, Serialize};
+
+use crate::input::{Config, Event, Input, Output, Policy};
+use crate::rng::SplitMix64;
+use crate::{MAX_ID_LEN, MAX_PAIR_LEN, MAX_PAIRS_PER_NODE};
+
+/// How a node looks to an operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeState {
+    /// Connected and heard from recently.
+    Online,
+    /// Connected, but silent for more than half the node timeout.
+    Suspect,
+    /// Connected and being drained.
+    Draining,
+    /// Not connected; after a restart, within the rejoin grace.
+    Rejoining,
+    /// Not connected.
+    Gone,
+}
+
+impl NodeState {
+    /// The name used in `NodeInfo.state`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Online => "online",
+            NodeState::Suspect => "suspect",
+            NodeState::Draining => "draining",
+            NodeState::Rejoining => "rejoining",
+            NodeState::Gone => "gone",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Node {
+    name: String,
+    version: String,
+    known: BTreeSet<String>,
+    worker: bool,
+    session: Option<u64>,
+    connected_since_ms: i64,
+    last_seen_ms: i64,
+    gone_at_ms: Option<i64>,
+    draining: bool,
+    /// Was streaming when the controller restarted and has not come back yet.
+    rejoining: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Lease {
+    node: String,
+    epoch: u64,
+    since_ms: i64,
+    last_update_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct PriceRec {
+    mantissa: i64,
+    scale: u32,
+    upstream_time_ms: i64,
+    seq: u64,
+    epoch: u64,
+    streamer: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Pair {
+    /// The last epoch issued for this pair.
+    epoch: u64,
+    /// The streamer whose updates are accepted.
+    current: Option<Lease>,
+    /// A streamer taking over make-before-break: its first update makes it current.
+    next: Option<Lease>,
+    latest: Option<PriceRec>,
+    pinned_to: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Cli {
+    admin: bool,
+    /// Price watches: stream id → pairs (empty: all).
+    watches: BTreeMap<String, BTreeSet<String>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct PendingReply {
+    cli_session: u64,
+    stream_id: String,
+    node: String,
+}
+
+/// Event counters, kept in the state (so they survive restarts) for metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Streamer assignments issued.
+    pub assignments: u64,
+    /// Pairs taken from a gone node.
+    pub failovers: u64,
+    /// Pairs taken from a silent streamer.
+    pub stale_reassignments: u64,
+    /// Make-before-break handovers completed.
+    pub handovers: u64,
+    /// Price updates accepted.
+    pub prices_accepted: u64,
+    /// Price updates older than the newest known (dropped).
+    pub prices_stale: u64,
+    /// Price updates from a deposed streamer (dropped).
+    pub prices_fenced: u64,
+    /// Malformed or refused messages.
+    pub refused: u64,
+    /// CLI commands handled.
+    pub cli_commands: u64,
+    /// Nodes declared gone after missing keepalives.
+    pub timeouts: u64,
+}
+
+/// The controller's whole state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Controller {
+    config: Config,
+    rng: SplitMix64,
+    now_ms: i64,
+    nodes: BTreeMap<String, Node>,
+    pairs: BTreeMap<String, Pair>,
+    clis: BTreeMap<u64, Cli>,
+    pending: BTreeMap<String, PendingReply>,
+    next_request: u64,
+    grace_until_ms: Option<i64>,
+    counters: Counters,
+    /// Nodes whose pair set changed during the current input (always empty between inputs).
+    #[serde(skip)]
+    dirty: BTreeSet<String>,
+    /// Pairs with a newly accepted price during the current input.
+    #[serde(skip)]
+    published: Vec<String>,
+}
+
+fn any_of(p: impl Into<Payload>) -> Any {
+    p.into().to_any()
+}
+
+fn valid_pair(p: &str) -> bool {
+    !p.is_empty() && p.len() <= MAX_PAIR_LEN && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"/_-.".contains(&b))
+}
+
+impl Controller {
+    /// A fresh state.
+    pub fn new(config: Config) -> Self {
+        Controller {
+            rng: SplitMix64(config.seed),
+            config,
+            now_ms: 0,
+            nodes: BTreeMap::new(),
+            pairs: BTreeMap::new(),
+            clis: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            next_request: 0,
+            grace_until_ms: None,
+            counters: Counters::default(),
+            dirty: BTreeSet::new(),
+            published: Vec::new(),
+        }
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The time of the last input.
+    pub fn now_ms(&self) -> i64 {
+        self.now_ms
+    }
+
+    /// The current streamer of `pair` and its epoch.
+    pub fn streamer(&self, pair: &str) -> Option<(&str, u64)> {
+        self.pairs.get(pair)?.current.as_ref().map(|l| (l.node.as_str(), l.epoch))
+    }
+
+    /// The node taking `pair` over make-before-break, if a handover is under way.
+    pub fn incoming_streamer(&self, pair: &str) -> Option<(&str, u64)> {
+        self.pairs.get(pair)?.next.as_ref().map(|l| (l.node.as_str(), l.epoch))
+    }
+
+    /// Every pair the controller knows of.
+    pub fn pair_names(&self) -> impl Iterator<Item = &str> {
+        self.pairs.keys().map(String::as_str)
+    }
+
+    /// The newest accepted price of `pair`: (mantissa, scale, upstream time).
+    pub fn latest_price(&self, pair: &str) -> Option<(i64, u32, i64)> {
+        self.pairs.get(pair)?.latest.as_ref().map(|p| (p.mantissa, p.scale, p.upstream_time_ms))
+    }
+
+    /// Whether `node` is connected.
+    pub fn is_online(&self, node: &str) -> bool {
+        self.nodes.get(node).is_some_and(|n| n.session.is_some())
+    }
+
+    /// Whether `node` was streaming before a restart and may still come back.
+    pub fn is_rejoining(&self, node: &str) -> bool {
+        self.nodes.get(node).is_some_and(|n| n.rejoining) && self.in_grace()
+    }
+
+    /// Whether the rejoin grace after a restart is still running.
+    pub fn in_grace(&self) -> bool {
+        self.grace_until_ms.is_some_and(|g| self.now_ms < g)
+    }
+
+    /// The pairs `node` knows.
+    pub fn known_pairs(&self, node: &str) -> Option<&BTreeSet<String>> {
+        self.nodes.get(node).map(|n| &n.known)
+    }
+
+    /// Node ids, with their state.
+    pub fn node_states(&self) -> impl Iterator<Item = (&str, NodeState)> {
+        self.nodes.iter().map(|(id, n)| (id.as_str(), self.node_state(n)))
+    }
+
+    fn node_state(&self, n: &Node) -> NodeState {
+        match n.session {
+            None if n.rejoining && self.in_grace() => NodeState::Rejoining,
+            None => NodeState::Gone,
+            Some(_) if n.draining => NodeState::Draining,
+            Some(_) if self.now_ms - n.last_seen_ms > self.config.node_timeout_ms / 2 => NodeState::Suspect,
+            Some(_) => NodeState::Online,
+        }
+    }
+
+    /// When the core next needs a `Tick`: a keepalive deadline, a stale streamer, the
+    /// end of the rejoin grace, or a gone node to forget.
+    pub fn next_deadline(&self) -> Option<i64> {
+        let mut d: Option<i64> = None;
+        let mut at = |t: i64| d = Some(d.map_or(t, |x| x.min(t)));
+        for n in self.nodes.values() {
+            match (n.session, n.gone_at_ms) {
+                (Some(_), _) => at(n.last_seen_ms + self.config.node_timeout_ms + 1),
+                (None, Some(g)) => at(g + self.config.gone_retention_ms + 1),
+                _ => {}
+            }
+        }
+        for p in self.pairs.values() {
+            if let Some(l) = &p.current {
+                at(l.last_update_ms + self.config.stale_after_ms + 1);
+            }
+        }
+        if let Some(g) = self.grace_until_ms
+            && self.now_ms < g
+        {
+            at(g);
+        }
+        d
+    }
+
+    /// Applies one input.
+    pub fn handle(&mut self, input: Input, out: &mut Vec<Output>) {
+        self.now_ms = self.now_ms.max(input.at_ms);
+        match input.event {
+            Event::ControllerStarted { config } => self.started(config, out),
+            Event::Tick => {}
+            Event::NodeConnected { node, session } => self.node_connected(node, session, out),
+            Event::NodeMessage { node, session, request_id, from_uuid, type_url, value } => {
+                self.node_message(&node, session, request_id, from_uuid, Any { type_url, value }, out)
+            }
+            Event::NodeDisconnected { node, session } => {
+                if let Some(n) = self.nodes.get_mut(&node).filter(|n| n.session == Some(session)) {
+                    n.session = None;
+                    n.gone_at_ms = Some(self.now_ms);
+                }
+            }
+            Event::CliConnected { session, admin } => {
+                self.clis.insert(session, Cli { admin, watches: BTreeMap::new() });
+            }
+            Event::CliMessage { session, stream_id, cli_uuid: _, node_uuids, request_id, type_url, value } => {
+                self.cli_message(session, stream_id, node_uuids, request_id, Any { type_url, value }, out)
+            }
+            Event::CliDisconnected { session } => {
+                self.clis.remove(&session);
+                self.pending.retain(|_, p| p.cli_session != session);
+            }
+        }
+        self.settle(out);
+    }
+
+    fn started(&mut self, config: Config, out: &mut Vec<Output>) {
+        let _ = out;
+        self.config = Config { seed: self.config.seed, ..config };
+        // Every connection died with the previous process.
+        let streaming: BTreeSet<String> =
+            self.pairs.values().flat_map(|p| p.current.iter().chain(p.next.iter())).map(|l| l.node.clone()).collect();
+        for (id, n) in &mut self.nodes {
+            if n.session.take().is_some() {
+                n.gone_at_ms = Some(self.now_ms);
+            }
+            n.rejoining = streaming.contains(id);
+            n.draining = false;
+        }
+        self.clis.clear();
+        self.pending.clear();
+        self.grace_until_ms = Some(self.now_ms + self.config.rejoin_grace_ms);
+        for p in self.pairs.values_mut() {
+            // A handover in flight restarts from scratch once nodes are back.
+            p.next = None;
+            if let Some(l) = &mut p.current {
+                l.last_update_ms = self.now_ms;
+            }
+        }
+    }
+
+    fn node_connected(&mut self, node: String, session: u64, out: &mut Vec<Output>) {
+        if node.is_empty() || node.len() > MAX_ID_LEN {
+            self.counters.refused += 1;
+            out.push(Output::CloseNode { node, session, reason: "invalid node id".into() });
+            return;
+        }
+        let now = self.now_ms;
+        let n = self.nodes.entry(node.clone()).or_insert_with(|| Node {
+            name: String::new(),
+            version: String::new(),
+            known: BTreeSet::new(),
+            worker: false,
+            session: None,
+            connected_since_ms: now,
+            last_seen_ms: now,
+            gone_at_ms: None,
+            draining: false,
+            rejoining: false,
+        });
+        if let Some(old) = n.session.replace(session) {
+            // A second stream for the same node replaces the first.
+            out.push(Output::CloseNode { node: node.clone(), session: old, reason: "replaced by a new stream".into() });
+        }
+        n.connected_since_ms = now;
+        n.last_seen_ms = now;
+        n.gone_at_ms = None;
+        n.draining = false;
+        n.rejoining = false;
+        // It learns its pairs (if it kept any through a restart) once it says what it
+        // knows (`known_currencies`).
+    }
+
+    fn reply_to_node(&self, node: &str, session: u64, request_id: String, payload: impl Into<Payload>) -> Output {
+        Output::ToNode {
+            node: node.to_owned(),
+            session,
+            msg: v1::StreamToNode { from_uuid: None, command: Some(any_of(payload)), request_id },
+        }
+    }
+
+    fn node_message(
+        &mut self,
+        node: &str,
+        session: u64,
+        request_id: String,
+        from_uuid: Option<String>,
+        any: Any,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(n) = self.nodes.get_mut(node).filter(|n| n.session == Some(session)) else {
+            return; // a message from a connection that is no longer current
+        };
+        n.last_seen_ms = self.now_ms;
+        // A reply to a command a CLI fanned out goes back to that CLI.
+        if self.pending.get(&request_id).is_some_and(|p| p.node == node)
+            && let Some(p) = self.pending.remove(&request_id)
+        {
+            if self.clis.contains_key(&p.cli_session) {
+                out.push(Output::ToCli {
+                    session: p.cli_session,
+                    msg: v1::StreamToCli {
+                        stream_id: p.stream_id,
+                        node_uuid: Some(node.to_owned()),
+                        response: Some(any),
+                        request_id,
+                    },
+                });
+            }
+            return;
+        }
+        let _ = from_uuid;
+        match Payload::from_any(&any) {
+            Ok(Payload::NodeHeartbeatV1Notify(_)) => {}
+            Ok(Payload::NodeKnownCurrenciesV1Notify(k)) => self.known_currencies(node, k, out, session, request_id),
+            Ok(Payload::NodePriceUpdateV1Notify(u)) => self.price_update(node, u),
+            // Replies to the controller's own commands (stream modify, heartbeats) need nothing more.
+            Ok(Payload::NodeStreamModifyStateV1Reply(_) | Payload::UnknownCommandV1Notify(_)) => {}
+            Ok(other) => {
+                self.counters.refused += 1;
+                let reason = format!("the controller does not handle {} from a node", other.name());
+                out.push(self.reply_to_node(
+                    node,
+                    session,
+                    request_id,
+                    v1::UnknownCommandV1Notify { type_url: any.type_url.clone(), reason },
+                ));
+            }
+            Err(e) => {
+                self.counters.refused += 1;
+                out.push(self.reply_to_node(
+                    node,
+                    session,
+                    request_id,
+                    v1::UnknownCommandV1Notify { type_url: any.type_url.clone(), reason: e.to_string() },
+                ));
+            }
+        }
+    }
+
+    fn known_currencies(
+        &mut self,
+        node: &str,
+        k: v1::NodeKnownCurrenciesV1Notify,
+        out: &mut Vec<Output>,
+        session: u64,
+        request_id: String,
+    ) {
+        if k.pairs.len() > MAX_PAIRS_PER_NODE || k.pairs.iter().any(|p| !valid_pair(p)) {
+            self.counters.refused += 1;
+            let reason = format!(
+                "known pairs refused: at most {MAX_PAIRS_PER_NODE} names of 1..={MAX_PAIR_LEN} letters, digits or /_-."
+            );
+            out.push(self.reply_to_node(
+                node,
+                session,
+                request_id,
+                v1::UnknownCommandV1Notify {
+                    type_url: drover_proto::type_url::<v1::NodeKnownCurrenciesV1Notify>(),
+                    reason,
+                },
+            ));
+            return;
+        }
+        let Some(n) = self.nodes.get_mut(node) else { return };
+        n.known = k.pairs.into_iter().collect();
+        n.name = k.name.chars().take(MAX_ID_LEN).collect();
+        n.version = k.version.chars().take(MAX_ID_LEN).collect();
+        n.worker = k.worker;
+        let known = n.known.clone();
+        for p in &known {
+            self.pairs.entry(p.clone()).or_default();
+        }
+        // Pairs it no longer knows, it no longer streams.
+        for (name, pair) in &mut self.pairs {
+            if known.contains(name) {
+                continue;
+            }
+            if pair.current.as_ref().is_some_and(|l| l.node == node) {
+                pair.current = None;
+            }
+            if pair.next.as_ref().is_some_and(|l| l.node == node) {
+                pair.next = None;
+            }
+        }
+        self.dirty.insert(node.to_owned());
+    }
+
+    fn price_update(&mut self, node: &str, u: v1::NodePriceUpdateV1Notify) {
+        let now = self.now_ms;
+        let Some(pair) = self.pairs.get_mut(&u.pair) else {
+            self.counters.prices_fenced += 1;
+            return;
+        };
+        let is = |l: &Option<Lease>| l.as_ref().is_some_and(|l| l.node == node && l.epoch == u.epoch);
+        if is(&pair.next) {
+            // The incoming streamer is running: now the old one may stop.
+            if let Some(old) = pair.current.take() {
+                self.dirty.insert(old.node);
+            }
+            pair.current = pair.next.take();
+            self.counters.handovers += 1;
+        } else if !is(&pair.current) {
+            self.counters.prices_fenced += 1;
+            return;
+        }
+        if let Some(l) = &mut pair.current {
+            l.last_update_ms = now;
+        }
+        let Some(price) = u.price else {
+            self.counters.refused += 1;
+            return;
+        };
+        if pair.latest.as_ref().is_some_and(|p| u.upstream_time_ms <= p.upstream_time_ms) {
+            self.counters.prices_stale += 1;
+            return;
+        }
+        pair.latest = Some(PriceRec {
+            mantissa: price.mantissa,
+            scale: price.scale,
+            upstream_time_ms: u.upstream_time_ms,
+            seq: u.seq,
+            epoch: u.epoch,
+            streamer: node.to_owned(),
+        });
+        self.counters.prices_accepted += 1;
+        self.publish(&u.pair);
+    }
+
+    fn price_view(&self, name: &str, pair: &Pair) -> Option<v1::PriceView> {
+        let p = pair.latest.as_ref()?;
+        Some(v1::PriceView {
+            price: Some(v1::Price {
+                pair: name.to_owned(),
+                price: Some(v1::Decimal { mantissa: p.mantissa, scale: p.scale }),
+                upstream_time_ms: p.upstream_time_ms,
+                seq: p.seq,
+            }),
+            streamer: p.streamer.clone(),
+            epoch: p.epoch,
+        })
+    }
+
+    fn publish(&mut self, pair: &str) {
+        // Watch notifications are collected into `published` and drained by `settle`.
+        self.published.push(pair.to_owned());
+    }
+
+    fn settle(&mut self, out: &mut Vec<Output>) {
+        let now = self.now_ms;
+        let grace = self.in_grace();
+        if !grace && self.grace_until_ms.is_some() {
+            self.grace_until_ms = None;
+            for n in self.nodes.values_mut() {
+                n.rejoining = false;
+            }
+        }
+        // Keepalives missed: the node is gone.
+        let timeout = self.config.node_timeout_ms;
+        for (id, n) in &mut self.nodes {
+            if let Some(s) = n.session
+                && now - n.last_seen_ms > timeout
+            {
+                n.session = None;
+                n.gone_at_ms = Some(now);
+                self.counters.timeouts += 1;
+                out.push(Output::CloseNode {
+                    node: id.clone(),
+                    session: s,
+                    reason: format!("no keepalive for {timeout} ms"),
+                });
+            }
+        }
+        let retention = self.config.gone_retention_ms;
+        let leased: BTreeSet<String> =
+            self.pairs.values().flat_map(|p| p.current.iter().chain(p.next.iter())).map(|l| l.node.clone()).collect();
+        self.nodes.retain(|id, n| {
+            n.session.is_some()
+                || n.rejoining
+                || leased.contains(id)
+                || n.gone_at_ms.is_none_or(|g| now - g <= retention)
+        });
+
+        let names: Vec<String> = self.pairs.keys().cloned().collect();
+        for name in names {
+            self.settle_pair(&name);
+        }
+        // Pairs nobody online knows and nobody streams are forgotten only if they
+        // carry no price; otherwise they stay listed with their last price.
+        let dirty = std::mem::take(&mut self.dirty);
+        for node in dirty {
+            let Some(session) = self.nodes.get(&node).and_then(|n| n.session) else { continue };
+            let streams: Vec<v1::StreamAssignment> = self
+                .pairs
+                .iter()
+                .filter_map(|(name, p)| {
+                    let lease = [&p.current, &p.next].into_iter().flatten().find(|l| l.node == node)?;
+                    Some(v1::StreamAssignment {
+                        pair: name.clone(),
+                        epoch: lease.epoch,
+                        latest: self.price_view(name, p).and_then(|v| v.price),
+                    })
+                })
+                .collect();
+            out.push(Output::ToNode {
+                node: node.clone(),
+                session,
+                msg: v1::StreamToNode {
+                    from_uuid: None,
+                    command: Some(any_of(v1::NodeStreamModifyStateV1Req { streams })),
+                    request_id: String::new(),
+                },
+            });
+        }
+        for pair in std::mem::take(&mut self.published) {
+            let Some(view) = self.pairs.get(&pair).and_then(|p| self.price_view(&pair, p)) else { continue };
+            for (session, cli) in &self.clis {
+                for (stream_id, filter) in &cli.watches {
+                    if filter.is_empty() || filter.contains(&pair) {
+                        out.push(Output::ToCli {
+                            session: *session,
+                            msg: v1::StreamToCli {
+                                stream_id: stream_id.clone(),
+                                node_uuid: None,
+                                response: Some(any_of(v1::ControllerPriceV1Notify { price: Some(view.clone()) })),
+                                request_id: String::new(),
+                            },
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Online nodes that know `pair` and may take it, minus `except`.
+    fn candidates(&self, pair: &str, except: Option<&str>) -> Vec<&str> {
+        self.nodes
+            .iter()
+            .filter(|(id, n)| {
+                n.session.is_some() && !n.draining && n.known.contains(pair) && Some(id.as_str()) != except
+            })
+            .map(|(id, _)| id.as_str())
+            .collect()
+    }
+
+    fn load(&self, node: &str) -> usize {
+        self.pairs.values().filter(|p| [&p.current, &p.next].into_iter().flatten().any(|l| l.node == node)).count()
+    }
+
+    fn pick(&mut self, pair: &str, except: Option<&str>) -> Option<String> {
+        let mut cands: Vec<String> = self.candidates(pair, except).into_iter().map(str::to_owned).collect();
+        if cands.is_empty() && except.is_none() {
+            // A pair with no streamer at all is worse than one on a draining node:
+            // draining nodes are the last resort.
+            cands = self
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.session.is_some() && n.known.contains(pair))
+                .map(|(id, _)| id.clone())
+                .collect();
+        }
+        if cands.is_empty() {
+            return None;
+        }
+        let pool: Vec<String> = match self.config.policy {
+            Policy::Random => cands,
+            Policy::Balanced => {
+                let loads: Vec<usize> = cands.iter().map(|c| self.load(c)).collect();
+                let min = loads.iter().copied().min().unwrap_or(0);
+                cands.into_iter().zip(loads).filter(|(_, l)| *l == min).map(|(c, _)| c).collect()
+            }
+        };
+        let i = self.rng.below(pool.len());
+        pool.into_iter().nth(i)
+    }
+
+    fn lease(&mut self, pair: &str, node: String) -> Lease {
+        let p = self.pairs.entry(pair.to_owned()).or_default();
+        p.epoch += 1;
+        self.counters.assignments += 1;
+        self.dirty.insert(node.clone());
+        Lease { node, epoch: p.epoch, since_ms: self.now_ms, last_update_ms: self.now_ms }
+    }
+
+    fn usable(&self, node: &str) -> bool {
+        self.nodes.get(node).is_some_and(|n| n.session.is_some())
+    }
+
+    fn settle_pair(&mut self, name: &str) {
+        let now = self.now_ms;
+        let Some(pair) = self.pairs.get(name).cloned() else { return };
+        let mut current = pair.current;
+        let mut next = pair.next;
+        // A streamer that is gone loses the pair at once, unless it is a previous
+        // streamer that the rejoin grace after a restart is still waiting for.
+        if let Some(l) = &current {
+            if !self.usable(&l.node) && !self.is_rejoining(&l.node) {
+                self.counters.failovers += 1;
+                current = None;
+            } else if let Some(n) = self.nodes.get(&l.node).filter(|n| n.session.is_some() && !n.known.contains(name)) {
+                let _ = n;
+                current = None;
+            }
+        }
+        if next.as_ref().is_some_and(|l| !self.usable(&l.node)) {
+            next = None;
+        }
+        if current.is_none()
+            && let Some(n) = next.take()
+        {
+            current = Some(n);
+        }
+        let pinned = pair.pinned_to.clone().filter(|p| self.usable(p) && self.nodes[p].known.contains(name));
+        if current.is_none() {
+            let target = pinned.clone().or_else(|| self.pick(name, None));
+            if let Some(t) = target {
+                current = Some(self.lease(name, t));
+            }
+        } else if let Some(cur) = current.clone() {
+            let cur_usable = self.usable(&cur.node);
+            let draining = self.nodes.get(&cur.node).is_some_and(|n| n.draining);
+            if let Some(p) = pinned.as_ref().filter(|p| **p != cur.node) {
+                if next.as_ref().is_none_or(|n| &n.node != p) {
+                    next = Some(self.lease(name, p.clone()));
+                }
+            } else if cur_usable && draining && next.is_none() && pinned.is_none() {
+                if let Some(t) = self.pick(name, Some(&cur.node)) {
+                    next = Some(self.lease(name, t));
+                }
+            } else if cur_usable
+                && pinned.is_none()
+                && next.is_none()
+                && now - cur.last_update_ms > self.config.stale_after_ms
+                && let Some(t) = self.pick(name, Some(&cur.node))
+            {
+                self.counters.stale_reassignments += 1;
+                self.dirty.insert(cur.node.clone());
+                current = Some(self.lease(name, t));
+            }
+        }
+        let p = self.pairs.get_mut(name).expect("pair exists: cloned above");
+        if p.current.as_ref().map(|l| &l.node) != current.as_ref().map(|l| &l.node)
+            && let Some(old) = &p.current
+        {
+            self.dirty.insert(old.node.clone());
+        }
+        if p.next.as_ref().map(|l| &l.node) != next.as_ref().map(|l| &l.node)
+            && let Some(old) = &p.next
+        {
+            self.dirty.insert(old.node.clone());
+        }
+        p.current = current;
+        p.next = next;
+        if p.pinned_to.as_ref().is_some_and(|n| !self.nodes.contains_key(n)) {
+            p.pinned_to = None;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// CLI commands
+// ---------------------------------------------------------------------------
+
+impl Controller {
+    fn to_cli(session: u64, stream_id: &str, node: Option<&str>, payload: impl Into<Payload>) -> Output {
+        Output::ToCli {
+            session,
+            msg: v1::StreamToCli {
+                stream_id: stream_id.to_owned(),
+                node_uuid: node.map(str::to_owned),
+                response: Some(any_of(payload)),
+                request_id: String::new(),
+            },
+        }
+    }
+
+    fn count(session: u64, stream_id: &str, expected: u32, missing: Vec<String>) -> Output {
+        Self::to_cli(
+            session,
+            stream_id,
+            None,
+            v1::CliResponseCountV1Notify { stream_id: stream_id.to_owned(), expected, missing },
+        )
+    }
+
+    fn node_info(&self, id: &str, n: &Node) -> v1::NodeInfo {
+        let streaming = self
+            .pairs
+            .iter()
+            .filter_map(|(name, p)| {
+                let l = [&p.current, &p.next].into_iter().flatten().find(|l| l.node == id)?;
+                Some(v1::StreamAssignment { pair: name.clone(), epoch: l.epoch, latest: None })
+            })
+            .collect();
+        v1::NodeInfo {
+            node_uuid: id.to_owned(),
+            name: n.name.clone(),
+            version: n.version.clone(),
+            known_pairs: n.known.iter().cloned().collect(),
+            streaming,
+            connected_since_ms: n.connected_since_ms,
+            state: self.node_state(n).as_str().to_owned(),
+            worker: n.worker,
+        }
+    }
+
+    fn cli_message(
+        &mut self,
+        session: u64,
+        stream_id: String,
+        node_uuids: Vec<String>,
+        request_id: String,
+        any: Any,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(admin) = self.clis.get(&session).map(|c| c.admin) else { return };
+        self.counters.cli_commands += 1;
+        let sid = stream_id.as_str();
+        let reply = |out: &mut Vec<Output>, p: Payload| {
+            out.push(Self::count(session, sid, 1, Vec::new()));
+            out.push(Self::to_cli(session, sid, None, p));
+        };
+        let refuse = |out: &mut Vec<Output>, type_url: &str, reason: String| {
+            out.push(Self::count(session, sid, 1, Vec::new()));
+            out.push(Self::to_cli(
+                session,
+                sid,
+                None,
+                v1::UnknownCommandV1Notify { type_url: type_url.to_owned(), reason },
+            ));
+        };
+        let payload = match Payload::from_any(&any) {
+            Ok(p) => p,
+            Err(e) => {
+                self.counters.refused += 1;
+                return refuse(out, &any.type_url, e.to_string());
+            }
+        };
+        let needs_admin = matches!(
+            payload,
+            Payload::ControllerKickNodesV1Req(_)
+                | Payload::ControllerDrainNodesV1Req(_)
+                | Payload::ControllerStreamPairsV1Req(_)
+                | Payload::NodeShutdownV1Req(_)
+                | Payload::NodeStreamModifyStateV1Req(_)
+        );
+        if needs_admin && !admin {
+            self.counters.refused += 1;
+            return refuse(out, &any.type_url, format!("{} needs an admin token", payload.name()));
+        }
+        let _ = request_id;
+        match payload {
+            Payload::ControllerListNodesV1Req(_) => {
+                let nodes = self.nodes.iter().map(|(id, n)| self.node_info(id, n)).collect();
+                reply(out, v1::ControllerListNodesV1Reply { nodes }.into());
+            }
+            Payload::ControllerAppVersionV1Req(_) => reply(
+                out,
+                v1::ControllerAppVersionV1Reply {
+                    version: self.config.version.clone(),
+                    protocol: drover_proto::PROTOCOL.to_owned(),
+                }
+                .into(),
+            ),
+            Payload::ControllerKickNodesV1Req(k) => {
+                let (mut kicked, mut missing) = (Vec::new(), Vec::new());
+                for id in k.node_uuids {
+                    match self.nodes.get_mut(&id).and_then(|n| n.session.take().map(|s| (n, s))) {
+                        Some((n, s)) => {
+                            n.gone_at_ms = Some(self.now_ms);
+                            out.push(Output::CloseNode {
+                                node: id.clone(),
+                                session: s,
+                                reason: "kicked by an operator".into(),
+                            });
+                            kicked.push(id);
+                        }
+                        None => missing.push(id),
+                    }
+                }
+                reply(out, v1::ControllerKickNodesV1Reply { kicked, missing }.into());
+            }
+            Payload::ControllerDrainNodesV1Req(d) => {
+                let (mut draining, mut missing) = (Vec::new(), Vec::new());
+                for id in d.node_uuids {
+                    match self.nodes.get_mut(&id).filter(|n| n.session.is_some()) {
+                        Some(n) => {
+                            n.draining = true;
+                            draining.push(id);
+                        }
+                        None => missing.push(id),
+                    }
+                }
+                reply(out, v1::ControllerDrainNodesV1Reply { draining, missing }.into());
+            }
+            Payload::ControllerStreamPairsV1Req(r) => {
+                let (assigned, refused, error) = self.pin(&r.node_uuid, &r.pairs, r.unpin);
+                reply(out, v1::ControllerStreamPairsV1Reply { assigned, refused, error }.into());
+            }
+            Payload::NodeStreamModifyStateV1Req(m) => {
+                // The seed lets a CLI send this to nodes; it goes through the
+                // controller's own assignment (pinned), never around it.
+                let pairs: Vec<String> = m.streams.into_iter().map(|s| s.pair).collect();
+                let (online, missing): (Vec<String>, Vec<String>) =
+                    node_uuids.into_iter().partition(|id| self.is_online(id));
+                out.push(Self::count(session, sid, online.len() as u32, missing));
+                for id in online {
+                    let (assigned, refused, error) = self.pin(&id, &pairs, false);
+                    out.push(Self::to_cli(
+                        session,
+                        sid,
+                        Some(&id),
+                        v1::ControllerStreamPairsV1Reply { assigned, refused, error },
+                    ));
+                }
+            }
+            Payload::ControllerPricesV1Req(r) => {
+                let filter: BTreeSet<String> = r.pairs.into_iter().collect();
+                let prices = self
+                    .pairs
+                    .iter()
+                    .filter(|(name, _)| filter.is_empty() || filter.contains(*name))
+                    .filter_map(|(name, p)| self.price_view(name, p))
+                    .collect();
+                if r.watch
+                    && let Some(c) = self.clis.get_mut(&session)
+                {
+                    c.watches.insert(stream_id.clone(), filter);
+                }
+                reply(out, v1::ControllerPricesV1Reply { prices }.into());
+            }
+            Payload::NodeStatusV1Req(_) | Payload::NodeShutdownV1Req(_) if !node_uuids.is_empty() => {
+                self.fan_out(session, &stream_id, node_uuids, any, out);
+            }
+            Payload::Unknown { .. } if !node_uuids.is_empty() => {
+                // Nodes answer what they do not know themselves.
+                self.fan_out(session, &stream_id, node_uuids, any, out);
+            }
+            other => {
+                self.counters.refused += 1;
+                let reason = if node_uuids.is_empty()
+                    && matches!(other, Payload::NodeStatusV1Req(_) | Payload::NodeShutdownV1Req(_))
+                {
+                    format!("{} needs at least one node", other.name())
+                } else {
+                    format!("the controller does not handle {}", other.name())
+                };
+                refuse(out, &any.type_url, reason);
+            }
+        }
+    }
+
+    /// Sends `any` to every online node of `targets`, after telling the CLI how many
+    /// replies to expect and which nodes are missing.
+    fn fan_out(&mut self, session: u64, stream_id: &str, targets: Vec<String>, any: Any, out: &mut Vec<Output>) {
+        let mut seen = BTreeSet::new();
+        let (mut online, mut missing) = (Vec::new(), Vec::new());
+        for id in targets {
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            match self.nodes.get(&id).and_then(|n| n.session) {
+                Some(s) => online.push((id, s)),
+                None => missing.push(id),
+            }
+        }
+        out.push(Self::count(session, stream_id, online.len() as u32, missing));
+        for (id, s) in online {
+            self.next_request += 1;
+            let rid = format!("c{}", self.next_request);
+            self.pending.insert(
+                rid.clone(),
+                PendingReply { cli_session: session, stream_id: stream_id.to_owned(), node: id.clone() },
+            );
+            out.push(Output::ToNode {
+                node: id,
+                session: s,
+                msg: v1::StreamToNode {
+                    from_uuid: Some(format!("cli-{session}")),
+                    command: Some(any.clone()),
+                    request_id: rid,
+                },
+            });
+        }
+    }
+
+    /// Pins `pairs` to `node` (or unpins them). Returns the assignments in force
+    /// afterwards, the pairs refused, and an error if the node cannot take any.
+    fn pin(&mut self, node: &str, pairs: &[String], unpin: bool) -> (Vec<v1::StreamAssignment>, Vec<String>, String) {
+        let Some(n) = self.nodes.get(node).filter(|n| n.session.is_some()) else {
+            return (Vec::new(), pairs.to_vec(), format!("node {node} is not online"));
+        };
+        let known = n.known.clone();
+        let mut refused = Vec::new();
+        let mut taken = Vec::new();
+        for p in pairs {
+            if !known.contains(p) {
+                refused.push(p.clone());
+                continue;
+            }
+            let pair = self.pairs.entry(p.clone()).or_default();
+            if unpin {
+                if pair.pinned_to.as_deref() == Some(node) {
+                    pair.pinned_to = None;
+                }
+            } else {
+                pair.pinned_to = Some(node.to_owned());
+            }
+            taken.push(p.clone());
+        }
+        for p in &taken {
+            self.settle_pair(p);
+        }
+        let assigned = taken
+            .iter()
+            .filter_map(|p| {
+                let pair = self.pairs.get(p)?;
+                let l = [&pair.next, &pair.current].into_iter().flatten().next()?;
+                Some(v1::StreamAssignment { pair: p.clone(), epoch: l.epoch, latest: None })
+            })
+            .collect();
+        (assigned, refused, String::new())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Journal integration
+// ---------------------------------------------------------------------------
+
+impl StateMachine for Controller {
+    type Input = Input;
+    type Output = Output;
+
+    fn apply(&mut self, input: Input, out: &mut Vec<Output>) {
+        self.handle(input, out);
+    }
+
+    fn encode_input(input: &Input, buf: &mut Vec<u8>) {
+        // Serializing plain data into a Vec cannot fail.
+        if let Ok(bytes) = postcard::to_stdvec(input) {
+            buf.extend_from_slice(&bytes);
+        }
+    }
+
+    fn decode_input(bytes: &[u8]) -> Result<Input, DecodeError> {
+        postcard::from_bytes(bytes).map_err(|e| DecodeError(e.to_string()))
+    }
+
+    fn checkpoint(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    fn restore(bytes: &[u8]) -> Result<Self, DecodeError> {
+        postcard::from_bytes(bytes).map_err(|e| DecodeError(e.to_string()))
+    }
+}

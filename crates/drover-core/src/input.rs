@@ -1,0 +1,162 @@
+//! What goes into the core and what comes out of it.
+//!
+//! Inputs are journaled (postcard-encoded, see `Controller`'s `StateMachine` impl),
+//! so they hold plain data: an Any travels as its type URL and bytes and is decoded
+//! through `drover_proto::Payload` when applied. Outputs are never journaled.
+
+use drover_proto::v1;
+use serde::{Deserialize, Serialize};
+
+/// How a streamer is picked for a pair without one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Uniformly among capable online nodes (the seed's rule).
+    Random,
+    /// The capable online node streaming the fewest pairs; ties at random.
+    Balanced,
+}
+
+/// The core's settings. They arrive journaled in [`Event::ControllerStarted`], so a
+/// replay applies the same settings at the same point as the live run did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    /// A node that sends nothing for this long is gone.
+    pub node_timeout_ms: i64,
+    /// A streamer that sends nothing for a pair for this long loses it.
+    pub stale_after_ms: i64,
+    /// After a restart, how long previous streamers have to come back.
+    pub rejoin_grace_ms: i64,
+    /// Streamer selection.
+    pub policy: Policy,
+    /// Gone nodes stay listed this long.
+    pub gone_retention_ms: i64,
+    /// The controller's version, for `ControllerAppVersionV1Reply`.
+    pub version: String,
+    /// Seed of the core's generator (used once, when the state is created).
+    pub seed: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_timeout_ms: 3_000,
+            stale_after_ms: 10_000,
+            rejoin_grace_ms: 5_000,
+            policy: Policy::Random,
+            gone_retention_ms: 600_000,
+            version: String::new(),
+            seed: 0x0D12_0FE2,
+        }
+    }
+}
+
+/// An input, stamped with the time the shell accepted it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Input {
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    /// What happened.
+    pub event: Event,
+}
+
+/// What happened.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// The controller process started (first start or after a crash): every previous
+    /// connection is gone; previous streamers get the rejoin grace.
+    ControllerStarted {
+        /// The settings of this run.
+        config: Config,
+    },
+    /// Time passed (the shell sends this when `next_deadline` is due).
+    Tick,
+    /// A node's command stream opened (its ticket checked by the shell).
+    NodeConnected {
+        /// The node's uuid.
+        node: String,
+        /// The shell's id for this connection.
+        session: u64,
+    },
+    /// A message on a node's stream.
+    NodeMessage {
+        /// The node's uuid.
+        node: String,
+        /// The connection.
+        session: u64,
+        /// `StreamFromNode.request_id`.
+        request_id: String,
+        /// `StreamFromNode.from_uuid`.
+        from_uuid: Option<String>,
+        /// The Any's type URL.
+        type_url: String,
+        /// The Any's bytes.
+        value: Vec<u8>,
+    },
+    /// A node's stream ended.
+    NodeDisconnected {
+        /// The node's uuid.
+        node: String,
+        /// The connection.
+        session: u64,
+    },
+    /// A CLI stream opened.
+    CliConnected {
+        /// The connection.
+        session: u64,
+        /// Whether the operator may change things (admin token).
+        admin: bool,
+    },
+    /// A message on a CLI stream.
+    CliMessage {
+        /// The connection.
+        session: u64,
+        /// `StreamFromCli.stream_id`.
+        stream_id: String,
+        /// `StreamFromCli.cli_uuid`.
+        cli_uuid: String,
+        /// `StreamFromCli.node_uuids`.
+        node_uuids: Vec<String>,
+        /// `StreamFromCli.request_id`.
+        request_id: String,
+        /// The Any's type URL.
+        type_url: String,
+        /// The Any's bytes.
+        value: Vec<u8>,
+    },
+    /// A CLI stream ended.
+    CliDisconnected {
+        /// The connection.
+        session: u64,
+    },
+}
+
+/// What the core asks the shell to do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    /// Send on a node's stream (only if that connection is still the one open).
+    ToNode {
+        /// The node.
+        node: String,
+        /// The connection.
+        session: u64,
+        /// The envelope.
+        msg: v1::StreamToNode,
+    },
+    /// Send on a CLI stream.
+    ToCli {
+        /// The connection.
+        session: u64,
+        /// The envelope.
+        msg: v1::StreamToCli,
+    },
+    /// End a node's stream (kick, missed keepalives).
+    CloseNode {
+        /// The node.
+        node: String,
+        /// The connection.
+        session: u64,
+        /// Why.
+        reason: String,
+    },
+}

@@ -1,0 +1,255 @@
+//! Scripted checks of single rules of the core, each a short input script with the
+//! outputs it must produce.
+
+use drover_core::{Config, Controller, Event, Input, Output, Policy};
+use drover_proto::{Payload, v1};
+
+struct Script {
+    core: Controller,
+    now: i64,
+}
+
+fn payload(any: &Option<drover_proto::Any>) -> Payload {
+    Payload::from_any(any.as_ref().expect("any")).expect("decodes")
+}
+
+impl Script {
+    fn new(policy: Policy) -> Script {
+        let config = Config { policy, version: "9.9.9".into(), ..Config::default() };
+        let mut s = Script { core: Controller::new(config.clone()), now: 10_000 };
+        s.run(Event::ControllerStarted { config });
+        s.now += 10_000; // past the first start's rejoin grace
+        s.run(Event::Tick);
+        s
+    }
+
+    fn run(&mut self, event: Event) -> Vec<Output> {
+        let mut out = Vec::new();
+        self.core.handle(Input { at_ms: self.now, event }, &mut out);
+        out
+    }
+
+    fn join(&mut self, node: &str, session: u64, pairs: &[&str]) -> Vec<Output> {
+        let mut out = self.run(Event::NodeConnected { node: node.into(), session });
+        out.extend(self.msg(
+            node,
+            session,
+            v1::NodeKnownCurrenciesV1Notify {
+                pairs: pairs.iter().map(|p| p.to_string()).collect(),
+                name: node.into(),
+                version: "1".into(),
+                worker: false,
+            },
+        ));
+        out
+    }
+
+    fn msg(&mut self, node: &str, session: u64, p: impl Into<Payload>) -> Vec<Output> {
+        let any = p.into().to_any();
+        self.run(Event::NodeMessage {
+            node: node.into(),
+            session,
+            request_id: String::new(),
+            from_uuid: None,
+            type_url: any.type_url,
+            value: any.value,
+        })
+    }
+
+    fn price(&mut self, node: &str, session: u64, pair: &str, epoch: u64, t: i64) -> Vec<Output> {
+        self.msg(
+            node,
+            session,
+            v1::NodePriceUpdateV1Notify {
+                pair: pair.into(),
+                price: Some(v1::Decimal { mantissa: t, scale: 2 }),
+                upstream_time_ms: t,
+                seq: 1,
+                epoch,
+            },
+        )
+    }
+
+    fn cli(&mut self, nodes: &[&str], p: impl Into<Payload>) -> Vec<Output> {
+        self.run(Event::CliConnected { session: 900, admin: true });
+        let any = p.into().to_any();
+        self.run(Event::CliMessage {
+            session: 900,
+            stream_id: "s1".into(),
+            cli_uuid: "cli".into(),
+            node_uuids: nodes.iter().map(|n| n.to_string()).collect(),
+            request_id: String::new(),
+            type_url: any.type_url,
+            value: any.value,
+        })
+    }
+}
+
+/// The pairs each `NodeStreamModifyStateV1Req` in `out` assigns, by node.
+fn assignments(out: &[Output]) -> Vec<(String, Vec<(String, u64)>)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::ToNode { node, msg, .. } => match payload(&msg.command) {
+                Payload::NodeStreamModifyStateV1Req(m) => {
+                    Some((node.clone(), m.streams.into_iter().map(|s| (s.pair, s.epoch)).collect()))
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn first_capable_node_gets_the_pair_with_epoch_one() {
+    let mut s = Script::new(Policy::Random);
+    let out = s.join("a", 1, &["EURUSD"]);
+    assert_eq!(assignments(&out), [("a".to_string(), vec![("EURUSD".to_string(), 1)])]);
+    let out = s.join("b", 2, &["EURUSD"]);
+    assert_eq!(assignments(&out), [("b".to_string(), vec![])], "b learns it streams nothing");
+}
+
+#[test]
+fn stream_end_moves_pairs_at_once_with_a_new_epoch() {
+    let mut s = Script::new(Policy::Random);
+    s.join("a", 1, &["EURUSD"]);
+    s.join("b", 2, &["EURUSD"]);
+    let out = s.run(Event::NodeDisconnected { node: "a".into(), session: 1 });
+    assert_eq!(assignments(&out), [("b".to_string(), vec![("EURUSD".to_string(), 2)])]);
+    assert_eq!(s.core.counters().failovers, 1);
+}
+
+#[test]
+fn updates_from_a_deposed_streamer_are_fenced() {
+    let mut s = Script::new(Policy::Random);
+    s.join("a", 1, &["EURUSD"]);
+    s.join("b", 2, &["EURUSD"]);
+    s.price("a", 1, "EURUSD", 1, 100);
+    s.cli(&[], v1::ControllerKickNodesV1Req { node_uuids: vec!["a".into()] });
+    // a reconnects and replays an update under its old epoch.
+    s.join("a", 3, &["EURUSD"]);
+    s.price("a", 3, "EURUSD", 1, 200);
+    assert_eq!(s.core.latest_price("EURUSD"), Some((100, 2, 100)));
+    assert_eq!(s.core.counters().prices_fenced, 1);
+    s.price("b", 2, "EURUSD", 2, 300);
+    assert_eq!(s.core.latest_price("EURUSD"), Some((300, 2, 300)));
+    // Older by upstream time: dropped, counted.
+    s.price("b", 2, "EURUSD", 2, 250);
+    assert_eq!(s.core.latest_price("EURUSD"), Some((300, 2, 300)));
+    assert_eq!(s.core.counters().prices_stale, 1);
+}
+
+#[test]
+fn drain_is_make_before_break() {
+    let mut s = Script::new(Policy::Random);
+    s.join("a", 1, &["EURUSD"]);
+    s.join("b", 2, &["EURUSD"]);
+    let out = s.cli(&[], v1::ControllerDrainNodesV1Req { node_uuids: vec!["a".into()] });
+    // b starts at epoch 2; a keeps streaming until b's first update is accepted.
+    assert_eq!(assignments(&out), [("b".to_string(), vec![("EURUSD".to_string(), 2)])]);
+    assert_eq!(s.core.streamer("EURUSD"), Some(("a", 1)));
+    s.price("a", 1, "EURUSD", 1, 100);
+    assert_eq!(s.core.latest_price("EURUSD").map(|p| p.2), Some(100), "no gap: a still counts");
+    let out = s.price("b", 2, "EURUSD", 2, 110);
+    assert_eq!(assignments(&out), [("a".to_string(), vec![])], "now a is told to stop");
+    assert_eq!(s.core.streamer("EURUSD"), Some(("b", 2)));
+    assert_eq!(s.core.counters().handovers, 1);
+}
+
+#[test]
+fn silent_node_is_gone_after_node_timeout() {
+    let mut s = Script::new(Policy::Random);
+    s.join("a", 1, &["EURUSD"]);
+    s.join("b", 2, &["EURUSD"]);
+    let deadline = s.core.next_deadline().expect("a deadline");
+    assert!(deadline <= s.now + 3_001);
+    s.now += 2_000;
+    s.msg("b", 2, v1::NodeHeartbeatV1Notify { sent_at_ms: 0 });
+    s.now += 1_001;
+    let out = s.run(Event::Tick);
+    assert!(out.iter().any(|o| matches!(o, Output::CloseNode { node, .. } if node == "a")), "{out:?}");
+    assert_eq!(s.core.streamer("EURUSD"), Some(("b", 2)));
+}
+
+#[test]
+fn restart_waits_rejoin_grace_for_previous_streamers() {
+    let mut s = Script::new(Policy::Random);
+    s.join("a", 1, &["EURUSD"]);
+    s.join("b", 2, &["EURUSD"]);
+    let config = s.core.config().clone();
+    s.run(Event::ControllerStarted { config });
+    // b comes back first: it does not take a's pair during the grace.
+    s.join("b", 3, &["EURUSD"]);
+    assert_eq!(s.core.streamer("EURUSD"), Some(("a", 1)));
+    s.join("a", 4, &["EURUSD"]);
+    assert_eq!(s.core.streamer("EURUSD"), Some(("a", 1)), "same assignment after rejoin");
+    // Had a not come back, the pair moves when the grace ends.
+    let config = s.core.config().clone();
+    s.run(Event::ControllerStarted { config });
+    s.join("b", 5, &["EURUSD"]);
+    s.now += 2_600;
+    s.msg("b", 5, v1::NodeHeartbeatV1Notify { sent_at_ms: 0 });
+    s.now += 2_401;
+    let out = s.run(Event::Tick);
+    assert_eq!(assignments(&out), [("b".to_string(), vec![("EURUSD".to_string(), 2)])]);
+}
+
+#[test]
+fn fan_out_counts_replies_and_names_missing_nodes() {
+    let mut s = Script::new(Policy::Random);
+    s.join("a", 1, &["EURUSD"]);
+    let out = s.cli(&["a", "zzz"], v1::NodeStatusV1Req {});
+    let Output::ToCli { msg, .. } = &out[0] else { panic!("{out:?}") };
+    let Payload::CliResponseCountV1Notify(c) = payload(&msg.response) else { panic!() };
+    assert_eq!((c.expected, c.missing), (1, vec!["zzz".to_string()]));
+    let Output::ToNode { node, msg, .. } = &out[1] else { panic!("{out:?}") };
+    assert_eq!(node, "a");
+    let rid = msg.request_id.clone();
+    let any = Payload::from(v1::NodeStatusV1Reply::default()).to_any();
+    let out = s.run(Event::NodeMessage {
+        node: "a".into(),
+        session: 1,
+        request_id: rid,
+        from_uuid: Some("cli".into()),
+        type_url: any.type_url,
+        value: any.value,
+    });
+    let [Output::ToCli { msg, .. }] = out.as_slice() else { panic!("{out:?}") };
+    assert_eq!((msg.stream_id.as_str(), msg.node_uuid.as_deref()), ("s1", Some("a")));
+}
+
+#[test]
+fn unknown_any_from_a_cli_gets_unknown_command_and_nothing_breaks() {
+    let mut s = Script::new(Policy::Random);
+    s.run(Event::CliConnected { session: 900, admin: false });
+    let out = s.run(Event::CliMessage {
+        session: 900,
+        stream_id: "x".into(),
+        cli_uuid: "cli".into(),
+        node_uuids: vec![],
+        request_id: String::new(),
+        type_url: "type.googleapis.com/acme.Frobnicate".into(),
+        value: vec![1, 2, 3],
+    });
+    let replies: Vec<Payload> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::ToCli { msg, .. } => Some(payload(&msg.response)),
+            _ => None,
+        })
+        .collect();
+    assert!(matches!(&replies[1], Payload::UnknownCommandV1Notify(u) if u.type_url.ends_with("acme.Frobnicate")));
+    // A read-only operator may not kick.
+    let any = Payload::from(v1::ControllerKickNodesV1Req { node_uuids: vec!["a".into()] }).to_any();
+    let out = s.run(Event::CliMessage {
+        session: 900,
+        stream_id: "y".into(),
+        cli_uuid: "cli".into(),
+        node_uuids: vec![],
+        request_id: String::new(),
+        type_url: any.type_url,
+        value: any.value,
+    });
+    assert!(out.iter().any(|o| matches!(o, Output::ToCli { msg, .. }
+        if matches!(payload(&msg.response), Payload::UnknownCommandV1Notify(u) if u.reason.contains("admin")))));
+}
