@@ -182,38 +182,21 @@ fn main() {
     }
 
     let n = 1_000_000u64;
-    let dir = fresh_dir(&root, "replay");
-    let bytes = build_log(&dir, n, false);
-    let start = Instant::now();
-    let (journal, rec) = Journal::open(JournalConfig::new(&dir), Arc::new(FsStorage)).unwrap();
-    let (m, _) = replay(&rec, Counter::default).unwrap();
-    let t = start.elapsed().as_secs_f64();
-    assert_eq!(m.n, n);
-    drop(rec);
-    journal.close_blocking();
     println!("\n| recovery | inputs | time | inputs/s | MB/s |\n| --- | --- | --- | --- | --- |");
-    println!(
-        "| open + replay, no checkpoint | {n} | {:.0} ms | {:.2} M | {:.0} |",
-        t * 1e3,
-        n as f64 / t / 1e6,
-        bytes as f64 / t / 1e6
-    );
-
-    let dir = fresh_dir(&root, "recovery");
-    let bytes = build_log(&dir, n, true);
-    let start = Instant::now();
-    let (journal, rec) = Journal::open(JournalConfig::new(&dir), Arc::new(FsStorage)).unwrap();
-    let (m, _) = replay(&rec, Counter::default).unwrap();
-    let t = start.elapsed().as_secs_f64();
-    assert_eq!(m.n, n);
-    assert!(rec.checkpoint.is_some());
-    drop(rec);
-    journal.close_blocking();
-    println!(
-        "| open + 1 MiB checkpoint + replay | {n} | {:.0} ms | {:.2} M | {:.0} |",
-        t * 1e3,
-        n as f64 / t / 1e6,
-        bytes as f64 / t / 1e6
-    );
+    for (label, with_checkpoint) in
+        [("open + replay, no checkpoint", false), ("open + 1 MiB checkpoint + replay", true)]
+    {
+        let dir = fresh_dir(&root, if with_checkpoint { "recovery" } else { "replay" });
+        let bytes = build_log(&dir, n, with_checkpoint);
+        let start = Instant::now();
+        let (journal, rec) = Journal::open(JournalConfig::new(&dir), Arc::new(FsStorage)).unwrap();
+        let (m, _) = replay(&rec, Counter::default).unwrap();
+        let t = start.elapsed().as_secs_f64();
+        assert_eq!(m.n, n);
+        assert_eq!(rec.checkpoint.is_some(), with_checkpoint);
+        drop(rec);
+        journal.close_blocking();
+        println!("| {label} | {n} | {:.0} ms | {:.2} M | {:.0} |", t * 1e3, n as f64 / t / 1e6, bytes as f64 / t / 1e6);
+    }
     let _ = std::fs::remove_dir_all(&root);
 }

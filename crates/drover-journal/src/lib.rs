@@ -127,6 +127,14 @@ pub enum JournalError {
         /// What is wrong.
         damage: String,
     },
+    /// A checkpoint or a logged input that the state machine cannot decode.
+    #[error("replay failed at {at}: {reason}")]
+    Replay {
+        /// `checkpoint` or `record <seq>`.
+        at: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A write or fsync failed earlier; nothing more is accepted, because what the
     /// file system holds can no longer be trusted.
     #[error("journal stopped after a failed write: {0}")]

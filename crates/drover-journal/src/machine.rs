@@ -75,9 +75,11 @@ pub fn replay<M: StateMachine>(
     recovery: &Recovery,
     fresh: impl FnOnce() -> M,
 ) -> Result<(M, ReplayStats), JournalError> {
-    let corrupt = |what: String| JournalError::Corrupt { file: "checkpoint".into(), offset: 0, damage: what };
+    let fail = |at: String, reason: String| JournalError::Replay { at, reason };
     let mut machine = match &recovery.checkpoint {
-        Some(state) => M::restore(state).map_err(|e| corrupt(format!("checkpoint does not restore: {e}")))?,
+        Some(state) => {
+            M::restore(state).map_err(|e| fail("checkpoint".into(), format!("state does not restore: {e}")))?
+        }
         None => fresh(),
     };
     let mut stats = ReplayStats::default();
@@ -90,13 +92,13 @@ pub fn replay<M: StateMachine>(
             continue;
         }
         let body = RpcBody::parse(entry.message.slice(1..1 + body.len()))
-            .map_err(|e| corrupt(format!("record {}: bad RPC: {e}", entry.seq)))?;
+            .map_err(|e| fail(format!("record {}", entry.seq), format!("bad RPC: {e}")))?;
         if body.method_id() != INPUT_METHOD {
             stats.skipped += 1;
             continue;
         }
         let input = M::decode_input(body.args())
-            .map_err(|e| corrupt(format!("record {}: input does not decode: {e}", entry.seq)))?;
+            .map_err(|e| fail(format!("record {}", entry.seq), format!("input does not decode: {e}")))?;
         machine.apply(input, &mut out);
         out.clear();
         stats.inputs += 1;

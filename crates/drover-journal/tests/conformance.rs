@@ -273,3 +273,21 @@ fn crash_keeps_every_acknowledged_entry() {
     assert!(m.0.len() >= 100);
     assert_eq!(m.0, (0..m.0.len() as u64).collect::<Vec<_>>());
 }
+
+#[test]
+fn an_input_that_does_not_decode_is_a_replay_error_naming_its_record() {
+    both(|config, storage| {
+        let (j, _) = open(&config, &storage);
+        append_all(&j, [1, 2]);
+        j.append_blocking(drover_journal::encode_entry(1, &[1, 2, 3])).unwrap().wait().unwrap();
+        j.close_blocking();
+        let (_, rec) = Journal::open(config.clone(), storage.clone()).unwrap();
+        match replay(&rec, Seen::default) {
+            Err(JournalError::Replay { at, reason }) => {
+                assert_eq!(at, "record 2");
+                assert!(reason.contains("does not decode"), "{reason}");
+            }
+            other => panic!("expected a replay error, got {other:?}"),
+        }
+    });
+}
