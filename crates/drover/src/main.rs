@@ -3,9 +3,15 @@
 //! subcommand lives in its own module and returns `anyhow::Result`, so errors reach the
 //! operator as one line that says what went wrong and where.
 
+mod demo;
 mod journal_cmd;
+mod roles;
+mod util;
 
-use clap::{Parser, Subcommand};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use drover_cli::Ctx;
 
 /// drover: a resilient controller for fleets of nodes.
 #[derive(Debug, Parser)]
@@ -18,17 +24,111 @@ struct Cli {
     command: Command,
 }
 
+/// How CLI commands reach the controller.
+#[derive(Debug, Args)]
+struct CliArgs {
+    /// The controller's gRPC address.
+    #[arg(long, env = "DROVER_CONTROLLER", default_value = "127.0.0.1:7400")]
+    controller: String,
+    /// How long to wait for replies before reporting the missing ones (and exiting 1).
+    #[arg(long, env = "DROVER_TIMEOUT", default_value = "5s", value_parser = util::parse_duration)]
+    timeout: Duration,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl CliArgs {
+    fn ctx(&self) -> Ctx {
+        Ctx { controller: self.controller.clone(), timeout: self.timeout, json: self.json }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the controller (gRPC for nodes and CLIs; journal in the data directory).
+    Controller(roles::ControllerArgs),
+    /// Run a node that streams prices for the pairs the controller assigns it.
+    Node(roles::NodeArgs),
+    /// Run a controller and three nodes in one process and show a failover.
+    Demo(demo::DemoArgs),
+    /// List nodes: state, known pairs, streaming pairs with epochs.
+    Nodes(CliArgs),
+    /// Ask the controller for its version.
+    Version(CliArgs),
+    /// Disconnect nodes (they reconnect by themselves); their pairs fail over.
+    Kick {
+        #[command(flatten)]
+        cli: CliArgs,
+        /// Node uuids, uuid prefixes or names.
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Move nodes' pairs elsewhere, make-before-break.
+    Drain {
+        #[command(flatten)]
+        cli: CliArgs,
+        /// Node uuids, uuid prefixes or names.
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Ask nodes for their status; exits 1 if any does not answer in time.
+    Status {
+        #[command(flatten)]
+        cli: CliArgs,
+        /// Node uuids, uuid prefixes or names.
+        nodes: Vec<String>,
+        /// Ask every connected node.
+        #[arg(long, conflicts_with = "nodes")]
+        all: bool,
+    },
+    /// Move pairs to a node (pinned until it is gone or --unpin).
+    Stream {
+        #[command(flatten)]
+        cli: CliArgs,
+        /// Node uuid, uuid prefix or name.
+        node: String,
+        /// Pairs, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        pairs: Vec<String>,
+        /// Release the pin instead.
+        #[arg(long)]
+        unpin: bool,
+    },
+    /// Ask nodes to shut down (they reply, then exit).
+    Shutdown {
+        #[command(flatten)]
+        cli: CliArgs,
+        /// Node uuids, uuid prefixes or names.
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Show the latest prices; --watch streams every accepted update.
+    Prices {
+        #[command(flatten)]
+        cli: CliArgs,
+        /// Only these pairs.
+        pairs: Vec<String>,
+        /// Keep streaming updates.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch, stop after this long.
+        #[arg(long, value_parser = util::parse_duration)]
+        duration: Option<Duration>,
+    },
     /// Inspect a journal directory: verify its integrity or dump its records.
     #[command(subcommand)]
     Journal(journal_cmd::JournalCommand),
 }
 
-fn init_logging(format: &str) {
+fn init_logging(format: &str, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if format == "json" {
         builder.json().init();
     } else {
@@ -36,12 +136,42 @@ fn init_logging(format: &str) {
     }
 }
 
+fn cli_result(r: Result<bool, drover_cli::CliError>) -> anyhow::Result<std::process::ExitCode> {
+    Ok(if r? { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
+    use drover_cli::commands as c;
+    match command {
+        Command::Controller(a) => roles::controller(a).await,
+        Command::Node(a) => roles::node(a).await,
+        Command::Demo(a) => demo::demo(a).await,
+        Command::Nodes(cli) => cli_result(c::nodes(&cli.ctx()).await),
+        Command::Version(cli) => cli_result(c::version(&cli.ctx()).await),
+        Command::Kick { cli, nodes } => cli_result(c::kick_or_drain(&cli.ctx(), &nodes, false).await),
+        Command::Drain { cli, nodes } => cli_result(c::kick_or_drain(&cli.ctx(), &nodes, true).await),
+        Command::Status { cli, nodes, all } => cli_result(c::status(&cli.ctx(), &nodes, all).await),
+        Command::Stream { cli, node, pairs, unpin } => cli_result(c::stream(&cli.ctx(), &node, pairs, unpin).await),
+        Command::Shutdown { cli, nodes } => cli_result(c::shutdown(&cli.ctx(), &nodes).await),
+        Command::Prices { cli, pairs, watch, duration } => {
+            cli_result(c::prices(&cli.ctx(), pairs, watch, duration).await)
+        }
+        Command::Journal(cmd) => journal_cmd::run(cmd),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
-    let result = match cli.command {
-        Command::Journal(cmd) => journal_cmd::run(cmd),
+    let quiet = !matches!(cli.command, Command::Controller(_) | Command::Node(_));
+    init_logging(&cli.log_format, if quiet { "warn" } else { "info" });
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
     };
+    let result = runtime.block_on(dispatch(cli.command));
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -1,0 +1,395 @@
+//! Each operator command: what it sends, how it prints the answer (a table, or
+//! `--json`), and whether it succeeded. Node arguments may be a uuid, a unique uuid
+//! prefix, or a node name.
+
+use std::time::Duration;
+
+use drover_proto::{Payload, v1};
+use serde_json::json;
+
+use crate::client::{CliError, Ctx, Outcome, Session, request};
+
+/// Formats an exact decimal.
+pub fn decimal(d: &v1::Decimal) -> String {
+    let neg = d.mantissa < 0;
+    let digits = d.mantissa.unsigned_abs().to_string();
+    let scale = d.scale as usize;
+    let s = if scale == 0 {
+        digits
+    } else if digits.len() > scale {
+        format!("{}.{}", &digits[..digits.len() - scale], &digits[digits.len() - scale..])
+    } else {
+        format!("0.{}{}", "0".repeat(scale - digits.len()), digits)
+    };
+    if neg { format!("-{s}") } else { s }
+}
+
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out.push('\n');
+        out.push_str(&line(r.clone()));
+    }
+    out
+}
+
+fn short(id: &str) -> String {
+    id.chars().take(12).collect()
+}
+
+fn streaming(s: &[v1::StreamAssignment]) -> String {
+    s.iter().map(|a| format!("{}@{}", a.pair, a.epoch)).collect::<Vec<_>>().join(",")
+}
+
+fn ago(ms: i64) -> String {
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let s = (now - ms).max(0) / 1000;
+    if s < 120 {
+        format!("{s}s ago")
+    } else if s < 7200 {
+        format!("{}m ago", s / 60)
+    } else {
+        format!("{}h ago", s / 3600)
+    }
+}
+
+/// The node list.
+pub async fn list_nodes(ctx: &Ctx) -> Result<Vec<v1::NodeInfo>, CliError> {
+    let out = request(ctx, Vec::new(), v1::ControllerListNodesV1Req {}.into()).await?;
+    out.replies
+        .into_iter()
+        .find_map(|r| match r.payload {
+            Payload::ControllerListNodesV1Reply(l) => Some(l.nodes),
+            _ => None,
+        })
+        .ok_or_else(|| CliError::Decode("no node list in the reply".into()))
+}
+
+/// Turns names and uuid prefixes into node uuids (unknown arguments pass through,
+/// so the controller reports them missing).
+pub async fn resolve(ctx: &Ctx, args: &[String]) -> Result<Vec<String>, CliError> {
+    let nodes = list_nodes(ctx).await?;
+    args.iter()
+        .map(|a| {
+            if nodes.iter().any(|n| &n.node_uuid == a) {
+                return Ok(a.clone());
+            }
+            let hits: Vec<&v1::NodeInfo> =
+                nodes.iter().filter(|n| &n.name == a || n.node_uuid.starts_with(a.as_str())).collect();
+            match hits.as_slice() {
+                [one] => Ok(one.node_uuid.clone()),
+                [] => Ok(a.clone()),
+                many => Err(CliError::Usage(format!(
+                    "{a:?} matches {} nodes ({}); give more of the uuid",
+                    many.len(),
+                    many.iter().map(|n| short(&n.node_uuid)).collect::<Vec<_>>().join(", ")
+                ))),
+            }
+        })
+        .collect()
+}
+
+fn print_incomplete(out: &Outcome) {
+    for m in &out.missing {
+        eprintln!("missing: {m} (offline or unknown)");
+    }
+    if out.timed_out {
+        let got: Vec<&str> = out.replies.iter().filter_map(|r| r.node.as_deref()).collect();
+        eprintln!(
+            "timed out: {} of {} replies came",
+            out.replies.len(),
+            out.expected.map_or("?".to_string(), |e| e.to_string())
+        );
+        let _ = got;
+    }
+}
+
+/// `drover nodes`.
+pub async fn nodes(ctx: &Ctx) -> Result<bool, CliError> {
+    let nodes = list_nodes(ctx).await?;
+    if ctx.json {
+        let v: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "id": n.node_uuid, "name": n.name, "version": n.version, "state": n.state,
+                    "known_pairs": n.known_pairs,
+                    "streaming": n.streaming.iter().map(|a| json!({"pair": a.pair, "epoch": a.epoch})).collect::<Vec<_>>(),
+                    "connected_since_ms": n.connected_since_ms, "worker": n.worker,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        let rows: Vec<Vec<String>> = nodes
+            .iter()
+            .map(|n| {
+                vec![
+                    short(&n.node_uuid),
+                    n.name.clone(),
+                    n.state.clone(),
+                    n.version.clone(),
+                    n.known_pairs.join(","),
+                    streaming(&n.streaming),
+                    ago(n.connected_since_ms),
+                ]
+            })
+            .collect();
+        println!("{}", table(&["ID", "NAME", "STATE", "VERSION", "KNOWN", "STREAMING", "CONNECTED"], &rows));
+    }
+    Ok(true)
+}
+
+/// `drover version`.
+pub async fn version(ctx: &Ctx) -> Result<bool, CliError> {
+    let out = request(ctx, Vec::new(), v1::ControllerAppVersionV1Req {}.into()).await?;
+    let Some(Payload::ControllerAppVersionV1Reply(v)) = out.replies.into_iter().next().map(|r| r.payload) else {
+        return Err(CliError::Decode("no version in the reply".into()));
+    };
+    if ctx.json {
+        println!("{}", json!({"controller": v.version, "protocol": v.protocol, "cli": env!("CARGO_PKG_VERSION")}));
+    } else {
+        println!("controller {} (protocol {}), cli {}", v.version, v.protocol, env!("CARGO_PKG_VERSION"));
+    }
+    Ok(true)
+}
+
+fn print_unknown_or(out: &Outcome) -> bool {
+    for r in &out.replies {
+        if let Payload::UnknownCommandV1Notify(u) = &r.payload {
+            eprintln!("refused: {}", u.reason);
+            return false;
+        }
+    }
+    true
+}
+
+/// `drover kick NODE…` and `drover drain NODE…`.
+pub async fn kick_or_drain(ctx: &Ctx, args: &[String], drain: bool) -> Result<bool, CliError> {
+    let ids = resolve(ctx, args).await?;
+    let payload: Payload = if drain {
+        v1::ControllerDrainNodesV1Req { node_uuids: ids }.into()
+    } else {
+        v1::ControllerKickNodesV1Req { node_uuids: ids }.into()
+    };
+    let out = request(ctx, Vec::new(), payload).await?;
+    if !print_unknown_or(&out) {
+        return Ok(false);
+    }
+    let (done, missing) = match out.replies.into_iter().next().map(|r| r.payload) {
+        Some(Payload::ControllerKickNodesV1Reply(k)) => (k.kicked, k.missing),
+        Some(Payload::ControllerDrainNodesV1Reply(d)) => (d.draining, d.missing),
+        _ => return Err(CliError::Decode("unexpected reply".into())),
+    };
+    let verb = if drain { "draining" } else { "kicked" };
+    if ctx.json {
+        println!("{}", json!({ verb: done, "missing": missing }));
+    } else {
+        for d in &done {
+            println!("{verb}: {d}");
+        }
+        for m in &missing {
+            eprintln!("missing: {m} (offline or unknown)");
+        }
+    }
+    Ok(missing.is_empty())
+}
+
+/// `drover status NODE…|--all`.
+pub async fn status(ctx: &Ctx, args: &[String], all: bool) -> Result<bool, CliError> {
+    let ids = if all {
+        list_nodes(ctx).await?.into_iter().filter(|n| n.state != "gone").map(|n| n.node_uuid).collect()
+    } else {
+        resolve(ctx, args).await?
+    };
+    if ids.is_empty() {
+        return Err(CliError::Usage("no nodes to ask (name some, or use --all)".into()));
+    }
+    let out = request(ctx, ids.clone(), v1::NodeStatusV1Req {}.into()).await?;
+    let replies: Vec<(String, v1::NodeStatusV1Reply)> = out
+        .replies
+        .iter()
+        .filter_map(|r| match &r.payload {
+            Payload::NodeStatusV1Reply(s) => Some((r.node.clone().unwrap_or_default(), s.clone())),
+            _ => None,
+        })
+        .collect();
+    let silent: Vec<&String> =
+        ids.iter().filter(|id| !out.missing.contains(id) && !replies.iter().any(|(n, _)| n == *id)).collect();
+    if ctx.json {
+        let v: Vec<_> = replies
+            .iter()
+            .map(|(n, s)| {
+                json!({"id": n, "name": s.name, "version": s.version, "known_pairs": s.known_pairs,
+                "streaming": s.streaming.iter().map(|a| json!({"pair": a.pair, "epoch": a.epoch})).collect::<Vec<_>>(),
+                "uptime_ms": s.uptime_ms, "updates_sent": s.updates_sent})
+            })
+            .collect();
+        println!("{}", json!({"replies": v, "missing": out.missing, "no_reply": silent, "expected": out.expected}));
+    } else {
+        let rows: Vec<Vec<String>> = replies
+            .iter()
+            .map(|(n, s)| {
+                vec![
+                    short(n),
+                    s.name.clone(),
+                    streaming(&s.streaming),
+                    format!("{}s", s.uptime_ms / 1000),
+                    s.updates_sent.to_string(),
+                ]
+            })
+            .collect();
+        println!("{}", table(&["ID", "NAME", "STREAMING", "UPTIME", "UPDATES"], &rows));
+        print_incomplete(&out);
+        for s in &silent {
+            eprintln!("no reply: {s}");
+        }
+    }
+    Ok(out.complete())
+}
+
+/// `drover shutdown NODE…`.
+pub async fn shutdown(ctx: &Ctx, args: &[String]) -> Result<bool, CliError> {
+    let ids = resolve(ctx, args).await?;
+    let out = request(ctx, ids, v1::NodeShutdownV1Req { reason: "operator request".into() }.into()).await?;
+    let done: Vec<String> = out
+        .replies
+        .iter()
+        .filter(|r| matches!(r.payload, Payload::NodeShutdownV1Reply(_)))
+        .filter_map(|r| r.node.clone())
+        .collect();
+    if ctx.json {
+        println!("{}", json!({"shut_down": done, "missing": out.missing, "timed_out": out.timed_out}));
+    } else {
+        for d in &done {
+            println!("shutting down: {d}");
+        }
+        print_incomplete(&out);
+    }
+    Ok(out.complete())
+}
+
+/// `drover stream NODE --pairs … [--unpin]`.
+pub async fn stream(ctx: &Ctx, node: &str, pairs: Vec<String>, unpin: bool) -> Result<bool, CliError> {
+    let id = resolve(ctx, &[node.to_owned()]).await?.remove(0);
+    let out =
+        request(ctx, Vec::new(), v1::ControllerStreamPairsV1Req { node_uuid: id.clone(), pairs, unpin }.into()).await?;
+    if !print_unknown_or(&out) {
+        return Ok(false);
+    }
+    let Some(Payload::ControllerStreamPairsV1Reply(r)) = out.replies.into_iter().next().map(|r| r.payload) else {
+        return Err(CliError::Decode("unexpected reply".into()));
+    };
+    if ctx.json {
+        println!(
+            "{}",
+            json!({"node": id, "assigned": r.assigned.iter().map(|a| json!({"pair": a.pair, "epoch": a.epoch})).collect::<Vec<_>>(),
+                "refused": r.refused, "error": r.error})
+        );
+    } else {
+        if !r.error.is_empty() {
+            eprintln!("error: {}", r.error);
+        }
+        for a in &r.assigned {
+            println!(
+                "{} → {} (epoch {}){}",
+                a.pair,
+                short(&id),
+                a.epoch,
+                if unpin { ", unpinned" } else { ", pinned" }
+            );
+        }
+        for p in &r.refused {
+            eprintln!("refused: {p} (the node does not know it)");
+        }
+    }
+    Ok(r.error.is_empty() && r.refused.is_empty())
+}
+
+fn price_row(v: &v1::PriceView) -> Vec<String> {
+    let p = v.price.clone().unwrap_or_default();
+    vec![
+        p.pair.clone(),
+        p.price.as_ref().map(decimal).unwrap_or_default(),
+        ago(p.upstream_time_ms),
+        short(&v.streamer),
+        v.epoch.to_string(),
+    ]
+}
+
+fn price_json(v: &v1::PriceView) -> serde_json::Value {
+    let p = v.price.clone().unwrap_or_default();
+    json!({"pair": p.pair, "price": p.price.as_ref().map(decimal), "upstream_time_ms": p.upstream_time_ms,
+        "seq": p.seq, "streamer": v.streamer, "epoch": v.epoch})
+}
+
+/// `drover prices [PAIR…] [--watch [--duration D]]`.
+pub async fn prices(ctx: &Ctx, pairs: Vec<String>, watch: bool, duration: Option<Duration>) -> Result<bool, CliError> {
+    let mut session = Session::open(ctx).await?;
+    let out = session.request(ctx, Vec::new(), v1::ControllerPricesV1Req { pairs, watch }.into(), !watch).await?;
+    let Some(Payload::ControllerPricesV1Reply(r)) = out.replies.into_iter().next().map(|r| r.payload) else {
+        return Err(CliError::Decode("no prices in the reply".into()));
+    };
+    if ctx.json {
+        for v in &r.prices {
+            println!("{}", price_json(v));
+        }
+    } else {
+        let rows: Vec<Vec<String>> = r.prices.iter().map(price_row).collect();
+        println!("{}", table(&["PAIR", "PRICE", "UPSTREAM", "STREAMER", "EPOCH"], &rows));
+    }
+    if !watch {
+        return Ok(true);
+    }
+    let until = duration.map(|d| tokio::time::Instant::now() + d);
+    loop {
+        let next = match until {
+            Some(u) => match tokio::time::timeout_at(u, session.next()).await {
+                Ok(n) => n?,
+                Err(_) => return Ok(true),
+            },
+            None => session.next().await?,
+        };
+        let Some((_, reply)) = next else { return Err(CliError::Stream("controller closed the stream".into())) };
+        if let Payload::ControllerPriceV1Notify(n) = reply.payload
+            && let Some(v) = n.price
+        {
+            if ctx.json {
+                println!("{}", price_json(&v));
+            } else {
+                let r = price_row(&v);
+                println!("{:<8} {:>12}  streamer {}  epoch {}", r[0], r[1], r[3], r[4]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_print_exactly() {
+        assert_eq!(decimal(&v1::Decimal { mantissa: 108_452, scale: 5 }), "1.08452");
+        assert_eq!(decimal(&v1::Decimal { mantissa: 5, scale: 3 }), "0.005");
+        assert_eq!(decimal(&v1::Decimal { mantissa: -15, scale: 1 }), "-1.5");
+        assert_eq!(decimal(&v1::Decimal { mantissa: 150, scale: 0 }), "150");
+    }
+}

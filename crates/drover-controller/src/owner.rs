@@ -1,0 +1,258 @@
+//! The owner task: the only place the core and the journal are touched.
+//!
+//! For each event: stamp the time, append the input to the journal (waiting only for
+//! queue space), apply it to the core, and pass the outputs with the input's ticket
+//! to the releaser, which sends them once the ticket says the input is durable.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use drover_core::{Controller, Event, Input, Output};
+use drover_journal::machine::encode_input;
+use drover_journal::{Journal, StateMachine, Ticket};
+use drover_proto::v1;
+use tokio::sync::{mpsc, watch};
+
+use crate::{ControllerConfig, ShellError};
+
+/// A stream's outgoing half, as the releaser holds it.
+pub(crate) enum Sink {
+    Node(mpsc::Sender<Result<v1::StreamToNode, tonic::Status>>),
+    Cli(mpsc::Sender<Result<v1::StreamToCli, tonic::Status>>),
+}
+
+/// What the gRPC handlers tell the owner.
+pub(crate) enum ShellEvent {
+    NodeOpened { node: String, session: u64, sink: mpsc::Sender<Result<v1::StreamToNode, tonic::Status>> },
+    NodeMessage { node: String, session: u64, msg: v1::StreamFromNode },
+    NodeClosed { node: String, session: u64 },
+    CliOpened { session: u64, admin: bool, sink: mpsc::Sender<Result<v1::StreamToCli, tonic::Status>> },
+    CliMessage { session: u64, msg: v1::StreamFromCli },
+    CliClosed { session: u64 },
+}
+
+/// What the owner tells the releaser, in order.
+enum Release {
+    Register(u64, Sink),
+    Unregister(u64),
+    Outputs(Ticket, Vec<Output>),
+}
+
+/// Liveness and progress, for `/healthz` and `/readyz`.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Recovery finished and the controller serves.
+    pub ready: AtomicBool,
+    /// Inputs applied.
+    pub applied: AtomicU64,
+    /// Unix ms of the last applied input.
+    pub last_applied_ms: AtomicI64,
+    /// Events waiting for the owner.
+    pub queued: AtomicU64,
+    /// Set when the journal failed: the controller is broken.
+    pub journal_failed: AtomicBool,
+}
+
+pub(crate) struct Owner {
+    config: ControllerConfig,
+    core: Controller,
+    journal: Journal,
+    health: Arc<Health>,
+    last_ms: i64,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl Owner {
+    pub(crate) fn new(config: ControllerConfig, core: Controller, journal: Journal, health: Arc<Health>) -> Self {
+        Owner { config, core, journal, health, last_ms: 0 }
+    }
+
+    pub(crate) async fn run(
+        mut self,
+        mut events: mpsc::Receiver<ShellEvent>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), ShellError> {
+        let (release_tx, release_rx) = mpsc::unbounded_channel();
+        let health = self.health.clone();
+        let releaser = tokio::spawn(release(release_rx, health));
+        let config = self.config.core.clone();
+        self.input(Event::ControllerStarted { config }, &release_tx).await?;
+        self.health.ready.store(true, Ordering::SeqCst);
+        let result = loop {
+            let deadline = self.core.next_deadline().map(|d| {
+                let wait = Duration::from_millis((d - now_ms()).max(0) as u64);
+                tokio::time::Instant::now() + wait
+            });
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                changed = stop.changed() => {
+                    if changed.is_err() || *stop.borrow() {
+                        break Ok(());
+                    }
+                }
+                ev = events.recv() => {
+                    let Some(ev) = ev else { break Ok(()) };
+                    self.health.queued.store(events.len() as u64, Ordering::Relaxed);
+                    if let Err(e) = self.event(ev, &release_tx).await {
+                        break Err(e);
+                    }
+                }
+                _ = sleep => {
+                    if let Err(e) = self.input(Event::Tick, &release_tx).await {
+                        break Err(e);
+                    }
+                }
+            }
+        };
+        if result.is_ok() {
+            // Graceful stop: everything appended becomes durable, then a final checkpoint.
+            self.journal.flush().await?;
+            let covered = self.journal.checkpoint(self.core.checkpoint()).await?;
+            tracing::info!(covered, "final checkpoint written");
+        } else {
+            self.health.journal_failed.store(true, Ordering::SeqCst);
+        }
+        drop(release_tx);
+        let _ = releaser.await;
+        result
+    }
+
+    async fn event(&mut self, ev: ShellEvent, release: &mpsc::UnboundedSender<Release>) -> Result<(), ShellError> {
+        match ev {
+            ShellEvent::NodeOpened { node, session, sink } => {
+                let _ = release.send(Release::Register(session, Sink::Node(sink)));
+                tracing::info!(%node, session, "node stream opened");
+                self.input(Event::NodeConnected { node, session }, release).await
+            }
+            ShellEvent::NodeMessage { node, session, msg } => {
+                let (type_url, value) = msg.response.map(|a| (a.type_url, a.value)).unwrap_or_default();
+                self.input(
+                    Event::NodeMessage {
+                        node,
+                        session,
+                        request_id: msg.request_id,
+                        from_uuid: msg.from_uuid,
+                        type_url,
+                        value,
+                    },
+                    release,
+                )
+                .await
+            }
+            ShellEvent::NodeClosed { node, session } => {
+                tracing::info!(%node, session, "node stream closed");
+                self.input(Event::NodeDisconnected { node, session }, release).await?;
+                let _ = release.send(Release::Unregister(session));
+                Ok(())
+            }
+            ShellEvent::CliOpened { session, admin, sink } => {
+                let _ = release.send(Release::Register(session, Sink::Cli(sink)));
+                self.input(Event::CliConnected { session, admin }, release).await
+            }
+            ShellEvent::CliMessage { session, msg } => {
+                let (type_url, value) = msg.command.map(|a| (a.type_url, a.value)).unwrap_or_default();
+                self.input(
+                    Event::CliMessage {
+                        session,
+                        stream_id: msg.stream_id,
+                        cli_uuid: msg.cli_uuid,
+                        node_uuids: msg.node_uuids,
+                        request_id: msg.request_id,
+                        type_url,
+                        value,
+                    },
+                    release,
+                )
+                .await
+            }
+            ShellEvent::CliClosed { session } => {
+                self.input(Event::CliDisconnected { session }, release).await?;
+                let _ = release.send(Release::Unregister(session));
+                Ok(())
+            }
+        }
+    }
+
+    /// Journals one input, applies it, and queues its outputs behind its ticket.
+    async fn input(&mut self, event: Event, release: &mpsc::UnboundedSender<Release>) -> Result<(), ShellError> {
+        let at_ms = now_ms().max(self.last_ms);
+        self.last_ms = at_ms;
+        let input = Input { at_ms, event };
+        let ticket = self.journal.append(encode_input::<Controller>(&input)).await?;
+        let mut out = Vec::new();
+        self.core.apply(input, &mut out);
+        for o in &out {
+            if let Output::CloseNode { node, reason, .. } = o {
+                tracing::info!(%node, %reason, "closing node stream");
+            }
+        }
+        self.health.applied.fetch_add(1, Ordering::Relaxed);
+        self.health.last_applied_ms.store(at_ms, Ordering::Relaxed);
+        let _ = release.send(Release::Outputs(ticket, out));
+        if self.journal.checkpoint_due() {
+            let covered = self.journal.checkpoint(self.core.checkpoint()).await?;
+            tracing::info!(covered, "checkpoint written");
+        }
+        Ok(())
+    }
+}
+
+/// Sends outputs once their input is durable, in order.
+async fn release(mut rx: mpsc::UnboundedReceiver<Release>, health: Arc<Health>) {
+    let mut sinks: HashMap<u64, Sink> = HashMap::new();
+    while let Some(r) = rx.recv().await {
+        match r {
+            Release::Register(session, sink) => {
+                sinks.insert(session, sink);
+            }
+            Release::Unregister(session) => {
+                sinks.remove(&session);
+            }
+            Release::Outputs(ticket, outputs) => {
+                if let Err(e) = ticket.await {
+                    tracing::error!(error = %e, "journal failed: outputs withheld, controller stopping");
+                    health.journal_failed.store(true, Ordering::SeqCst);
+                    return;
+                }
+                for o in outputs {
+                    deliver(&mut sinks, o);
+                }
+            }
+        }
+    }
+}
+
+fn deliver(sinks: &mut HashMap<u64, Sink>, o: Output) {
+    let (session, full) = match o {
+        Output::ToNode { session, msg, .. } => match sinks.get(&session) {
+            Some(Sink::Node(tx)) => (session, tx.try_send(Ok(msg)).is_err()),
+            _ => return,
+        },
+        Output::ToCli { session, msg } => match sinks.get(&session) {
+            Some(Sink::Cli(tx)) => (session, tx.try_send(Ok(msg)).is_err()),
+            _ => return,
+        },
+        Output::CloseNode { session, reason, .. } => {
+            if let Some(Sink::Node(tx)) = sinks.remove(&session) {
+                let _ = tx.try_send(Err(tonic::Status::aborted(reason)));
+            }
+            return;
+        }
+    };
+    if full {
+        // A peer that does not read is cut off rather than allowed to stall everyone.
+        tracing::warn!(session, "stream queue full or closed; dropping the stream");
+        sinks.remove(&session);
+    }
+}

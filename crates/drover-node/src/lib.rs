@@ -1,0 +1,282 @@
+//! The node agent.
+//!
+//! A node knows which pairs its upstream can serve. It opens `NodeCommandStream`, sends
+//! `NodeKnownCurrenciesV1Notify` first, then heartbeats, and streams prices for exactly
+//! the pairs named by the last `NodeStreamModifyStateV1Req`, each update stamped with
+//! the pair's epoch. It answers `NodeStatusV1Req`, `NodeShutdownV1Req` (reply, then
+//! exit) and anything else with `UnknownCommandV1Notify`. When the stream ends it
+//! reconnects forever, with capped, jittered exponential backoff. It keeps no state
+//! across restarts.
+
+pub mod source;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use drover_proto::v1::controller_client::ControllerClient;
+use drover_proto::{Payload, v1};
+use source::PriceSource;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Settings of a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The controller's gRPC endpoint, e.g. `http://127.0.0.1:7400`.
+    pub controller: String,
+    /// This node's uuid.
+    pub id: String,
+    /// A human name.
+    pub name: String,
+    /// The pairs its upstream serves.
+    pub pairs: Vec<String>,
+    /// The version it reports.
+    pub version: String,
+    /// Whether it is a worker.
+    pub worker: bool,
+    /// Keepalive interval (must be well under the controller's node timeout).
+    pub heartbeat: Duration,
+    /// How often it polls upstream for each streamed pair.
+    pub poll: Duration,
+    /// First reconnect delay.
+    pub backoff_min: Duration,
+    /// Largest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+impl NodeConfig {
+    /// Defaults for a node of `pairs` talking to `controller`.
+    pub fn new(controller: impl Into<String>, pairs: Vec<String>) -> Self {
+        let id = random_id();
+        NodeConfig {
+            controller: controller.into(),
+            name: format!("node-{}", &id[..8]),
+            id,
+            pairs,
+            version: env!("CARGO_PKG_VERSION").into(),
+            worker: false,
+            heartbeat: Duration::from_millis(500),
+            poll: Duration::from_millis(100),
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A fresh random node uuid (32 hex digits).
+pub fn random_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = String::new();
+    for i in 0..2u8 {
+        let mut h = std::hash::RandomState::new().build_hasher();
+        h.write_u8(i);
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    out
+}
+
+/// Why the node stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The controller sent `NodeShutdownV1Req`.
+    Shutdown,
+    /// The caller's shutdown signal fired.
+    Stopped,
+}
+
+/// What the node reports about itself (for tests and the demo).
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    /// Price updates sent.
+    pub updates_sent: std::sync::atomic::AtomicU64,
+    /// Sessions opened.
+    pub sessions: std::sync::atomic::AtomicU64,
+}
+
+enum End {
+    Shutdown,
+    Closed(String),
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Runs a node until the controller shuts it down or `shutdown` resolves.
+pub async fn run(
+    config: NodeConfig,
+    source: Arc<dyn PriceSource>,
+    stats: Arc<NodeStats>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Exit {
+    tokio::pin!(shutdown);
+    let mut backoff = config.backoff_min;
+    let mut jitter = drover_proto_free_rng(&config.id);
+    loop {
+        let started = Instant::now();
+        let end = tokio::select! {
+            _ = &mut shutdown => return Exit::Stopped,
+            end = session(&config, &source, &stats) => end,
+        };
+        match end {
+            End::Shutdown => return Exit::Shutdown,
+            End::Closed(why) => {
+                if started.elapsed() > Duration::from_secs(10) {
+                    backoff = config.backoff_min;
+                }
+                // Full jitter in [backoff/2, backoff].
+                let ms = backoff.as_millis().max(1) as u64;
+                let wait = Duration::from_millis(ms / 2 + jitter() % (ms / 2 + 1));
+                tracing::info!(node = %config.id, reason = %why, retry_in_ms = wait.as_millis() as u64, "disconnected");
+                tokio::select! {
+                    _ = &mut shutdown => return Exit::Stopped,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                backoff = (backoff * 2).min(config.backoff_max);
+            }
+        }
+    }
+}
+
+fn drover_proto_free_rng(seed: &str) -> impl FnMut() -> u64 {
+    let mut x =
+        seed.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)) | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+struct Streaming {
+    epoch: u64,
+    seq: u64,
+    last_upstream_ms: i64,
+}
+
+async fn session(config: &NodeConfig, source: &Arc<dyn PriceSource>, stats: &NodeStats) -> End {
+    let mut client = match ControllerClient::connect(config.controller.clone()).await {
+        Ok(c) => c.max_decoding_message_size(4 << 20),
+        Err(e) => return End::Closed(format!("connect: {e}")),
+    };
+    let (tx, rx) = mpsc::channel::<v1::StreamFromNode>(1024);
+    let node = config.id.clone();
+    let msg = |response: Payload, request_id: String, from_uuid: Option<String>| v1::StreamFromNode {
+        node_uuid: node.clone(),
+        from_uuid,
+        response: Some(response.to_any()),
+        request_id,
+    };
+    let hello = v1::NodeKnownCurrenciesV1Notify {
+        pairs: config.pairs.clone(),
+        name: config.name.clone(),
+        version: config.version.clone(),
+        worker: config.worker,
+    };
+    if tx.send(msg(hello.into(), String::new(), None)).await.is_err() {
+        return End::Closed("stream closed".into());
+    }
+    let mut inbound = match client.node_command_stream(ReceiverStream::new(rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => return End::Closed(format!("open stream: {e}")),
+    };
+    stats.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(node = %config.id, controller = %config.controller, "connected");
+    let started = Instant::now();
+    let mut streaming: BTreeMap<String, Streaming> = BTreeMap::new();
+    let mut heartbeat = tokio::time::interval(config.heartbeat);
+    let mut poll = tokio::time::interval(config.poll);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = heartbeat.tick() => {
+                let beat = v1::NodeHeartbeatV1Notify { sent_at_ms: now_ms() };
+                if tx.send(msg(beat.into(), String::new(), None)).await.is_err() {
+                    return End::Closed("stream closed".into());
+                }
+            }
+            _ = poll.tick() => {
+                let now = now_ms();
+                for (pair, s) in &mut streaming {
+                    let Some(q) = source.latest(pair, now) else { continue };
+                    if q.upstream_time_ms <= s.last_upstream_ms {
+                        continue;
+                    }
+                    s.last_upstream_ms = q.upstream_time_ms;
+                    s.seq += 1;
+                    let update = v1::NodePriceUpdateV1Notify {
+                        pair: pair.clone(),
+                        price: Some(v1::Decimal { mantissa: q.mantissa, scale: q.scale }),
+                        upstream_time_ms: q.upstream_time_ms,
+                        seq: s.seq,
+                        epoch: s.epoch,
+                    };
+                    if tx.send(msg(update.into(), String::new(), None)).await.is_err() {
+                        return End::Closed("stream closed".into());
+                    }
+                    stats.updates_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            cmd = inbound.message() => {
+                let cmd = match cmd {
+                    Ok(Some(c)) => c,
+                    Ok(None) => return End::Closed("controller ended the stream".into()),
+                    Err(e) => return End::Closed(format!("stream: {}", e.message())),
+                };
+                let Some(any) = cmd.command else { continue };
+                let reply = |p: Payload| msg(p, cmd.request_id.clone(), cmd.from_uuid.clone());
+                match Payload::from_any(&any) {
+                    Ok(Payload::NodeStreamModifyStateV1Req(m)) => {
+                        let mut next = BTreeMap::new();
+                        for a in &m.streams {
+                            // The controller's latest price tells us where it stands;
+                            // we only send what is newer than that.
+                            let known = a.latest.as_ref().map_or(i64::MIN, |p| p.upstream_time_ms - 1);
+                            let kept = streaming.remove(&a.pair).filter(|s| s.epoch == a.epoch);
+                            next.insert(a.pair.clone(), kept.unwrap_or(Streaming { epoch: a.epoch, seq: 0, last_upstream_ms: known }));
+                        }
+                        streaming = next;
+                        tracing::info!(node = %config.id, pairs = ?streaming.keys().collect::<Vec<_>>(), "streaming");
+                        let streams = m.streams.iter().map(|a| v1::StreamAssignment { pair: a.pair.clone(), epoch: a.epoch, latest: None }).collect();
+                        let _ = tx.send(reply(v1::NodeStreamModifyStateV1Reply { streaming: streams }.into())).await;
+                        poll.reset_immediately();
+                    }
+                    Ok(Payload::NodeStatusV1Req(_)) => {
+                        let status = v1::NodeStatusV1Reply {
+                            node_uuid: config.id.clone(),
+                            name: config.name.clone(),
+                            version: config.version.clone(),
+                            known_pairs: config.pairs.clone(),
+                            streaming: streaming.iter().map(|(p, s)| v1::StreamAssignment { pair: p.clone(), epoch: s.epoch, latest: None }).collect(),
+                            uptime_ms: started.elapsed().as_millis() as u64,
+                            updates_sent: stats.updates_sent.load(std::sync::atomic::Ordering::Relaxed),
+                            worker: config.worker,
+                        };
+                        let _ = tx.send(reply(status.into())).await;
+                    }
+                    Ok(Payload::NodeShutdownV1Req(r)) => {
+                        tracing::info!(node = %config.id, reason = %r.reason, "shutdown requested");
+                        let _ = tx.send(reply(v1::NodeShutdownV1Reply {}.into())).await;
+                        // Close our half and give the reply time to leave before exiting.
+                        drop(tx);
+                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            while let Ok(Some(_)) = inbound.message().await {}
+                        }).await;
+                        return End::Shutdown;
+                    }
+                    Ok(other) => {
+                        let unknown = v1::UnknownCommandV1Notify { type_url: any.type_url.clone(), reason: format!("node does not handle {}", other.name()) };
+                        let _ = tx.send(reply(unknown.into())).await;
+                    }
+                    Err(e) => {
+                        let unknown = v1::UnknownCommandV1Notify { type_url: any.type_url.clone(), reason: e.to_string() };
+                        let _ = tx.send(reply(unknown.into())).await;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! `drover demo`: a controller and three nodes with overlapping pairs in one process,
+//! on a temporary data directory, talking real gRPC over loopback. Prints a live table
+//! of pairs, prices and streamers; after a few seconds it kills the node streaming
+//! EURUSD (its stream drops without a goodbye, as in a crash) and shows the failover.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use drover_cli::{Ctx, Session};
+use drover_controller::ControllerConfig;
+use drover_node::NodeStats;
+use drover_node::source::Simulator;
+use drover_proto::{Payload, v1};
+
+use crate::roles::node_config;
+use crate::util::{parse_duration, shutdown_signal};
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Stop after this long (Ctrl-C stops earlier).
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Kill the EURUSD streamer after this long.
+    #[arg(long, default_value = "6s", value_parser = parse_duration)]
+    pub kill_after: Duration,
+}
+
+async fn snapshot(ctx: &Ctx) -> anyhow::Result<(Vec<v1::NodeInfo>, Vec<v1::PriceView>)> {
+    let mut s = Session::open(ctx).await?;
+    let nodes = s.request(ctx, vec![], v1::ControllerListNodesV1Req {}.into(), false).await?;
+    let prices =
+        s.request(ctx, vec![], v1::ControllerPricesV1Req { pairs: vec![], watch: false }.into(), false).await?;
+    let nodes = nodes
+        .replies
+        .into_iter()
+        .find_map(|r| match r.payload {
+            Payload::ControllerListNodesV1Reply(l) => Some(l.nodes),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let prices = prices
+        .replies
+        .into_iter()
+        .find_map(|r| match r.payload {
+            Payload::ControllerPricesV1Reply(p) => Some(p.prices),
+            _ => None,
+        })
+        .unwrap_or_default();
+    Ok((nodes, prices))
+}
+
+pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let dir = tempfile::tempdir().context("cannot create a temporary data directory")?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let config = ControllerConfig::new(dir.path());
+    let controller = tokio::spawn(drover_controller::run(
+        config,
+        listener,
+        async {
+            let _ = stop_rx.await;
+        },
+        |_| {},
+    ));
+    println!("drover demo: controller on {addr}, data in {}", dir.path().display());
+    let specs = [("node-a", "EURUSD,GBPUSD"), ("node-b", "GBPUSD,USDJPY,EURUSD"), ("node-c", "EURUSD,USDJPY,AUDUSD")];
+    let mut nodes = HashMap::new();
+    for (name, pairs) in specs {
+        let cfg =
+            node_config(&addr.to_string(), pairs.split(',').map(str::to_owned).collect(), Some(name.into()), None);
+        println!("  {name} knows {pairs}");
+        let handle = tokio::spawn(drover_node::run(
+            cfg,
+            Arc::new(Simulator::default()),
+            Arc::new(NodeStats::default()),
+            std::future::pending(),
+        ));
+        nodes.insert(name.to_owned(), handle);
+    }
+    let ctx = Ctx { controller: addr.to_string(), timeout: Duration::from_secs(2), json: false };
+    let started = Instant::now();
+    let mut killed: Option<String> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {}
+        }
+        if started.elapsed() >= args.duration {
+            break;
+        }
+        let (infos, prices) = match snapshot(&ctx).await {
+            Ok(s) => s,
+            Err(e) => {
+                println!("(controller not answering yet: {e})");
+                continue;
+            }
+        };
+        let name_of: HashMap<&str, &str> = infos.iter().map(|n| (n.node_uuid.as_str(), n.name.as_str())).collect();
+        println!("\n[{:>3}s] PAIR     PRICE        STREAMER  EPOCH", started.elapsed().as_secs());
+        for p in &prices {
+            let price = p.price.clone().unwrap_or_default();
+            println!(
+                "       {:<8} {:<12} {:<9} {}",
+                price.pair,
+                price.price.as_ref().map(drover_cli::commands::decimal).unwrap_or_default(),
+                name_of.get(p.streamer.as_str()).copied().unwrap_or("?"),
+                p.epoch
+            );
+        }
+        let states: Vec<String> = infos.iter().map(|n| format!("{}={}", n.name, n.state)).collect();
+        println!("       nodes: {}", states.join("  "));
+        if killed.is_none() && started.elapsed() >= args.kill_after {
+            let streamer = infos.iter().find(|n| n.streaming.iter().any(|a| a.pair == "EURUSD"));
+            if let Some(victim) = streamer
+                && let Some(h) = nodes.remove(&victim.name)
+            {
+                h.abort();
+                println!(
+                    "\n*** killed {} (it streamed EURUSD): watch EURUSD move to another node with a new epoch",
+                    victim.name
+                );
+                killed = Some(victim.name.clone());
+            }
+        }
+    }
+    for (_, h) in nodes {
+        h.abort();
+    }
+    let _ = stop_tx.send(());
+    let _ = controller.await;
+    println!("\ndemo finished{}", killed.map(|k| format!(" (killed {k}; its pairs failed over)")).unwrap_or_default());
+    Ok(ExitCode::SUCCESS)
+}

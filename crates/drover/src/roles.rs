@@ -1,0 +1,127 @@
+//! `drover controller` and `drover node`: the two long-running roles.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use drover_controller::{ControllerConfig, Policy};
+use drover_journal::{FsyncMode, RecoveryMode};
+use drover_node::source::{CsvTicks, PriceSource, Simulator};
+use drover_node::{Exit, NodeConfig, NodeStats};
+
+use crate::util::{parse_duration, shutdown_signal};
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// gRPC address for nodes and CLIs.
+    #[arg(long, env = "DROVER_LISTEN", default_value = "127.0.0.1:7400")]
+    pub listen: String,
+    /// Data directory: journal and checkpoints.
+    #[arg(long, env = "DROVER_DATA_DIR", default_value = "./drover-data")]
+    pub data_dir: PathBuf,
+    /// A node silent this long is gone and loses its pairs.
+    #[arg(long, env = "DROVER_NODE_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub node_timeout: Duration,
+    /// A streamer silent on a pair this long loses it to another capable node.
+    #[arg(long, env = "DROVER_STALE_AFTER", default_value = "10s", value_parser = parse_duration)]
+    pub stale_after: Duration,
+    /// After a restart, how long previous streamers have to come back before their pairs move.
+    #[arg(long, env = "DROVER_REJOIN_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub rejoin_grace: Duration,
+    /// How a streamer is picked: random (the seed's rule) or balanced (least loaded).
+    #[arg(long, env = "DROVER_POLICY", default_value = "random", value_parser = ["random", "balanced"])]
+    pub policy: String,
+    /// `always` (default) or `never`: never is for measurements only and loses data on a crash.
+    #[arg(long, env = "DROVER_FSYNC", default_value = "always", value_parser = ["always", "never"])]
+    pub fsync: String,
+    /// `strict` (refuse to start on mid-log corruption) or `tolerate-corruption`.
+    #[arg(long, env = "DROVER_RECOVERY", default_value = "strict", value_parser = ["strict", "tolerate-corruption"])]
+    pub recovery: String,
+}
+
+impl ControllerArgs {
+    pub fn config(&self) -> ControllerConfig {
+        let mut c = ControllerConfig::new(&self.data_dir);
+        c.core.version = env!("CARGO_PKG_VERSION").into();
+        c.core.node_timeout_ms = self.node_timeout.as_millis() as i64;
+        c.core.stale_after_ms = self.stale_after.as_millis() as i64;
+        c.core.rejoin_grace_ms = self.rejoin_grace.as_millis() as i64;
+        c.core.policy = if self.policy == "balanced" { Policy::Balanced } else { Policy::Random };
+        c.fsync = if self.fsync == "never" { FsyncMode::Never } else { FsyncMode::Always };
+        c.recovery = if self.recovery == "tolerate-corruption" {
+            RecoveryMode::TolerateCorruption
+        } else {
+            RecoveryMode::Strict
+        };
+        c
+    }
+}
+
+pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (in use? try --listen 127.0.0.1:0)", args.listen))?;
+    drover_controller::run(args.config(), listener, shutdown_signal(), |r| {
+        tracing::info!(addr = %r.addr, "controller ready");
+    })
+    .await
+    .context("controller stopped")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// The controller's gRPC address.
+    #[arg(long, env = "DROVER_CONTROLLER", default_value = "127.0.0.1:7400")]
+    pub controller: String,
+    /// Pairs this node's upstream serves, comma-separated.
+    #[arg(long, env = "DROVER_PAIRS", value_delimiter = ',', required = true)]
+    pub pairs: Vec<String>,
+    /// A human name (default: derived from the id).
+    #[arg(long, env = "DROVER_NODE_NAME")]
+    pub name: Option<String>,
+    /// The node uuid (default: a fresh random one; nodes keep no state across restarts).
+    #[arg(long, env = "DROVER_NODE_ID")]
+    pub id: Option<String>,
+    /// Price source: `sim` (deterministic simulator) or `csv:FILE` (pair,offset_ms,price lines).
+    #[arg(long, env = "DROVER_SOURCE", default_value = "sim")]
+    pub source: String,
+}
+
+pub fn node_config(controller: &str, pairs: Vec<String>, name: Option<String>, id: Option<String>) -> NodeConfig {
+    let url = if controller.contains("://") { controller.to_owned() } else { format!("http://{controller}") };
+    let mut c = NodeConfig::new(url, pairs);
+    c.version = env!("CARGO_PKG_VERSION").into();
+    if let Some(id) = id {
+        c.id = id;
+        c.name = format!("node-{}", c.id.chars().take(8).collect::<String>());
+    }
+    if let Some(n) = name {
+        c.name = n;
+    }
+    c
+}
+
+pub fn source(spec: &str) -> anyhow::Result<Arc<dyn PriceSource>> {
+    match spec {
+        "sim" => Ok(Arc::new(Simulator::default())),
+        s if s.starts_with("csv:") => {
+            Ok(Arc::new(CsvTicks::load(std::path::Path::new(&s[4..])).context("cannot use the CSV tick file")?))
+        }
+        other => anyhow::bail!("unknown --source {other:?}: use sim or csv:FILE"),
+    }
+}
+
+pub async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
+    let source = source(&args.source)?;
+    let config = node_config(&args.controller, args.pairs, args.name, args.id);
+    tracing::info!(id = %config.id, name = %config.name, pairs = ?config.pairs, "node starting");
+    match drover_node::run(config, source, Arc::new(NodeStats::default()), shutdown_signal()).await {
+        Exit::Shutdown => tracing::info!("shut down by the controller"),
+        Exit::Stopped => tracing::info!("stopped"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,291 @@
+//! End-to-end tests with real processes on loopback: a `drover controller`, several
+//! `drover node`s and the `drover` CLI. Signals are real (SIGKILL, SIGSTOP/SIGCONT);
+//! no fixed sleeps: every wait polls a condition until a deadline.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Proc {
+    child: Child,
+    name: String,
+}
+
+impl Proc {
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.pid()]).status().expect("kill").success();
+        assert!(ok, "kill {sig} {} failed", self.name);
+    }
+    fn sigkill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.pid()]).stderr(Stdio::null()).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn spawn(args: &[&str], log: &Path, name: &str) -> Proc {
+    let err = std::fs::File::create(log).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(err)
+        .spawn()
+        .expect("spawn drover");
+    Proc { child, name: name.to_owned() }
+}
+
+fn controller(dir: &Path, port: u16) -> Proc {
+    let listen = format!("127.0.0.1:{port}");
+    let data = dir.join("data");
+    let log = dir.join(format!("controller-{}.log", Instant::now().elapsed().as_nanos()));
+    let p = spawn(
+        &["controller", "--listen", &listen, "--data-dir", data.to_str().unwrap(), "--node-timeout", "3s"],
+        &log,
+        "controller",
+    );
+    assert!(wait_until(Duration::from_secs(10), || cli(port, &["version"]).0), "controller did not come up");
+    p
+}
+
+fn node(dir: &Path, port: u16, name: &str, pairs: &str) -> Proc {
+    let addr = format!("127.0.0.1:{port}");
+    spawn(&["node", "--controller", &addr, "--pairs", pairs, "--name", name], &dir.join(format!("{name}.log")), name)
+}
+
+/// Runs a CLI command; returns (exit 0?, stdout, stderr).
+fn cli(port: u16, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(args)
+        .env("DROVER_CONTROLLER", format!("127.0.0.1:{port}"))
+        .output()
+        .expect("run cli");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn nodes(port: u16) -> Vec<Value> {
+    let (ok, out, err) = cli(port, &["nodes", "--json", "--timeout", "2s"]);
+    if !ok {
+        return Vec::new();
+    }
+    serde_json::from_str::<Value>(&out)
+        .unwrap_or_else(|e| panic!("bad json {e}: {out} {err}"))
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// (node name, epoch) streaming `pair`.
+fn streamer(port: u16, pair: &str) -> Option<(String, u64)> {
+    nodes(port).into_iter().find_map(|n| {
+        let s = n["streaming"].as_array()?.iter().find(|a| a["pair"] == pair)?.clone();
+        Some((n["name"].as_str()?.to_owned(), s["epoch"].as_u64()?))
+    })
+}
+
+fn node_id(port: u16, name: &str) -> Option<String> {
+    nodes(port)
+        .into_iter()
+        .find(|n| n["name"] == name && n["state"] != "gone")
+        .and_then(|n| n["id"].as_str().map(str::to_owned))
+}
+
+/// Latest (price, upstream time, epoch) of `pair`.
+fn price(port: u16, pair: &str) -> Option<(String, i64, u64)> {
+    let (ok, out, _) = cli(port, &["prices", "--json", "--timeout", "2s", pair]);
+    if !ok {
+        return None;
+    }
+    out.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|v| v["pair"] == pair).map(|v| {
+        (
+            v["price"].as_str().unwrap_or_default().to_owned(),
+            v["upstream_time_ms"].as_i64().unwrap_or(0),
+            v["epoch"].as_u64().unwrap_or(0),
+        )
+    })
+}
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn fleet(dir: &Path, port: u16) -> Vec<Proc> {
+    let nodes = vec![
+        node(dir, port, "na", "EURUSD,GBPUSD"),
+        node(dir, port, "nb", "GBPUSD,USDJPY,EURUSD"),
+        node(dir, port, "nc", "EURUSD,USDJPY"),
+    ];
+    assert!(
+        wait_until(Duration::from_secs(10), || ["EURUSD", "GBPUSD", "USDJPY"].iter().all(|p| price(port, p).is_some())),
+        "fleet did not start streaming"
+    );
+    nodes
+}
+
+#[test]
+fn streamer_sigkill_moves_its_pairs_and_prices_keep_flowing() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _c = controller(dir.path(), port);
+    let mut fleet = fleet(dir.path(), port);
+    let (victim, epoch) = streamer(port, "EURUSD").expect("EURUSD streamer");
+    let (_, before, _) = price(port, "EURUSD").unwrap();
+    let i = fleet.iter().position(|p| p.name == victim).unwrap();
+    fleet[i].sigkill();
+    assert!(
+        wait_until(Duration::from_secs(3), || streamer(port, "EURUSD").is_some_and(|(n, e)| n != victim && e > epoch)),
+        "EURUSD did not fail over from {victim}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || price(port, "EURUSD").is_some_and(|(_, t, e)| t > before && e > epoch)),
+        "EURUSD prices did not resume under the new epoch"
+    );
+}
+
+#[test]
+fn silent_streamer_is_replaced_within_node_timeout_plus_one_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _c = controller(dir.path(), port);
+    let fleet = fleet(dir.path(), port);
+    let (victim, epoch) = streamer(port, "USDJPY").expect("USDJPY streamer");
+    let p = fleet.iter().find(|p| p.name == victim).unwrap();
+    let stopped = Instant::now();
+    p.signal("-STOP");
+    assert!(
+        wait_until(Duration::from_secs(6), || streamer(port, "USDJPY").is_some_and(|(n, e)| n != victim && e > epoch)),
+        "USDJPY never moved off the stopped node"
+    );
+    let took = stopped.elapsed();
+    assert!(took <= Duration::from_millis(4_000), "moved after {took:?}, bound is node_timeout (3s) + 1s");
+    // When it wakes up, its stale updates are fenced: the streamer stays the new one.
+    p.signal("-CONT");
+    let new = streamer(port, "USDJPY").unwrap();
+    assert!(!wait_until(Duration::from_secs(2), || streamer(port, "USDJPY").is_some_and(|s| s != new)));
+}
+
+#[test]
+fn controller_sigkill_and_restart_keeps_assignments_and_prices() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut c = controller(dir.path(), port);
+    let _fleet = fleet(dir.path(), port);
+    let before: Vec<Option<(String, u64)>> = ["EURUSD", "GBPUSD", "USDJPY"].iter().map(|p| streamer(port, p)).collect();
+    let (_, last_t, _) = price(port, "EURUSD").unwrap();
+    c.sigkill();
+    let _c2 = controller(dir.path(), port);
+    // Right after recovery, before any node is back, the latest price is intact.
+    let (_, t, _) = price(port, "EURUSD").expect("price after recovery");
+    assert!(t >= last_t, "latest price went back: {t} < {last_t}");
+    assert!(
+        wait_until(Duration::from_secs(8), || nodes(port).iter().filter(|n| n["state"] == "online").count() == 3),
+        "nodes did not rejoin"
+    );
+    let after: Vec<Option<(String, u64)>> = ["EURUSD", "GBPUSD", "USDJPY"].iter().map(|p| streamer(port, p)).collect();
+    assert_eq!(before, after, "assignments changed across the restart");
+}
+
+#[test]
+fn status_all_with_a_stopped_node_times_out_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _c = controller(dir.path(), port);
+    let fleet = fleet(dir.path(), port);
+    let id = node_id(port, "nc").unwrap();
+    fleet[2].signal("-STOP");
+    let started = Instant::now();
+    let (ok, out, err) = cli(port, &["status", "--all", "--timeout", "1s"]);
+    assert!(!ok, "status must fail when a node does not answer: {out}");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(err.contains(&id), "the missing node is named: {err}");
+    assert_eq!(out.lines().count(), 3, "header plus the two nodes that answered: {out}");
+}
+
+#[test]
+fn kicked_node_reconnects_and_shutdown_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _c = controller(dir.path(), port);
+    let mut fleet = fleet(dir.path(), port);
+    let (ok, out, err) = cli(port, &["kick", "na"]);
+    assert!(ok, "{out}{err}");
+    assert!(wait_until(Duration::from_secs(5), || {
+        nodes(port).iter().any(|n| n["name"] == "na" && n["state"] == "online")
+    }));
+    let (ok, out, err) = cli(port, &["shutdown", "nb"]);
+    assert!(ok, "{out}{err}");
+    let i = fleet.iter().position(|p| p.name == "nb").unwrap();
+    let mut status = None;
+    assert!(wait_until(Duration::from_secs(5), || {
+        status = fleet[i].child.try_wait().unwrap();
+        status.is_some()
+    }));
+    assert!(status.unwrap().success(), "node exits 0 after NodeShutdownV1Req");
+}
+
+#[test]
+fn unknown_any_from_a_cli_is_answered_and_the_stream_stays_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _c = controller(dir.path(), port);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        use drover_proto::v1::controller_client::ControllerClient;
+        use drover_proto::{Any, Payload, v1};
+        let mut client = ControllerClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut inbound =
+            client.cli_command_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+        let send = |sid: &str, any: Any| v1::StreamFromCli {
+            stream_id: sid.into(),
+            cli_uuid: "test".into(),
+            node_uuids: vec![],
+            command: Some(any),
+            request_id: sid.into(),
+        };
+        tx.send(send("a", Any { type_url: "type.googleapis.com/acme.Frobnicate".into(), value: vec![1] }))
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let m = inbound.message().await.unwrap().unwrap();
+            got.push(Payload::from_any(m.response.as_ref().unwrap()).unwrap());
+        }
+        assert!(
+            matches!(&got[1], Payload::UnknownCommandV1Notify(u) if u.type_url.ends_with("acme.Frobnicate")),
+            "{got:?}"
+        );
+        // Same stream, next command works.
+        tx.send(send("b", Payload::from(v1::ControllerAppVersionV1Req {}).to_any())).await.unwrap();
+        let mut version = None;
+        while version.is_none() {
+            let m = inbound.message().await.unwrap().unwrap();
+            if let Payload::ControllerAppVersionV1Reply(v) = Payload::from_any(m.response.as_ref().unwrap()).unwrap() {
+                version = Some(v.version);
+            }
+        }
+        assert_eq!(version.as_deref(), Some(env!("CARGO_PKG_VERSION")));
+    });
+}
