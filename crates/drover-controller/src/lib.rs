@@ -133,6 +133,7 @@ pub async fn run(
     tracing::info!(%addr, "serving gRPC");
     let mut server_stop = stop_rx.clone();
     let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
         .add_service(grpc)
         .add_service(reflection)
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {

@@ -37,7 +37,30 @@ pub(crate) enum ShellEvent {
 enum Release {
     Register(u64, Sink),
     Unregister(u64),
-    Outputs(Ticket, Vec<Output>),
+    /// The ticket of a batch of inputs, how many, and all their outputs.
+    Outputs(Ticket, u64, Vec<Output>),
+}
+
+/// Most events in one batch.
+const MAX_BATCH: usize = 4096;
+/// Stop adding events to a batch past this many payload bytes (the journal refuses a
+/// batch over its record limit).
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
+impl ShellEvent {
+    /// Roughly how many bytes the event's input will take in the journal.
+    fn size_hint(&self) -> usize {
+        64 + match self {
+            ShellEvent::NodeMessage { msg, .. } => {
+                msg.response.as_ref().map_or(0, |a| a.type_url.len() + a.value.len())
+            }
+            ShellEvent::CliMessage { msg, .. } => {
+                msg.command.as_ref().map_or(0, |a| a.type_url.len() + a.value.len())
+                    + msg.node_uuids.iter().map(String::len).sum::<usize>()
+            }
+            _ => 0,
+        }
+    }
 }
 
 /// Liveness and progress, for `/healthz` and `/readyz`.
@@ -51,6 +74,8 @@ pub struct Health {
     pub last_applied_ms: AtomicI64,
     /// Events waiting for the owner.
     pub queued: AtomicU64,
+    /// Inputs known durable (their outputs released).
+    pub durable: AtomicU64,
     /// Set when the journal failed: the controller is broken.
     pub journal_failed: AtomicBool,
 }
@@ -81,7 +106,7 @@ impl Owner {
         let health = self.health.clone();
         let releaser = tokio::spawn(release(release_rx, health));
         let config = self.config.core.clone();
-        self.input(Event::ControllerStarted { config }, &release_tx).await?;
+        self.inputs(vec![Event::ControllerStarted { config }], &release_tx).await?;
         self.health.ready.store(true, Ordering::SeqCst);
         let result = loop {
             let deadline = self.core.next_deadline().map(|d| {
@@ -103,13 +128,26 @@ impl Owner {
                 }
                 ev = events.recv() => {
                     let Some(ev) = ev else { break Ok(()) };
+                    // Everything already waiting joins this batch: one journal append,
+                    // one ticket, one release.
+                    let mut batch = vec![ev];
+                    let mut bytes = 0;
+                    while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                        match events.try_recv() {
+                            Ok(ev) => {
+                                bytes += ev.size_hint();
+                                batch.push(ev);
+                            }
+                            Err(_) => break,
+                        }
+                    }
                     self.health.queued.store(events.len() as u64, Ordering::Relaxed);
-                    if let Err(e) = self.event(ev, &release_tx).await {
+                    if let Err(e) = self.events(batch, &release_tx).await {
                         break Err(e);
                     }
                 }
                 _ = sleep => {
-                    if let Err(e) = self.input(Event::Tick, &release_tx).await {
+                    if let Err(e) = self.inputs(vec![Event::Tick], &release_tx).await {
                         break Err(e);
                     }
                 }
@@ -128,16 +166,24 @@ impl Owner {
         result
     }
 
-    async fn event(&mut self, ev: ShellEvent, release: &mpsc::UnboundedSender<Release>) -> Result<(), ShellError> {
-        match ev {
-            ShellEvent::NodeOpened { node, session, sink } => {
-                let _ = release.send(Release::Register(session, Sink::Node(sink)));
-                tracing::info!(%node, session, "node stream opened");
-                self.input(Event::NodeConnected { node, session }, release).await
-            }
-            ShellEvent::NodeMessage { node, session, msg } => {
-                let (type_url, value) = msg.response.map(|a| (a.type_url, a.value)).unwrap_or_default();
-                self.input(
+    /// Turns a batch of shell events into inputs, registering new sessions with the
+    /// releaser before the batch's outputs and unregistering closed ones after them.
+    async fn events(
+        &mut self,
+        batch: Vec<ShellEvent>,
+        release: &mpsc::UnboundedSender<Release>,
+    ) -> Result<(), ShellError> {
+        let mut inputs = Vec::with_capacity(batch.len());
+        let mut closed = Vec::new();
+        for ev in batch {
+            inputs.push(match ev {
+                ShellEvent::NodeOpened { node, session, sink } => {
+                    let _ = release.send(Release::Register(session, Sink::Node(sink)));
+                    tracing::info!(%node, session, "node stream opened");
+                    Event::NodeConnected { node, session }
+                }
+                ShellEvent::NodeMessage { node, session, msg } => {
+                    let (type_url, value) = msg.response.map(|a| (a.type_url, a.value)).unwrap_or_default();
                     Event::NodeMessage {
                         node,
                         session,
@@ -145,24 +191,19 @@ impl Owner {
                         from_uuid: msg.from_uuid,
                         type_url,
                         value,
-                    },
-                    release,
-                )
-                .await
-            }
-            ShellEvent::NodeClosed { node, session } => {
-                tracing::info!(%node, session, "node stream closed");
-                self.input(Event::NodeDisconnected { node, session }, release).await?;
-                let _ = release.send(Release::Unregister(session));
-                Ok(())
-            }
-            ShellEvent::CliOpened { session, admin, sink } => {
-                let _ = release.send(Release::Register(session, Sink::Cli(sink)));
-                self.input(Event::CliConnected { session, admin }, release).await
-            }
-            ShellEvent::CliMessage { session, msg } => {
-                let (type_url, value) = msg.command.map(|a| (a.type_url, a.value)).unwrap_or_default();
-                self.input(
+                    }
+                }
+                ShellEvent::NodeClosed { node, session } => {
+                    tracing::info!(%node, session, "node stream closed");
+                    closed.push(session);
+                    Event::NodeDisconnected { node, session }
+                }
+                ShellEvent::CliOpened { session, admin, sink } => {
+                    let _ = release.send(Release::Register(session, Sink::Cli(sink)));
+                    Event::CliConnected { session, admin }
+                }
+                ShellEvent::CliMessage { session, msg } => {
+                    let (type_url, value) = msg.command.map(|a| (a.type_url, a.value)).unwrap_or_default();
                     Event::CliMessage {
                         session,
                         stream_id: msg.stream_id,
@@ -171,35 +212,42 @@ impl Owner {
                         request_id: msg.request_id,
                         type_url,
                         value,
-                    },
-                    release,
-                )
-                .await
-            }
-            ShellEvent::CliClosed { session } => {
-                self.input(Event::CliDisconnected { session }, release).await?;
-                let _ = release.send(Release::Unregister(session));
-                Ok(())
-            }
+                    }
+                }
+                ShellEvent::CliClosed { session } => {
+                    closed.push(session);
+                    Event::CliDisconnected { session }
+                }
+            });
         }
+        self.inputs(inputs, release).await?;
+        for session in closed {
+            let _ = release.send(Release::Unregister(session));
+        }
+        Ok(())
     }
 
-    /// Journals one input, applies it, and queues its outputs behind its ticket.
-    async fn input(&mut self, event: Event, release: &mpsc::UnboundedSender<Release>) -> Result<(), ShellError> {
+    /// Journals a batch of inputs (one append, in order), applies them in the same
+    /// order, and queues all their outputs behind the batch's ticket.
+    async fn inputs(&mut self, events: Vec<Event>, release: &mpsc::UnboundedSender<Release>) -> Result<(), ShellError> {
         let at_ms = now_ms().max(self.last_ms);
         self.last_ms = at_ms;
-        let input = Input { at_ms, event };
-        let ticket = self.journal.append(encode_input::<Controller>(&input)).await?;
+        let inputs: Vec<Input> = events.into_iter().map(|event| Input { at_ms, event }).collect();
+        let encoded = inputs.iter().map(encode_input::<Controller>).collect();
+        let ticket = self.journal.append_batch(encoded).await?;
         let mut out = Vec::new();
-        self.core.apply(input, &mut out);
+        let n = inputs.len() as u64;
+        for input in inputs {
+            self.core.apply(input, &mut out);
+        }
         for o in &out {
             if let Output::CloseNode { node, reason, .. } = o {
                 tracing::info!(%node, %reason, "closing node stream");
             }
         }
-        self.health.applied.fetch_add(1, Ordering::Relaxed);
+        self.health.applied.fetch_add(n, Ordering::Relaxed);
         self.health.last_applied_ms.store(at_ms, Ordering::Relaxed);
-        let _ = release.send(Release::Outputs(ticket, out));
+        let _ = release.send(Release::Outputs(ticket, n, out));
         if self.journal.checkpoint_due() {
             let covered = self.journal.checkpoint(self.core.checkpoint()).await?;
             tracing::info!(covered, "checkpoint written");
@@ -219,12 +267,13 @@ async fn release(mut rx: mpsc::UnboundedReceiver<Release>, health: Arc<Health>) 
             Release::Unregister(session) => {
                 sinks.remove(&session);
             }
-            Release::Outputs(ticket, outputs) => {
+            Release::Outputs(ticket, inputs, outputs) => {
                 if let Err(e) = ticket.await {
                     tracing::error!(error = %e, "journal failed: outputs withheld, controller stopping");
                     health.journal_failed.store(true, Ordering::SeqCst);
                     return;
                 }
+                health.durable.fetch_add(inputs, Ordering::Relaxed);
                 for o in outputs {
                     deliver(&mut sinks, o);
                 }

@@ -55,9 +55,18 @@ impl Ticket {
 }
 
 enum Cmd {
-    Append { message: Bytes, done: oneshot::Sender<Result<Position, JournalError>> },
-    Checkpoint { state: Vec<u8>, done: oneshot::Sender<Result<i64, JournalError>> },
-    Flush { done: oneshot::Sender<Result<i64, JournalError>> },
+    /// One or more entries, made durable together; the ticket gets the last one's position.
+    Append {
+        messages: Vec<Bytes>,
+        done: oneshot::Sender<Result<Position, JournalError>>,
+    },
+    Checkpoint {
+        state: Vec<u8>,
+        done: oneshot::Sender<Result<i64, JournalError>>,
+    },
+    Flush {
+        done: oneshot::Sender<Result<i64, JournalError>>,
+    },
 }
 
 /// Counters the writer keeps, for metrics and benchmarks.
@@ -152,11 +161,11 @@ impl Journal {
         Ok((Journal { tx, shared, committer_id: recovery.committer_id, max_entry, thread: Some(thread) }, recovery))
     }
 
-    fn check_size(&self, message: &Bytes) -> Result<(), JournalError> {
-        if message.len() > self.max_entry {
+    fn check_size(&self, messages: &[Bytes]) -> Result<(), JournalError> {
+        let size: usize = messages.iter().map(Bytes::len).sum();
+        if size > self.max_entry {
             return Err(JournalError::Poisoned(format!(
-                "entry of {} bytes exceeds the batch limit of {}",
-                message.len(),
+                "entries of {size} bytes exceed the batch limit of {}",
                 self.max_entry
             )));
         }
@@ -166,17 +175,25 @@ impl Journal {
     /// Queues an encoded message; waits only for queue space. The ticket resolves when
     /// the message is durable.
     pub async fn append(&self, message: Bytes) -> Result<Ticket, JournalError> {
-        self.check_size(&message)?;
+        self.append_batch(vec![message]).await
+    }
+
+    /// Queues several encoded messages, in order, to be made durable together (in one
+    /// record). The ticket resolves, with the last message's position, once all are
+    /// durable.
+    pub async fn append_batch(&self, messages: Vec<Bytes>) -> Result<Ticket, JournalError> {
+        self.check_size(&messages)?;
         let (done, rx) = oneshot::channel();
-        self.tx.send(Cmd::Append { message, done }).await.map_err(|_| JournalError::Closed)?;
+        self.tx.send(Cmd::Append { messages, done }).await.map_err(|_| JournalError::Closed)?;
         Ok(Ticket(rx))
     }
 
     /// [`Journal::append`] for threads without an async runtime.
     pub fn append_blocking(&self, message: Bytes) -> Result<Ticket, JournalError> {
-        self.check_size(&message)?;
+        let messages = vec![message];
+        self.check_size(&messages)?;
         let (done, rx) = oneshot::channel();
-        self.tx.blocking_send(Cmd::Append { message, done }).map_err(|_| JournalError::Closed)?;
+        self.tx.blocking_send(Cmd::Append { messages, done }).map_err(|_| JournalError::Closed)?;
         Ok(Ticket(rx))
     }
 
@@ -254,7 +271,8 @@ struct Writer {
     since_checkpoint: (u64, u64),
 }
 
-type Waiter = oneshot::Sender<Result<Position, JournalError>>;
+/// A ticket to resolve, with the index of its last entry in the record.
+type Waiter = (oneshot::Sender<Result<Position, JournalError>>, u32);
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
@@ -269,12 +287,12 @@ impl Writer {
                 },
             };
             match cmd {
-                Cmd::Append { message, done } => {
+                Cmd::Append { messages, done } => {
                     self.start_record();
-                    self.buf.extend_from_slice(&message);
-                    batch.push(done);
-                    pending = self.gather(&mut rx, &mut batch);
-                    self.commit(&mut batch);
+                    let mut entries = 0;
+                    add(&mut self.buf, &mut entries, &mut batch, messages, done);
+                    pending = self.gather(&mut rx, &mut batch, &mut entries);
+                    self.commit(&mut batch, entries);
                 }
                 Cmd::Checkpoint { state, done } => {
                     let _ = done.send(self.checkpoint(&state));
@@ -296,17 +314,17 @@ impl Writer {
 
     /// Adds every append already waiting (and, with a batch delay, those arriving
     /// soon) to the current record. Returns a non-append command that ended the batch.
-    fn gather(&mut self, rx: &mut mpsc::Receiver<Cmd>, batch: &mut Vec<Waiter>) -> Option<Cmd> {
+    fn gather(&mut self, rx: &mut mpsc::Receiver<Cmd>, batch: &mut Vec<Waiter>, entries: &mut u32) -> Option<Cmd> {
         let deadline = Instant::now() + self.config.max_batch_delay;
         let limit = self.config.max_batch_bytes.min(self.config.limits.max_record);
         loop {
             match rx.try_recv() {
-                Ok(Cmd::Append { message, done }) => {
-                    if self.buf.len() + message.len() > limit {
-                        return Some(Cmd::Append { message, done });
+                Ok(Cmd::Append { messages, done }) => {
+                    let size: usize = messages.iter().map(Bytes::len).sum();
+                    if self.buf.len() + size > limit {
+                        return Some(Cmd::Append { messages, done });
                     }
-                    self.buf.extend_from_slice(&message);
-                    batch.push(done);
+                    add(&mut self.buf, entries, batch, messages, done);
                 }
                 Ok(other) => return Some(other),
                 Err(mpsc::error::TryRecvError::Empty) if Instant::now() < deadline => {
@@ -318,9 +336,9 @@ impl Writer {
     }
 
     /// Writes the current record, syncs, and resolves the batch's tickets.
-    fn commit(&mut self, batch: &mut Vec<Waiter>) {
+    fn commit(&mut self, batch: &mut Vec<Waiter>, entries: u32) {
         if let Some(p) = &self.poisoned {
-            for w in batch.drain(..) {
+            for (w, _) in batch.drain(..) {
                 let _ = w.send(Err(JournalError::Poisoned(p.clone())));
             }
             return;
@@ -343,10 +361,10 @@ impl Writer {
                 self.next_seq += 1;
                 self.file_len += self.buf.len() as u64;
                 let s = &self.shared;
-                s.entries.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                s.entries.fetch_add(u64::from(entries), Ordering::Relaxed);
                 s.records.fetch_add(1, Ordering::Relaxed);
                 s.bytes.fetch_add(self.buf.len() as u64, Ordering::Relaxed);
-                s.max_batch.fetch_max(batch.len() as u64, Ordering::Relaxed);
+                s.max_batch.fetch_max(u64::from(entries), Ordering::Relaxed);
                 s.durable_seq.store(self.next_seq, Ordering::SeqCst);
                 self.since_checkpoint.0 += 1;
                 self.since_checkpoint.1 += self.buf.len() as u64;
@@ -355,8 +373,8 @@ impl Writer {
                 {
                     s.checkpoint_due.store(true, Ordering::Relaxed);
                 }
-                for (i, w) in batch.drain(..).enumerate() {
-                    let _ = w.send(Ok(Position { seq, index: i as u32 }));
+                for (w, index) in batch.drain(..) {
+                    let _ = w.send(Ok(Position { seq, index }));
                 }
                 if self.file_len >= self.config.segment_bytes
                     && let Err(e) = self.rotate()
@@ -367,7 +385,7 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, record = seq, payload = payload_len, "journal write failed; journal stops");
                 self.poison(&e);
-                for w in batch.drain(..) {
+                for (w, _) in batch.drain(..) {
                     let _ = w.send(Err(e.clone()));
                 }
             }
@@ -448,4 +466,19 @@ impl Writer {
         }
         self.storage.sync_dir(dir).map_err(|e| JournalError::io("sync", dir, e))
     }
+}
+
+/// Adds an append's messages to the record being built.
+fn add(
+    buf: &mut Vec<u8>,
+    entries: &mut u32,
+    batch: &mut Vec<Waiter>,
+    messages: Vec<Bytes>,
+    done: oneshot::Sender<Result<Position, JournalError>>,
+) {
+    for m in &messages {
+        buf.extend_from_slice(m);
+    }
+    *entries += messages.len() as u32;
+    batch.push((done, entries.saturating_sub(1)));
 }

@@ -1,0 +1,109 @@
+//! Recovery: a data directory whose journal holds N price updates after its last
+//! checkpoint (none here: the whole history is replayed); the figure is the time from
+//! starting `drover controller` until it answers `ControllerAppVersionV1Req`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use drover_cli::{Ctx, Session};
+use drover_core::{Config, Controller, Event, Input};
+use drover_journal::machine::encode_input;
+use drover_journal::{FsStorage, FsyncMode, Journal, JournalConfig};
+use drover_proto::{Payload, v1};
+
+fn node_msg(at_ms: i64, p: Payload) -> Input {
+    let any = p.to_any();
+    Input {
+        at_ms,
+        event: Event::NodeMessage {
+            node: "n1".into(),
+            session: 1,
+            request_id: String::new(),
+            from_uuid: None,
+            type_url: any.type_url,
+            value: any.value,
+        },
+    }
+}
+
+pub async fn run(updates: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = JournalConfig::new(dir.path().join("journal"));
+    config.fsync = FsyncMode::Never; // setup only
+    let (journal, _) = Journal::open(config, Arc::new(FsStorage)).unwrap();
+    let t0 = 1_700_000_000_000i64;
+    let mut inputs = vec![
+        Input {
+            at_ms: t0,
+            event: Event::ControllerStarted { config: Config { version: "bench".into(), ..Config::default() } },
+        },
+        Input { at_ms: t0, event: Event::NodeConnected { node: "n1".into(), session: 1 } },
+        node_msg(
+            t0,
+            v1::NodeKnownCurrenciesV1Notify {
+                pairs: vec!["EURUSD".into()],
+                name: "n1".into(),
+                version: "b".into(),
+                worker: false,
+            }
+            .into(),
+        ),
+    ];
+    let mut tickets = Vec::new();
+    for input in inputs.drain(..) {
+        tickets.push(journal.append(encode_input::<Controller>(&input)).await.unwrap());
+    }
+    for seq in 1..=updates {
+        let at = t0 + seq as i64;
+        let u = v1::NodePriceUpdateV1Notify {
+            pair: "EURUSD".into(),
+            price: Some(v1::Decimal { mantissa: 108_000 + (seq % 500) as i64, scale: 5 }),
+            upstream_time_ms: at,
+            seq,
+            epoch: 1,
+        };
+        tickets.push(journal.append(encode_input::<Controller>(&node_msg(at, u.into()))).await.unwrap());
+        if tickets.len() >= 8192 {
+            for t in tickets.drain(..) {
+                t.await.unwrap();
+            }
+        }
+    }
+    for t in tickets {
+        t.await.unwrap();
+    }
+    let bytes = journal.stats().bytes;
+    drop(journal);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let start = Instant::now();
+    let mut child = std::process::Command::new(crate::drover_bin())
+        .args(["controller", "--listen", &listen, "--data-dir", dir.path().to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn drover controller (build it: cargo build --release -p drover)");
+    let ctx = Ctx { controller: listen.clone(), timeout: Duration::from_millis(500), json: false };
+    let serving = loop {
+        if let Ok(mut s) = Session::open(&ctx).await {
+            if let Ok(out) = s.request(&ctx, vec![], v1::ControllerAppVersionV1Req {}.into(), false).await {
+                if !out.replies.is_empty() {
+                    break start.elapsed();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(start.elapsed() < Duration::from_secs(120), "controller never served");
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    println!(
+        "command: cargo build --release -p drover && cd bench && cargo run --release -- recovery --updates {updates}"
+    );
+    println!(
+        "| journaled updates since the last checkpoint | journal bytes | start → serves `version` |\n| --- | --- | --- |"
+    );
+    println!("| {updates} | {:.0} MB | {:.0} ms |", bytes as f64 / 1e6, serving.as_secs_f64() * 1e3);
+}
