@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use drover_cli::{Ctx, Session};
+
 use drover_proto::v1::controller_client::ControllerClient;
 use drover_proto::{Payload, v1};
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,11 +22,12 @@ async fn streamer_of(ctx: &Ctx, pair: &str) -> Option<String> {
     })
 }
 
-async fn trial(addr: std::net::SocketAddr, i: usize, silent: bool) -> Duration {
+async fn trial(b: &crate::Bench, i: usize, silent: bool) -> Duration {
+    let addr = b.addr;
     let pair = format!("F{}{i:04}", if silent { "S" } else { "K" });
-    let ctx = Ctx { controller: addr.to_string(), timeout: Duration::from_secs(2), json: false };
+    let ctx = b.ctx();
     let mut victim = std::process::Command::new(crate::drover_bin())
-        .args(["node", "--controller", &addr.to_string(), "--pairs", &pair])
+        .args(["node", "--controller", &b.admission.to_string(), "--token", &b.join, "--pairs", &pair])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -50,7 +52,10 @@ async fn trial(addr: std::net::SocketAddr, i: usize, silent: bool) -> Duration {
     })
     .await
     .unwrap();
-    let mut inbound = client.node_command_stream(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let ticket = crate::admit(b.admission, &b.join, &me).await;
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    req.metadata_mut().insert("authorization", format!("Bearer {ticket}").parse().unwrap());
+    let mut inbound = client.node_command_stream(req).await.unwrap().into_inner();
     // The first assignment (empty: the victim streams the pair) says the hello was applied.
     inbound.message().await.unwrap().unwrap();
     let beat = tokio::spawn({
@@ -109,14 +114,14 @@ fn row(label: &str, mut ms: Vec<f64>) {
 
 pub async fn run(trials: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let (addr, _, stop) = crate::start_controller(dir.path(), |c| c.core.node_timeout_ms = 1_000).await;
+    let b = crate::start_controller(dir.path(), |c| c.core.node_timeout_ms = 1_000).await;
     let mut killed = Vec::new();
     for i in 0..trials {
-        killed.push(trial(addr, i, false).await.as_secs_f64() * 1e3);
+        killed.push(trial(&b, i, false).await.as_secs_f64() * 1e3);
     }
     let mut silent = Vec::new();
     for i in 0..(trials / 10).max(3) {
-        silent.push(trial(addr, i, true).await.as_secs_f64() * 1e3);
+        silent.push(trial(&b, i, true).await.as_secs_f64() * 1e3);
     }
     println!(
         "command: cargo build --release -p drover && cd bench && cargo run --release -- failover --trials {trials}"
@@ -124,5 +129,5 @@ pub async fn run(trials: usize) {
     println!("| failure | trials | p50 | p99 | max |\n| --- | --- | --- | --- | --- |");
     row("SIGKILL of the streamer → standby has its NodeStreamModifyStateV1Req", killed);
     row("SIGSTOP of the streamer (node_timeout 1 s) → standby assigned", silent);
-    let _ = stop.send(());
+    let _ = b.stop.send(());
 }

@@ -29,14 +29,17 @@ fn update(node: &str, pair: &str, seq: u64, epoch: u64) -> v1::StreamFromNode {
 
 async fn drover_ingest(nodes: usize, secs: f64) -> (f64, usize) {
     let dir = tempfile::tempdir().unwrap();
-    let (addr, health, stop) = crate::start_controller(dir.path(), |_| {}).await;
+    let bench = crate::start_controller(dir.path(), |_| {}).await;
+    let (addr, health) = (bench.addr, bench.health.clone());
     let running = Arc::new(AtomicBool::new(true));
     let size = update(&format!("{:032x}", 0), "P0000", 1, 1).encoded_len();
     let mut tasks = Vec::new();
     for i in 0..nodes {
         let running = running.clone();
+        let (admission, join) = (bench.admission, bench.join.clone());
         tasks.push(tokio::spawn(async move {
             let node = format!("{i:032x}");
+            let ticket = crate::admit(admission, &join, &node).await;
             let pair = format!("P{i:04}");
             let mut client = ControllerClient::connect(format!("http://{addr}")).await.unwrap();
             let (tx, rx) = tokio::sync::mpsc::channel(1024);
@@ -54,7 +57,9 @@ async fn drover_ingest(nodes: usize, secs: f64) -> (f64, usize) {
             })
             .await
             .unwrap();
-            let mut inbound = client.node_command_stream(ReceiverStream::new(rx)).await.unwrap().into_inner();
+            let mut req = tonic::Request::new(ReceiverStream::new(rx));
+            req.metadata_mut().insert("authorization", format!("Bearer {ticket}").parse().unwrap());
+            let mut inbound = client.node_command_stream(req).await.unwrap().into_inner();
             let mut epoch = 0;
             while epoch == 0 {
                 let m = inbound.message().await.unwrap().unwrap();
@@ -82,7 +87,7 @@ async fn drover_ingest(nodes: usize, secs: f64) -> (f64, usize) {
     for t in tasks {
         t.abort();
     }
-    let _ = stop.send(());
+    let _ = bench.stop.send(());
     (rate, size)
 }
 

@@ -36,28 +36,104 @@ async fn main() {
     }
 }
 
-/// A controller in this process on a fresh data directory.
+/// A controller running in this process.
+pub struct Bench {
+    pub addr: std::net::SocketAddr,
+    pub admission: std::net::SocketAddr,
+    pub health: std::sync::Arc<drover_controller::Health>,
+    pub admin: String,
+    pub join: String,
+    pub stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Bench {
+    pub fn ctx(&self) -> drover_cli::Ctx {
+        drover_cli::Ctx {
+            controller: self.addr.to_string(),
+            timeout: std::time::Duration::from_secs(2),
+            json: false,
+            token: Some(self.admin.clone()),
+        }
+    }
+}
+
+/// Passes admission for `node` with `token`; returns the session ticket.
+pub async fn admit(admission: std::net::SocketAddr, token: &str, node: &str) -> String {
+    use drover_admission::client::{NodeAction, NodeConn};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admission).await.unwrap();
+    let mut conn = NodeConn::new(node, env!("CARGO_PKG_VERSION"), token);
+    let mut dec = drover_wire::admission::PacketDecoder::new();
+    let mut pending = conn.start();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        for a in pending.drain(..) {
+            match a {
+                NodeAction::Send(p) => s.write_all(&p.to_bytes()).await.unwrap(),
+                NodeAction::Admitted { ticket, .. } => {
+                    // Keep the control channel open for the life of the process.
+                    tokio::spawn(async move {
+                        let mut b = [0u8; 256];
+                        while let Ok(n) = s.read(&mut b).await {
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                    });
+                    return ticket;
+                }
+                other => panic!("admission failed: {other:?}"),
+            }
+        }
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "admission closed");
+        dec.feed(&buf[..n]).unwrap();
+        while let Some(p) = dec.next_packet() {
+            pending.extend(conn.on_packet(p));
+        }
+    }
+}
+
+/// A controller in this process on a fresh data directory, with a join token.
 pub async fn start_controller(
     dir: &std::path::Path,
     tune: impl FnOnce(&mut drover_controller::ControllerConfig),
-) -> (std::net::SocketAddr, std::sync::Arc<drover_controller::Health>, tokio::sync::oneshot::Sender<()>) {
+) -> Bench {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admission = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut config = drover_controller::ControllerConfig::new(dir);
     tune(&mut config);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(drover_controller::run(
         config,
-        listener,
+        drover_controller::Listeners { grpc: listener, admission: Some(admission) },
         async {
             let _ = stop_rx.await;
         },
         move |r| {
-            let _ = ready_tx.send((r.addr, r.health));
+            let _ = ready_tx.send((r.addr, r.admission, r.health));
         },
     ));
-    let (addr, health) = ready_rx.await.unwrap();
-    (addr, health, stop_tx)
+    let (addr, admission, health) = ready_rx.await.unwrap();
+    let admin = std::fs::read_to_string(dir.join(drover_controller::ADMIN_TOKEN_FILE)).unwrap().trim().to_owned();
+    let mut b = Bench { addr, admission: admission.unwrap(), health, admin, join: String::new(), stop: stop_tx };
+    let req = drover_proto::v1::ControllerTokenCreateV1Req {
+        role: drover_proto::v1::TokenRole::Join as i32,
+        ttl_ms: 0,
+        uses: 0,
+        description: "bench".into(),
+    };
+    let out = drover_cli::request(&b.ctx(), vec![], req.into()).await.unwrap();
+    b.join = out
+        .replies
+        .into_iter()
+        .find_map(|r| match r.payload {
+            drover_proto::Payload::ControllerTokenCreateV1Reply(t) => Some(t.token),
+            _ => None,
+        })
+        .unwrap();
+    b
 }
 
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {

@@ -79,14 +79,26 @@ pub async fn run(updates: u64) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let listen = format!("127.0.0.1:{port}");
     let start = Instant::now();
+    let adm_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let admission = format!("127.0.0.1:{adm_port}");
     let mut child = std::process::Command::new(crate::drover_bin())
-        .args(["controller", "--listen", &listen, "--data-dir", dir.path().to_str().unwrap()])
+        .args([
+            "controller",
+            "--listen",
+            &listen,
+            "--admission",
+            &admission,
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn drover controller (build it: cargo build --release -p drover)");
-    let ctx = Ctx { controller: listen.clone(), timeout: Duration::from_millis(500), json: false };
     let serving = loop {
+        // The admin token appears once the controller has bootstrapped.
+        let token = std::fs::read_to_string(dir.path().join("admin.token")).ok().map(|t| t.trim().to_owned());
+        let ctx = Ctx { controller: listen.clone(), timeout: Duration::from_millis(500), json: false, token };
         if let Ok(mut s) = Session::open(&ctx).await {
             if let Ok(out) = s.request(&ctx, vec![], v1::ControllerAppVersionV1Req {}.into(), false).await {
                 if !out.replies.is_empty() {

@@ -72,6 +72,8 @@ pub struct Ctx {
     pub timeout: Duration,
     /// JSON output instead of tables.
     pub json: bool,
+    /// The operator token (`dt1.…`).
+    pub token: Option<String>,
 }
 
 impl Ctx {
@@ -105,10 +107,19 @@ impl Session {
             Err(_) => return Err(CliError::Connect { addr: ctx.url(), reason: "timed out".into() }),
         };
         let (tx, rx) = mpsc::channel(16);
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(token) = &ctx.token {
+            let value = tonic::metadata::MetadataValue::try_from(format!("Bearer {}", token.trim()))
+                .map_err(|_| CliError::Usage("the token holds characters that cannot be sent".into()))?;
+            request.metadata_mut().insert("authorization", value);
+        }
         let inbound = client
-            .cli_command_stream(ReceiverStream::new(rx))
+            .cli_command_stream(request)
             .await
-            .map_err(|e| CliError::Connect { addr: ctx.url(), reason: e.message().to_owned() })?
+            .map_err(|e| match e.code() {
+                tonic::Code::Unauthenticated => CliError::Usage(e.message().to_owned()),
+                _ => CliError::Connect { addr: ctx.url(), reason: e.message().to_owned() },
+            })?
             .into_inner();
         Ok(Session { tx, inbound, cli_uuid: stream_id() })
     }

@@ -381,6 +381,114 @@ pub async fn prices(ctx: &Ctx, pairs: Vec<String>, watch: bool, duration: Option
     }
 }
 
+fn role_name(r: i32) -> &'static str {
+    match v1::TokenRole::try_from(r) {
+        Ok(v1::TokenRole::Join) => "join",
+        Ok(v1::TokenRole::Read) => "read",
+        Ok(v1::TokenRole::Admin) => "admin",
+        _ => "?",
+    }
+}
+
+/// `drover token create --role … [--ttl D] [--uses N] [--description …]`.
+pub async fn token_create(
+    ctx: &Ctx,
+    role: &str,
+    ttl: Option<Duration>,
+    uses: u32,
+    description: String,
+) -> Result<bool, CliError> {
+    let role = match role {
+        "join" => v1::TokenRole::Join,
+        "read" => v1::TokenRole::Read,
+        "admin" => v1::TokenRole::Admin,
+        other => return Err(CliError::Usage(format!("unknown role {other:?}: use join, read or admin"))),
+    };
+    let req = v1::ControllerTokenCreateV1Req {
+        role: role as i32,
+        ttl_ms: ttl.map_or(0, |d| d.as_millis() as u64),
+        uses,
+        description,
+    };
+    let out = request(ctx, Vec::new(), req.into()).await?;
+    if !print_unknown_or(&out) {
+        return Ok(false);
+    }
+    let Some(Payload::ControllerTokenCreateV1Reply(r)) = out.replies.into_iter().next().map(|r| r.payload) else {
+        return Err(CliError::Decode("unexpected reply".into()));
+    };
+    if ctx.json {
+        println!("{}", json!({"id": r.id, "token": r.token, "expires_at_ms": r.expires_at_ms}));
+    } else {
+        // The token alone on stdout, so that `$(drover token create …)` works; the rest on stderr.
+        println!("{}", r.token);
+        eprintln!("token {} created; it is shown only now", r.id);
+    }
+    Ok(true)
+}
+
+/// `drover token list`.
+pub async fn token_list(ctx: &Ctx) -> Result<bool, CliError> {
+    let out = request(ctx, Vec::new(), v1::ControllerTokenListV1Req {}.into()).await?;
+    if !print_unknown_or(&out) {
+        return Ok(false);
+    }
+    let Some(Payload::ControllerTokenListV1Reply(r)) = out.replies.into_iter().next().map(|r| r.payload) else {
+        return Err(CliError::Decode("unexpected reply".into()));
+    };
+    if ctx.json {
+        let v: Vec<_> = r
+            .tokens
+            .iter()
+            .map(|t| {
+                json!({"id": t.id, "role": role_name(t.role), "description": t.description,
+                "created_at_ms": t.created_at_ms, "expires_at_ms": t.expires_at_ms,
+                "uses_left": if t.limited { Some(t.uses_left) } else { None }, "revoked": t.revoked})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        let rows: Vec<Vec<String>> = r
+            .tokens
+            .iter()
+            .map(|t| {
+                vec![
+                    t.id.clone(),
+                    role_name(t.role).into(),
+                    if t.revoked { "revoked".into() } else { "active".into() },
+                    if t.limited { t.uses_left.to_string() } else { "unlimited".into() },
+                    if t.expires_at_ms == 0 { "never".into() } else { format!("{}", t.expires_at_ms) },
+                    t.description.clone(),
+                ]
+            })
+            .collect();
+        println!("{}", table(&["ID", "ROLE", "STATE", "USES LEFT", "EXPIRES (ms)", "DESCRIPTION"], &rows));
+    }
+    Ok(true)
+}
+
+/// `drover token revoke ID…`.
+pub async fn token_revoke(ctx: &Ctx, ids: Vec<String>) -> Result<bool, CliError> {
+    let out = request(ctx, Vec::new(), v1::ControllerTokenRevokeV1Req { ids }.into()).await?;
+    if !print_unknown_or(&out) {
+        return Ok(false);
+    }
+    let Some(Payload::ControllerTokenRevokeV1Reply(r)) = out.replies.into_iter().next().map(|r| r.payload) else {
+        return Err(CliError::Decode("unexpected reply".into()));
+    };
+    if ctx.json {
+        println!("{}", json!({"revoked": r.revoked, "missing": r.missing}));
+    } else {
+        for id in &r.revoked {
+            println!("revoked: {id}");
+        }
+        for id in &r.missing {
+            eprintln!("missing: {id} (no such token)");
+        }
+    }
+    Ok(r.missing.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

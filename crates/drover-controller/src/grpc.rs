@@ -19,17 +19,32 @@ pub(crate) struct Service {
     events: mpsc::Sender<ShellEvent>,
     sessions: Arc<AtomicU64>,
     queue: usize,
+    key: drover_admission::ticket::TicketKey,
+}
+
+/// The bearer credential of a request, if it has one.
+fn bearer<T>(request: &Request<T>) -> Option<String> {
+    let v = request.metadata().get("authorization")?.to_str().ok()?;
+    v.strip_prefix("Bearer ").map(|t| t.trim().to_owned())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 impl Service {
-    pub(crate) fn new(events: mpsc::Sender<ShellEvent>, queue: usize) -> Self {
+    pub(crate) fn new(
+        events: mpsc::Sender<ShellEvent>,
+        queue: usize,
+        key: drover_admission::ticket::TicketKey,
+    ) -> Self {
         // Session ids only need to differ from those of earlier runs that the journal
         // remembers; starting from the clock does that.
         let start = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(1);
-        Service { events, sessions: Arc::new(AtomicU64::new(start)), queue }
+        Service { events, sessions: Arc::new(AtomicU64::new(start)), queue, key }
     }
 
     fn session(&self) -> u64 {
@@ -47,6 +62,17 @@ impl v1::controller_server::Controller for Service {
         request: Request<Streaming<v1::StreamFromNode>>,
     ) -> Result<Response<Self::NodeCommandStreamStream>, Status> {
         let peer = request.remote_addr();
+        // Only admitted nodes: a valid ticket, and later the matching node id.
+        let ticket = bearer(&request).ok_or_else(|| {
+            tracing::warn!(?peer, "node stream refused: no ticket");
+            Status::unauthenticated(
+                "a session ticket is required: pass admission first (authorization: Bearer <ticket>)",
+            )
+        })?;
+        let ticket_node = self.key.verify(&ticket, now_ms()).map_err(|e| {
+            tracing::warn!(?peer, error = %e, "node stream refused");
+            Status::unauthenticated(format!("{e}: pass admission again"))
+        })?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(self.queue);
         let events = self.events.clone();
@@ -72,6 +98,15 @@ impl v1::controller_server::Controller for Service {
                                     .send(Err(Status::invalid_argument(format!(
                                         "node_uuid must be 1..={MAX_NODE_ID} bytes"
                                     ))))
+                                    .await;
+                            }
+                            return;
+                        }
+                        if msg.node_uuid != ticket_node {
+                            tracing::warn!(?peer, node = %msg.node_uuid, ticket = %ticket_node, "node stream refused: ticket is for another node");
+                            if let Some(tx) = sink.take() {
+                                let _ = tx
+                                    .send(Err(Status::permission_denied("the ticket was issued to another node")))
                                     .await;
                             }
                             return;
@@ -105,11 +140,22 @@ impl v1::controller_server::Controller for Service {
         &self,
         request: Request<Streaming<v1::StreamFromCli>>,
     ) -> Result<Response<Self::CliCommandStreamStream>, Status> {
+        let unauthenticated = || {
+            Status::unauthenticated(
+                "an operator token is required: pass --token or set DROVER_TOKEN (see admin.token in the data directory)",
+            )
+        };
+        let token = bearer(&request).ok_or_else(unauthenticated)?;
+        let presented = drover_admission::token::parse(&token).map_err(|_| unauthenticated())?;
+        let (reply, verdict) = tokio::sync::oneshot::channel();
+        let auth = ShellEvent::CliAuth { id: presented.id, secret_hash: presented.secret_hash, reply };
+        self.events.send(auth).await.map_err(|_| Status::unavailable("controller is stopping"))?;
+        let admin = verdict.await.ok().flatten().ok_or_else(unauthenticated)?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(self.queue);
         let session = self.session();
         let events = self.events.clone();
-        if events.send(ShellEvent::CliOpened { session, admin: true, sink: tx }).await.is_err() {
+        if events.send(ShellEvent::CliOpened { session, admin, sink: tx }).await.is_err() {
             return Err(Status::unavailable("controller is stopping"));
         }
         tokio::spawn(async move {

@@ -17,6 +17,7 @@
 //! controller. Sessions are registered with the releaser through the same ordered
 //! channel, so an output can never overtake the registration of its session.
 
+mod admission;
 mod grpc;
 mod owner;
 
@@ -44,6 +45,17 @@ pub struct ControllerConfig {
     pub max_message_bytes: usize,
     /// Messages queued per stream before a slow peer is cut off.
     pub stream_queue: usize,
+    /// The gRPC address handed to admitted nodes in `auth:ack` (default: the gRPC
+    /// listener's own address).
+    pub upstream: Option<String>,
+    /// The oldest node version admitted (its major must be the controller's).
+    pub min_node_version: String,
+    /// How long a session ticket stays valid.
+    pub ticket_ttl_ms: i64,
+    /// Admission handshakes must finish within this.
+    pub handshake_deadline_ms: i64,
+    /// Failed admissions allowed per address per minute before it is refused at once.
+    pub max_failed_admissions: usize,
 }
 
 impl ControllerConfig {
@@ -56,6 +68,11 @@ impl ControllerConfig {
             recovery: RecoveryMode::Strict,
             max_message_bytes: 1 << 20,
             stream_queue: 4096,
+            upstream: None,
+            min_node_version: "0.1.0".into(),
+            ticket_ttl_ms: 10 * 60_000,
+            handshake_deadline_ms: 10_000,
+            max_failed_admissions: 10,
         }
     }
 
@@ -79,12 +96,62 @@ pub enum ShellError {
     /// Binding or accepting failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// A setting is unusable.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Where the controller listens.
+pub struct Listeners {
+    /// gRPC (nodes and CLIs).
+    pub grpc: TcpListener,
+    /// Admission (seed 3 text packets). Without it nodes cannot be admitted.
+    pub admission: Option<TcpListener>,
+}
+
+/// File in the data directory holding the ticket signing key.
+pub const TICKET_KEY_FILE: &str = "ticket.key";
+/// File in the data directory holding the first admin token.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Writes a secret file readable by its owner only.
+pub(crate) fn write_secret(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+fn ticket_key(dir: &std::path::Path) -> Result<drover_admission::ticket::TicketKey, ShellError> {
+    let path = dir.join(TICKET_KEY_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let key: [u8; 32] = bytes
+                .try_into()
+                .map_err(|_| ShellError::Config(format!("{} must hold exactly 32 bytes", path.display())))?;
+            Ok(drover_admission::ticket::TicketKey::from_bytes(key))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = drover_admission::ticket::TicketKey::generate()
+                .map_err(|e| ShellError::Config(format!("no secure randomness: {e}")))?;
+            write_secret(&path, key.bytes())?;
+            Ok(key)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A running controller: its address and a way to watch its health.
 pub struct Running {
     /// The gRPC address it listens on.
     pub addr: SocketAddr,
+    /// The admission address, if it serves admission.
+    pub admission: Option<SocketAddr>,
     /// Health and progress, shared with the HTTP endpoint.
     pub health: Arc<Health>,
 }
@@ -93,11 +160,18 @@ pub struct Running {
 /// (final checkpoint). `on_ready` is called once recovery is done and it serves.
 pub async fn run(
     config: ControllerConfig,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(Running) + Send,
 ) -> Result<(), ShellError> {
+    let listener = listeners.grpc;
     let addr = listener.local_addr()?;
+    std::fs::create_dir_all(&config.data_dir)?;
+    let key = ticket_key(&config.data_dir)?;
+    let version = drover_admission::version::Version::parse(&config.core.version)
+        .ok_or_else(|| ShellError::Config(format!("controller version {:?} is not x.y.z", config.core.version)))?;
+    let min_node = drover_admission::version::Version::parse(&config.min_node_version)
+        .ok_or_else(|| ShellError::Config(format!("min node version {:?} is not x.y.z", config.min_node_version)))?;
     let storage: Arc<dyn drover_journal::Storage> = Arc::new(FsStorage);
     let (journal, recovery) = tokio::task::block_in_place(|| drover_journal::Journal::open(config.journal(), storage))?;
     let started = std::time::Instant::now();
@@ -116,11 +190,27 @@ pub async fn run(
     );
     drop(recovery);
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(65_536);
-    let health = Arc::new(Health::default());
-    let service = grpc::Service::new(events_tx, config.stream_queue);
-    let owner = owner::Owner::new(config.clone(), core, journal, health.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let owner_task = tokio::spawn(owner.run(events_rx, stop_rx.clone()));
+    let health = Arc::new(Health::default());
+    let service = grpc::Service::new(events_tx.clone(), config.stream_queue, key.clone());
+    let admission_addr = match listeners.admission {
+        Some(l) => {
+            let a = l.local_addr()?;
+            let settings = admission::Settings {
+                upstream: config.upstream.clone().unwrap_or_else(|| addr.to_string()),
+                policy: drover_admission::version::VersionPolicy { controller: version, min_node },
+                handshake_deadline_ms: config.handshake_deadline_ms,
+                ticket_ttl_ms: config.ticket_ttl_ms,
+            };
+            tokio::spawn(admission::serve(l, settings, key.clone(), events_tx.clone(), stop_rx.clone()));
+            tracing::info!(addr = %a, "serving admission");
+            Some(a)
+        }
+        None => None,
+    };
+    let owner = owner::Owner::new(config.clone(), core, journal, health.clone());
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let owner_task = tokio::spawn(owner.run(events_rx, stop_rx.clone(), ready_tx));
 
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(drover_proto::FILE_DESCRIPTOR_SET)
@@ -129,7 +219,6 @@ pub async fn run(
     let grpc = drover_proto::v1::controller_server::ControllerServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    on_ready(Running { addr, health });
     tracing::info!(%addr, "serving gRPC");
     let mut server_stop = stop_rx.clone();
     let server = tonic::transport::Server::builder()
@@ -141,6 +230,18 @@ pub async fn run(
         });
     let server = tokio::spawn(server);
     let mut owner_task = owner_task;
+    // Ready once recovery, the start input and the first admin token are done.
+    tokio::select! {
+        _ = ready_rx => on_ready(Running { addr, admission: admission_addr, health: health.clone() }),
+        r = &mut owner_task => {
+            let _ = stop_tx.send(true);
+            let _ = server.await;
+            return match r {
+                Ok(r) => r,
+                Err(e) => Err(ShellError::Io(std::io::Error::other(format!("owner task failed: {e}")))),
+            };
+        }
+    }
     tokio::pin!(shutdown);
     let result = tokio::select! {
         _ = &mut shutdown => {

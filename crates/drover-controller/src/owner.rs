@@ -25,17 +25,52 @@ pub(crate) enum Sink {
 
 /// What the gRPC handlers tell the owner.
 pub(crate) enum ShellEvent {
-    NodeOpened { node: String, session: u64, sink: mpsc::Sender<Result<v1::StreamToNode, tonic::Status>> },
-    NodeMessage { node: String, session: u64, msg: v1::StreamFromNode },
-    NodeClosed { node: String, session: u64 },
-    CliOpened { session: u64, admin: bool, sink: mpsc::Sender<Result<v1::StreamToCli, tonic::Status>> },
-    CliMessage { session: u64, msg: v1::StreamFromCli },
-    CliClosed { session: u64 },
+    NodeOpened {
+        node: String,
+        session: u64,
+        sink: mpsc::Sender<Result<v1::StreamToNode, tonic::Status>>,
+    },
+    NodeMessage {
+        node: String,
+        session: u64,
+        msg: v1::StreamFromNode,
+    },
+    NodeClosed {
+        node: String,
+        session: u64,
+    },
+    CliOpened {
+        session: u64,
+        admin: bool,
+        sink: mpsc::Sender<Result<v1::StreamToCli, tonic::Status>>,
+    },
+    CliMessage {
+        session: u64,
+        msg: v1::StreamFromCli,
+    },
+    CliClosed {
+        session: u64,
+    },
+    /// Is this operator token valid, and is it admin? (A read: nothing is journaled.)
+    CliAuth {
+        id: String,
+        secret_hash: [u8; 32],
+        reply: tokio::sync::oneshot::Sender<Option<bool>>,
+    },
+    /// A node presented a credential at admission.
+    Admission {
+        node: String,
+        presented: Result<drover_admission::token::Presented, String>,
+        peer: std::net::IpAddr,
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// What the owner tells the releaser, in order.
 enum Release {
     Register(u64, Sink),
+    /// Where the verdict on an admission attempt goes.
+    Admission(u64, tokio::sync::oneshot::Sender<Result<(), String>>),
     Unregister(u64),
     /// The ticket of a batch of inputs, how many, and all their outputs.
     Outputs(Ticket, u64, Vec<Output>),
@@ -80,12 +115,30 @@ pub struct Health {
     pub journal_failed: AtomicBool,
 }
 
+/// Whether a CLI message asks for a new token.
+fn is_token_create(msg: &v1::StreamFromCli) -> bool {
+    msg.command.as_ref().is_some_and(|a| a.type_url.ends_with(".ControllerTokenCreateV1Req"))
+}
+
+/// Puts a new token's secret into its creation reply.
+fn fill_secret(msg: &mut v1::StreamToCli, secret: &str) {
+    let Some(any) = &msg.response else { return };
+    if let Ok(drover_proto::Payload::ControllerTokenCreateV1Reply(mut r)) = drover_proto::Payload::from_any(any) {
+        r.token = secret.to_owned();
+        msg.response = Some(drover_proto::Payload::from(r).to_any());
+    }
+}
+
 pub(crate) struct Owner {
     config: ControllerConfig,
     core: Controller,
     journal: Journal,
     health: Arc<Health>,
     last_ms: i64,
+    limiter: drover_admission::limiter::FailureLimiter,
+    attempts: u64,
+    /// Admission attempts in flight: peer and node, for logs and the limiter.
+    peers: HashMap<u64, (std::net::IpAddr, String)>,
 }
 
 fn now_ms() -> i64 {
@@ -94,20 +147,24 @@ fn now_ms() -> i64 {
 
 impl Owner {
     pub(crate) fn new(config: ControllerConfig, core: Controller, journal: Journal, health: Arc<Health>) -> Self {
-        Owner { config, core, journal, health, last_ms: 0 }
+        let limiter = drover_admission::limiter::FailureLimiter::new(config.max_failed_admissions, 60_000);
+        Owner { config, core, journal, health, last_ms: 0, limiter, attempts: 0, peers: HashMap::new() }
     }
 
     pub(crate) async fn run(
         mut self,
         mut events: mpsc::Receiver<ShellEvent>,
         mut stop: watch::Receiver<bool>,
+        ready: tokio::sync::oneshot::Sender<()>,
     ) -> Result<(), ShellError> {
         let (release_tx, release_rx) = mpsc::unbounded_channel();
         let health = self.health.clone();
         let releaser = tokio::spawn(release(release_rx, health));
         let config = self.config.core.clone();
         self.inputs(vec![Event::ControllerStarted { config }], &release_tx).await?;
+        self.bootstrap_admin(&release_tx).await?;
         self.health.ready.store(true, Ordering::SeqCst);
+        let _ = ready.send(());
         let result = loop {
             let deadline = self.core.next_deadline().map(|d| {
                 let wait = Duration::from_millis((d - now_ms()).max(0) as u64);
@@ -175,8 +232,40 @@ impl Owner {
     ) -> Result<(), ShellError> {
         let mut inputs = Vec::with_capacity(batch.len());
         let mut closed = Vec::new();
+        let mut secrets: Vec<(u64, String, String)> = Vec::new();
         for ev in batch {
             inputs.push(match ev {
+                ShellEvent::CliAuth { id, secret_hash, reply } => {
+                    let _ = reply.send(self.core.operator_role(&id, &secret_hash, now_ms()));
+                    continue;
+                }
+                ShellEvent::Admission { node, presented, peer, reply } => {
+                    let now = now_ms();
+                    if !self.limiter.allowed(peer, now) {
+                        tracing::warn!(%node, %peer, "admission refused: too many failed attempts");
+                        let _ = reply.send(Err("too many failed attempts from this address; retry later".into()));
+                        continue;
+                    }
+                    let presented = match presented {
+                        Ok(p) => p,
+                        Err(reason) => {
+                            self.limiter.failed(peer, now);
+                            tracing::warn!(%node, %peer, %reason, "admission refused");
+                            let _ = reply.send(Err(reason));
+                            continue;
+                        }
+                    };
+                    self.attempts += 1;
+                    let attempt = self.attempts;
+                    let _ = release.send(Release::Admission(attempt, reply));
+                    self.peers.insert(attempt, (peer, node.clone()));
+                    Event::AdmissionAttempt {
+                        attempt,
+                        node,
+                        token_id: presented.id,
+                        secret_hash: presented.secret_hash,
+                    }
+                }
                 ShellEvent::NodeOpened { node, session, sink } => {
                     let _ = release.send(Release::Register(session, Sink::Node(sink)));
                     tracing::info!(%node, session, "node stream opened");
@@ -202,6 +291,29 @@ impl Owner {
                     let _ = release.send(Release::Register(session, Sink::Cli(sink)));
                     Event::CliConnected { session, admin }
                 }
+                ShellEvent::CliMessage { session, msg } if is_token_create(&msg) => {
+                    // The secret is made here, never in the core and never journaled.
+                    let req = msg.command.as_ref().and_then(|a| drover_proto::Payload::from_any(a).ok());
+                    let Some(drover_proto::Payload::ControllerTokenCreateV1Req(req)) = req else { continue };
+                    let token = match drover_admission::token::generate() {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::error!(error = %e, "no secure randomness for a token");
+                            continue;
+                        }
+                    };
+                    secrets.push((session, msg.stream_id.clone(), token.token));
+                    Event::TokenCreate {
+                        session,
+                        stream_id: msg.stream_id,
+                        id: token.id,
+                        secret_hash: token.secret_hash,
+                        role: req.role,
+                        ttl_ms: req.ttl_ms,
+                        uses: req.uses,
+                        description: req.description,
+                    }
+                }
                 ShellEvent::CliMessage { session, msg } => {
                     let (type_url, value) = msg.command.map(|a| (a.type_url, a.value)).unwrap_or_default();
                     Event::CliMessage {
@@ -220,16 +332,52 @@ impl Owner {
                 }
             });
         }
-        self.inputs(inputs, release).await?;
+        self.inputs_with_secrets(inputs, secrets, release).await?;
         for session in closed {
             let _ = release.send(Release::Unregister(session));
         }
         Ok(())
     }
 
-    /// Journals a batch of inputs (one append, in order), applies them in the same
-    /// order, and queues all their outputs behind the batch's ticket.
     async fn inputs(&mut self, events: Vec<Event>, release: &mpsc::UnboundedSender<Release>) -> Result<(), ShellError> {
+        self.inputs_with_secrets(events, Vec::new(), release).await
+    }
+
+    /// On first start (or when no admin token is left), creates an admin token and
+    /// writes it to `admin.token` in the data directory (mode 0600).
+    async fn bootstrap_admin(&mut self, release: &mpsc::UnboundedSender<Release>) -> Result<(), ShellError> {
+        if self.core.has_admin_token(now_ms()) {
+            return Ok(());
+        }
+        let token = drover_admission::token::generate()
+            .map_err(|e| ShellError::Config(format!("no secure randomness: {e}")))?;
+        let event = Event::TokenCreate {
+            session: 0,
+            stream_id: String::new(),
+            id: token.id.clone(),
+            secret_hash: token.secret_hash,
+            role: v1::TokenRole::Admin as i32,
+            ttl_ms: 0,
+            uses: 0,
+            description: "first admin token".into(),
+        };
+        self.inputs(vec![event], release).await?;
+        self.journal.flush().await?;
+        let path = self.config.data_dir.join(crate::ADMIN_TOKEN_FILE);
+        crate::write_secret(&path, format!("{}\n", token.token).as_bytes())?;
+        tracing::info!(file = %path.display(), id = %token.id, "first admin token created (mode 0600); use it with --token or DROVER_TOKEN");
+        Ok(())
+    }
+
+    /// Journals a batch of inputs (one append, in order), applies them in the same
+    /// order, and queues all their outputs behind the batch's ticket. `secrets` are
+    /// the new tokens' secrets, put into their creation replies here, outside the core.
+    async fn inputs_with_secrets(
+        &mut self,
+        events: Vec<Event>,
+        secrets: Vec<(u64, String, String)>,
+        release: &mpsc::UnboundedSender<Release>,
+    ) -> Result<(), ShellError> {
         let at_ms = now_ms().max(self.last_ms);
         self.last_ms = at_ms;
         let inputs: Vec<Input> = events.into_iter().map(|event| Input { at_ms, event }).collect();
@@ -240,9 +388,28 @@ impl Owner {
         for input in inputs {
             self.core.apply(input, &mut out);
         }
-        for o in &out {
-            if let Output::CloseNode { node, reason, .. } = o {
-                tracing::info!(%node, %reason, "closing node stream");
+        for o in &mut out {
+            match o {
+                Output::CloseNode { node, reason, .. } => tracing::info!(%node, %reason, "closing node stream"),
+                Output::AdmissionVerdict { attempt, result } => {
+                    let (peer, node) =
+                        self.peers.remove(attempt).unwrap_or((std::net::IpAddr::from([0, 0, 0, 0]), String::new()));
+                    match result {
+                        Ok(()) => tracing::info!(%node, %peer, "node admitted"),
+                        Err(reason) => {
+                            self.limiter.failed(peer, at_ms);
+                            tracing::warn!(%node, %peer, %reason, "admission refused");
+                        }
+                    }
+                }
+                Output::ToCli { session, msg } => {
+                    if let Some((_, _, secret)) =
+                        secrets.iter().find(|(s, sid, _)| s == session && *sid == msg.stream_id)
+                    {
+                        fill_secret(msg, secret);
+                    }
+                }
+                Output::ToNode { .. } => {}
             }
         }
         self.health.applied.fetch_add(n, Ordering::Relaxed);
@@ -259,6 +426,7 @@ impl Owner {
 /// Sends outputs once their input is durable, in order.
 async fn release(mut rx: mpsc::UnboundedReceiver<Release>, health: Arc<Health>) {
     let mut sinks: HashMap<u64, Sink> = HashMap::new();
+    let mut verdicts: HashMap<u64, tokio::sync::oneshot::Sender<Result<(), String>>> = HashMap::new();
     while let Some(r) = rx.recv().await {
         match r {
             Release::Register(session, sink) => {
@@ -266,6 +434,9 @@ async fn release(mut rx: mpsc::UnboundedReceiver<Release>, health: Arc<Health>) 
             }
             Release::Unregister(session) => {
                 sinks.remove(&session);
+            }
+            Release::Admission(attempt, reply) => {
+                verdicts.insert(attempt, reply);
             }
             Release::Outputs(ticket, inputs, outputs) => {
                 if let Err(e) = ticket.await {
@@ -275,6 +446,12 @@ async fn release(mut rx: mpsc::UnboundedReceiver<Release>, health: Arc<Health>) 
                 }
                 health.durable.fetch_add(inputs, Ordering::Relaxed);
                 for o in outputs {
+                    if let Output::AdmissionVerdict { attempt, result } = o {
+                        if let Some(reply) = verdicts.remove(&attempt) {
+                            let _ = reply.send(result);
+                        }
+                        continue;
+                    }
                     deliver(&mut sinks, o);
                 }
             }
@@ -298,6 +475,7 @@ fn deliver(sinks: &mut HashMap<u64, Sink>, o: Output) {
             }
             return;
         }
+        Output::AdmissionVerdict { .. } => return,
     };
     if full {
         // A peer that does not read is cut off rather than allowed to stall everyone.

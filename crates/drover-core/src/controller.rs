@@ -96,6 +96,37 @@ struct Cli {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Token {
+    secret_hash: [u8; 32],
+    role: i32,
+    description: String,
+    created_ms: i64,
+    /// 0: never.
+    expires_ms: i64,
+    /// `None`: unlimited.
+    uses_left: Option<u32>,
+    revoked: bool,
+}
+
+impl Token {
+    fn usable(&self, now_ms: i64) -> Result<(), &'static str> {
+        if self.revoked {
+            return Err("token revoked");
+        }
+        if self.expires_ms != 0 && now_ms >= self.expires_ms {
+            return Err("token expired");
+        }
+        if self.uses_left == Some(0) {
+            return Err("token has no uses left");
+        }
+        Ok(())
+    }
+}
+
+/// Most tokens kept (revoked and expired ones count until they are pruned).
+pub const MAX_TOKENS: usize = 10_000;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct PendingReply {
     cli_session: u64,
     stream_id: String,
@@ -125,6 +156,10 @@ pub struct Counters {
     pub cli_commands: u64,
     /// Nodes declared gone after missing keepalives.
     pub timeouts: u64,
+    /// Admissions granted.
+    pub admissions: u64,
+    /// Admissions refused.
+    pub admission_refusals: u64,
 }
 
 /// The controller's whole state.
@@ -139,6 +174,7 @@ pub struct Controller {
     pending: BTreeMap<String, PendingReply>,
     next_request: u64,
     grace_until_ms: Option<i64>,
+    tokens: BTreeMap<String, Token>,
     counters: Counters,
     /// Working memory of the current input; empty (or merely a cache) between inputs,
     /// so it is neither checkpointed nor compared.
@@ -168,6 +204,12 @@ impl PartialEq for Scratch {
 
 impl Eq for Scratch {}
 
+/// Constant-time equality of two hashes.
+fn subtle_eq(a: &[u8; 32], b: &[u8; 32]) -> subtle::Choice {
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b)
+}
+
 fn any_of(p: impl Into<Payload>) -> Any {
     p.into().to_any()
 }
@@ -189,9 +231,30 @@ impl Controller {
             pending: BTreeMap::new(),
             next_request: 0,
             grace_until_ms: None,
+            tokens: BTreeMap::new(),
             counters: Counters::default(),
             scratch: Scratch::default(),
         }
+    }
+
+    /// Whether an operator token is valid now: `Some(true)` admin, `Some(false)` read
+    /// only, `None` refused. Read-only (nothing is consumed), so it needs no journaling.
+    pub fn operator_role(&self, id: &str, secret_hash: &[u8; 32], now_ms: i64) -> Option<bool> {
+        let t = self.tokens.get(id)?;
+        t.usable(now_ms).ok()?;
+        if !bool::from(subtle_eq(&t.secret_hash, secret_hash)) {
+            return None;
+        }
+        match t.role {
+            r if r == v1::TokenRole::Admin as i32 => Some(true),
+            r if r == v1::TokenRole::Read as i32 => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Whether any admin token is usable now.
+    pub fn has_admin_token(&self, now_ms: i64) -> bool {
+        self.tokens.values().any(|t| t.role == v1::TokenRole::Admin as i32 && t.usable(now_ms).is_ok())
     }
 
     /// The counters.
@@ -322,6 +385,17 @@ impl Controller {
                 self.clis.remove(&session);
                 self.pending.retain(|_, p| p.cli_session != session);
             }
+            Event::TokenCreate { session, stream_id, id, secret_hash, role, ttl_ms, uses, description } => {
+                self.token_create(session, &stream_id, id, secret_hash, role, ttl_ms, uses, description, out)
+            }
+            Event::AdmissionAttempt { attempt, node, token_id, secret_hash } => {
+                let result = self.admit(&node, &token_id, &secret_hash);
+                match &result {
+                    Ok(()) => self.counters.admissions += 1,
+                    Err(_) => self.counters.admission_refusals += 1,
+                }
+                out.push(Output::AdmissionVerdict { attempt, result });
+            }
         }
         let full =
             !routine || self.now_ms >= self.scratch.quiet_until_ms || std::mem::take(&mut self.scratch.force_settle);
@@ -330,6 +404,84 @@ impl Controller {
             self.scratch.quiet_until_ms = self.next_deadline().unwrap_or(i64::MAX);
         }
         self.flush(out);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn token_create(
+        &mut self,
+        session: u64,
+        stream_id: &str,
+        id: String,
+        secret_hash: [u8; 32],
+        role: i32,
+        ttl_ms: u64,
+        uses: u32,
+        description: String,
+        out: &mut Vec<Output>,
+    ) {
+        let reply = |out: &mut Vec<Output>, p: Payload| {
+            if session != 0 {
+                out.push(Self::count(session, stream_id, 1, Vec::new()));
+                out.push(Self::to_cli(session, stream_id, None, p));
+            }
+        };
+        // Revoked and expired tokens make room first.
+        if self.tokens.len() >= MAX_TOKENS {
+            let now = self.now_ms;
+            self.tokens.retain(|_, t| t.usable(now).is_ok());
+        }
+        if session != 0 && !self.clis.get(&session).is_some_and(|c| c.admin) {
+            self.counters.refused += 1;
+            let type_url = drover_proto::type_url::<v1::ControllerTokenCreateV1Req>();
+            return reply(
+                out,
+                v1::UnknownCommandV1Notify { type_url, reason: "creating tokens needs an admin token".into() }.into(),
+            );
+        }
+        let valid_role =
+            [v1::TokenRole::Join, v1::TokenRole::Read, v1::TokenRole::Admin].iter().any(|r| *r as i32 == role);
+        if !valid_role || self.tokens.len() >= MAX_TOKENS || self.tokens.contains_key(&id) {
+            self.counters.refused += 1;
+            let reason =
+                if valid_role { "token table full or id taken" } else { "token role must be join, read or admin" };
+            let type_url = drover_proto::type_url::<v1::ControllerTokenCreateV1Req>();
+            return reply(out, v1::UnknownCommandV1Notify { type_url, reason: reason.into() }.into());
+        }
+        let expires_ms = if ttl_ms == 0 { 0 } else { self.now_ms.saturating_add(ttl_ms.min(i64::MAX as u64) as i64) };
+        self.tokens.insert(
+            id.clone(),
+            Token {
+                secret_hash,
+                role,
+                description: description.chars().take(256).collect(),
+                created_ms: self.now_ms,
+                expires_ms,
+                uses_left: (uses != 0).then_some(uses),
+                revoked: false,
+            },
+        );
+        // The shell puts the secret into this reply before it leaves.
+        reply(out, v1::ControllerTokenCreateV1Reply { id, token: String::new(), expires_at_ms: expires_ms }.into());
+    }
+
+    fn admit(&mut self, node: &str, token_id: &str, secret_hash: &[u8; 32]) -> Result<(), String> {
+        let now = self.now_ms;
+        let Some(t) = self.tokens.get_mut(token_id) else {
+            return Err("unknown token".into());
+        };
+        // The secret is compared before anything about the token is revealed.
+        if !bool::from(subtle_eq(&t.secret_hash, secret_hash)) {
+            return Err("unknown token".into());
+        }
+        if t.role != v1::TokenRole::Join as i32 {
+            return Err("not a join token".into());
+        }
+        t.usable(now).map_err(str::to_owned)?;
+        if let Some(u) = &mut t.uses_left {
+            *u -= 1;
+        }
+        let _ = node;
+        Ok(())
     }
 
     fn started(&mut self, config: Config, out: &mut Vec<Output>) {
@@ -867,6 +1019,9 @@ impl Controller {
                 | Payload::ControllerStreamPairsV1Req(_)
                 | Payload::NodeShutdownV1Req(_)
                 | Payload::NodeStreamModifyStateV1Req(_)
+                | Payload::ControllerTokenCreateV1Req(_)
+                | Payload::ControllerTokenListV1Req(_)
+                | Payload::ControllerTokenRevokeV1Req(_)
         );
         if needs_admin && !admin {
             self.counters.refused += 1;
@@ -877,6 +1032,36 @@ impl Controller {
             Payload::ControllerListNodesV1Req(_) => {
                 let nodes = self.nodes.iter().map(|(id, n)| self.node_info(id, n)).collect();
                 reply(out, v1::ControllerListNodesV1Reply { nodes }.into());
+            }
+            Payload::ControllerTokenListV1Req(_) => {
+                let tokens = self
+                    .tokens
+                    .iter()
+                    .map(|(id, t)| v1::TokenInfo {
+                        id: id.clone(),
+                        role: t.role,
+                        description: t.description.clone(),
+                        created_at_ms: t.created_ms,
+                        expires_at_ms: t.expires_ms,
+                        uses_left: t.uses_left.unwrap_or(0),
+                        limited: t.uses_left.is_some(),
+                        revoked: t.revoked,
+                    })
+                    .collect();
+                reply(out, v1::ControllerTokenListV1Reply { tokens }.into());
+            }
+            Payload::ControllerTokenRevokeV1Req(r) => {
+                let (mut revoked, mut missing) = (Vec::new(), Vec::new());
+                for id in r.ids {
+                    match self.tokens.get_mut(&id) {
+                        Some(t) => {
+                            t.revoked = true;
+                            revoked.push(id);
+                        }
+                        None => missing.push(id),
+                    }
+                }
+                reply(out, v1::ControllerTokenRevokeV1Reply { revoked, missing }.into());
             }
             Payload::ControllerAppVersionV1Req(_) => reply(
                 out,

@@ -129,6 +129,37 @@ pub enum Event {
         /// The connection.
         session: u64,
     },
+    /// Create a token. The shell generated the secret; only its hash is journaled.
+    /// `session` 0 means the controller itself (the first admin token).
+    TokenCreate {
+        /// The CLI connection that asked (0: none).
+        session: u64,
+        /// Its stream id.
+        stream_id: String,
+        /// The token's public id.
+        id: String,
+        /// SHA-256 of the secret.
+        secret_hash: [u8; 32],
+        /// `drover.v1.TokenRole` as a number.
+        role: i32,
+        /// Lifetime (0: forever).
+        ttl_ms: u64,
+        /// Uses (0: unlimited).
+        uses: u32,
+        /// Free text.
+        description: String,
+    },
+    /// A node presented a join token at admission.
+    AdmissionAttempt {
+        /// The shell's id for the attempt.
+        attempt: u64,
+        /// The node id from `conn:establish`.
+        node: String,
+        /// The token's public id.
+        token_id: String,
+        /// SHA-256 of the presented secret.
+        secret_hash: [u8; 32],
+    },
 }
 
 /// What the core asks the shell to do.
@@ -149,6 +180,13 @@ pub enum Output {
         session: u64,
         /// The envelope.
         msg: v1::StreamToCli,
+    },
+    /// The verdict on an admission attempt.
+    AdmissionVerdict {
+        /// The attempt.
+        attempt: u64,
+        /// `Ok`, or why the credential was refused.
+        result: Result<(), String>,
     },
     /// End a node's stream (kick, missed keepalives).
     CloseNode {

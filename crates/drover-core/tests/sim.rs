@@ -119,7 +119,7 @@ impl Sim {
                         n.streaming.clear();
                     }
                 }
-                Output::ToCli { .. } => {}
+                Output::ToCli { .. } | Output::AdmissionVerdict { .. } => {}
             }
         }
         for (node, session, request_id) in replies {

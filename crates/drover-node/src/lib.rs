@@ -14,17 +14,23 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use drover_admission::client::{NodeAction, NodeConn};
 use drover_proto::v1::controller_client::ControllerClient;
 use drover_proto::{Payload, v1};
+use drover_wire::admission::PacketDecoder;
 use source::PriceSource;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 /// Settings of a node.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
-    /// The controller's gRPC endpoint, e.g. `http://127.0.0.1:7400`.
+    /// The controller's admission address, e.g. `127.0.0.1:7401`. The gRPC address to
+    /// use comes back in `auth:ack`.
     pub controller: String,
+    /// The join token (`drover token create --role join`).
+    pub token: String,
     /// This node's uuid.
     pub id: String,
     /// A human name.
@@ -47,10 +53,11 @@ pub struct NodeConfig {
 
 impl NodeConfig {
     /// Defaults for a node of `pairs` talking to `controller`.
-    pub fn new(controller: impl Into<String>, pairs: Vec<String>) -> Self {
+    pub fn new(controller: impl Into<String>, token: impl Into<String>, pairs: Vec<String>) -> Self {
         let id = random_id();
         NodeConfig {
             controller: controller.into(),
+            token: token.into(),
             name: format!("node-{}", &id[..8]),
             id,
             pairs,
@@ -84,6 +91,8 @@ pub enum Exit {
     Shutdown,
     /// The caller's shutdown signal fired.
     Stopped,
+    /// The controller evicted the node (`conn:close` on the control channel).
+    Evicted,
 }
 
 /// What the node reports about itself (for tests and the demo).
@@ -97,6 +106,7 @@ pub struct NodeStats {
 
 enum End {
     Shutdown,
+    Evicted(String),
     Closed(String),
 }
 
@@ -122,6 +132,10 @@ pub async fn run(
         };
         match end {
             End::Shutdown => return Exit::Shutdown,
+            End::Evicted(reason) => {
+                tracing::warn!(node = %config.id, %reason, "evicted by the controller; stopping");
+                return Exit::Evicted;
+            }
             End::Closed(why) => {
                 if started.elapsed() > Duration::from_secs(10) {
                     backoff = config.backoff_min;
@@ -157,8 +171,62 @@ struct Streaming {
     last_upstream_ms: i64,
 }
 
+/// An open admission connection: the control channel after the handshake.
+struct Control {
+    stream: tokio::net::TcpStream,
+    decoder: PacketDecoder,
+    conn: NodeConn,
+}
+
+/// Passes admission: returns the upstream, the ticket and the control channel.
+async fn admit(config: &NodeConfig) -> Result<(String, String, Control), End> {
+    let addr = config.controller.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .map_err(|e| End::Closed(format!("admission connect {addr}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    let mut conn = NodeConn::new(config.id.clone(), config.version.clone(), config.token.clone());
+    let mut decoder = PacketDecoder::new();
+    let mut pending = conn.start();
+    let mut buf = vec![0u8; 8192];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        for a in pending.drain(..) {
+            match a {
+                NodeAction::Send(p) => {
+                    stream.write_all(&p.to_bytes()).await.map_err(|e| End::Closed(format!("admission write: {e}")))?;
+                }
+                NodeAction::Admitted { upstream, ticket } => {
+                    return Ok((upstream, ticket, Control { stream, decoder, conn }));
+                }
+                NodeAction::Denied { reason } => return Err(End::Closed(format!("admission refused: {reason}"))),
+                NodeAction::Closed { reason } | NodeAction::Moved { upstream: reason, .. } => {
+                    return Err(End::Closed(format!("admission closed: {reason}")));
+                }
+            }
+        }
+        let n = match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) => return Err(End::Closed("admission: controller closed the connection".into())),
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(End::Closed(format!("admission read: {e}"))),
+            Err(_) => return Err(End::Closed("admission: no answer within 10 s".into())),
+        };
+        if let Err(e) = decoder.feed(&buf[..n]) {
+            pending.extend(conn.on_packet(Err(e)));
+        }
+        while let Some(p) = decoder.next_packet() {
+            pending.extend(conn.on_packet(p));
+        }
+    }
+}
+
 async fn session(config: &NodeConfig, source: &Arc<dyn PriceSource>, stats: &NodeStats) -> End {
-    let mut client = match ControllerClient::connect(config.controller.clone()).await {
+    let (upstream, ticket, mut control) = match admit(config).await {
+        Ok(a) => a,
+        Err(end) => return end,
+    };
+    let url = if upstream.contains("://") { upstream.clone() } else { format!("http://{upstream}") };
+    let mut client = match ControllerClient::connect(url).await {
         Ok(c) => c.max_decoding_message_size(4 << 20),
         Err(e) => return End::Closed(format!("connect: {e}")),
     };
@@ -179,12 +247,22 @@ async fn session(config: &NodeConfig, source: &Arc<dyn PriceSource>, stats: &Nod
     if tx.send(msg(hello.into(), String::new(), None)).await.is_err() {
         return End::Closed("stream closed".into());
     }
-    let mut inbound = match client.node_command_stream(ReceiverStream::new(rx)).await {
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    match tonic::metadata::MetadataValue::try_from(format!("Bearer {ticket}")) {
+        Ok(v) => {
+            request.metadata_mut().insert("authorization", v);
+        }
+        Err(_) => return End::Closed("ticket is not a valid header value".into()),
+    }
+    let mut inbound = match client.node_command_stream(request).await {
         Ok(r) => r.into_inner(),
         Err(e) => return End::Closed(format!("open stream: {e}")),
     };
     stats.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(node = %config.id, controller = %config.controller, "connected");
+    tracing::info!(node = %config.id, %upstream, "admitted and connected");
+    let mut control_buf = vec![0u8; 4096];
+    let mut control_open = true;
+    let mut control_alive = tokio::time::interval(Duration::from_secs(5));
     let started = Instant::now();
     let mut streaming: BTreeMap<String, Streaming> = BTreeMap::new();
     let mut heartbeat = tokio::time::interval(config.heartbeat);
@@ -192,6 +270,31 @@ async fn session(config: &NodeConfig, source: &Arc<dyn PriceSource>, stats: &Nod
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
+            n = control.stream.read(&mut control_buf), if control_open => {
+                match n {
+                    Ok(0) | Err(_) => control_open = false,
+                    Ok(n) => {
+                        if control.decoder.feed(&control_buf[..n]).is_err() {
+                            control_open = false;
+                        }
+                        while let Some(p) = control.decoder.next_packet() {
+                            for a in control.conn.on_packet(p) {
+                                match a {
+                                    NodeAction::Closed { reason } => return End::Evicted(reason),
+                                    NodeAction::Moved { upstream, .. } => return End::Closed(format!("moved to {upstream}")),
+                                    _ => {}
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            _ = control_alive.tick(), if control_open => {
+                if let Some(p) = control.conn.alive()
+                    && control.stream.write_all(&p.to_bytes()).await.is_err() {
+                        control_open = false;
+                    }
+            }
             _ = heartbeat.tick() => {
                 let beat = v1::NodeHeartbeatV1Notify { sent_at_ms: now_ms() };
                 if tx.send(msg(beat.into(), String::new(), None)).await.is_err() {

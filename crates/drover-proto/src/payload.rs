@@ -125,6 +125,12 @@ payloads! {
     ControllerPricesV1Req,
     ControllerPricesV1Reply,
     ControllerPriceV1Notify,
+    ControllerTokenCreateV1Req,
+    ControllerTokenCreateV1Reply,
+    ControllerTokenListV1Req,
+    ControllerTokenListV1Reply,
+    ControllerTokenRevokeV1Req,
+    ControllerTokenRevokeV1Reply,
     // seed 2: manager/worker
     NodeTypeV1Req,
     NodeTypeV1Reply,

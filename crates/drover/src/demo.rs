@@ -56,23 +56,52 @@ async fn snapshot(ctx: &Ctx) -> anyhow::Result<(Vec<v1::NodeInfo>, Vec<v1::Price
 pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let dir = tempfile::tempdir().context("cannot create a temporary data directory")?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let admission = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let admission_addr = admission.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let config = ControllerConfig::new(dir.path());
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let controller = tokio::spawn(drover_controller::run(
         config,
-        listener,
+        drover_controller::Listeners { grpc: listener, admission: Some(admission) },
         async {
             let _ = stop_rx.await;
         },
-        |_| {},
+        move |_| {
+            let _ = ready_tx.send(());
+        },
     ));
-    println!("drover demo: controller on {addr}, data in {}", dir.path().display());
+    ready_rx.await.context("the controller did not start")?;
+    println!("drover demo: controller on {addr} (admission {admission_addr}), data in {}", dir.path().display());
+    // The operator's first admin token is in the data directory; with it, a join token.
+    let admin = std::fs::read_to_string(dir.path().join(drover_controller::ADMIN_TOKEN_FILE))?.trim().to_owned();
+    let ctx = Ctx { controller: addr.to_string(), timeout: Duration::from_secs(2), json: false, token: Some(admin) };
+    let req = v1::ControllerTokenCreateV1Req {
+        role: v1::TokenRole::Join as i32,
+        ttl_ms: 0,
+        uses: 0,
+        description: "demo nodes".into(),
+    };
+    let out = drover_cli::request(&ctx, vec![], req.into()).await?;
+    let join = out
+        .replies
+        .into_iter()
+        .find_map(|r| match r.payload {
+            Payload::ControllerTokenCreateV1Reply(t) => Some(t.token),
+            _ => None,
+        })
+        .context("no join token")?;
     let specs = [("node-a", "EURUSD,GBPUSD"), ("node-b", "GBPUSD,USDJPY,EURUSD"), ("node-c", "EURUSD,USDJPY,AUDUSD")];
     let mut nodes = HashMap::new();
     for (name, pairs) in specs {
-        let cfg =
-            node_config(&addr.to_string(), pairs.split(',').map(str::to_owned).collect(), Some(name.into()), None);
+        let cfg = node_config(
+            &admission_addr.to_string(),
+            &join,
+            pairs.split(',').map(str::to_owned).collect(),
+            Some(name.into()),
+            None,
+        );
         println!("  {name} knows {pairs}");
         let handle = tokio::spawn(drover_node::run(
             cfg,
@@ -82,7 +111,6 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         ));
         nodes.insert(name.to_owned(), handle);
     }
-    let ctx = Ctx { controller: addr.to_string(), timeout: Duration::from_secs(2), json: false };
     let started = Instant::now();
     let mut killed: Option<String> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));

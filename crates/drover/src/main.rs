@@ -36,12 +36,50 @@ struct CliArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Operator token (default: the `admin.token` file in $DROVER_DATA_DIR or ./drover-data).
+    #[arg(long, env = "DROVER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 impl CliArgs {
     fn ctx(&self) -> Ctx {
-        Ctx { controller: self.controller.clone(), timeout: self.timeout, json: self.json }
+        let token = self.token.clone().or_else(|| {
+            let dir = std::env::var("DROVER_DATA_DIR").unwrap_or_else(|_| "./drover-data".into());
+            std::fs::read_to_string(std::path::Path::new(&dir).join("admin.token")).ok().map(|t| t.trim().to_owned())
+        });
+        Ctx { controller: self.controller.clone(), timeout: self.timeout, json: self.json, token }
     }
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it (once: the controller keeps only its hash).
+    Create {
+        #[command(flatten)]
+        cli: CliArgs,
+        /// join (nodes), read (operators: list, status, prices) or admin (everything).
+        #[arg(long, default_value = "join", value_parser = ["join", "read", "admin"])]
+        role: String,
+        /// Lifetime, e.g. 24h (default: no expiry).
+        #[arg(long, value_parser = util::parse_duration)]
+        ttl: Option<Duration>,
+        /// How many admissions it allows (default: unlimited).
+        #[arg(long, default_value_t = 0)]
+        uses: u32,
+        /// What it is for.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List tokens (ids, roles, uses left, expiry; never secrets).
+    List(CliArgs),
+    /// Revoke tokens by id; durable at once.
+    Revoke {
+        #[command(flatten)]
+        cli: CliArgs,
+        /// Token ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,6 +154,9 @@ enum Command {
         #[arg(long, value_parser = util::parse_duration)]
         duration: Option<Duration>,
     },
+    /// Manage join tokens (nodes) and operator tokens (CLI).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Inspect a journal directory: verify its integrity or dump its records.
     #[command(subcommand)]
     Journal(journal_cmd::JournalCommand),
@@ -156,6 +197,11 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Prices { cli, pairs, watch, duration } => {
             cli_result(c::prices(&cli.ctx(), pairs, watch, duration).await)
         }
+        Command::Token(TokenCommand::Create { cli, role, ttl, uses, description }) => {
+            cli_result(c::token_create(&cli.ctx(), &role, ttl, uses, description).await)
+        }
+        Command::Token(TokenCommand::List(cli)) => cli_result(c::token_list(&cli.ctx()).await),
+        Command::Token(TokenCommand::Revoke { cli, ids }) => cli_result(c::token_revoke(&cli.ctx(), ids).await),
         Command::Journal(cmd) => journal_cmd::run(cmd),
     }
 }

@@ -19,6 +19,21 @@ pub struct ControllerArgs {
     /// gRPC address for nodes and CLIs.
     #[arg(long, env = "DROVER_LISTEN", default_value = "127.0.0.1:7400")]
     pub listen: String,
+    /// Admission address (seed 3 handshake) nodes connect to first.
+    #[arg(long, env = "DROVER_ADMISSION", default_value = "127.0.0.1:7401")]
+    pub admission: String,
+    /// The gRPC address admitted nodes are told to use (default: the --listen address).
+    #[arg(long, env = "DROVER_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// The oldest node version admitted (the major must be this controller's).
+    #[arg(long, env = "DROVER_MIN_NODE_VERSION", default_value = env!("CARGO_PKG_VERSION"))]
+    pub min_node_version: String,
+    /// An admission handshake not finished within this is closed.
+    #[arg(long, env = "DROVER_HANDSHAKE_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_deadline: Duration,
+    /// How long a session ticket is valid; nodes pass admission again after it.
+    #[arg(long, env = "DROVER_TICKET_TTL", default_value = "10m", value_parser = parse_duration)]
+    pub ticket_ttl: Duration,
     /// Data directory: journal and checkpoints.
     #[arg(long, env = "DROVER_DATA_DIR", default_value = "./drover-data")]
     pub data_dir: PathBuf,
@@ -56,16 +71,25 @@ impl ControllerArgs {
         } else {
             RecoveryMode::Strict
         };
+        c.upstream = self.upstream.clone();
+        c.min_node_version = self.min_node_version.clone();
+        c.ticket_ttl_ms = self.ticket_ttl.as_millis() as i64;
+        c.handshake_deadline_ms = self.handshake_deadline.as_millis() as i64;
         c
     }
 }
 
 pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
-    let listener = tokio::net::TcpListener::bind(&args.listen)
+    let grpc = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (in use? try --listen 127.0.0.1:0)", args.listen))?;
-    drover_controller::run(args.config(), listener, shutdown_signal(), |r| {
-        tracing::info!(addr = %r.addr, "controller ready");
+    let admission = tokio::net::TcpListener::bind(&args.admission)
+        .await
+        .with_context(|| format!("cannot listen on {} for admission (in use? see --admission)", args.admission))?;
+    let listeners = drover_controller::Listeners { grpc, admission: Some(admission) };
+    let token_file = args.data_dir.join(drover_controller::ADMIN_TOKEN_FILE);
+    drover_controller::run(args.config(), listeners, shutdown_signal(), move |r| {
+        tracing::info!(addr = %r.addr, admission = ?r.admission, admin_token_file = %token_file.display(), "controller ready");
     })
     .await
     .context("controller stopped")?;
@@ -74,9 +98,12 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
 
 #[derive(Debug, Args)]
 pub struct NodeArgs {
-    /// The controller's gRPC address.
-    #[arg(long, env = "DROVER_CONTROLLER", default_value = "127.0.0.1:7400")]
+    /// The controller's admission address.
+    #[arg(long, env = "DROVER_ADMISSION", default_value = "127.0.0.1:7401")]
     pub controller: String,
+    /// Join token (`drover token create --role join`).
+    #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true)]
+    pub token: String,
     /// Pairs this node's upstream serves, comma-separated.
     #[arg(long, env = "DROVER_PAIRS", value_delimiter = ',', required = true)]
     pub pairs: Vec<String>,
@@ -91,9 +118,14 @@ pub struct NodeArgs {
     pub source: String,
 }
 
-pub fn node_config(controller: &str, pairs: Vec<String>, name: Option<String>, id: Option<String>) -> NodeConfig {
-    let url = if controller.contains("://") { controller.to_owned() } else { format!("http://{controller}") };
-    let mut c = NodeConfig::new(url, pairs);
+pub fn node_config(
+    controller: &str,
+    token: &str,
+    pairs: Vec<String>,
+    name: Option<String>,
+    id: Option<String>,
+) -> NodeConfig {
+    let mut c = NodeConfig::new(controller, token, pairs);
     c.version = env!("CARGO_PKG_VERSION").into();
     if let Some(id) = id {
         c.id = id;
@@ -117,11 +149,15 @@ pub fn source(spec: &str) -> anyhow::Result<Arc<dyn PriceSource>> {
 
 pub async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let source = source(&args.source)?;
-    let config = node_config(&args.controller, args.pairs, args.name, args.id);
+    let config = node_config(&args.controller, &args.token, args.pairs, args.name, args.id);
     tracing::info!(id = %config.id, name = %config.name, pairs = ?config.pairs, "node starting");
     match drover_node::run(config, source, Arc::new(NodeStats::default()), shutdown_signal()).await {
         Exit::Shutdown => tracing::info!("shut down by the controller"),
         Exit::Stopped => tracing::info!("stopped"),
+        Exit::Evicted => {
+            tracing::warn!("evicted: not reconnecting until started again with a valid token");
+            return Ok(ExitCode::from(3));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

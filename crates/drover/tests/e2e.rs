@@ -50,12 +50,38 @@ fn spawn(args: &[&str], log: &Path, name: &str) -> Proc {
     Proc { child, name: name.to_owned() }
 }
 
+/// The admission port that goes with a gRPC port in these tests.
+fn admission_port(port: u16) -> u16 {
+    ADMISSION.with(|m| *m.borrow().get(&port).expect("controller started"))
+}
+
+thread_local! {
+    static ADMISSION: std::cell::RefCell<std::collections::HashMap<u16, u16>> = Default::default();
+    static DATA: std::cell::RefCell<std::collections::HashMap<u16, std::path::PathBuf>> = Default::default();
+}
+
 fn controller(dir: &Path, port: u16) -> Proc {
     let listen = format!("127.0.0.1:{port}");
+    let adm = ADMISSION.with(|m| *m.borrow_mut().entry(port).or_insert_with(free_port));
+    let admission = format!("127.0.0.1:{adm}");
     let data = dir.join("data");
-    let log = dir.join(format!("controller-{}.log", Instant::now().elapsed().as_nanos()));
+    DATA.with(|m| m.borrow_mut().insert(port, data.clone()));
+    let log = dir.join(format!(
+        "controller-{}.log",
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    ));
     let p = spawn(
-        &["controller", "--listen", &listen, "--data-dir", data.to_str().unwrap(), "--node-timeout", "3s"],
+        &[
+            "controller",
+            "--listen",
+            &listen,
+            "--admission",
+            &admission,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--node-timeout",
+            "3s",
+        ],
         &log,
         "controller",
     );
@@ -63,16 +89,31 @@ fn controller(dir: &Path, port: u16) -> Proc {
     p
 }
 
-fn node(dir: &Path, port: u16, name: &str, pairs: &str) -> Proc {
-    let addr = format!("127.0.0.1:{port}");
-    spawn(&["node", "--controller", &addr, "--pairs", pairs, "--name", name], &dir.join(format!("{name}.log")), name)
+/// A join token for nodes of the controller on `port` (created once per controller).
+fn join_token(port: u16) -> String {
+    let (ok, out, err) = cli(port, &["token", "create", "--role", "join", "--description", "e2e"]);
+    assert!(ok, "token create failed: {out}{err}");
+    out.trim().to_owned()
 }
 
-/// Runs a CLI command; returns (exit 0?, stdout, stderr).
+fn node(dir: &Path, port: u16, name: &str, pairs: &str) -> Proc {
+    let addr = format!("127.0.0.1:{}", admission_port(port));
+    let token = join_token(port);
+    spawn(
+        &["node", "--controller", &addr, "--token", &token, "--pairs", pairs, "--name", name],
+        &dir.join(format!("{name}.log")),
+        name,
+    )
+}
+
+/// Runs a CLI command as the controller's first admin; returns (exit 0?, stdout, stderr).
 fn cli(port: u16, args: &[&str]) -> (bool, String, String) {
+    let data = DATA.with(|m| m.borrow().get(&port).cloned()).expect("controller started");
     let out = Command::new(env!("CARGO_BIN_EXE_drover"))
         .args(args)
         .env("DROVER_CONTROLLER", format!("127.0.0.1:{port}"))
+        .env("DROVER_DATA_DIR", &data)
+        .env_remove("DROVER_TOKEN")
         .output()
         .expect("run cli");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
@@ -256,8 +297,10 @@ fn unknown_any_from_a_cli_is_answered_and_the_stream_stays_up() {
         use drover_proto::{Any, Payload, v1};
         let mut client = ControllerClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let mut inbound =
-            client.cli_command_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+        let admin = std::fs::read_to_string(dir.path().join("data").join("admin.token")).unwrap();
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        req.metadata_mut().insert("authorization", format!("Bearer {}", admin.trim()).parse().unwrap());
+        let mut inbound = client.cli_command_stream(req).await.unwrap().into_inner();
         let send = |sid: &str, any: Any| v1::StreamFromCli {
             stream_id: sid.into(),
             cli_uuid: "test".into(),

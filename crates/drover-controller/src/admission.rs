@@ -1,0 +1,172 @@
+//! The admission server: seed 3's handshake on its own TCP port, in front of the node
+//! stream. One task per connection drives a `drover_admission::server::ServerConn`
+//! over real bytes; the credential verdict comes from the owner (join tokens are
+//! journaled state, and a use is consumed durably), the ticket is signed here. After
+//! the handshake the connection stays open as the control channel (`conn:alive` both
+//! ways).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_admission::server::{Action, ServerConfig, ServerConn};
+use drover_admission::ticket::TicketKey;
+use drover_admission::version::VersionPolicy;
+use drover_wire::admission::{Packet, PacketDecoder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::owner::ShellEvent;
+
+/// Most admission connections open at once.
+const MAX_CONNECTIONS: usize = 4096;
+/// Keepalive interval on the control channel.
+const ALIVE_EVERY: Duration = Duration::from_secs(5);
+
+pub(crate) struct Settings {
+    pub(crate) upstream: String,
+    pub(crate) policy: VersionPolicy,
+    pub(crate) handshake_deadline_ms: i64,
+    pub(crate) ticket_ttl_ms: i64,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+pub(crate) async fn serve(
+    listener: TcpListener,
+    settings: Settings,
+    key: TicketKey,
+    events: mpsc::Sender<ShellEvent>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let settings = Arc::new(settings);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admission accept failed");
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "admission refused: too many connections");
+            continue;
+        };
+        let (settings, key, events, stop) = (settings.clone(), key.clone(), events.clone(), stop.clone());
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            if let Err(e) = connection(stream, peer, &settings, &key, &events, stop).await {
+                tracing::debug!(%peer, error = %e, "admission connection ended");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Closes our half, then reads and drops what the peer still sends (up to 1 MiB or
+/// 1 s): closing with unread bytes would make the kernel reset the connection and the
+/// peer could lose the `conn:close` that tells it why.
+async fn linger_close(stream: &mut TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut left = 1usize << 20;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while left > 0 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+}
+
+async fn send(stream: &mut TcpStream, p: &Packet) -> std::io::Result<()> {
+    stream.write_all(&p.to_bytes()).await
+}
+
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    settings: &Settings,
+    key: &TicketKey,
+    events: &mpsc::Sender<ShellEvent>,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let config = ServerConfig { policy: settings.policy, handshake_deadline_ms: settings.handshake_deadline_ms };
+    let mut conn = ServerConn::new(config, now_ms());
+    let mut decoder = PacketDecoder::new();
+    let mut buf = vec![0u8; 8192];
+    let mut alive = tokio::time::interval(ALIVE_EVERY);
+    loop {
+        let deadline = conn.deadline().map(|d| Duration::from_millis((d - now_ms()).max(0) as u64));
+        let timer = async {
+            match deadline {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut actions = Vec::new();
+        tokio::select! {
+            n = stream.read(&mut buf) => {
+                let n = n?;
+                if n == 0 {
+                    return Ok(());
+                }
+                if let Err(e) = decoder.feed(&buf[..n]) {
+                    actions.extend(conn.on_packet(Err(e), now_ms()));
+                }
+                while let Some(p) = decoder.next_packet() {
+                    actions.extend(conn.on_packet(p, now_ms()));
+                }
+            }
+            _ = timer => actions.extend(conn.on_tick(now_ms())),
+            _ = alive.tick() => {
+                if let Some(p) = conn.alive() {
+                    send(&mut stream, &p).await?;
+                }
+            }
+            _ = stop.changed() => return Ok(()),
+        }
+        // Verdicts produce more actions; run them to completion.
+        while !actions.is_empty() {
+            let mut next = Vec::new();
+            for a in actions {
+                match a {
+                    Action::Send(p) => send(&mut stream, &p).await?,
+                    Action::Close { reason } => {
+                        tracing::info!(%peer, %reason, "admission connection closed");
+                        linger_close(&mut stream).await;
+                        return Ok(());
+                    }
+                    Action::Admitted { node } => tracing::info!(%node, %peer, "admission handshake complete"),
+                    Action::Verify { node, version: _, credential } => {
+                        let presented = drover_admission::token::parse(&credential)
+                            .map_err(|_| "credential is not a drover join token".to_owned());
+                        let (reply, verdict) = tokio::sync::oneshot::channel();
+                        let ask = ShellEvent::Admission { node: node.clone(), presented, peer: peer.ip(), reply };
+                        if events.send(ask).await.is_err() {
+                            return Ok(());
+                        }
+                        let verdict = match verdict.await {
+                            Ok(Ok(())) => {
+                                Ok((settings.upstream.clone(), key.issue(&node, now_ms() + settings.ticket_ttl_ms)))
+                            }
+                            Ok(Err(reason)) => Err(reason),
+                            Err(_) => return Ok(()),
+                        };
+                        next.extend(conn.on_verdict(verdict));
+                    }
+                }
+            }
+            actions = next;
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! Admission and security, end to end with a real controller process: the seed-3
+//! handshake driven from a raw TCP socket (no drover code on the node side), every
+//! refusal path, tickets on the gRPC node stream, operator tokens and roles, and the
+//! rate limit on failed attempts.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Controller {
+    child: Child,
+    grpc: u16,
+    admission: u16,
+    data: PathBuf,
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn start(dir: &Path, extra: &[&str]) -> Controller {
+    let (grpc, admission) = (free_port(), free_port());
+    let data = dir.join("data");
+    let mut args = vec![
+        "controller".to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{grpc}"),
+        "--admission".into(),
+        format!("127.0.0.1:{admission}"),
+        "--data-dir".into(),
+        data.to_str().unwrap().into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let child = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("controller.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let c = Controller { child, grpc, admission, data };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.cli(&["version"]).0 {
+        assert!(Instant::now() < deadline, "controller did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c
+}
+
+impl Controller {
+    fn admin(&self) -> String {
+        std::fs::read_to_string(self.data.join("admin.token")).unwrap().trim().to_owned()
+    }
+
+    /// Runs the CLI with `token` (None: no token at all).
+    fn cli_as(&self, token: Option<&str>, args: &[&str]) -> (bool, String, String) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_drover"));
+        cmd.args(args)
+            .env("DROVER_CONTROLLER", format!("127.0.0.1:{}", self.grpc))
+            .env("DROVER_DATA_DIR", "/nonexistent")
+            .env_remove("DROVER_TOKEN");
+        if let Some(t) = token {
+            cmd.env("DROVER_TOKEN", t);
+        }
+        let out = cmd.output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    }
+
+    fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let admin = std::fs::read_to_string(self.data.join("admin.token")).ok();
+        self.cli_as(admin.as_deref().map(str::trim), args)
+    }
+
+    fn token(&self, args: &[&str]) -> String {
+        let mut all = vec!["token", "create"];
+        all.extend_from_slice(args);
+        let (ok, out, err) = self.cli(&all);
+        assert!(ok, "{out}{err}");
+        out.trim().to_owned()
+    }
+
+    fn connect(&self) -> TcpStream {
+        let s = TcpStream::connect(("127.0.0.1", self.admission)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    }
+}
+
+/// Reads raw bytes until `<EOF>` count reaches `n` or the peer closes; returns the text.
+fn read_packets(s: &mut TcpStream, n: usize) -> String {
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while text.windows(5).filter(|w| w == b"<EOF>").count() < n {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => text.extend_from_slice(&buf[..k]),
+        }
+    }
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+fn establish(version: &str) -> String {
+    format!("conn:establish;;{{\"id\":\"raw-node\",\"version\":\"{version}\",\"type\":\"node\"}}<EOF>")
+}
+
+/// The answer to `auth:start` with `cert`, after a correct establish.
+fn attempt(c: &Controller, cert: &str) -> String {
+    let mut s = c.connect();
+    s.write_all(establish(env!("CARGO_PKG_VERSION")).as_bytes()).unwrap();
+    assert!(read_packets(&mut s, 1).starts_with("conn:startAuth;;"));
+    s.write_all(format!("auth:start;;{{\"cert\":\"{cert}\"}}<EOF>").as_bytes()).unwrap();
+    read_packets(&mut s, 1)
+}
+
+#[test]
+fn raw_socket_handshake_with_split_and_pipelined_packets() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), &[]);
+    let join = c.token(&["--role", "join"]);
+    let mut s = c.connect();
+    // conn:establish split over several writes, cut inside the JSON and inside <EOF>.
+    let hello = establish(env!("CARGO_PKG_VERSION"));
+    for part in [&hello[..5], &hello[5..20], &hello[20..hello.len() - 2], &hello[hello.len() - 2..]] {
+        s.write_all(part.as_bytes()).unwrap();
+        s.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(read_packets(&mut s, 1), "conn:startAuth;;{}<EOF>");
+    s.write_all(format!("auth:start;;{{\"cert\":\"{join}\"}}<EOF>").as_bytes()).unwrap();
+    let ack = read_packets(&mut s, 1);
+    assert!(ack.starts_with("auth:ack;;"), "{ack}");
+    let json: serde_json::Value =
+        serde_json::from_str(ack.trim_start_matches("auth:ack;;").trim_end_matches("<EOF>")).unwrap();
+    assert_eq!(json["upstream"], format!("127.0.0.1:{}", c.grpc));
+    assert!(json["ticket"].as_str().unwrap().starts_with("dk1."));
+    // The node's auth:ack and a keepalive in one write: both are taken, the channel stays open.
+    s.write_all(b"auth:ack;;{}<EOF>conn:alive;;{}<EOF>").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut probe = [0u8; 64];
+    if let Ok(0) = s.read(&mut probe) {
+        panic!("controller closed an admitted control channel")
+    }
+}
+
+#[test]
+fn every_refusal_gets_its_documented_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), &["--handshake-deadline", "1s"]);
+    let close_reason = |text: &str| -> String {
+        assert!(text.starts_with("conn:close;;"), "expected conn:close, got {text:?}");
+        let json: serde_json::Value =
+            serde_json::from_str(text.trim_start_matches("conn:close;;").split("<EOF>").next().unwrap()).unwrap();
+        json["reason"].as_str().unwrap().to_owned()
+    };
+    let dec_reason = |text: &str| -> String {
+        assert!(text.starts_with("auth:dec;;"), "expected auth:dec, got {text:?}");
+        let json: serde_json::Value =
+            serde_json::from_str(text.trim_start_matches("auth:dec;;").split("<EOF>").next().unwrap()).unwrap();
+        json["reason"].as_str().unwrap().to_owned()
+    };
+    // Wrong version.
+    let mut s = c.connect();
+    s.write_all(establish("99.0.0").as_bytes()).unwrap();
+    assert!(close_reason(&read_packets(&mut s, 1)).contains("incompatible"));
+    // Out of order, unknown code, bad JSON, oversize packet.
+    for (bytes, needle) in [
+        (b"auth:start;;{\"cert\":\"x\"}<EOF>".to_vec(), "unexpected auth:start"),
+        (b"conn:nope;;{}<EOF>".to_vec(), "unknown packet code"),
+        (b"conn:establish;;{\"id\":<EOF>".to_vec(), "not valid JSON"),
+        ([b"conn:establish;;{\"id\":\"".as_slice(), &vec![b'a'; 65 * 1024]].concat(), "exceeds"),
+    ] {
+        let mut s = c.connect();
+        let _ = s.write_all(&bytes);
+        assert!(close_reason(&read_packets(&mut s, 1)).contains(needle), "{needle}");
+    }
+    // Slow client.
+    let mut s = c.connect();
+    let started = Instant::now();
+    assert!(close_reason(&read_packets(&mut s, 1)).contains("not finished within"));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // Bad, revoked, expired and used-up tokens.
+    assert_eq!(dec_reason(&attempt(&c, "dt1.0123456789ab.notthesecretnotthesecret")), "unknown token");
+    assert!(dec_reason(&attempt(&c, "-----BEGIN CERTIFICATE-----")).contains("not a drover join token"));
+    let revoked = c.token(&["--role", "join"]);
+    let id = revoked.split('.').nth(1).unwrap().to_owned();
+    assert!(c.cli(&["token", "revoke", &id]).0);
+    assert_eq!(dec_reason(&attempt(&c, &revoked)), "token revoked");
+    let expiring = c.token(&["--role", "join", "--ttl", "300ms"]);
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(dec_reason(&attempt(&c, &expiring)), "token expired");
+    let once = c.token(&["--role", "join", "--uses", "1"]);
+    assert!(attempt(&c, &once).starts_with("auth:ack;;"));
+    assert_eq!(dec_reason(&attempt(&c, &once)), "token has no uses left");
+    // An operator token is not a join token.
+    assert_eq!(dec_reason(&attempt(&c, &c.admin())), "not a join token");
+    // Tokens survive a restart (journaled state), revocations too.
+    drop(c);
+    let c = start(dir.path(), &[]);
+    assert_eq!(dec_reason(&attempt(&c, &revoked)), "token revoked");
+    let (ok, out, _) = c.cli(&["token", "list", "--json"]);
+    assert!(ok);
+    assert!(!out.contains(revoked.split('.').nth(2).unwrap()), "secrets are never listed");
+}
+
+#[test]
+fn operators_need_a_token_and_read_tokens_cannot_change_things() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), &[]);
+    let (ok, _, err) = c.cli_as(None, &["nodes"]);
+    assert!(!ok && err.contains("operator token is required"), "{err}");
+    let (ok, _, err) = c.cli_as(Some("dt1.0123456789ab.wrongwrongwrongwrong"), &["nodes"]);
+    assert!(!ok && err.contains("operator token is required"), "{err}");
+    let read = c.token(&["--role", "read"]);
+    assert!(c.cli_as(Some(&read), &["nodes"]).0);
+    let (ok, _, err) = c.cli_as(Some(&read), &["kick", "some-node"]);
+    assert!(!ok && err.contains("needs an admin token"), "{err}");
+    let (ok, _, err) = c.cli_as(Some(&read), &["token", "create", "--role", "admin"]);
+    assert!(!ok && err.contains("admin token"), "{err}");
+}
+
+#[test]
+fn node_streams_need_a_valid_ticket_for_that_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), &["--ticket-ttl", "1s"]);
+    let join = c.token(&["--role", "join"]);
+    let ack = attempt(&c, &join);
+    let json: serde_json::Value =
+        serde_json::from_str(ack.trim_start_matches("auth:ack;;").trim_end_matches("<EOF>")).unwrap();
+    let ticket = json["ticket"].as_str().unwrap().to_owned();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let status = |ticket: Option<String>, node: &'static str| {
+        rt.block_on(async {
+            use drover_proto::v1::controller_client::ControllerClient;
+            use drover_proto::{Payload, v1};
+            let mut client = ControllerClient::connect(format!("http://127.0.0.1:{}", c.grpc)).await.unwrap();
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let hello = v1::NodeKnownCurrenciesV1Notify { pairs: vec!["EURUSD".into()], ..Default::default() };
+            tx.send(v1::StreamFromNode {
+                node_uuid: node.into(),
+                from_uuid: None,
+                response: Some(Payload::from(hello).to_any()),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap();
+            let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            if let Some(t) = ticket {
+                req.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+            }
+            match client.node_command_stream(req).await {
+                Err(s) => s.code(),
+                Ok(r) => match r.into_inner().message().await {
+                    Ok(_) => tonic::Code::Ok,
+                    Err(s) => s.code(),
+                },
+            }
+        })
+    };
+    assert_eq!(status(Some(ticket.clone()), "raw-node"), tonic::Code::Ok, "the right node with its ticket");
+    assert_eq!(status(None, "raw-node"), tonic::Code::Unauthenticated, "no ticket");
+    assert_eq!(status(Some(ticket.clone()), "someone-else"), tonic::Code::PermissionDenied, "ticket for another node");
+    let tampered = ticket.replacen("dk1.", "dk1.A", 1);
+    assert_eq!(status(Some(tampered), "raw-node"), tonic::Code::Unauthenticated, "tampered ticket");
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(status(Some(ticket), "raw-node"), tonic::Code::Unauthenticated, "expired ticket");
+}
+
+#[test]
+fn brute_force_from_one_address_is_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), &[]);
+    let (mut unknown, mut limited) = (0, 0);
+    for i in 0..30 {
+        let answer = attempt(&c, &format!("dt1.0123456789ab.guessguessguess{i:04}"));
+        if answer.contains("unknown token") {
+            unknown += 1;
+        } else if answer.contains("too many failed attempts") {
+            limited += 1;
+        }
+    }
+    // The controller allows 10 failures per address per minute; the rest are refused
+    // before the credential is even looked at.
+    eprintln!("30 wrong tokens: {unknown} checked, {limited} refused by the limiter");
+    assert_eq!((unknown, limited), (10, 20));
+    // Even the right token is refused from that address until the window passes.
+    let join = c.token(&["--role", "join"]);
+    assert!(attempt(&c, &join).contains("too many failed attempts"));
+}
