@@ -371,11 +371,16 @@ pub async fn prices(ctx: &Ctx, pairs: Vec<String>, watch: bool, duration: Option
         if let Payload::ControllerPriceV1Notify(n) = reply.payload
             && let Some(v) = n.price
         {
-            if ctx.json {
-                println!("{}", price_json(&v));
+            let line = if ctx.json {
+                price_json(&v).to_string()
             } else {
                 let r = price_row(&v);
-                println!("{:<8} {:>12}  streamer {}  epoch {}", r[0], r[1], r[3], r[4]);
+                format!("{:<8} {:>12}  streamer {}  epoch {}", r[0], r[1], r[3], r[4])
+            };
+            // A reader that went away (`| head`) ends the watch quietly.
+            use std::io::Write;
+            if writeln!(std::io::stdout().lock(), "{line}").is_err() {
+                return Ok(true);
             }
         }
     }
