@@ -53,6 +53,7 @@ impl Bench {
             timeout: std::time::Duration::from_secs(2),
             json: false,
             token: Some(self.admin.clone()),
+            ca: None,
         }
     }
 }

@@ -98,7 +98,7 @@ pub async fn run(updates: u64) {
     let serving = loop {
         // The admin token appears once the controller has bootstrapped.
         let token = std::fs::read_to_string(dir.path().join("admin.token")).ok().map(|t| t.trim().to_owned());
-        let ctx = Ctx { controller: listen.clone(), timeout: Duration::from_millis(500), json: false, token };
+        let ctx = Ctx { controller: listen.clone(), timeout: Duration::from_millis(500), json: false, token, ca: None };
         if let Ok(mut s) = Session::open(&ctx).await {
             if let Ok(out) = s.request(&ctx, vec![], v1::ControllerAppVersionV1Req {}.into(), false).await {
                 if !out.replies.is_empty() {

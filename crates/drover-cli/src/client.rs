@@ -74,12 +74,15 @@ pub struct Ctx {
     pub json: bool,
     /// The operator token (`dt1.…`).
     pub token: Option<String>,
+    /// CA certificate (PEM) to verify the controller's TLS certificate; `None`: plain.
+    pub ca: Option<Vec<u8>>,
 }
 
 impl Ctx {
     /// The endpoint as a URL.
     pub fn url(&self) -> String {
-        if self.controller.contains("://") { self.controller.clone() } else { format!("http://{}", self.controller) }
+        let host = self.controller.trim_start_matches("http://").trim_start_matches("https://");
+        format!("{}://{host}", if self.ca.is_some() { "https" } else { "http" })
     }
 }
 
@@ -100,10 +103,20 @@ pub struct Session {
 impl Session {
     /// Connects and opens the stream.
     pub async fn open(ctx: &Ctx) -> Result<Session, CliError> {
-        let connect = ControllerClient::connect(ctx.url());
+        let mut endpoint = tonic::transport::Endpoint::from_shared(ctx.url())
+            .map_err(|e| CliError::Usage(format!("bad controller address {}: {e}", ctx.controller)))?;
+        if let Some(ca) = &ctx.ca {
+            let tls =
+                tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
+            endpoint = endpoint.tls_config(tls).map_err(|e| CliError::Usage(format!("TLS: {e}")))?;
+        }
+        let connect = endpoint.connect();
         let mut client = match tokio::time::timeout(ctx.timeout, connect).await {
-            Ok(Ok(c)) => c.max_decoding_message_size(64 << 20),
-            Ok(Err(e)) => return Err(CliError::Connect { addr: ctx.url(), reason: e.to_string() }),
+            Ok(Ok(c)) => ControllerClient::new(c).max_decoding_message_size(64 << 20),
+            Ok(Err(e)) => {
+                let cause = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
+                return Err(CliError::Connect { addr: ctx.url(), reason: format!("{e}{cause}") });
+            }
             Err(_) => return Err(CliError::Connect { addr: ctx.url(), reason: "timed out".into() }),
         };
         let (tx, rx) = mpsc::channel(16);

@@ -13,8 +13,8 @@ use drover_admission::server::{Action, ServerConfig, ServerConn};
 use drover_admission::ticket::TicketKey;
 use drover_admission::version::VersionPolicy;
 use drover_wire::admission::{Packet, PacketDecoder};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::owner::ShellEvent;
@@ -39,6 +39,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     settings: Settings,
     key: TicketKey,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     events: mpsc::Sender<ShellEvent>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -59,10 +60,26 @@ pub(crate) async fn serve(
             tracing::warn!(%peer, "admission refused: too many connections");
             continue;
         };
-        let (settings, key, events, stop) = (settings.clone(), key.clone(), events.clone(), stop.clone());
+        let (settings, key, events, stop, tls) =
+            (settings.clone(), key.clone(), events.clone(), stop.clone(), tls.clone());
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
-            if let Err(e) = connection(stream, peer, &settings, &key, &events, stop).await {
+            let result = match tls {
+                Some(acceptor) => {
+                    // The TLS handshake counts against the admission deadline too.
+                    let deadline = Duration::from_millis(settings.handshake_deadline_ms.max(0) as u64);
+                    match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => connection(tls, peer, &settings, &key, &events, stop).await,
+                        Ok(Err(e)) => {
+                            tracing::warn!(%peer, error = %e, "admission TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => Ok(()),
+                    }
+                }
+                None => connection(stream, peer, &settings, &key, &events, stop).await,
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "admission connection ended");
             }
             drop(permit);
@@ -73,7 +90,7 @@ pub(crate) async fn serve(
 /// Closes our half, then reads and drops what the peer still sends (up to 1 MiB or
 /// 1 s): closing with unread bytes would make the kernel reset the connection and the
 /// peer could lose the `conn:close` that tells it why.
-async fn linger_close(stream: &mut TcpStream) {
+async fn linger_close<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
     let _ = stream.shutdown().await;
     let mut buf = vec![0u8; 16 * 1024];
     let mut left = 1usize << 20;
@@ -88,12 +105,13 @@ async fn linger_close(stream: &mut TcpStream) {
     .await;
 }
 
-async fn send(stream: &mut TcpStream, p: &Packet) -> std::io::Result<()> {
-    stream.write_all(&p.to_bytes()).await
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, p: &Packet) -> std::io::Result<()> {
+    stream.write_all(&p.to_bytes()).await?;
+    stream.flush().await
 }
 
-async fn connection(
-    mut stream: TcpStream,
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
     peer: SocketAddr,
     settings: &Settings,
     key: &TicketKey,

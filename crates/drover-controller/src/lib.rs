@@ -56,6 +56,43 @@ pub struct ControllerConfig {
     pub handshake_deadline_ms: i64,
     /// Failed admissions allowed per address per minute before it is refused at once.
     pub max_failed_admissions: usize,
+    /// TLS identity (certificate chain and key, PEM) for the gRPC and admission ports.
+    pub tls: Option<TlsIdentity>,
+}
+
+/// A certificate chain and its private key, PEM.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    /// Certificate chain, PEM.
+    pub cert_pem: Vec<u8>,
+    /// Private key, PEM.
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsIdentity(<redacted>)")
+    }
+}
+
+impl TlsIdentity {
+    /// A rustls server configuration for the admission port.
+    pub(crate) fn rustls(&self) -> Result<tokio_rustls::rustls::ServerConfig, ShellError> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |what: &str, e: String| ShellError::Config(format!("TLS {what}: {e}"));
+        let certs = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("certificate", e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| bad("key", e.to_string()))?;
+        let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("versions", e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| bad("identity", e.to_string()))
+    }
 }
 
 impl ControllerConfig {
@@ -73,6 +110,7 @@ impl ControllerConfig {
             ticket_ttl_ms: 10 * 60_000,
             handshake_deadline_ms: 10_000,
             max_failed_admissions: 10,
+            tls: None,
         }
     }
 
@@ -202,7 +240,11 @@ pub async fn run(
                 handshake_deadline_ms: config.handshake_deadline_ms,
                 ticket_ttl_ms: config.ticket_ttl_ms,
             };
-            tokio::spawn(admission::serve(l, settings, key.clone(), events_tx.clone(), stop_rx.clone()));
+            let tls = match &config.tls {
+                Some(id) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(id.rustls()?))),
+                None => None,
+            };
+            tokio::spawn(admission::serve(l, settings, key.clone(), tls, events_tx.clone(), stop_rx.clone()));
             tracing::info!(addr = %a, "serving admission");
             Some(a)
         }
@@ -221,13 +263,19 @@ pub async fn run(
         .max_encoding_message_size(config.max_message_bytes);
     tracing::info!(%addr, "serving gRPC");
     let mut server_stop = stop_rx.clone();
-    let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .add_service(grpc)
-        .add_service(reflection)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(id) = &config.tls {
+        let identity = tonic::transport::Identity::from_pem(&id.cert_pem, &id.key_pem);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| ShellError::Config(format!("TLS: {e}")))?;
+    }
+    let server = builder.add_service(grpc).add_service(reflection).serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        async move {
             let _ = server_stop.wait_for(|s| *s).await;
-        });
+        },
+    );
     let server = tokio::spawn(server);
     let mut owner_task = owner_task;
     // Ready once recovery, the start input and the first admin token are done.

@@ -31,6 +31,8 @@ pub struct NodeConfig {
     pub controller: String,
     /// The join token (`drover token create --role join`).
     pub token: String,
+    /// CA certificate (PEM) to verify the controller's TLS certificate; `None`: plain TCP.
+    pub ca: Option<Vec<u8>>,
     /// This node's uuid.
     pub id: String,
     /// A human name.
@@ -58,6 +60,7 @@ impl NodeConfig {
         NodeConfig {
             controller: controller.into(),
             token: token.into(),
+            ca: None,
             name: format!("node-{}", &id[..8]),
             id,
             pairs,
@@ -171,9 +174,45 @@ struct Streaming {
     last_upstream_ms: i64,
 }
 
+/// A byte stream: plain TCP or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// A TLS client configuration trusting the CA certificates in `ca` (PEM).
+fn tls_client(ca: &[u8]) -> Result<tokio_rustls::TlsConnector, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca) {
+        roots.add(cert.map_err(|e| format!("CA file: {e}"))?).map_err(|e| format!("CA certificate: {e}"))?;
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// Opens a gRPC channel to `upstream`, over TLS verified against `ca` if given.
+pub async fn grpc_channel(upstream: &str, ca: Option<&[u8]>) -> Result<tonic::transport::Channel, String> {
+    let host = upstream.trim_start_matches("http://").trim_start_matches("https://");
+    let url = format!("{}://{host}", if ca.is_some() { "https" } else { "http" });
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url).map_err(|e| e.to_string())?.tcp_nodelay(true);
+    if let Some(ca) = ca {
+        let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        endpoint = endpoint.tls_config(tls).map_err(|e| e.to_string())?;
+    }
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()))
+}
+
 /// An open admission connection: the control channel after the handshake.
 struct Control {
-    stream: tokio::net::TcpStream,
+    stream: Box<dyn Io>,
     decoder: PacketDecoder,
     conn: NodeConn,
 }
@@ -181,10 +220,20 @@ struct Control {
 /// Passes admission: returns the upstream, the ticket and the control channel.
 async fn admit(config: &NodeConfig) -> Result<(String, String, Control), End> {
     let addr = config.controller.trim_start_matches("http://").to_owned();
-    let mut stream = tokio::net::TcpStream::connect(&addr)
+    let tcp = tokio::net::TcpStream::connect(&addr)
         .await
         .map_err(|e| End::Closed(format!("admission connect {addr}: {e}")))?;
-    let _ = stream.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
+    let mut stream: Box<dyn Io> = match &config.ca {
+        None => Box::new(tcp),
+        Some(ca) => {
+            let connector = tls_client(ca).map_err(End::Closed)?;
+            let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h).trim_matches(['[', ']']).to_owned();
+            let name = rustls_pki_types::ServerName::try_from(host)
+                .map_err(|e| End::Closed(format!("admission host: {e}")))?;
+            Box::new(connector.connect(name, tcp).await.map_err(|e| End::Closed(format!("admission TLS: {e}")))?)
+        }
+    };
     let mut conn = NodeConn::new(config.id.clone(), config.version.clone(), config.token.clone());
     let mut decoder = PacketDecoder::new();
     let mut pending = conn.start();
@@ -195,6 +244,7 @@ async fn admit(config: &NodeConfig) -> Result<(String, String, Control), End> {
             match a {
                 NodeAction::Send(p) => {
                     stream.write_all(&p.to_bytes()).await.map_err(|e| End::Closed(format!("admission write: {e}")))?;
+                    stream.flush().await.map_err(|e| End::Closed(format!("admission write: {e}")))?;
                 }
                 NodeAction::Admitted { upstream, ticket } => {
                     return Ok((upstream, ticket, Control { stream, decoder, conn }));
@@ -225,10 +275,9 @@ async fn session(config: &NodeConfig, source: &Arc<dyn PriceSource>, stats: &Nod
         Ok(a) => a,
         Err(end) => return end,
     };
-    let url = if upstream.contains("://") { upstream.clone() } else { format!("http://{upstream}") };
-    let mut client = match ControllerClient::connect(url).await {
-        Ok(c) => c.max_decoding_message_size(4 << 20),
-        Err(e) => return End::Closed(format!("connect: {e}")),
+    let mut client = match grpc_channel(&upstream, config.ca.as_deref()).await {
+        Ok(c) => ControllerClient::new(c).max_decoding_message_size(4 << 20),
+        Err(e) => return End::Closed(format!("connect {upstream}: {e}")),
     };
     let (tx, rx) = mpsc::channel::<v1::StreamFromNode>(1024);
     let node = config.id.clone();

@@ -76,7 +76,13 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     println!("drover demo: controller on {addr} (admission {admission_addr}), data in {}", dir.path().display());
     // The operator's first admin token is in the data directory; with it, a join token.
     let admin = std::fs::read_to_string(dir.path().join(drover_controller::ADMIN_TOKEN_FILE))?.trim().to_owned();
-    let ctx = Ctx { controller: addr.to_string(), timeout: Duration::from_secs(2), json: false, token: Some(admin) };
+    let ctx = Ctx {
+        controller: addr.to_string(),
+        timeout: Duration::from_secs(2),
+        json: false,
+        token: Some(admin),
+        ca: None,
+    };
     let req = v1::ControllerTokenCreateV1Req {
         role: v1::TokenRole::Join as i32,
         ttl_ms: 0,

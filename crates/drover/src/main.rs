@@ -3,6 +3,7 @@
 //! subcommand lives in its own module and returns `anyhow::Result`, so errors reach the
 //! operator as one line that says what went wrong and where.
 
+mod cert;
 mod demo;
 mod journal_cmd;
 mod roles;
@@ -39,6 +40,9 @@ struct CliArgs {
     /// Operator token (default: the `admin.token` file in $DROVER_DATA_DIR or ./drover-data).
     #[arg(long, env = "DROVER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificate (PEM) to verify the controller's TLS certificate (default: plain).
+    #[arg(long, env = "DROVER_CA")]
+    ca: Option<std::path::PathBuf>,
 }
 
 impl CliArgs {
@@ -47,7 +51,10 @@ impl CliArgs {
             let dir = std::env::var("DROVER_DATA_DIR").unwrap_or_else(|_| "./drover-data".into());
             std::fs::read_to_string(std::path::Path::new(&dir).join("admin.token")).ok().map(|t| t.trim().to_owned())
         });
-        Ctx { controller: self.controller.clone(), timeout: self.timeout, json: self.json, token }
+        // An unreadable CA file must not silently fall back to plain text: keep the bytes
+        // empty, which fails the TLS setup with a clear error.
+        let ca = self.ca.as_ref().map(|p| std::fs::read(p).unwrap_or_default());
+        Ctx { controller: self.controller.clone(), timeout: self.timeout, json: self.json, token, ca }
     }
 }
 
@@ -154,6 +161,9 @@ enum Command {
         #[arg(long, value_parser = util::parse_duration)]
         duration: Option<Duration>,
     },
+    /// Make a development CA and certificates for TLS.
+    #[command(subcommand)]
+    Cert(cert::CertCommand),
     /// Manage join tokens (nodes) and operator tokens (CLI).
     #[command(subcommand)]
     Token(TokenCommand),
@@ -202,6 +212,7 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Token(TokenCommand::List(cli)) => cli_result(c::token_list(&cli.ctx()).await),
         Command::Token(TokenCommand::Revoke { cli, ids }) => cli_result(c::token_revoke(&cli.ctx(), ids).await),
+        Command::Cert(cmd) => cert::run(cmd),
         Command::Journal(cmd) => journal_cmd::run(cmd),
     }
 }

@@ -31,6 +31,12 @@ pub struct ControllerArgs {
     /// An admission handshake not finished within this is closed.
     #[arg(long, env = "DROVER_HANDSHAKE_DEADLINE", default_value = "10s", value_parser = parse_duration)]
     pub handshake_deadline: Duration,
+    /// TLS certificate chain (PEM) for the gRPC and admission ports (with --tls-key).
+    #[arg(long, env = "DROVER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "DROVER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// How long a session ticket is valid; nodes pass admission again after it.
     #[arg(long, env = "DROVER_TICKET_TTL", default_value = "10m", value_parser = parse_duration)]
     pub ticket_ttl: Duration,
@@ -80,6 +86,12 @@ impl ControllerArgs {
 }
 
 pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
+    let mut config = args.config();
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let cert_pem = std::fs::read(cert).with_context(|| format!("cannot read --tls-cert {}", cert.display()))?;
+        let key_pem = std::fs::read(key).with_context(|| format!("cannot read --tls-key {}", key.display()))?;
+        config.tls = Some(drover_controller::TlsIdentity { cert_pem, key_pem });
+    }
     let grpc = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (in use? try --listen 127.0.0.1:0)", args.listen))?;
@@ -88,7 +100,7 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot listen on {} for admission (in use? see --admission)", args.admission))?;
     let listeners = drover_controller::Listeners { grpc, admission: Some(admission) };
     let token_file = args.data_dir.join(drover_controller::ADMIN_TOKEN_FILE);
-    drover_controller::run(args.config(), listeners, shutdown_signal(), move |r| {
+    drover_controller::run(config, listeners, shutdown_signal(), move |r| {
         tracing::info!(addr = %r.addr, admission = ?r.admission, admin_token_file = %token_file.display(), "controller ready");
     })
     .await
@@ -113,6 +125,9 @@ pub struct NodeArgs {
     /// The node uuid (default: a fresh random one; nodes keep no state across restarts).
     #[arg(long, env = "DROVER_NODE_ID")]
     pub id: Option<String>,
+    /// CA certificate (PEM) to verify the controller's TLS certificate (default: plain TCP).
+    #[arg(long, env = "DROVER_CA")]
+    pub ca: Option<PathBuf>,
     /// Price source: `sim` (deterministic simulator) or `csv:FILE` (pair,offset_ms,price lines).
     #[arg(long, env = "DROVER_SOURCE", default_value = "sim")]
     pub source: String,
@@ -149,7 +164,10 @@ pub fn source(spec: &str) -> anyhow::Result<Arc<dyn PriceSource>> {
 
 pub async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let source = source(&args.source)?;
-    let config = node_config(&args.controller, &args.token, args.pairs, args.name, args.id);
+    let mut config = node_config(&args.controller, &args.token, args.pairs, args.name, args.id);
+    if let Some(ca) = &args.ca {
+        config.ca = Some(std::fs::read(ca).with_context(|| format!("cannot read --ca {}", ca.display()))?);
+    }
     tracing::info!(id = %config.id, name = %config.name, pairs = ?config.pairs, "node starting");
     match drover_node::run(config, source, Arc::new(NodeStats::default()), shutdown_signal()).await {
         Exit::Shutdown => tracing::info!("shut down by the controller"),

@@ -294,3 +294,99 @@ fn brute_force_from_one_address_is_rate_limited() {
     let join = c.token(&["--role", "join"]);
     assert!(attempt(&c, &join).contains("too many failed attempts"));
 }
+
+#[test]
+fn tls_end_to_end_with_the_drover_cert_ca_and_a_stranger_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let other = dir.path().join("other-ca");
+    let drover = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_drover")).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    drover(&["cert", "init", "--dir", certs.to_str().unwrap()]);
+    drover(&["cert", "issue", "controller", "--dir", certs.to_str().unwrap(), "--san", "127.0.0.1,localhost"]);
+    drover(&["cert", "init", "--dir", other.to_str().unwrap()]);
+    let cert = certs.join("controller.pem");
+    let key = certs.join("controller.key");
+    let ca = certs.join("ca.pem");
+    let (grpc, admission) = (free_port(), free_port());
+    let data = dir.path().join("data");
+    let mut controller = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args([
+            "controller",
+            "--listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--admission",
+            &format!("127.0.0.1:{admission}"),
+        ])
+        .args([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("controller.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let cli = |ca: Option<&Path>, args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_drover"));
+        cmd.args(args)
+            .args(["--timeout", "3s"])
+            .env("DROVER_CONTROLLER", format!("127.0.0.1:{grpc}"))
+            .env("DROVER_DATA_DIR", &data)
+            .env_remove("DROVER_TOKEN")
+            .env_remove("DROVER_CA");
+        if let Some(ca) = ca {
+            cmd.env("DROVER_CA", ca);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cli(Some(&ca), &["version"]).0 {
+        assert!(Instant::now() < deadline, "TLS controller did not answer");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A node over TLS: admission and stream both verified against the CA.
+    let (ok, join, err) = cli(Some(&ca), &["token", "create", "--role", "join"]);
+    assert!(ok, "{err}");
+    let mut node = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["node", "--controller", &format!("127.0.0.1:{admission}"), "--token", join.trim(), "--pairs", "EURUSD"])
+        .args(["--name", "tls-node", "--ca", ca.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("node.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, out, _) = cli(Some(&ca), &["prices", "--json"]);
+        if out.contains("EURUSD") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no prices over TLS");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A client trusting another CA is refused, and so is plain text.
+    let (ok, _, err) = cli(Some(&other.join("ca.pem")), &["version"]);
+    assert!(!ok, "a client trusting another CA must be refused");
+    assert!(err.contains("cannot reach the controller"), "{err}");
+    let (ok, _, _) = cli(None, &["version"]);
+    assert!(!ok, "plain text to a TLS port must fail");
+    // Plain text on the admission port gets no handshake either.
+    let mut s = TcpStream::connect(("127.0.0.1", admission)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.write_all(establish(env!("CARGO_PKG_VERSION")).as_bytes()).unwrap();
+    assert!(!read_packets(&mut s, 1).contains("conn:startAuth"));
+    let _ = node.kill();
+    let _ = node.wait();
+    let _ = controller.kill();
+    let _ = controller.wait();
+}
