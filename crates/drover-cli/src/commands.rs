@@ -494,6 +494,29 @@ pub async fn token_revoke(ctx: &Ctx, ids: Vec<String>) -> Result<bool, CliError>
     Ok(r.missing.is_empty())
 }
 
+/// `drover evict NODE… [--reason …]`.
+pub async fn evict(ctx: &Ctx, args: &[String], reason: String) -> Result<bool, CliError> {
+    let ids = resolve(ctx, args).await?;
+    let out = request(ctx, Vec::new(), v1::ControllerEvictNodesV1Req { node_uuids: ids, reason }.into()).await?;
+    if !print_unknown_or(&out) {
+        return Ok(false);
+    }
+    let Some(Payload::ControllerEvictNodesV1Reply(r)) = out.replies.into_iter().next().map(|r| r.payload) else {
+        return Err(CliError::Decode("unexpected reply".into()));
+    };
+    if ctx.json {
+        println!("{}", json!({"evicted": r.evicted, "missing": r.missing}));
+    } else {
+        for id in &r.evicted {
+            println!("evicted: {id}");
+        }
+        for id in &r.missing {
+            eprintln!("missing: {id} (unknown node)");
+        }
+    }
+    Ok(r.missing.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

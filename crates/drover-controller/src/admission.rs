@@ -123,6 +123,51 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     let mut decoder = PacketDecoder::new();
     let mut buf = vec![0u8; 8192];
     let mut alive = tokio::time::interval(ALIVE_EVERY);
+    static CONTROL_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let control_id = CONTROL_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (evict_tx, mut evict_rx) = mpsc::channel::<String>(1);
+    let mut evict_tx = Some(evict_tx);
+    let mut admitted: Option<String> = None;
+    let result = control_loop(
+        &mut stream,
+        peer,
+        settings,
+        key,
+        events,
+        &mut stop,
+        &mut conn,
+        &mut decoder,
+        &mut buf,
+        &mut alive,
+        &mut evict_rx,
+        &mut evict_tx,
+        &mut admitted,
+        control_id,
+    )
+    .await;
+    if let Some(node) = admitted {
+        let _ = events.send(ShellEvent::ControlClosed { node, id: control_id }).await;
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn control_loop<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    peer: SocketAddr,
+    settings: &Settings,
+    key: &TicketKey,
+    events: &mpsc::Sender<ShellEvent>,
+    stop: &mut watch::Receiver<bool>,
+    conn: &mut ServerConn,
+    decoder: &mut PacketDecoder,
+    buf: &mut [u8],
+    alive: &mut tokio::time::Interval,
+    evict_rx: &mut mpsc::Receiver<String>,
+    evict_tx: &mut Option<mpsc::Sender<String>>,
+    admitted: &mut Option<String>,
+    control_id: u64,
+) -> std::io::Result<()> {
     loop {
         let deadline = conn.deadline().map(|d| Duration::from_millis((d - now_ms()).max(0) as u64));
         let timer = async {
@@ -133,7 +178,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         };
         let mut actions = Vec::new();
         tokio::select! {
-            n = stream.read(&mut buf) => {
+            n = stream.read(buf) => {
                 let n = n?;
                 if n == 0 {
                     return Ok(());
@@ -148,23 +193,35 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             _ = timer => actions.extend(conn.on_tick(now_ms())),
             _ = alive.tick() => {
                 if let Some(p) = conn.alive() {
-                    send(&mut stream, &p).await?;
+                    send(stream, &p).await?;
                 }
             }
             _ = stop.changed() => return Ok(()),
+            reason = evict_rx.recv() => {
+                if let Some(reason) = reason {
+                    tracing::warn!(%peer, %reason, "evicting over the control channel");
+                    actions.extend(conn.evict(&reason));
+                }
+            }
         }
         // Verdicts produce more actions; run them to completion.
         while !actions.is_empty() {
             let mut next = Vec::new();
             for a in actions {
                 match a {
-                    Action::Send(p) => send(&mut stream, &p).await?,
+                    Action::Send(p) => send(stream, &p).await?,
                     Action::Close { reason } => {
                         tracing::info!(%peer, %reason, "admission connection closed");
-                        linger_close(&mut stream).await;
+                        linger_close(stream).await;
                         return Ok(());
                     }
-                    Action::Admitted { node } => tracing::info!(%node, %peer, "admission handshake complete"),
+                    Action::Admitted { node } => {
+                        tracing::info!(%node, %peer, "admission handshake complete");
+                        *admitted = Some(node.clone());
+                        if let Some(evict) = evict_tx.take() {
+                            let _ = events.send(ShellEvent::ControlOpened { node, id: control_id, evict }).await;
+                        }
+                    }
                     Action::Verify { node, version: _, credential } => {
                         let presented = drover_admission::token::parse(&credential)
                             .map_err(|_| "credential is not a drover join token".to_owned());

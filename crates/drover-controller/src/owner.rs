@@ -57,6 +57,17 @@ pub(crate) enum ShellEvent {
         secret_hash: [u8; 32],
         reply: tokio::sync::oneshot::Sender<Option<bool>>,
     },
+    /// An admission connection finished its handshake: its control channel.
+    ControlOpened {
+        node: String,
+        id: u64,
+        evict: mpsc::Sender<String>,
+    },
+    /// That control channel ended.
+    ControlClosed {
+        node: String,
+        id: u64,
+    },
     /// A node presented a credential at admission.
     Admission {
         node: String,
@@ -69,6 +80,8 @@ pub(crate) enum ShellEvent {
 /// What the owner tells the releaser, in order.
 enum Release {
     Register(u64, Sink),
+    /// A node's admission control channel (id, eviction sender).
+    Control(String, u64, Option<mpsc::Sender<String>>),
     /// Where the verdict on an admission attempt goes.
     Admission(u64, tokio::sync::oneshot::Sender<Result<(), String>>),
     Unregister(u64),
@@ -235,6 +248,14 @@ impl Owner {
         let mut secrets: Vec<(u64, String, String)> = Vec::new();
         for ev in batch {
             inputs.push(match ev {
+                ShellEvent::ControlOpened { node, id, evict } => {
+                    let _ = release.send(Release::Control(node, id, Some(evict)));
+                    continue;
+                }
+                ShellEvent::ControlClosed { node, id } => {
+                    let _ = release.send(Release::Control(node, id, None));
+                    continue;
+                }
                 ShellEvent::CliAuth { id, secret_hash, reply } => {
                     let _ = reply.send(self.core.operator_role(&id, &secret_hash, now_ms()));
                     continue;
@@ -409,6 +430,7 @@ impl Owner {
                         fill_secret(msg, secret);
                     }
                 }
+                Output::EvictNode { node, reason } => tracing::warn!(%node, %reason, "evicting node"),
                 Output::ToNode { .. } => {}
             }
         }
@@ -427,6 +449,7 @@ impl Owner {
 async fn release(mut rx: mpsc::UnboundedReceiver<Release>, health: Arc<Health>) {
     let mut sinks: HashMap<u64, Sink> = HashMap::new();
     let mut verdicts: HashMap<u64, tokio::sync::oneshot::Sender<Result<(), String>>> = HashMap::new();
+    let mut controls: HashMap<String, (u64, mpsc::Sender<String>)> = HashMap::new();
     while let Some(r) = rx.recv().await {
         match r {
             Release::Register(session, sink) => {
@@ -438,6 +461,14 @@ async fn release(mut rx: mpsc::UnboundedReceiver<Release>, health: Arc<Health>) 
             Release::Admission(attempt, reply) => {
                 verdicts.insert(attempt, reply);
             }
+            Release::Control(node, id, Some(evict)) => {
+                controls.insert(node, (id, evict));
+            }
+            Release::Control(node, id, None) => {
+                if controls.get(&node).is_some_and(|(i, _)| *i == id) {
+                    controls.remove(&node);
+                }
+            }
             Release::Outputs(ticket, inputs, outputs) => {
                 if let Err(e) = ticket.await {
                     tracing::error!(error = %e, "journal failed: outputs withheld, controller stopping");
@@ -446,6 +477,12 @@ async fn release(mut rx: mpsc::UnboundedReceiver<Release>, health: Arc<Health>) 
                 }
                 health.durable.fetch_add(inputs, Ordering::Relaxed);
                 for o in outputs {
+                    if let Output::EvictNode { node, reason } = &o {
+                        if let Some((_, evict)) = controls.remove(node) {
+                            let _ = evict.try_send(reason.clone());
+                        }
+                        continue;
+                    }
                     if let Output::AdmissionVerdict { attempt, result } = o {
                         if let Some(reply) = verdicts.remove(&attempt) {
                             let _ = reply.send(result);
@@ -475,7 +512,7 @@ fn deliver(sinks: &mut HashMap<u64, Sink>, o: Output) {
             }
             return;
         }
-        Output::AdmissionVerdict { .. } => return,
+        Output::AdmissionVerdict { .. } | Output::EvictNode { .. } => return,
     };
     if full {
         // A peer that does not read is cut off rather than allowed to stall everyone.

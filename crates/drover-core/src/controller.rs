@@ -1022,6 +1022,7 @@ impl Controller {
                 | Payload::ControllerTokenCreateV1Req(_)
                 | Payload::ControllerTokenListV1Req(_)
                 | Payload::ControllerTokenRevokeV1Req(_)
+                | Payload::ControllerEvictNodesV1Req(_)
         );
         if needs_admin && !admin {
             self.counters.refused += 1;
@@ -1088,6 +1089,28 @@ impl Controller {
                     }
                 }
                 reply(out, v1::ControllerKickNodesV1Reply { kicked, missing }.into());
+            }
+            Payload::ControllerEvictNodesV1Req(e) => {
+                let (mut evicted, mut missing) = (Vec::new(), Vec::new());
+                let reason = if e.reason.is_empty() {
+                    "evicted by an operator".to_owned()
+                } else {
+                    e.reason.chars().take(256).collect()
+                };
+                for id in e.node_uuids {
+                    let Some(n) = self.nodes.get_mut(&id) else {
+                        missing.push(id);
+                        continue;
+                    };
+                    // conn:close on the control channel first, then the stream ends.
+                    out.push(Output::EvictNode { node: id.clone(), reason: reason.clone() });
+                    if let Some(s) = n.session.take() {
+                        n.gone_at_ms = Some(self.now_ms);
+                        out.push(Output::CloseNode { node: id.clone(), session: s, reason: reason.clone() });
+                    }
+                    evicted.push(id);
+                }
+                reply(out, v1::ControllerEvictNodesV1Reply { evicted, missing }.into());
             }
             Payload::ControllerDrainNodesV1Req(d) => {
                 let (mut draining, mut missing) = (Vec::new(), Vec::new());

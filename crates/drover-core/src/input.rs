@@ -188,6 +188,13 @@ pub enum Output {
         /// `Ok`, or why the credential was refused.
         result: Result<(), String>,
     },
+    /// Evict a node: `conn:close` on its admission control channel.
+    EvictNode {
+        /// The node.
+        node: String,
+        /// Why.
+        reason: String,
+    },
     /// End a node's stream (kick, missed keepalives).
     CloseNode {
         /// The node.

@@ -119,7 +119,7 @@ impl Sim {
                         n.streaming.clear();
                     }
                 }
-                Output::ToCli { .. } | Output::AdmissionVerdict { .. } => {}
+                Output::ToCli { .. } | Output::AdmissionVerdict { .. } | Output::EvictNode { .. } => {}
             }
         }
         for (node, session, request_id) in replies {

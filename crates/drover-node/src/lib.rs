@@ -270,6 +270,32 @@ async fn admit(config: &NodeConfig) -> Result<(String, String, Control), End> {
     }
 }
 
+/// The stream ended: if an eviction is on its way over the control channel (the two
+/// connections race), it wins; otherwise the stream's end is just a disconnect.
+async fn evicted_or(control: &mut Control, open: bool, why: String) -> End {
+    if !open {
+        return End::Closed(why);
+    }
+    let mut buf = vec![0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    loop {
+        let n = match tokio::time::timeout_at(deadline, control.stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return End::Closed(why),
+        };
+        if control.decoder.feed(&buf[..n]).is_err() {
+            return End::Closed(why);
+        }
+        while let Some(p) = control.decoder.next_packet() {
+            for a in control.conn.on_packet(p) {
+                if let NodeAction::Closed { reason } = a {
+                    return End::Evicted(reason);
+                }
+            }
+        }
+    }
+}
+
 async fn session(config: &NodeConfig, source: &Arc<dyn PriceSource>, stats: &NodeStats) -> End {
     let (upstream, ticket, mut control) = match admit(config).await {
         Ok(a) => a,
@@ -375,8 +401,8 @@ async fn session(config: &NodeConfig, source: &Arc<dyn PriceSource>, stats: &Nod
             cmd = inbound.message() => {
                 let cmd = match cmd {
                     Ok(Some(c)) => c,
-                    Ok(None) => return End::Closed("controller ended the stream".into()),
-                    Err(e) => return End::Closed(format!("stream: {}", e.message())),
+                    Ok(None) => return evicted_or(&mut control, control_open, "controller ended the stream".into()).await,
+                    Err(e) => return evicted_or(&mut control, control_open, format!("stream: {}", e.message())).await,
                 };
                 let Some(any) = cmd.command else { continue };
                 let reply = |p: Payload| msg(p, cmd.request_id.clone(), cmd.from_uuid.clone());

@@ -131,6 +131,8 @@ payloads! {
     ControllerTokenListV1Reply,
     ControllerTokenRevokeV1Req,
     ControllerTokenRevokeV1Reply,
+    ControllerEvictNodesV1Req,
+    ControllerEvictNodesV1Reply,
     // seed 2: manager/worker
     NodeTypeV1Req,
     NodeTypeV1Reply,

@@ -109,6 +109,17 @@ enum Command {
         #[arg(required = true)]
         nodes: Vec<String>,
     },
+    /// Evict nodes: they stop and stay out until started and admitted again.
+    Evict {
+        #[command(flatten)]
+        cli: CliArgs,
+        /// Node uuids, uuid prefixes or names.
+        #[arg(required = true)]
+        nodes: Vec<String>,
+        /// Why (sent to the node in conn:close).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Move nodes' pairs elsewhere, make-before-break.
     Drain {
         #[command(flatten)]
@@ -200,6 +211,7 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Nodes(cli) => cli_result(c::nodes(&cli.ctx()).await),
         Command::Version(cli) => cli_result(c::version(&cli.ctx()).await),
         Command::Kick { cli, nodes } => cli_result(c::kick_or_drain(&cli.ctx(), &nodes, false).await),
+        Command::Evict { cli, nodes, reason } => cli_result(c::evict(&cli.ctx(), &nodes, reason).await),
         Command::Drain { cli, nodes } => cli_result(c::kick_or_drain(&cli.ctx(), &nodes, true).await),
         Command::Status { cli, nodes, all } => cli_result(c::status(&cli.ctx(), &nodes, all).await),
         Command::Stream { cli, node, pairs, unpin } => cli_result(c::stream(&cli.ctx(), &node, pairs, unpin).await),

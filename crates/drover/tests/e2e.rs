@@ -380,3 +380,23 @@ fn demo_runs_and_shows_a_failover() {
     assert!(cols[3].parse::<u64>().unwrap() >= 2, "{eurusd}");
     assert!(text.contains("demo finished"), "{text}");
 }
+
+#[test]
+fn evicted_node_stops_and_stays_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _c = controller(dir.path(), port);
+    let mut fleet = fleet(dir.path(), port);
+    let (ok, out, err) = cli(port, &["evict", "na", "--reason", "decommissioned"]);
+    assert!(ok, "{out}{err}");
+    let i = fleet.iter().position(|p| p.name == "na").unwrap();
+    let mut status = None;
+    assert!(wait_until(Duration::from_secs(5), || {
+        status = fleet[i].child.try_wait().unwrap();
+        status.is_some()
+    }));
+    assert_eq!(status.unwrap().code(), Some(3), "an evicted node exits 3 and does not reconnect");
+    assert!(nodes(port).iter().any(|n| n["name"] == "na" && n["state"] == "gone"));
+    // Its pairs are streamed by the others.
+    assert!(wait_until(Duration::from_secs(3), || streamer(port, "EURUSD").is_some_and(|(n, _)| n != "na")));
+}
