@@ -69,7 +69,12 @@ pub(crate) async fn serve(
                     // The TLS handshake counts against the admission deadline too.
                     let deadline = Duration::from_millis(settings.handshake_deadline_ms.max(0) as u64);
                     match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => connection(tls, peer, &settings, &key, &events, stop).await,
+                        Ok(Ok(tls)) => {
+                            // The end-entity certificate the client proved it holds the key of.
+                            let client_cert =
+                                tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
+                            connection(tls, peer, &settings, &key, &events, stop, client_cert).await
+                        }
                         Ok(Err(e)) => {
                             tracing::warn!(%peer, error = %e, "admission TLS handshake failed");
                             Ok(())
@@ -77,7 +82,7 @@ pub(crate) async fn serve(
                         Err(_) => Ok(()),
                     }
                 }
-                None => connection(stream, peer, &settings, &key, &events, stop).await,
+                None => connection(stream, peer, &settings, &key, &events, stop, None).await,
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "admission connection ended");
@@ -117,6 +122,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     key: &TicketKey,
     events: &mpsc::Sender<ShellEvent>,
     mut stop: watch::Receiver<bool>,
+    client_cert: Option<Vec<u8>>,
 ) -> std::io::Result<()> {
     let config = ServerConfig { policy: settings.policy, handshake_deadline_ms: settings.handshake_deadline_ms };
     let mut conn = ServerConn::new(config, now_ms());
@@ -143,6 +149,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         &mut evict_tx,
         &mut admitted,
         control_id,
+        client_cert.as_deref(),
     )
     .await;
     if let Some(node) = admitted {
@@ -167,6 +174,7 @@ async fn control_loop<S: AsyncRead + AsyncWrite + Unpin>(
     evict_tx: &mut Option<mpsc::Sender<String>>,
     admitted: &mut Option<String>,
     control_id: u64,
+    client_cert: Option<&[u8]>,
 ) -> std::io::Result<()> {
     loop {
         let deadline = conn.deadline().map(|d| Duration::from_millis((d - now_ms()).max(0) as u64));
@@ -222,6 +230,15 @@ async fn control_loop<S: AsyncRead + AsyncWrite + Unpin>(
                             let _ = events.send(ShellEvent::ControlOpened { node, id: control_id, evict }).await;
                         }
                     }
+                    Action::Verify { node, version: _, credential } if credential.starts_with("-----BEGIN") => {
+                        let verdict = certificate_verdict(&credential, &node, client_cert)
+                            .map(|()| (settings.upstream.clone(), key.issue(&node, now_ms() + settings.ticket_ttl_ms)));
+                        match &verdict {
+                            Ok(_) => tracing::info!(%node, %peer, "admitted by client certificate"),
+                            Err(reason) => tracing::warn!(%node, %peer, %reason, "certificate credential refused"),
+                        }
+                        next.extend(conn.on_verdict(verdict));
+                    }
                     Action::Verify { node, version: _, credential } => {
                         let presented = drover_admission::token::parse(&credential)
                             .map_err(|_| "credential is not a drover join token".to_owned());
@@ -244,4 +261,26 @@ async fn control_loop<S: AsyncRead + AsyncWrite + Unpin>(
             actions = next;
         }
     }
+}
+
+/// Checks a PEM certificate credential: it must be the very certificate the TLS client
+/// authenticated with (so the node holds its key, and rustls already checked it chains
+/// to the cluster CA), and it must name the node id (as a DNS subject alternative name).
+fn certificate_verdict(pem: &str, node: &str, client_cert: Option<&[u8]>) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, ServerName};
+    let presented = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .ok_or("no certificate in the PEM credential")?
+        .map_err(|e| format!("bad PEM credential: {e}"))?;
+    let Some(authenticated) = client_cert else {
+        return Err("certificate credentials need a TLS client certificate (proof of key possession) verified against the cluster CA".into());
+    };
+    if presented.as_ref() != authenticated {
+        return Err("the certificate is not the one the TLS client authenticated with".into());
+    }
+    let name =
+        ServerName::try_from(node.to_owned()).map_err(|_| format!("node id {node:?} cannot be a certificate name"))?;
+    let cert = webpki::EndEntityCert::try_from(&presented).map_err(|e| format!("bad certificate: {e}"))?;
+    cert.verify_is_valid_for_subject_name(&name).map_err(|_| format!("the certificate does not name node {node}"))
 }

@@ -58,6 +58,9 @@ pub struct ControllerConfig {
     pub max_failed_admissions: usize,
     /// TLS identity (certificate chain and key, PEM) for the gRPC and admission ports.
     pub tls: Option<TlsIdentity>,
+    /// The cluster CA (PEM) that node client certificates must chain to; enables
+    /// certificate credentials at admission (with `tls`).
+    pub client_ca: Option<Vec<u8>>,
 }
 
 /// A certificate chain and its private key, PEM.
@@ -77,7 +80,7 @@ impl std::fmt::Debug for TlsIdentity {
 
 impl TlsIdentity {
     /// A rustls server configuration for the admission port.
-    pub(crate) fn rustls(&self) -> Result<tokio_rustls::rustls::ServerConfig, ShellError> {
+    pub(crate) fn rustls(&self, client_ca: Option<&[u8]>) -> Result<tokio_rustls::rustls::ServerConfig, ShellError> {
         use rustls_pki_types::pem::PemObject;
         use rustls_pki_types::{CertificateDer, PrivateKeyDer};
         let bad = |what: &str, e: String| ShellError::Config(format!("TLS {what}: {e}"));
@@ -86,12 +89,31 @@ impl TlsIdentity {
             .map_err(|e| bad("certificate", e.to_string()))?;
         let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| bad("key", e.to_string()))?;
         let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-        tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        let builder = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| bad("versions", e.to_string()))?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(|e| bad("identity", e.to_string()))
+            .map_err(|e| bad("versions", e.to_string()))?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                // Client certificates are optional (token holders have none); a presented
+                // one must chain to the cluster CA.
+                let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_slice_iter(ca) {
+                    roots
+                        .add(c.map_err(|e| bad("client CA", e.to_string()))?)
+                        .map_err(|e| bad("client CA", e.to_string()))?;
+                }
+                let verifier = tokio_rustls::rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    std::sync::Arc::new(roots),
+                    provider,
+                )
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| bad("client CA", e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        builder.with_single_cert(certs, key).map_err(|e| bad("identity", e.to_string()))
     }
 }
 
@@ -111,6 +133,7 @@ impl ControllerConfig {
             handshake_deadline_ms: 10_000,
             max_failed_admissions: 10,
             tls: None,
+            client_ca: None,
         }
     }
 
@@ -241,7 +264,7 @@ pub async fn run(
                 ticket_ttl_ms: config.ticket_ttl_ms,
             };
             let tls = match &config.tls {
-                Some(id) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(id.rustls()?))),
+                Some(id) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(id.rustls(config.client_ca.as_deref())?))),
                 None => None,
             };
             tokio::spawn(admission::serve(l, settings, key.clone(), tls, events_tx.clone(), stop_rx.clone()));

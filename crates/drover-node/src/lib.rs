@@ -33,6 +33,10 @@ pub struct NodeConfig {
     pub token: String,
     /// CA certificate (PEM) to verify the controller's TLS certificate; `None`: plain TCP.
     pub ca: Option<Vec<u8>>,
+    /// A client certificate and key (PEM) signed by the cluster CA and naming this
+    /// node's id: presented in the admission TLS handshake, and sent as the credential
+    /// when `token` is empty.
+    pub client_identity: Option<(Vec<u8>, Vec<u8>)>,
     /// This node's uuid.
     pub id: String,
     /// A human name.
@@ -61,6 +65,7 @@ impl NodeConfig {
             controller: controller.into(),
             token: token.into(),
             ca: None,
+            client_identity: None,
             name: format!("node-{}", &id[..8]),
             id,
             pairs,
@@ -179,9 +184,9 @@ trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// A TLS client configuration trusting the CA certificates in `ca` (PEM).
-fn tls_client(ca: &[u8]) -> Result<tokio_rustls::TlsConnector, String> {
-    use rustls_pki_types::CertificateDer;
+fn tls_client(ca: &[u8], client: Option<&(Vec<u8>, Vec<u8>)>) -> Result<tokio_rustls::TlsConnector, String> {
     use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca) {
         roots.add(cert.map_err(|e| format!("CA file: {e}"))?).map_err(|e| format!("CA certificate: {e}"))?;
@@ -190,8 +195,17 @@ fn tls_client(ca: &[u8]) -> Result<tokio_rustls::TlsConnector, String> {
     let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match client {
+        None => config.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("client certificate: {e}"))?;
+            let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("client key: {e}"))?;
+            config.with_client_auth_cert(chain, key).map_err(|e| format!("client identity: {e}"))?
+        }
+    };
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
@@ -227,14 +241,19 @@ async fn admit(config: &NodeConfig) -> Result<(String, String, Control), End> {
     let mut stream: Box<dyn Io> = match &config.ca {
         None => Box::new(tcp),
         Some(ca) => {
-            let connector = tls_client(ca).map_err(End::Closed)?;
+            let connector = tls_client(ca, config.client_identity.as_ref()).map_err(End::Closed)?;
             let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h).trim_matches(['[', ']']).to_owned();
             let name = rustls_pki_types::ServerName::try_from(host)
                 .map_err(|e| End::Closed(format!("admission host: {e}")))?;
             Box::new(connector.connect(name, tcp).await.map_err(|e| End::Closed(format!("admission TLS: {e}")))?)
         }
     };
-    let mut conn = NodeConn::new(config.id.clone(), config.version.clone(), config.token.clone());
+    // The credential: the join token, or else the client certificate itself.
+    let credential = match (&config.token, &config.client_identity) {
+        (t, Some((cert, _))) if t.is_empty() => String::from_utf8_lossy(cert).into_owned(),
+        (t, _) => t.clone(),
+    };
+    let mut conn = NodeConn::new(config.id.clone(), config.version.clone(), credential);
     let mut decoder = PacketDecoder::new();
     let mut pending = conn.start();
     let mut buf = vec![0u8; 8192];

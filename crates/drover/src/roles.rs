@@ -37,6 +37,10 @@ pub struct ControllerArgs {
     /// TLS private key (PEM).
     #[arg(long, env = "DROVER_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Cluster CA (PEM) for node client certificates: nodes may then pass admission with
+    /// a certificate naming their id instead of a join token (needs --tls-cert).
+    #[arg(long, env = "DROVER_CLIENT_CA", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
     /// How long a session ticket is valid; nodes pass admission again after it.
     #[arg(long, env = "DROVER_TICKET_TTL", default_value = "10m", value_parser = parse_duration)]
     pub ticket_ttl: Duration,
@@ -92,6 +96,10 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         let key_pem = std::fs::read(key).with_context(|| format!("cannot read --tls-key {}", key.display()))?;
         config.tls = Some(drover_controller::TlsIdentity { cert_pem, key_pem });
     }
+    if let Some(ca) = &args.client_ca {
+        config.client_ca =
+            Some(std::fs::read(ca).with_context(|| format!("cannot read --client-ca {}", ca.display()))?);
+    }
     let grpc = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (in use? try --listen 127.0.0.1:0)", args.listen))?;
@@ -113,9 +121,16 @@ pub struct NodeArgs {
     /// The controller's admission address.
     #[arg(long, env = "DROVER_ADMISSION", default_value = "127.0.0.1:7401")]
     pub controller: String,
-    /// Join token (`drover token create --role join`).
-    #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true)]
-    pub token: String,
+    /// Join token (`drover token create --role join`); or use --cert/--key.
+    #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true, required_unless_present = "cert")]
+    pub token: Option<String>,
+    /// Client certificate (PEM, signed by the cluster CA, naming this node's --id) used
+    /// as the credential instead of a token; needs --key and --ca.
+    #[arg(long, env = "DROVER_NODE_CERT", requires_all = ["key", "ca", "id"])]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, env = "DROVER_NODE_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
     /// Pairs this node's upstream serves, comma-separated.
     #[arg(long, env = "DROVER_PAIRS", value_delimiter = ',', required = true)]
     pub pairs: Vec<String>,
@@ -164,7 +179,12 @@ pub fn source(spec: &str) -> anyhow::Result<Arc<dyn PriceSource>> {
 
 pub async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let source = source(&args.source)?;
-    let mut config = node_config(&args.controller, &args.token, args.pairs, args.name, args.id);
+    let mut config = node_config(&args.controller, args.token.as_deref().unwrap_or(""), args.pairs, args.name, args.id);
+    if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+        let cert = std::fs::read(cert).with_context(|| format!("cannot read --cert {}", cert.display()))?;
+        let key = std::fs::read(key).with_context(|| format!("cannot read --key {}", key.display()))?;
+        config.client_identity = Some((cert, key));
+    }
     if let Some(ca) = &args.ca {
         config.ca = Some(std::fs::read(ca).with_context(|| format!("cannot read --ca {}", ca.display()))?);
     }

@@ -390,3 +390,96 @@ fn tls_end_to_end_with_the_drover_cert_ca_and_a_stranger_refused() {
     let _ = controller.kill();
     let _ = controller.wait();
 }
+
+#[test]
+fn certificate_credentials_need_the_key_and_must_name_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let drover = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_drover")).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let d = certs.to_str().unwrap();
+    drover(&["cert", "init", "--dir", d]);
+    drover(&["cert", "issue", "controller", "--dir", d, "--san", "127.0.0.1"]);
+    drover(&["cert", "issue", "node-7", "--dir", d, "--san", "node-7"]);
+    let p = |f: &str| certs.join(f).to_str().unwrap().to_owned();
+    let (grpc, admission) = (free_port(), free_port());
+    let data = dir.path().join("data");
+    let mut controller = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args([
+            "controller",
+            "--listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--admission",
+            &format!("127.0.0.1:{admission}"),
+        ])
+        .args([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--tls-cert",
+            &p("controller.pem"),
+            "--tls-key",
+            &p("controller.key"),
+        ])
+        .args(["--client-ca", &p("ca.pem")])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("controller.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let nodes = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_drover"))
+            .args(["nodes", "--json", "--timeout", "2s"])
+            .env("DROVER_CONTROLLER", format!("127.0.0.1:{grpc}"))
+            .env("DROVER_DATA_DIR", &data)
+            .env("DROVER_CA", p("ca.pem"))
+            .env_remove("DROVER_TOKEN")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !nodes().starts_with('[') {
+        assert!(Instant::now() < deadline, "controller did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let node = |id: &str| {
+        Command::new(env!("CARGO_BIN_EXE_drover"))
+            .args(["node", "--controller", &format!("127.0.0.1:{admission}"), "--id", id, "--pairs", "EURUSD"])
+            .args(["--cert", &p("node-7.pem"), "--key", &p("node-7.key"), "--ca", &p("ca.pem")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join(format!("{id}.log"))).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    // The node named by the certificate, holding its key, is admitted without a token.
+    let mut good = node("node-7");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !nodes().contains("\"node-7\"") {
+        assert!(Instant::now() < deadline, "node-7 was not admitted by its certificate");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The same certificate and key claiming another id is refused.
+    let mut liar = node("node-8");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!nodes().contains("node-8"), "a certificate naming node-7 admitted node-8");
+    let log = std::fs::read_to_string(dir.path().join("controller.log")).unwrap();
+    assert!(log.contains("does not name node node-8"), "{log}");
+    // The certificate alone, without the key (no client certificate in TLS), proves nothing.
+    let pem = std::fs::read_to_string(p("node-7.pem")).unwrap();
+    let start = serde_json::json!({"cert": pem}).to_string();
+    let script = format!(
+        "{{ printf '%s' '{}'; sleep 0.5; printf '%s' 'auth:start;;{}<EOF>'; sleep 1; }} | openssl s_client -quiet -connect 127.0.0.1:{admission} -CAfile {} 2>/dev/null",
+        establish(env!("CARGO_PKG_VERSION")),
+        start,
+        p("ca.pem"),
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.contains("conn:startAuth"), "{answer}");
+    assert!(answer.contains("auth:dec") && answer.contains("proof of key possession"), "{answer}");
+    for c in [&mut good, &mut liar, &mut controller] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
