@@ -188,7 +188,9 @@ fn every_refusal_gets_its_documented_answer() {
     assert!(started.elapsed() < Duration::from_secs(3));
     // Bad, revoked, expired and used-up tokens.
     assert_eq!(dec_reason(&attempt(&c, "dt1.0123456789ab.notthesecretnotthesecret")), "unknown token");
-    assert!(dec_reason(&attempt(&c, "-----BEGIN CERTIFICATE-----")).contains("not a drover join token"));
+    assert!(dec_reason(&attempt(&c, "hello")).contains("not a drover join token"));
+    // A certificate sent in the packet, with no TLS client certificate behind it, proves nothing.
+    assert!(dec_reason(&attempt(&c, "-----BEGIN CERTIFICATE-----")).contains("proof of key possession"));
     let revoked = c.token(&["--role", "join"]);
     let id = revoked.split('.').nth(1).unwrap().to_owned();
     assert!(c.cli(&["token", "revoke", &id]).0);
