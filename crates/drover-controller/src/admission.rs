@@ -269,13 +269,13 @@ async fn control_loop<S: AsyncRead + AsyncWrite + Unpin>(
 fn certificate_verdict(pem: &str, node: &str, client_cert: Option<&[u8]>) -> Result<(), String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, ServerName};
+    let Some(authenticated) = client_cert else {
+        return Err("certificate credentials need a TLS client certificate (proof of key possession) verified against the cluster CA".into());
+    };
     let presented = CertificateDer::pem_slice_iter(pem.as_bytes())
         .next()
         .ok_or("no certificate in the PEM credential")?
         .map_err(|e| format!("bad PEM credential: {e}"))?;
-    let Some(authenticated) = client_cert else {
-        return Err("certificate credentials need a TLS client certificate (proof of key possession) verified against the cluster CA".into());
-    };
     if presented.as_ref() != authenticated {
         return Err("the certificate is not the one the TLS client authenticated with".into());
     }
