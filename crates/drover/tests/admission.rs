@@ -279,8 +279,27 @@ fn node_streams_need_a_valid_ticket_for_that_node() {
 fn brute_force_from_one_address_is_rate_limited() {
     let dir = tempfile::tempdir().unwrap();
     let c = start(dir.path(), &[]);
+    // Messages in the journal right now.
+    let journaled = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_drover"))
+            .args(["journal", "dump", "--json", c.data.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|s| s["records"].as_array().unwrap().clone())
+            .map(|r| r["messages"].as_array().unwrap().len())
+            .sum::<usize>()
+    };
     let (mut unknown, mut limited) = (0, 0);
+    let mut before_limited = 0;
     for i in 0..30 {
+        if i == 10 {
+            before_limited = journaled();
+        }
         let answer = attempt(&c, &format!("dt1.0123456789ab.guessguessguess{i:04}"));
         if answer.contains("unknown token") {
             unknown += 1;
@@ -288,6 +307,10 @@ fn brute_force_from_one_address_is_rate_limited() {
             limited += 1;
         }
     }
+    // The ten checked attempts are journaled (a use could have been consumed)...
+    assert!(before_limited >= 12, "start, admin token and 10 attempts: {before_limited}");
+    // ...but attempts refused by the limiter never reach the core: the journal did not grow.
+    assert_eq!(journaled(), before_limited, "rate-limited attempts must leave no trace in the journal");
     // The controller allows 10 failures per address per minute; the rest are refused
     // before the credential is even looked at.
     eprintln!("30 wrong tokens: {unknown} checked, {limited} refused by the limiter");
