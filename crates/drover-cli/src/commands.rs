@@ -171,6 +171,22 @@ pub async fn version(ctx: &Ctx) -> Result<bool, CliError> {
     Ok(true)
 }
 
+/// Sends a command the controller answers itself and returns its one reply, picked
+/// by `pick`: `Ok(None)` if the controller refused it (the reason is printed), an
+/// error if the reply is of another kind.
+async fn controller_reply<T>(
+    ctx: &Ctx,
+    payload: Payload,
+    pick: impl FnOnce(Payload) -> Option<T>,
+) -> Result<Option<T>, CliError> {
+    let out = request(ctx, Vec::new(), payload).await?;
+    if !print_unknown_or(&out) {
+        return Ok(None);
+    }
+    let reply = out.replies.into_iter().next().map(|r| r.payload).ok_or_else(|| CliError::Decode("no reply".into()))?;
+    pick(reply).map(Some).ok_or_else(|| CliError::Decode("unexpected reply".into()))
+}
+
 fn print_unknown_or(out: &Outcome) -> bool {
     for r in &out.replies {
         if let Payload::UnknownCommandV1Notify(u) = &r.payload {
@@ -189,14 +205,14 @@ pub async fn kick_or_drain(ctx: &Ctx, args: &[String], drain: bool) -> Result<bo
     } else {
         v1::ControllerKickNodesV1Req { node_uuids: ids }.into()
     };
-    let out = request(ctx, Vec::new(), payload).await?;
-    if !print_unknown_or(&out) {
+    let Some((done, missing)) = controller_reply(ctx, payload, |p| match p {
+        Payload::ControllerKickNodesV1Reply(k) => Some((k.kicked, k.missing)),
+        Payload::ControllerDrainNodesV1Reply(d) => Some((d.draining, d.missing)),
+        _ => None,
+    })
+    .await?
+    else {
         return Ok(false);
-    }
-    let (done, missing) = match out.replies.into_iter().next().map(|r| r.payload) {
-        Some(Payload::ControllerKickNodesV1Reply(k)) => (k.kicked, k.missing),
-        Some(Payload::ControllerDrainNodesV1Reply(d)) => (d.draining, d.missing),
-        _ => return Err(CliError::Decode("unexpected reply".into())),
     };
     let verb = if drain { "draining" } else { "kicked" };
     if ctx.json {
@@ -289,13 +305,14 @@ pub async fn shutdown(ctx: &Ctx, args: &[String]) -> Result<bool, CliError> {
 /// `drover stream NODE --pairs … [--unpin]`.
 pub async fn stream(ctx: &Ctx, node: &str, pairs: Vec<String>, unpin: bool) -> Result<bool, CliError> {
     let id = resolve(ctx, &[node.to_owned()]).await?.remove(0);
-    let out =
-        request(ctx, Vec::new(), v1::ControllerStreamPairsV1Req { node_uuid: id.clone(), pairs, unpin }.into()).await?;
-    if !print_unknown_or(&out) {
+    let req = v1::ControllerStreamPairsV1Req { node_uuid: id.clone(), pairs, unpin };
+    let Some(r) = controller_reply(ctx, req.into(), |p| match p {
+        Payload::ControllerStreamPairsV1Reply(r) => Some(r),
+        _ => None,
+    })
+    .await?
+    else {
         return Ok(false);
-    }
-    let Some(Payload::ControllerStreamPairsV1Reply(r)) = out.replies.into_iter().next().map(|r| r.payload) else {
-        return Err(CliError::Decode("unexpected reply".into()));
     };
     if ctx.json {
         println!(
@@ -415,12 +432,13 @@ pub async fn token_create(
         uses,
         description,
     };
-    let out = request(ctx, Vec::new(), req.into()).await?;
-    if !print_unknown_or(&out) {
+    let Some(r) = controller_reply(ctx, req.into(), |p| match p {
+        Payload::ControllerTokenCreateV1Reply(r) => Some(r),
+        _ => None,
+    })
+    .await?
+    else {
         return Ok(false);
-    }
-    let Some(Payload::ControllerTokenCreateV1Reply(r)) = out.replies.into_iter().next().map(|r| r.payload) else {
-        return Err(CliError::Decode("unexpected reply".into()));
     };
     if ctx.json {
         println!("{}", json!({"id": r.id, "token": r.token, "expires_at_ms": r.expires_at_ms}));
@@ -434,12 +452,13 @@ pub async fn token_create(
 
 /// `drover token list`.
 pub async fn token_list(ctx: &Ctx) -> Result<bool, CliError> {
-    let out = request(ctx, Vec::new(), v1::ControllerTokenListV1Req {}.into()).await?;
-    if !print_unknown_or(&out) {
+    let Some(r) = controller_reply(ctx, v1::ControllerTokenListV1Req {}.into(), |p| match p {
+        Payload::ControllerTokenListV1Reply(r) => Some(r),
+        _ => None,
+    })
+    .await?
+    else {
         return Ok(false);
-    }
-    let Some(Payload::ControllerTokenListV1Reply(r)) = out.replies.into_iter().next().map(|r| r.payload) else {
-        return Err(CliError::Decode("unexpected reply".into()));
     };
     if ctx.json {
         let v: Vec<_> = r
@@ -474,12 +493,13 @@ pub async fn token_list(ctx: &Ctx) -> Result<bool, CliError> {
 
 /// `drover token revoke ID…`.
 pub async fn token_revoke(ctx: &Ctx, ids: Vec<String>) -> Result<bool, CliError> {
-    let out = request(ctx, Vec::new(), v1::ControllerTokenRevokeV1Req { ids }.into()).await?;
-    if !print_unknown_or(&out) {
+    let Some(r) = controller_reply(ctx, v1::ControllerTokenRevokeV1Req { ids }.into(), |p| match p {
+        Payload::ControllerTokenRevokeV1Reply(r) => Some(r),
+        _ => None,
+    })
+    .await?
+    else {
         return Ok(false);
-    }
-    let Some(Payload::ControllerTokenRevokeV1Reply(r)) = out.replies.into_iter().next().map(|r| r.payload) else {
-        return Err(CliError::Decode("unexpected reply".into()));
     };
     if ctx.json {
         println!("{}", json!({"revoked": r.revoked, "missing": r.missing}));
@@ -497,12 +517,14 @@ pub async fn token_revoke(ctx: &Ctx, ids: Vec<String>) -> Result<bool, CliError>
 /// `drover evict NODE… [--reason …]`.
 pub async fn evict(ctx: &Ctx, args: &[String], reason: String) -> Result<bool, CliError> {
     let ids = resolve(ctx, args).await?;
-    let out = request(ctx, Vec::new(), v1::ControllerEvictNodesV1Req { node_uuids: ids, reason }.into()).await?;
-    if !print_unknown_or(&out) {
+    let Some(r) =
+        controller_reply(ctx, v1::ControllerEvictNodesV1Req { node_uuids: ids, reason }.into(), |p| match p {
+            Payload::ControllerEvictNodesV1Reply(r) => Some(r),
+            _ => None,
+        })
+        .await?
+    else {
         return Ok(false);
-    }
-    let Some(Payload::ControllerEvictNodesV1Reply(r)) = out.replies.into_iter().next().map(|r| r.payload) else {
-        return Err(CliError::Decode("unexpected reply".into()));
     };
     if ctx.json {
         println!("{}", json!({"evicted": r.evicted, "missing": r.missing}));

@@ -14,6 +14,8 @@ struct Controller {
     grpc: u16,
     admission: u16,
     data: PathBuf,
+    /// The CA to verify its TLS certificate with, if it speaks TLS.
+    ca: Option<PathBuf>,
 }
 
 impl Drop for Controller {
@@ -28,6 +30,33 @@ fn free_port() -> u16 {
 }
 
 fn start(dir: &Path, extra: &[&str]) -> Controller {
+    start_with(dir, extra, None)
+}
+
+/// Runs `drover ARGS…` and asserts that it succeeded.
+fn drover_ok(args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_drover")).args(args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A development CA in `dir/certs` with a controller certificate for 127.0.0.1 (and
+/// whatever `issue` adds), and a controller speaking TLS with it.
+fn start_tls(dir: &Path, extra: &[&str], issue: &[(&str, &str)]) -> (Controller, PathBuf) {
+    let certs = dir.join("certs");
+    let d = certs.to_str().unwrap();
+    drover_ok(&["cert", "init", "--dir", d]);
+    drover_ok(&["cert", "issue", "controller", "--dir", d, "--san", "127.0.0.1,localhost"]);
+    for (name, san) in issue {
+        drover_ok(&["cert", "issue", name, "--dir", d, "--san", san]);
+    }
+    let p = |f: &str| certs.join(f).to_str().unwrap().to_owned();
+    let mut args = vec!["--tls-cert".to_owned(), p("controller.pem"), "--tls-key".to_owned(), p("controller.key")];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    (start_with(dir, &args, Some(certs.join("ca.pem"))), certs)
+}
+
+fn start_with(dir: &Path, extra: &[&str], ca: Option<PathBuf>) -> Controller {
     let (grpc, admission) = (free_port(), free_port());
     let data = dir.join("data");
     let mut args = vec![
@@ -46,7 +75,7 @@ fn start(dir: &Path, extra: &[&str]) -> Controller {
         .stderr(std::fs::File::create(dir.join("controller.log")).unwrap())
         .spawn()
         .unwrap();
-    let c = Controller { child, grpc, admission, data };
+    let c = Controller { child, grpc, admission, data, ca };
     let deadline = Instant::now() + Duration::from_secs(10);
     while !c.cli(&["version"]).0 {
         assert!(Instant::now() < deadline, "controller did not start");
@@ -66,7 +95,11 @@ impl Controller {
         cmd.args(args)
             .env("DROVER_CONTROLLER", format!("127.0.0.1:{}", self.grpc))
             .env("DROVER_DATA_DIR", "/nonexistent")
-            .env_remove("DROVER_TOKEN");
+            .env_remove("DROVER_TOKEN")
+            .env_remove("DROVER_CA");
+        if let Some(ca) = &self.ca {
+            cmd.env("DROVER_CA", ca);
+        }
         if let Some(t) = token {
             cmd.env("DROVER_TOKEN", t);
         }
@@ -323,151 +356,59 @@ fn brute_force_from_one_address_is_rate_limited() {
 #[test]
 fn tls_end_to_end_with_the_drover_cert_ca_and_a_stranger_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
+    let (c, certs) = start_tls(dir.path(), &[], &[]);
     let other = dir.path().join("other-ca");
-    let drover = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_drover")).args(args).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    };
-    drover(&["cert", "init", "--dir", certs.to_str().unwrap()]);
-    drover(&["cert", "issue", "controller", "--dir", certs.to_str().unwrap(), "--san", "127.0.0.1,localhost"]);
-    drover(&["cert", "init", "--dir", other.to_str().unwrap()]);
-    let cert = certs.join("controller.pem");
-    let key = certs.join("controller.key");
+    drover_ok(&["cert", "init", "--dir", other.to_str().unwrap()]);
     let ca = certs.join("ca.pem");
-    let (grpc, admission) = (free_port(), free_port());
-    let data = dir.path().join("data");
-    let mut controller = Command::new(env!("CARGO_BIN_EXE_drover"))
-        .args([
-            "controller",
-            "--listen",
-            &format!("127.0.0.1:{grpc}"),
-            "--admission",
-            &format!("127.0.0.1:{admission}"),
-        ])
-        .args([
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("controller.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let cli = |ca: Option<&Path>, args: &[&str]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_drover"));
-        cmd.args(args)
-            .args(["--timeout", "3s"])
-            .env("DROVER_CONTROLLER", format!("127.0.0.1:{grpc}"))
-            .env("DROVER_DATA_DIR", &data)
-            .env_remove("DROVER_TOKEN")
-            .env_remove("DROVER_CA");
-        if let Some(ca) = ca {
-            cmd.env("DROVER_CA", ca);
-        }
-        let out = cmd.output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cli(Some(&ca), &["version"]).0 {
-        assert!(Instant::now() < deadline, "TLS controller did not answer");
-        std::thread::sleep(Duration::from_millis(50));
-    }
     // A node over TLS: admission and stream both verified against the CA.
-    let (ok, join, err) = cli(Some(&ca), &["token", "create", "--role", "join"]);
-    assert!(ok, "{err}");
+    let join = c.token(&["--role", "join"]);
     let mut node = Command::new(env!("CARGO_BIN_EXE_drover"))
-        .args(["node", "--controller", &format!("127.0.0.1:{admission}"), "--token", join.trim(), "--pairs", "EURUSD"])
+        .args(["node", "--controller", &format!("127.0.0.1:{}", c.admission), "--token", &join, "--pairs", "EURUSD"])
         .args(["--name", "tls-node", "--ca", ca.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("node.log")).unwrap())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, out, _) = cli(Some(&ca), &["prices", "--json"]);
-        if out.contains("EURUSD") {
-            break;
-        }
+    while !c.cli(&["prices", "--json"]).1.contains("EURUSD") {
         assert!(Instant::now() < deadline, "no prices over TLS");
         std::thread::sleep(Duration::from_millis(100));
     }
     // A client trusting another CA is refused, and so is plain text.
-    let (ok, _, err) = cli(Some(&other.join("ca.pem")), &["version"]);
+    let admin = c.admin();
+    let run = |ca: Option<&Path>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_drover"));
+        cmd.args(["version", "--timeout", "3s"])
+            .env("DROVER_CONTROLLER", format!("127.0.0.1:{}", c.grpc))
+            .env("DROVER_TOKEN", &admin)
+            .env_remove("DROVER_CA");
+        if let Some(ca) = ca {
+            cmd.env("DROVER_CA", ca);
+        }
+        let out = cmd.output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    assert!(run(Some(&ca)).0, "the right CA works");
+    let (ok, err) = run(Some(&other.join("ca.pem")));
     assert!(!ok, "a client trusting another CA must be refused");
     assert!(err.contains("cannot reach the controller"), "{err}");
-    let (ok, _, _) = cli(None, &["version"]);
-    assert!(!ok, "plain text to a TLS port must fail");
+    assert!(!run(None).0, "plain text to a TLS port must fail");
     // Plain text on the admission port gets no handshake either.
-    let mut s = TcpStream::connect(("127.0.0.1", admission)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut s = c.connect();
     s.write_all(establish(env!("CARGO_PKG_VERSION")).as_bytes()).unwrap();
     assert!(!read_packets(&mut s, 1).contains("conn:startAuth"));
     let _ = node.kill();
     let _ = node.wait();
-    let _ = controller.kill();
-    let _ = controller.wait();
 }
 
 #[test]
 fn certificate_credentials_need_the_key_and_must_name_the_node() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    let drover = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_drover")).args(args).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    };
-    let d = certs.to_str().unwrap();
-    drover(&["cert", "init", "--dir", d]);
-    drover(&["cert", "issue", "controller", "--dir", d, "--san", "127.0.0.1"]);
-    drover(&["cert", "issue", "node-7", "--dir", d, "--san", "node-7"]);
+    let ca_pem = dir.path().join("certs").join("ca.pem");
+    let (c, certs) = start_tls(dir.path(), &["--client-ca", ca_pem.to_str().unwrap()], &[("node-7", "node-7")]);
     let p = |f: &str| certs.join(f).to_str().unwrap().to_owned();
-    let (grpc, admission) = (free_port(), free_port());
-    let data = dir.path().join("data");
-    let mut controller = Command::new(env!("CARGO_BIN_EXE_drover"))
-        .args([
-            "controller",
-            "--listen",
-            &format!("127.0.0.1:{grpc}"),
-            "--admission",
-            &format!("127.0.0.1:{admission}"),
-        ])
-        .args([
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--tls-cert",
-            &p("controller.pem"),
-            "--tls-key",
-            &p("controller.key"),
-        ])
-        .args(["--client-ca", &p("ca.pem")])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("controller.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let nodes = || {
-        let out = Command::new(env!("CARGO_BIN_EXE_drover"))
-            .args(["nodes", "--json", "--timeout", "2s"])
-            .env("DROVER_CONTROLLER", format!("127.0.0.1:{grpc}"))
-            .env("DROVER_DATA_DIR", &data)
-            .env("DROVER_CA", p("ca.pem"))
-            .env_remove("DROVER_TOKEN")
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !nodes().starts_with('[') {
-        assert!(Instant::now() < deadline, "controller did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let admission = c.admission;
+    let nodes = || c.cli(&["nodes", "--json", "--timeout", "2s"]).1;
     let node = |id: &str| {
         Command::new(env!("CARGO_BIN_EXE_drover"))
             .args(["node", "--controller", &format!("127.0.0.1:{admission}"), "--id", id, "--pairs", "EURUSD"])
@@ -503,8 +444,8 @@ fn certificate_credentials_need_the_key_and_must_name_the_node() {
     let answer = String::from_utf8_lossy(&out.stdout);
     assert!(answer.contains("conn:startAuth"), "{answer}");
     assert!(answer.contains("auth:dec") && answer.contains("proof of key possession"), "{answer}");
-    for c in [&mut good, &mut liar, &mut controller] {
-        let _ = c.kill();
-        let _ = c.wait();
+    for n in [&mut good, &mut liar] {
+        let _ = n.kill();
+        let _ = n.wait();
     }
 }
