@@ -108,7 +108,7 @@ pub async fn start_controller(
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(drover_controller::run(
         config,
-        drover_controller::Listeners { grpc: listener, admission: Some(admission) },
+        drover_controller::Listeners { grpc: listener, admission: Some(admission), http: None },
         async {
             let _ = stop_rx.await;
         },

@@ -88,6 +88,8 @@ pub async fn run(updates: u64) {
             &listen,
             "--admission",
             &admission,
+            "--http",
+            "127.0.0.1:0",
             "--data-dir",
             dir.path().to_str().unwrap(),
         ])

@@ -19,6 +19,7 @@
 
 mod admission;
 mod grpc;
+mod http;
 mod owner;
 
 use std::net::SocketAddr;
@@ -27,7 +28,7 @@ use std::sync::Arc;
 
 pub use drover_core::{Config as CoreConfig, Policy};
 use drover_journal::{FsStorage, FsyncMode, JournalConfig, RecoveryMode};
-pub use owner::Health;
+pub use owner::{Health, Snapshot};
 use tokio::net::TcpListener;
 
 /// Settings of a controller process.
@@ -168,6 +169,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// Admission (seed 3 text packets). Without it nodes cannot be admitted.
     pub admission: Option<TcpListener>,
+    /// HTTP: `/metrics`, `/healthz`, `/readyz`.
+    pub http: Option<TcpListener>,
 }
 
 /// File in the data directory holding the ticket signing key.
@@ -275,6 +278,10 @@ pub async fn run(
     };
     let owner = owner::Owner::new(config.clone(), core, journal, health.clone());
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    if let Some(h) = listeners.http {
+        tracing::info!(addr = %h.local_addr()?, "serving HTTP (/metrics, /healthz, /readyz)");
+        tokio::spawn(http::serve(h, owner.snapshots(), health.clone(), stop_rx.clone()));
+    }
     let owner_task = tokio::spawn(owner.run(events_rx, stop_rx.clone(), ready_tx));
 
     let reflection = tonic_reflection::server::Builder::configure()

@@ -111,6 +111,25 @@ impl ShellEvent {
     }
 }
 
+/// What `/metrics` shows, published by the owner after each batch.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// The core's counters.
+    pub counters: drover_core::Counters,
+    /// Nodes per state.
+    pub nodes: std::collections::BTreeMap<&'static str, u64>,
+    /// Pairs with a streamer.
+    pub pairs_with: u64,
+    /// Pairs without one.
+    pub pairs_without: u64,
+    /// The journal writer's counters.
+    pub journal: drover_journal::JournalStats,
+    /// Admissions refused by the failure limiter (never journaled).
+    pub rate_limited: u64,
+    /// Credentials that were not tokens at all (never journaled).
+    pub malformed_credentials: u64,
+}
+
 /// Liveness and progress, for `/healthz` and `/readyz`.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -152,6 +171,10 @@ pub(crate) struct Owner {
     attempts: u64,
     /// Admission attempts in flight: peer and node, for logs and the limiter.
     peers: HashMap<u64, (std::net::IpAddr, String)>,
+    /// Where `/metrics` reads from.
+    snapshot: watch::Sender<Snapshot>,
+    rate_limited: u64,
+    malformed: u64,
 }
 
 fn now_ms() -> i64 {
@@ -159,9 +182,39 @@ fn now_ms() -> i64 {
 }
 
 impl Owner {
+    /// A receiver of the metrics snapshots this owner publishes.
+    pub(crate) fn snapshots(&self) -> watch::Receiver<Snapshot> {
+        self.snapshot.subscribe()
+    }
+
+    fn publish(&self) {
+        let (nodes, pairs_with, pairs_without) = self.core.gauges();
+        self.snapshot.send_replace(Snapshot {
+            counters: self.core.counters().clone(),
+            nodes,
+            pairs_with,
+            pairs_without,
+            journal: self.journal.stats(),
+            rate_limited: self.rate_limited,
+            malformed_credentials: self.malformed,
+        });
+    }
+
     pub(crate) fn new(config: ControllerConfig, core: Controller, journal: Journal, health: Arc<Health>) -> Self {
         let limiter = drover_admission::limiter::FailureLimiter::new(config.max_failed_admissions, 60_000);
-        Owner { config, core, journal, health, last_ms: 0, limiter, attempts: 0, peers: HashMap::new() }
+        Owner {
+            config,
+            core,
+            journal,
+            health,
+            last_ms: 0,
+            limiter,
+            attempts: 0,
+            peers: HashMap::new(),
+            snapshot: watch::channel(Snapshot::default()).0,
+            rate_limited: 0,
+            malformed: 0,
+        }
     }
 
     pub(crate) async fn run(
@@ -264,12 +317,14 @@ impl Owner {
                     let now = now_ms();
                     if !self.limiter.allowed(peer, now) {
                         tracing::warn!(%node, %peer, "admission refused: too many failed attempts");
+                        self.rate_limited += 1;
                         let _ = reply.send(Err("too many failed attempts from this address; retry later".into()));
                         continue;
                     }
                     let presented = match presented {
                         Ok(p) => p,
                         Err(reason) => {
+                            self.malformed += 1;
                             self.limiter.failed(peer, now);
                             tracing::warn!(%node, %peer, %reason, "admission refused");
                             let _ = reply.send(Err(reason));
@@ -437,6 +492,7 @@ impl Owner {
         self.health.applied.fetch_add(n, Ordering::Relaxed);
         self.health.last_applied_ms.store(at_ms, Ordering::Relaxed);
         let _ = release.send(Release::Outputs(ticket, n, out));
+        self.publish();
         if self.journal.checkpoint_due() {
             let covered = self.journal.checkpoint(self.core.checkpoint()).await?;
             tracing::info!(covered, "checkpoint written");

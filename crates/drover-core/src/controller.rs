@@ -257,6 +257,17 @@ impl Controller {
         self.tokens.values().any(|t| t.role == v1::TokenRole::Admin as i32 && t.usable(now_ms).is_ok())
     }
 
+    /// Nodes per state (in `NodeState::as_str` names), and pairs with and without a
+    /// streamer: the gauges for metrics.
+    pub fn gauges(&self) -> (BTreeMap<&'static str, u64>, u64, u64) {
+        let mut states = BTreeMap::new();
+        for n in self.nodes.values() {
+            *states.entry(self.node_state(n).as_str()).or_insert(0) += 1;
+        }
+        let with = self.pairs.values().filter(|p| p.current.is_some()).count() as u64;
+        (states, with, self.pairs.len() as u64 - with)
+    }
+
     /// The counters.
     pub fn counters(&self) -> &Counters {
         &self.counters

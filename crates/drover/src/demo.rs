@@ -64,7 +64,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let controller = tokio::spawn(drover_controller::run(
         config,
-        drover_controller::Listeners { grpc: listener, admission: Some(admission) },
+        drover_controller::Listeners { grpc: listener, admission: Some(admission), http: None },
         async {
             let _ = stop_rx.await;
         },

@@ -22,6 +22,9 @@ pub struct ControllerArgs {
     /// Admission address (seed 3 handshake) nodes connect to first.
     #[arg(long, env = "DROVER_ADMISSION", default_value = "127.0.0.1:7401")]
     pub admission: String,
+    /// HTTP address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "DROVER_HTTP", default_value = "127.0.0.1:7480")]
+    pub http: String,
     /// The gRPC address admitted nodes are told to use (default: the --listen address).
     #[arg(long, env = "DROVER_UPSTREAM")]
     pub upstream: Option<String>,
@@ -106,7 +109,10 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let admission = tokio::net::TcpListener::bind(&args.admission)
         .await
         .with_context(|| format!("cannot listen on {} for admission (in use? see --admission)", args.admission))?;
-    let listeners = drover_controller::Listeners { grpc, admission: Some(admission) };
+    let http = tokio::net::TcpListener::bind(&args.http)
+        .await
+        .with_context(|| format!("cannot listen on {} for HTTP (in use? see --http)", args.http))?;
+    let listeners = drover_controller::Listeners { grpc, admission: Some(admission), http: Some(http) };
     let token_file = args.data_dir.join(drover_controller::ADMIN_TOKEN_FILE);
     drover_controller::run(config, listeners, shutdown_signal(), move |r| {
         tracing::info!(addr = %r.addr, admission = ?r.admission, admin_token_file = %token_file.display(), "controller ready");

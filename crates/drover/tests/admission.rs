@@ -68,6 +68,10 @@ fn start_with(dir: &Path, extra: &[&str], ca: Option<PathBuf>) -> Controller {
         "--data-dir".into(),
         data.to_str().unwrap().into(),
     ];
+    // Each test's controller gets its own HTTP port unless the test picks one.
+    if !extra.contains(&"--http") {
+        args.extend(["--http".to_string(), "127.0.0.1:0".to_string()]);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     let child = Command::new(env!("CARGO_BIN_EXE_drover"))
         .args(&args)
@@ -311,7 +315,8 @@ fn node_streams_need_a_valid_ticket_for_that_node() {
 #[test]
 fn brute_force_from_one_address_is_rate_limited() {
     let dir = tempfile::tempdir().unwrap();
-    let c = start(dir.path(), &[]);
+    let http = free_port();
+    let c = start(dir.path(), &["--http", &format!("127.0.0.1:{http}")]);
     // Messages in the journal right now.
     let journaled = || {
         let out = Command::new(env!("CARGO_BIN_EXE_drover"))
@@ -348,6 +353,12 @@ fn brute_force_from_one_address_is_rate_limited() {
     // before the credential is even looked at.
     eprintln!("30 wrong tokens: {unknown} checked, {limited} refused by the limiter");
     assert_eq!((unknown, limited), (10, 20));
+    // The refusals are counted by reason on /metrics.
+    let metrics = http_get(http, "/metrics");
+    assert!(metrics.contains("drover_admission_refusals_total{reason=\"credential\"} 10"), "{metrics}");
+    assert!(metrics.contains("drover_admission_refusals_total{reason=\"rate_limited\"} 20"), "{metrics}");
+    assert!(http_get(http, "/healthz").starts_with("HTTP/1.1 200"));
+    assert!(http_get(http, "/readyz").starts_with("HTTP/1.1 200"));
     // Even the right token is refused from that address until the window passes.
     let join = c.token(&["--role", "join"]);
     assert!(attempt(&c, &join).contains("too many failed attempts"));
@@ -448,4 +459,14 @@ fn certificate_credentials_need_the_key_and_must_name_the_node() {
         let _ = n.kill();
         let _ = n.wait();
     }
+}
+
+/// A plain HTTP/1.1 GET; returns the whole response.
+fn http_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }

@@ -77,6 +77,8 @@ fn controller(dir: &Path, port: u16) -> Proc {
             &listen,
             "--admission",
             &admission,
+            "--http",
+            "127.0.0.1:0",
             "--data-dir",
             data.to_str().unwrap(),
             "--node-timeout",
