@@ -280,7 +280,15 @@ pub async fn run(
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     if let Some(h) = listeners.http {
         tracing::info!(addr = %h.local_addr()?, "serving HTTP (/metrics, /healthz, /readyz)");
-        tokio::spawn(http::serve(h, owner.snapshots(), health.clone(), stop_rx.clone()));
+        let tls = match &config.tls {
+            Some(id) => {
+                let mut server = id.rustls(None)?;
+                server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
+            }
+            None => None,
+        };
+        tokio::spawn(http::serve(h, owner.snapshots(), health.clone(), stop_rx.clone(), tls));
     }
     let owner_task = tokio::spawn(owner.run(events_rx, stop_rx.clone(), ready_tx));
 

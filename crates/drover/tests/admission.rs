@@ -16,6 +16,8 @@ struct Controller {
     data: PathBuf,
     /// The CA to verify its TLS certificate with, if it speaks TLS.
     ca: Option<PathBuf>,
+    /// Its HTTP port, when the test chose one.
+    http: Option<u16>,
 }
 
 impl Drop for Controller {
@@ -79,7 +81,12 @@ fn start_with(dir: &Path, extra: &[&str], ca: Option<PathBuf>) -> Controller {
         .stderr(std::fs::File::create(dir.join("controller.log")).unwrap())
         .spawn()
         .unwrap();
-    let c = Controller { child, grpc, admission, data, ca };
+    let http = extra
+        .iter()
+        .position(|a| *a == "--http")
+        .and_then(|i| extra.get(i + 1))
+        .and_then(|a| a.rsplit(':').next()?.parse().ok());
+    let c = Controller { child, grpc, admission, data, ca, http };
     let deadline = Instant::now() + Duration::from_secs(10);
     while !c.cli(&["version"]).0 {
         assert!(Instant::now() < deadline, "controller did not start");
@@ -367,7 +374,8 @@ fn brute_force_from_one_address_is_rate_limited() {
 #[test]
 fn tls_end_to_end_with_the_drover_cert_ca_and_a_stranger_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (c, certs) = start_tls(dir.path(), &[], &[]);
+    let http = format!("127.0.0.1:{}", free_port());
+    let (c, certs) = start_tls(dir.path(), &["--http", &http], &[]);
     let other = dir.path().join("other-ca");
     drover_ok(&["cert", "init", "--dir", other.to_str().unwrap()]);
     let ca = certs.join("ca.pem");
@@ -404,6 +412,15 @@ fn tls_end_to_end_with_the_drover_cert_ca_and_a_stranger_refused() {
     assert!(!ok, "a client trusting another CA must be refused");
     assert!(err.contains("cannot reach the controller"), "{err}");
     assert!(!run(None).0, "plain text to a TLS port must fail");
+    // The HTTP endpoint speaks TLS too.
+    let script = format!(
+        "printf 'GET /healthz HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\nConnection: close\\r\\n\\r\\n' | openssl s_client -quiet -connect 127.0.0.1:{} -CAfile {} 2>/dev/null",
+        c.http.unwrap(),
+        ca.display()
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("ok"), "HTTPS /healthz: {answer:?}");
     // Plain text on the admission port gets no handshake either.
     let mut s = c.connect();
     s.write_all(establish(env!("CARGO_PKG_VERSION")).as_bytes()).unwrap();
