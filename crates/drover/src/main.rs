@@ -181,6 +181,13 @@ enum Command {
     /// Inspect a journal directory: verify its integrity or dump its records.
     #[command(subcommand)]
     Journal(journal_cmd::JournalCommand),
+    /// Print a shell completion script: `source <(drover completions bash)`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `drover man > drover.1`.
+    Man,
 }
 
 fn init_logging(format: &str, default: &str) {
@@ -225,6 +232,16 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Token(TokenCommand::List(cli)) => cli_result(c::token_list(&cli.ctx()).await),
         Command::Token(TokenCommand::Revoke { cli, ids }) => cli_result(c::token_revoke(&cli.ctx(), ids).await),
         Command::Cert(cmd) => cert::run(cmd),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "drover", &mut std::io::stdout());
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::Journal(cmd) => journal_cmd::run(cmd),
     }
 }
