@@ -5,6 +5,7 @@
 //! the handshake the connection stays open as the control channel (`conn:alive` both
 //! ways).
 
+use crate::now_ms;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,10 +30,6 @@ pub(crate) struct Settings {
     pub(crate) policy: VersionPolicy,
     pub(crate) handshake_deadline_ms: i64,
     pub(crate) ticket_ttl_ms: i64,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 pub(crate) async fn serve(

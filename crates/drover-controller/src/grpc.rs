@@ -1,6 +1,7 @@
 //! The tonic service: one task per stream turns messages into `ShellEvent`s for the
 //! owner. Handlers hold no state beyond the owner's channel and a session counter.
 
+use crate::now_ms;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -26,10 +27,6 @@ pub(crate) struct Service {
 fn bearer<T>(request: &Request<T>) -> Option<String> {
     let v = request.metadata().get("authorization")?.to_str().ok()?;
     v.strip_prefix("Bearer ").map(|t| t.trim().to_owned())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 impl Service {

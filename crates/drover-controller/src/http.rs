@@ -3,6 +3,7 @@
 //! `/readyz` (recovery finished). It reads only what the owner publishes: a metrics
 //! snapshot through a `watch` channel and the `Health` atomics.
 
+use crate::now_ms;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -69,10 +70,6 @@ pub(crate) async fn serve(
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
         tracing::error!(error = %e, "HTTP endpoint failed");
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 async fn healthz(State(s): State<AppState>) -> impl IntoResponse {

@@ -348,6 +348,12 @@ pub async fn run(
     }
 }
 
+/// The wall clock in Unix milliseconds: the time the shell stamps on inputs and
+/// compares tickets and deadlines with.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 fn fresh_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::hash::RandomState::new().build_hasher();

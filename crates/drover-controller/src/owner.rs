@@ -4,6 +4,7 @@
 //! queue space), apply it to the core, and pass the outputs with the input's ticket
 //! to the releaser, which sends them once the ticket says the input is durable.
 
+use crate::now_ms;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -177,10 +178,6 @@ pub(crate) struct Owner {
     malformed: u64,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
 impl Owner {
     /// A receiver of the metrics snapshots this owner publishes.
     pub(crate) fn snapshots(&self) -> watch::Receiver<Snapshot> {
@@ -232,7 +229,7 @@ impl Owner {
         self.health.ready.store(true, Ordering::SeqCst);
         let _ = ready.send(());
         let result = loop {
-            let deadline = self.core.next_deadline().map(|d| {
+            let deadline = self.core.next_deadline_hint().map(|d| {
                 let wait = Duration::from_millis((d - now_ms()).max(0) as u64);
                 tokio::time::Instant::now() + wait
             });

@@ -363,6 +363,16 @@ impl Controller {
         d
     }
 
+    /// A cheap lower bound of `next_deadline`, cached by the last full settle: never
+    /// later than the true deadline (routine inputs only move deadlines later), so a
+    /// `Tick` scheduled on it is never late; an early one settles to no change.
+    pub fn next_deadline_hint(&self) -> Option<i64> {
+        match self.scratch.quiet_until_ms {
+            i64::MAX => None,
+            d => Some(d),
+        }
+    }
+
     /// Applies one input.
     pub fn handle(&mut self, input: Input, out: &mut Vec<Output>) {
         self.now_ms = self.now_ms.max(input.at_ms);
@@ -374,11 +384,12 @@ impl Controller {
         let routine = matches!(&input.event, Event::NodeMessage { type_url, .. }
             if type_url.ends_with(".NodePriceUpdateV1Notify") || type_url.ends_with(".NodeHeartbeatV1Notify"));
         match input.event {
-            Event::ControllerStarted { config } => self.started(config, out),
+            Event::ControllerStarted { config } => self.started(config),
             Event::Tick => {}
             Event::NodeConnected { node, session } => self.node_connected(node, session, out),
-            Event::NodeMessage { node, session, request_id, from_uuid, type_url, value } => {
-                self.node_message(&node, session, request_id, from_uuid, Any { type_url, value }, out)
+            // `from_uuid` is not needed: replies are routed by request id.
+            Event::NodeMessage { node, session, request_id, from_uuid: _, type_url, value } => {
+                self.node_message(&node, session, request_id, Any { type_url, value }, out)
             }
             Event::NodeDisconnected { node, session } => {
                 if let Some(n) = self.nodes.get_mut(&node).filter(|n| n.session == Some(session)) {
@@ -389,8 +400,8 @@ impl Controller {
             Event::CliConnected { session, admin } => {
                 self.clis.insert(session, Cli { admin, watches: BTreeMap::new() });
             }
-            Event::CliMessage { session, stream_id, cli_uuid: _, node_uuids, request_id, type_url, value } => {
-                self.cli_message(session, stream_id, node_uuids, request_id, Any { type_url, value }, out)
+            Event::CliMessage { session, stream_id, cli_uuid: _, node_uuids, request_id: _, type_url, value } => {
+                self.cli_message(session, stream_id, node_uuids, Any { type_url, value }, out)
             }
             Event::CliDisconnected { session } => {
                 self.clis.remove(&session);
@@ -399,8 +410,8 @@ impl Controller {
             Event::TokenCreate { session, stream_id, id, secret_hash, role, ttl_ms, uses, description } => {
                 self.token_create(session, &stream_id, id, secret_hash, role, ttl_ms, uses, description, out)
             }
-            Event::AdmissionAttempt { attempt, node, token_id, secret_hash } => {
-                let result = self.admit(&node, &token_id, &secret_hash);
+            Event::AdmissionAttempt { attempt, node: _, token_id, secret_hash } => {
+                let result = self.admit(&token_id, &secret_hash);
                 match &result {
                     Ok(()) => self.counters.admissions += 1,
                     Err(_) => self.counters.admission_refusals += 1,
@@ -475,7 +486,7 @@ impl Controller {
         reply(out, v1::ControllerTokenCreateV1Reply { id, token: String::new(), expires_at_ms: expires_ms }.into());
     }
 
-    fn admit(&mut self, node: &str, token_id: &str, secret_hash: &[u8; 32]) -> Result<(), String> {
+    fn admit(&mut self, token_id: &str, secret_hash: &[u8; 32]) -> Result<(), String> {
         let now = self.now_ms;
         let Some(t) = self.tokens.get_mut(token_id) else {
             return Err("unknown token".into());
@@ -491,12 +502,10 @@ impl Controller {
         if let Some(u) = &mut t.uses_left {
             *u -= 1;
         }
-        let _ = node;
         Ok(())
     }
 
-    fn started(&mut self, config: Config, out: &mut Vec<Output>) {
-        let _ = out;
+    fn started(&mut self, config: Config) {
         self.config = Config { seed: self.config.seed, ..config };
         // Every connection died with the previous process.
         let streaming: BTreeSet<String> =
@@ -560,15 +569,7 @@ impl Controller {
         }
     }
 
-    fn node_message(
-        &mut self,
-        node: &str,
-        session: u64,
-        request_id: String,
-        from_uuid: Option<String>,
-        any: Any,
-        out: &mut Vec<Output>,
-    ) {
+    fn node_message(&mut self, node: &str, session: u64, request_id: String, any: Any, out: &mut Vec<Output>) {
         let Some(n) = self.nodes.get_mut(node).filter(|n| n.session == Some(session)) else {
             return; // a message from a connection that is no longer current
         };
@@ -590,7 +591,6 @@ impl Controller {
             }
             return;
         }
-        let _ = from_uuid;
         match Payload::from_any(&any) {
             Ok(Payload::NodeHeartbeatV1Notify(_)) => {}
             Ok(Payload::NodeKnownCurrenciesV1Notify(k)) => self.known_currencies(node, k, out, session, request_id),
@@ -884,8 +884,7 @@ impl Controller {
             if !self.usable(&l.node) && !self.is_rejoining(&l.node) {
                 self.counters.failovers += 1;
                 current = None;
-            } else if let Some(n) = self.nodes.get(&l.node).filter(|n| n.session.is_some() && !n.known.contains(name)) {
-                let _ = n;
+            } else if self.nodes.get(&l.node).is_some_and(|n| n.session.is_some() && !n.known.contains(name)) {
                 current = None;
             }
         }
@@ -996,7 +995,6 @@ impl Controller {
         session: u64,
         stream_id: String,
         node_uuids: Vec<String>,
-        request_id: String,
         any: Any,
         out: &mut Vec<Output>,
     ) {
@@ -1039,7 +1037,6 @@ impl Controller {
             self.counters.refused += 1;
             return refuse(out, &any.type_url, format!("{} needs an admin token", payload.name()));
         }
-        let _ = request_id;
         match payload {
             Payload::ControllerListNodesV1Req(_) => {
                 let nodes = self.nodes.iter().map(|(id, n)| self.node_info(id, n)).collect();
