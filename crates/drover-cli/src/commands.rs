@@ -11,17 +11,7 @@ use crate::client::{CliError, Ctx, Outcome, Session, request};
 
 /// Formats an exact decimal.
 pub fn decimal(d: &v1::Decimal) -> String {
-    let neg = d.mantissa < 0;
-    let digits = d.mantissa.unsigned_abs().to_string();
-    let scale = d.scale as usize;
-    let s = if scale == 0 {
-        digits
-    } else if digits.len() > scale {
-        format!("{}.{}", &digits[..digits.len() - scale], &digits[digits.len() - scale..])
-    } else {
-        format!("0.{}{}", "0".repeat(scale - digits.len()), digits)
-    };
-    if neg { format!("-{s}") } else { s }
+    drover_proto::format_decimal(d.mantissa, d.scale)
 }
 
 fn table(headers: &[&str], rows: &[Vec<String>]) -> String {

@@ -44,6 +44,11 @@ impl Service {
         Service { events, sessions: Arc::new(AtomicU64::new(start)), queue, key }
     }
 
+    /// The session counter, shared with the dashboard's admin actions.
+    pub(crate) fn sessions(&self) -> Arc<AtomicU64> {
+        self.sessions.clone()
+    }
+
     fn session(&self) -> u64 {
         self.sessions.fetch_add(1, Ordering::Relaxed)
     }

@@ -1,43 +1,56 @@
 //! The controller's HTTP endpoint: `/metrics` (Prometheus text format), `/healthz`
-//! (unhealthy when the journal failed or inputs wait without being applied) and
-//! `/readyz` (recovery finished). It reads only what the owner publishes: a metrics
-//! snapshot through a `watch` channel and the `Health` atomics.
+//! (unhealthy when the journal failed or inputs wait without being applied), `/readyz`
+//! (recovery finished), and the dashboard: `/` (one HTML page, its script included in
+//! the binary), `/api/fleet` (the fleet view as JSON), `/events` (server-sent events:
+//! the fleet view each time it changes) and, with an admin token, `POST
+//! /api/nodes/{id}/drain|kick`. It reads only what the owner publishes (a metrics
+//! snapshot and a fleet view through `watch` channels, and the `Health` atomics); its
+//! admin actions enter the owner like any CLI command, journaled first.
 
 use crate::now_ms;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use drover_core::FleetView;
+use drover_proto::{Payload, v1};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
-use crate::owner::{Health, Snapshot};
+use crate::owner::{Health, ShellEvent, Snapshot};
 
-/// Inputs waiting longer than this without any being applied make the controller unhealthy.
-const STALL_MS: i64 = 5_000;
+/// The dashboard page (HTML, CSS and script in one file, shipped in the binary).
+const DASHBOARD: &str = include_str!("dashboard.html");
 
+/// What the HTTP endpoint reads and where its admin actions go.
 #[derive(Clone)]
-struct AppState {
-    snapshot: watch::Receiver<Snapshot>,
-    health: Arc<Health>,
+pub(crate) struct AppState {
+    pub(crate) snapshot: watch::Receiver<Snapshot>,
+    pub(crate) views: watch::Receiver<Arc<FleetView>>,
+    pub(crate) health: Arc<Health>,
+    pub(crate) events: mpsc::Sender<ShellEvent>,
+    pub(crate) sessions: Arc<std::sync::atomic::AtomicU64>,
+    pub(crate) stop: watch::Receiver<bool>,
+    /// Inputs waiting longer than this without any being applied make the controller unhealthy.
+    pub(crate) stall_ms: i64,
 }
 
-pub(crate) async fn serve(
-    listener: TcpListener,
-    snapshot: watch::Receiver<Snapshot>,
-    health: Arc<Health>,
-    mut stop: watch::Receiver<bool>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-) {
+pub(crate) async fn serve(listener: TcpListener, state: AppState, tls: Option<tokio_rustls::TlsAcceptor>) {
+    let mut stop = state.stop.clone();
     let app = Router::new()
+        .route("/", get(dashboard))
+        .route("/api/fleet", get(fleet))
+        .route("/events", get(events))
+        .route("/api/nodes/{id}/{action}", post(node_action))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(AppState { snapshot, health });
+        .with_state(state);
     if let Some(acceptor) = tls {
         // HTTPS: each connection is a TLS handshake, then HTTP/1.1 or h2 over it.
         loop {
@@ -79,10 +92,117 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
     }
     let waiting = h.queued.load(Ordering::Relaxed) > 0;
     let idle_ms = now_ms() - h.last_applied_ms.load(Ordering::Relaxed);
-    if waiting && idle_ms > STALL_MS {
+    if waiting && idle_ms > s.stall_ms {
         return (StatusCode::SERVICE_UNAVAILABLE, "unhealthy: inputs are waiting but none was applied\n");
     }
     (StatusCode::OK, "ok\n")
+}
+
+async fn dashboard() -> impl IntoResponse {
+    ([("cache-control", "no-store")], Html(DASHBOARD))
+}
+
+async fn fleet(State(s): State<AppState>) -> Response {
+    let view = s.views.borrow().clone();
+    ([("content-type", "application/json"), ("cache-control", "no-store")], json(&view)).into_response()
+}
+
+fn json(view: &FleetView) -> String {
+    serde_json::to_string(view).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+/// Server-sent events: the fleet view now, then each time it changes (at most as
+/// often as the owner publishes). The stream ends when the controller stops.
+async fn events(State(s): State<AppState>) -> impl IntoResponse {
+    let (tx, rx) = mpsc::channel::<Result<SseEvent, std::convert::Infallible>>(4);
+    let mut views = s.views.clone();
+    let mut stop = s.stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let data = json(&views.borrow_and_update().clone());
+            if tx.send(Ok(SseEvent::default().event("fleet").data(data))).await.is_err() {
+                return;
+            }
+            tokio::select! {
+                changed = views.changed() => if changed.is_err() { return },
+                _ = stop.changed() => return,
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx)).keep_alive(KeepAlive::default())
+}
+
+/// `POST /api/nodes/{id}/drain|kick` with `Authorization: Bearer <admin token>`: the
+/// same command `drover drain|kick` sends, through the same journaled path.
+async fn node_action(
+    State(s): State<AppState>,
+    Path((id, action)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let payload: Payload = match action.as_str() {
+        "drain" => v1::ControllerDrainNodesV1Req { node_uuids: vec![id.clone()] }.into(),
+        "kick" => v1::ControllerKickNodesV1Req { node_uuids: vec![id.clone()] }.into(),
+        _ => return (StatusCode::NOT_FOUND, "actions: drain, kick\n").into_response(),
+    };
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(presented) = token.and_then(|t| drover_admission::token::parse(t).ok()) else {
+        return (StatusCode::UNAUTHORIZED, "an admin token is required (Authorization: Bearer <token>)\n")
+            .into_response();
+    };
+    let (reply, verdict) = tokio::sync::oneshot::channel();
+    let auth = ShellEvent::CliAuth { id: presented.id, secret_hash: presented.secret_hash, reply };
+    if s.events.send(auth).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "controller is stopping\n").into_response();
+    }
+    match verdict.await.ok().flatten() {
+        Some(true) => {}
+        Some(false) => {
+            return (StatusCode::FORBIDDEN, "this token is read-only; an admin token is required\n").into_response();
+        }
+        None => return (StatusCode::UNAUTHORIZED, "unknown, expired or revoked token\n").into_response(),
+    }
+    let session = s.sessions.fetch_add(1, Ordering::Relaxed);
+    let (sink, mut replies) = mpsc::channel(16);
+    let stream_id = format!("dashboard-{session}");
+    let msg = v1::StreamFromCli {
+        stream_id: stream_id.clone(),
+        command: Some(payload.to_any()),
+        cli_uuid: "dashboard".into(),
+        ..Default::default()
+    };
+    let sent = async {
+        s.events.send(ShellEvent::CliOpened { session, admin: true, sink }).await?;
+        s.events.send(ShellEvent::CliMessage { session, msg }).await
+    };
+    if sent.await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "controller is stopping\n").into_response();
+    }
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while let Some(Ok(m)) = replies.recv().await {
+            let Some(any) = m.response.as_ref() else { continue };
+            match Payload::from_any(any) {
+                Ok(Payload::ControllerDrainNodesV1Reply(r)) => return Some((r.draining, r.missing)),
+                Ok(Payload::ControllerKickNodesV1Reply(r)) => return Some((r.kicked, r.missing)),
+                _ => {}
+            }
+        }
+        None
+    })
+    .await;
+    let _ = s.events.send(ShellEvent::CliClosed { session }).await;
+    match answer {
+        Ok(Some((done, missing))) => {
+            let status = if missing.is_empty() { StatusCode::OK } else { StatusCode::NOT_FOUND };
+            let body = serde_json::json!({ "action": action, "done": done, "missing": missing });
+            (status, [("content-type", "application/json")], body.to_string()).into_response()
+        }
+        _ => (StatusCode::GATEWAY_TIMEOUT, "no answer from the controller core\n").into_response(),
+    }
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
@@ -105,6 +225,28 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(Stri
     for (labels, v) in samples {
         let _ = writeln!(out, "{name}{labels} {v}");
     }
+}
+
+/// A histogram family; `scale` converts the stored unit to the exposed one (1e-6 for
+/// microseconds to seconds, 1 for counts).
+fn histogram(out: &mut String, name: &str, help: &str, h: &drover_journal::histogram::HistogramSnapshot, scale: f64) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (i, c) in h.counts.iter().enumerate() {
+        cumulative += c;
+        match h.bounds.get(i) {
+            Some(b) => {
+                let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", *b as f64 * scale);
+            }
+            None => {
+                let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+            }
+        }
+    }
+    let _ = writeln!(out, "{name}_sum {}", h.sum as f64 * scale);
+    let _ = writeln!(out, "{name}_count {cumulative}");
 }
 
 /// The Prometheus text exposition of a snapshot.
@@ -186,6 +328,37 @@ pub(crate) fn render(s: &Snapshot, h: &Health) -> String {
     );
     family(&mut out, "drover_journal_max_batch", "gauge", "Largest batch, in inputs.", &one(j.max_batch));
     family(&mut out, "drover_journal_checkpoints_total", "counter", "Checkpoints written.", &one(j.checkpoints));
+    let hs = &s.histograms;
+    histogram(
+        &mut out,
+        "drover_journal_append_seconds",
+        "From journal append to durable (written and fdatasync'ed).",
+        &hs.append_us,
+        1e-6,
+    );
+    histogram(&mut out, "drover_journal_fsync_seconds", "Each fdatasync of the journal.", &hs.fsync_us, 1e-6);
+    histogram(
+        &mut out,
+        "drover_journal_batch_entries",
+        "Inputs per journal record (group-commit batch size).",
+        &hs.batch_entries,
+        1.0,
+    );
+    histogram(
+        &mut out,
+        "drover_checkpoint_seconds",
+        "Writing a checkpoint (atomic, fsync'ed).",
+        &hs.checkpoint_us,
+        1e-6,
+    );
+    {
+        use std::fmt::Write;
+        let _ =
+            writeln!(out, "# HELP drover_replay_seconds How long recovery (checkpoint load and replay) took at start.");
+        let _ = writeln!(out, "# TYPE drover_replay_seconds gauge");
+        let _ = writeln!(out, "drover_replay_seconds {}", s.replay_us as f64 * 1e-6);
+    }
+    family(&mut out, "drover_replayed_inputs", "gauge", "Inputs replayed at start.", &one(s.replayed_inputs));
     family(
         &mut out,
         "drover_inputs_applied_total",

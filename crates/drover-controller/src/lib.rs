@@ -62,6 +62,35 @@ pub struct ControllerConfig {
     /// The cluster CA (PEM) that node client certificates must chain to; enables
     /// certificate credentials at admission (with `tls`).
     pub client_ca: Option<Vec<u8>>,
+    /// `/healthz` reports unhealthy when inputs wait this long without one applied.
+    pub health_stall_ms: i64,
+    /// Journal tuning: segment size, group-commit delay, checkpoint interval, checkpoints kept.
+    pub journal: JournalTuning,
+}
+
+/// The journal settings an operator may change.
+#[derive(Clone, Debug)]
+pub struct JournalTuning {
+    /// Start a new segment file past this size.
+    pub segment_bytes: u64,
+    /// Wait up to this long after the first input of a batch for more (0: no wait).
+    pub max_batch_delay: std::time::Duration,
+    /// Take a checkpoint after this many journal records.
+    pub checkpoint_every_records: u64,
+    /// Checkpoints kept (older segments are removed).
+    pub keep_checkpoints: usize,
+}
+
+impl Default for JournalTuning {
+    fn default() -> Self {
+        let j = JournalConfig::new("");
+        JournalTuning {
+            segment_bytes: j.segment_bytes,
+            max_batch_delay: j.max_batch_delay,
+            checkpoint_every_records: j.checkpoint_every_records,
+            keep_checkpoints: j.keep_checkpoints,
+        }
+    }
 }
 
 /// A certificate chain and its private key, PEM.
@@ -135,6 +164,8 @@ impl ControllerConfig {
             max_failed_admissions: 10,
             tls: None,
             client_ca: None,
+            health_stall_ms: 5_000,
+            journal: JournalTuning::default(),
         }
     }
 
@@ -142,6 +173,10 @@ impl ControllerConfig {
         let mut j = JournalConfig::new(self.data_dir.join("journal"));
         j.fsync = self.fsync;
         j.recovery = self.recovery;
+        j.segment_bytes = self.journal.segment_bytes;
+        j.max_batch_delay = self.journal.max_batch_delay;
+        j.checkpoint_every_records = self.journal.checkpoint_every_records;
+        j.keep_checkpoints = self.journal.keep_checkpoints;
         j
     }
 }
@@ -252,6 +287,7 @@ pub async fn run(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "recovered"
     );
+    let replay_us = started.elapsed().as_micros() as u64;
     drop(recovery);
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(65_536);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -276,7 +312,8 @@ pub async fn run(
         }
         None => None,
     };
-    let owner = owner::Owner::new(config.clone(), core, journal, health.clone());
+    let mut owner = owner::Owner::new(config.clone(), core, journal, health.clone());
+    owner.set_replay(replay_us, stats.inputs);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     if let Some(h) = listeners.http {
         tracing::info!(addr = %h.local_addr()?, "serving HTTP (/metrics, /healthz, /readyz)");
@@ -288,7 +325,16 @@ pub async fn run(
             }
             None => None,
         };
-        tokio::spawn(http::serve(h, owner.snapshots(), health.clone(), stop_rx.clone(), tls));
+        let state = http::AppState {
+            snapshot: owner.snapshots(),
+            views: owner.views(),
+            health: health.clone(),
+            events: events_tx.clone(),
+            sessions: service.sessions(),
+            stop: stop_rx.clone(),
+            stall_ms: config.health_stall_ms,
+        };
+        tokio::spawn(http::serve(h, state, tls));
     }
     let owner_task = tokio::spawn(owner.run(events_rx, stop_rx.clone(), ready_tx));
 

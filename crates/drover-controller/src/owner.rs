@@ -125,6 +125,12 @@ pub struct Snapshot {
     pub pairs_without: u64,
     /// The journal writer's counters.
     pub journal: drover_journal::JournalStats,
+    /// The journal writer's histograms.
+    pub histograms: drover_journal::JournalHistograms,
+    /// How long recovery (checkpoint load and replay) took at start, in microseconds.
+    pub replay_us: u64,
+    /// Inputs replayed at start.
+    pub replayed_inputs: u64,
     /// Admissions refused by the failure limiter (never journaled).
     pub rate_limited: u64,
     /// Credentials that were not tokens at all (never journaled).
@@ -176,7 +182,16 @@ pub(crate) struct Owner {
     snapshot: watch::Sender<Snapshot>,
     rate_limited: u64,
     malformed: u64,
+    /// Recovery time (µs) and inputs replayed, for `/metrics`.
+    replay: (u64, u64),
+    /// Where the dashboard reads from.
+    view: watch::Sender<Arc<drover_core::FleetView>>,
+    /// Inputs were applied since the last publish.
+    dirty: bool,
 }
+
+/// How often the metrics snapshot and fleet view are refreshed while inputs arrive.
+const PUBLISH_EVERY: Duration = Duration::from_millis(250);
 
 impl Owner {
     /// A receiver of the metrics snapshots this owner publishes.
@@ -184,7 +199,16 @@ impl Owner {
         self.snapshot.subscribe()
     }
 
-    fn publish(&self) {
+    /// A receiver of the fleet views this owner publishes (for the dashboard).
+    pub(crate) fn views(&self) -> watch::Receiver<Arc<drover_core::FleetView>> {
+        self.view.subscribe()
+    }
+
+    /// Publishes the metrics snapshot and the fleet view. Both cost O(nodes + pairs),
+    /// so the run loop calls this at most every `PUBLISH_EVERY`, not per batch.
+    fn publish(&mut self) {
+        self.dirty = false;
+        self.view.send_replace(Arc::new(self.core.fleet_view()));
         let (nodes, pairs_with, pairs_without) = self.core.gauges();
         self.snapshot.send_replace(Snapshot {
             counters: self.core.counters().clone(),
@@ -192,9 +216,17 @@ impl Owner {
             pairs_with,
             pairs_without,
             journal: self.journal.stats(),
+            histograms: self.journal.histograms(),
+            replay_us: self.replay.0,
+            replayed_inputs: self.replay.1,
             rate_limited: self.rate_limited,
             malformed_credentials: self.malformed,
         });
+    }
+
+    /// Records how long recovery took, for `/metrics`.
+    pub(crate) fn set_replay(&mut self, micros: u64, inputs: u64) {
+        self.replay = (micros, inputs);
     }
 
     pub(crate) fn new(config: ControllerConfig, core: Controller, journal: Journal, health: Arc<Health>) -> Self {
@@ -211,6 +243,9 @@ impl Owner {
             snapshot: watch::channel(Snapshot::default()).0,
             rate_limited: 0,
             malformed: 0,
+            replay: (0, 0),
+            view: watch::channel(Arc::new(drover_core::FleetView::default())).0,
+            dirty: true,
         }
     }
 
@@ -228,6 +263,8 @@ impl Owner {
         self.bootstrap_admin(&release_tx).await?;
         self.health.ready.store(true, Ordering::SeqCst);
         let _ = ready.send(());
+        let mut refresh = tokio::time::interval(PUBLISH_EVERY);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             let deadline = self.core.next_deadline_hint().map(|d| {
                 let wait = Duration::from_millis((d - now_ms()).max(0) as u64);
@@ -244,6 +281,11 @@ impl Owner {
                 changed = stop.changed() => {
                     if changed.is_err() || *stop.borrow() {
                         break Ok(());
+                    }
+                }
+                _ = refresh.tick() => {
+                    if self.dirty {
+                        self.publish();
                     }
                 }
                 ev = events.recv() => {
@@ -483,13 +525,16 @@ impl Owner {
                     }
                 }
                 Output::EvictNode { node, reason } => tracing::warn!(%node, %reason, "evicting node"),
+                Output::Assigned { pair, node, epoch, reason } => {
+                    tracing::info!(%pair, %node, epoch, %reason, "streamer assigned")
+                }
                 Output::ToNode { .. } => {}
             }
         }
         self.health.applied.fetch_add(n, Ordering::Relaxed);
         self.health.last_applied_ms.store(at_ms, Ordering::Relaxed);
         let _ = release.send(Release::Outputs(ticket, n, out));
-        self.publish();
+        self.dirty = true;
         if self.journal.checkpoint_due() {
             let covered = self.journal.checkpoint(self.core.checkpoint()).await?;
             tracing::info!(covered, "checkpoint written");
@@ -565,7 +610,7 @@ fn deliver(sinks: &mut HashMap<u64, Sink>, o: Output) {
             }
             return;
         }
-        Output::AdmissionVerdict { .. } | Output::EvictNode { .. } => return,
+        Output::AdmissionVerdict { .. } | Output::EvictNode { .. } | Output::Assigned { .. } => return,
     };
     if full {
         // A peer that does not read is cut off rather than allowed to stall everyone.

@@ -194,6 +194,8 @@ struct Scratch {
     quiet_until_ms: i64,
     /// The current input changed a lease (a handover completed): settle fully.
     force_settle: bool,
+    /// `Output::Assigned` notices of the current input.
+    assigned: Vec<Output>,
 }
 
 impl PartialEq for Scratch {
@@ -266,6 +268,45 @@ impl Controller {
         }
         let with = self.pairs.values().filter(|p| p.current.is_some()).count() as u64;
         (states, with, self.pairs.len() as u64 - with)
+    }
+
+    /// What operators see: every node and pair, in one pass over each
+    /// (O(nodes + pairs)).
+    pub fn fleet_view(&self) -> crate::FleetView {
+        let mut streaming: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        let pairs = self
+            .pairs
+            .iter()
+            .map(|(name, p)| {
+                for l in [&p.current, &p.next].into_iter().flatten() {
+                    streaming.entry(l.node.as_str()).or_default().push(name.clone());
+                }
+                crate::PairView {
+                    pair: name.clone(),
+                    streamer: p.current.as_ref().map(|l| l.node.clone()),
+                    epoch: p.current.as_ref().map_or(p.epoch, |l| l.epoch),
+                    incoming: p.next.as_ref().map(|l| l.node.clone()),
+                    price: p.latest.as_ref().map(|r| drover_proto::format_decimal(r.mantissa, r.scale)),
+                    upstream_time_ms: p.latest.as_ref().map(|r| r.upstream_time_ms),
+                    age_ms: p.current.as_ref().map(|l| self.now_ms - l.last_update_ms.max(l.since_ms)),
+                }
+            })
+            .collect();
+        let nodes = self
+            .nodes
+            .iter()
+            .map(|(id, n)| crate::NodeView {
+                id: id.clone(),
+                name: n.name.clone(),
+                version: n.version.clone(),
+                state: self.node_state(n).as_str(),
+                connected_since_ms: n.connected_since_ms,
+                worker: n.worker,
+                known_pairs: n.known.len(),
+                streaming: streaming.remove(id.as_str()).unwrap_or_default(),
+            })
+            .collect();
+        crate::FleetView { at_ms: self.now_ms, nodes, pairs }
     }
 
     /// The counters.
@@ -774,6 +815,7 @@ impl Controller {
     /// Sends each node whose pairs changed its whole new set, and price watchers the
     /// prices accepted during this input.
     fn flush(&mut self, out: &mut Vec<Output>) {
+        out.append(&mut self.scratch.assigned);
         let dirty = std::mem::take(&mut self.scratch.dirty);
         for node in dirty {
             let Some(session) = self.nodes.get(&node).and_then(|n| n.session) else { continue };
@@ -861,11 +903,17 @@ impl Controller {
         pool.into_iter().nth(i)
     }
 
-    fn lease(&mut self, pair: &str, node: String) -> Lease {
+    fn lease(&mut self, pair: &str, node: String, reason: &'static str) -> Lease {
         let p = self.pairs.entry(pair.to_owned()).or_default();
         p.epoch += 1;
         self.counters.assignments += 1;
         self.scratch.dirty.insert(node.clone());
+        self.scratch.assigned.push(Output::Assigned {
+            pair: pair.to_owned(),
+            node: node.clone(),
+            epoch: p.epoch,
+            reason,
+        });
         Lease { node, epoch: p.epoch, since_ms: self.now_ms, last_update_ms: self.now_ms }
     }
 
@@ -878,11 +926,13 @@ impl Controller {
         let Some(pair) = self.pairs.get(name).cloned() else { return };
         let mut current = pair.current;
         let mut next = pair.next;
+        let mut failed_over = false;
         // A streamer that is gone loses the pair at once, unless it is a previous
         // streamer that the rejoin grace after a restart is still waiting for.
         if let Some(l) = &current {
             if !self.usable(&l.node) && !self.is_rejoining(&l.node) {
                 self.counters.failovers += 1;
+                failed_over = true;
                 current = None;
             } else if self.nodes.get(&l.node).is_some_and(|n| n.session.is_some() && !n.known.contains(name)) {
                 current = None;
@@ -900,18 +950,25 @@ impl Controller {
         if current.is_none() {
             let target = pinned.clone().or_else(|| self.pick(name, None));
             if let Some(t) = target {
-                current = Some(self.lease(name, t));
+                let why = if failed_over {
+                    "failover: the streamer is gone"
+                } else if pinned.is_some() {
+                    "pinned by an operator"
+                } else {
+                    "the pair had no streamer"
+                };
+                current = Some(self.lease(name, t, why));
             }
         } else if let Some(cur) = current.clone() {
             let cur_usable = self.usable(&cur.node);
             let draining = self.nodes.get(&cur.node).is_some_and(|n| n.draining);
             if let Some(p) = pinned.as_ref().filter(|p| **p != cur.node) {
                 if next.as_ref().is_none_or(|n| &n.node != p) {
-                    next = Some(self.lease(name, p.clone()));
+                    next = Some(self.lease(name, p.clone(), "pinned by an operator (make-before-break)"));
                 }
             } else if cur_usable && draining && next.is_none() && pinned.is_none() {
                 if let Some(t) = self.pick(name, Some(&cur.node)) {
-                    next = Some(self.lease(name, t));
+                    next = Some(self.lease(name, t, "drain (make-before-break)"));
                 }
             } else if cur_usable
                 && pinned.is_none()
@@ -921,7 +978,7 @@ impl Controller {
             {
                 self.counters.stale_reassignments += 1;
                 self.scratch.dirty.insert(cur.node.clone());
-                current = Some(self.lease(name, t));
+                current = Some(self.lease(name, t, "the streamer went silent on the pair"));
             }
         }
         let p = self.pairs.get_mut(name).expect("pair exists: cloned above");

@@ -195,6 +195,17 @@ pub enum Output {
         /// Why.
         reason: String,
     },
+    /// A pair got a streamer (for the operator's log; nothing to send).
+    Assigned {
+        /// The pair.
+        pair: String,
+        /// The new streamer (or the incoming one of a make-before-break move).
+        node: String,
+        /// Its epoch.
+        epoch: u64,
+        /// Why the pair moved.
+        reason: &'static str,
+    },
     /// End a node's stream (kick, missed keepalives).
     CloseNode {
         /// The node.

@@ -19,10 +19,12 @@
 mod controller;
 mod input;
 mod rng;
+mod view;
 
 pub use controller::{Controller, Counters, NodeState};
 pub use input::{Config, Event, Input, Output, Policy};
 pub use rng::SplitMix64;
+pub use view::{FleetView, NodeView, PairView};
 
 /// Longest accepted pair name.
 pub const MAX_PAIR_LEN: usize = 32;

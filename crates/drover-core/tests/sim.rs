@@ -119,7 +119,10 @@ impl Sim {
                         n.streaming.clear();
                     }
                 }
-                Output::ToCli { .. } | Output::AdmissionVerdict { .. } | Output::EvictNode { .. } => {}
+                Output::ToCli { .. }
+                | Output::AdmissionVerdict { .. }
+                | Output::EvictNode { .. }
+                | Output::Assigned { .. } => {}
             }
         }
         for (node, session, request_id) in replies {

@@ -17,6 +17,7 @@
 //! ([`machine`]) before appending.
 
 pub mod checkpoint;
+pub mod histogram;
 pub mod inspect;
 pub mod machine;
 pub mod recovery;
@@ -33,7 +34,7 @@ pub use drover_wire::ambrosia::Limits;
 pub use machine::{DecodeError, StateMachine, encode_entry, replay};
 pub use recovery::{Recovery, RecoveryReport, ReplayEntry};
 pub use storage::{Faults, FaultyStorage, FsStorage, MemStorage, Storage};
-pub use writer::{Journal, JournalStats, Position, Ticket};
+pub use writer::{Journal, JournalHistograms, JournalStats, Position, Ticket};
 
 /// Whether appends are fsynced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use drover_wire::ambrosia::{HEADER_LEN, RecordHeader, check_bytes};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::histogram::{Histogram, HistogramSnapshot, LATENCY_BOUNDS_US, SIZE_BOUNDS};
 use crate::recovery::{Recovery, recover};
 use crate::storage::{AppendFile, Storage};
 use crate::{
@@ -59,6 +60,7 @@ enum Cmd {
     Append {
         messages: Vec<Bytes>,
         done: oneshot::Sender<Result<Position, JournalError>>,
+        at: Instant,
     },
     Checkpoint {
         state: Vec<u8>,
@@ -67,6 +69,19 @@ enum Cmd {
     Flush {
         done: oneshot::Sender<Result<i64, JournalError>>,
     },
+}
+
+/// The writer's histograms at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JournalHistograms {
+    /// From `append` to durable, per append call, in microseconds.
+    pub append_us: HistogramSnapshot,
+    /// Each `fdatasync`, in microseconds.
+    pub fsync_us: HistogramSnapshot,
+    /// Entries per record (group-commit batch size).
+    pub batch_entries: HistogramSnapshot,
+    /// Writing a checkpoint (atomically, with its fsyncs), in microseconds.
+    pub checkpoint_us: HistogramSnapshot,
 }
 
 /// Counters the writer keeps, for metrics and benchmarks.
@@ -90,8 +105,32 @@ pub struct JournalStats {
     pub durable_seq: i64,
 }
 
-#[derive(Debug, Default)]
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            append_latency: Histogram::new(LATENCY_BOUNDS_US),
+            fsync_latency: Histogram::new(LATENCY_BOUNDS_US),
+            batch_entries: Histogram::new(SIZE_BOUNDS),
+            checkpoint_latency: Histogram::new(LATENCY_BOUNDS_US),
+            entries: AtomicU64::default(),
+            records: AtomicU64::default(),
+            bytes: AtomicU64::default(),
+            fsyncs: AtomicU64::default(),
+            fsync_nanos: AtomicU64::default(),
+            max_batch: AtomicU64::default(),
+            checkpoints: AtomicU64::default(),
+            durable_seq: AtomicI64::default(),
+            checkpoint_due: AtomicBool::default(),
+        }
+    }
+}
+
+#[derive(Debug)]
 struct Shared {
+    append_latency: Histogram,
+    fsync_latency: Histogram,
+    batch_entries: Histogram,
+    checkpoint_latency: Histogram,
     entries: AtomicU64,
     records: AtomicU64,
     bytes: AtomicU64,
@@ -184,7 +223,7 @@ impl Journal {
     pub async fn append_batch(&self, messages: Vec<Bytes>) -> Result<Ticket, JournalError> {
         self.check_size(&messages)?;
         let (done, rx) = oneshot::channel();
-        self.tx.send(Cmd::Append { messages, done }).await.map_err(|_| JournalError::Closed)?;
+        self.tx.send(Cmd::Append { messages, done, at: Instant::now() }).await.map_err(|_| JournalError::Closed)?;
         Ok(Ticket(rx))
     }
 
@@ -193,7 +232,7 @@ impl Journal {
         let messages = vec![message];
         self.check_size(&messages)?;
         let (done, rx) = oneshot::channel();
-        self.tx.blocking_send(Cmd::Append { messages, done }).map_err(|_| JournalError::Closed)?;
+        self.tx.blocking_send(Cmd::Append { messages, done, at: Instant::now() }).map_err(|_| JournalError::Closed)?;
         Ok(Ticket(rx))
     }
 
@@ -228,6 +267,18 @@ impl Journal {
     /// This journal's committer id.
     pub fn committer_id(&self) -> i32 {
         self.committer_id
+    }
+
+    /// The writer's histograms: append→durable and fsync latency, entries per record,
+    /// checkpoint write time (microseconds, except batch sizes).
+    pub fn histograms(&self) -> JournalHistograms {
+        let s = &self.shared;
+        JournalHistograms {
+            append_us: s.append_latency.snapshot(),
+            fsync_us: s.fsync_latency.snapshot(),
+            batch_entries: s.batch_entries.snapshot(),
+            checkpoint_us: s.checkpoint_latency.snapshot(),
+        }
     }
 
     /// A snapshot of the writer's counters.
@@ -271,8 +322,9 @@ struct Writer {
     since_checkpoint: (u64, u64),
 }
 
-/// A ticket to resolve, with the index of its last entry in the record.
-type Waiter = (oneshot::Sender<Result<Position, JournalError>>, u32);
+/// A ticket to resolve, with the index of its last entry in the record and when it
+/// was appended.
+type Waiter = (oneshot::Sender<Result<Position, JournalError>>, u32, Instant);
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
@@ -287,10 +339,10 @@ impl Writer {
                 },
             };
             match cmd {
-                Cmd::Append { messages, done } => {
+                Cmd::Append { messages, done, at } => {
                     self.start_record();
                     let mut entries = 0;
-                    add(&mut self.buf, &mut entries, &mut batch, messages, done);
+                    add(&mut self.buf, &mut entries, &mut batch, messages, (done, at));
                     pending = self.gather(&mut rx, &mut batch, &mut entries);
                     self.commit(&mut batch, entries);
                 }
@@ -319,12 +371,12 @@ impl Writer {
         let limit = self.config.max_batch_bytes.min(self.config.limits.max_record);
         loop {
             match rx.try_recv() {
-                Ok(Cmd::Append { messages, done }) => {
+                Ok(Cmd::Append { messages, done, at }) => {
                     let size: usize = messages.iter().map(Bytes::len).sum();
                     if self.buf.len() + size > limit {
-                        return Some(Cmd::Append { messages, done });
+                        return Some(Cmd::Append { messages, done, at });
                     }
-                    add(&mut self.buf, entries, batch, messages, done);
+                    add(&mut self.buf, entries, batch, messages, (done, at));
                 }
                 Ok(other) => return Some(other),
                 Err(mpsc::error::TryRecvError::Empty) if Instant::now() < deadline => {
@@ -338,7 +390,7 @@ impl Writer {
     /// Writes the current record, syncs, and resolves the batch's tickets.
     fn commit(&mut self, batch: &mut Vec<Waiter>, entries: u32) {
         if let Some(p) = &self.poisoned {
-            for (w, _) in batch.drain(..) {
+            for (w, _, _) in batch.drain(..) {
                 let _ = w.send(Err(JournalError::Poisoned(p.clone())));
             }
             return;
@@ -373,7 +425,9 @@ impl Writer {
                 {
                     s.checkpoint_due.store(true, Ordering::Relaxed);
                 }
-                for (w, index) in batch.drain(..) {
+                s.batch_entries.observe(u64::from(entries));
+                for (w, index, at) in batch.drain(..) {
+                    s.append_latency.observe_duration(at.elapsed());
                     let _ = w.send(Ok(Position { seq, index }));
                 }
                 if self.file_len >= self.config.segment_bytes
@@ -385,7 +439,7 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, record = seq, payload = payload_len, "journal write failed; journal stops");
                 self.poison(&e);
-                for (w, _) in batch.drain(..) {
+                for (w, _, _) in batch.drain(..) {
                     let _ = w.send(Err(e.clone()));
                 }
             }
@@ -406,7 +460,9 @@ impl Writer {
             let t = Instant::now();
             self.file.sync_data().map_err(|e| JournalError::io("fsync", &self.segment_path(), e))?;
             self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
-            self.shared.fsync_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            let took = t.elapsed();
+            self.shared.fsync_nanos.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+            self.shared.fsync_latency.observe_duration(took);
         }
         Ok(())
     }
@@ -424,11 +480,13 @@ impl Writer {
         if let Some(p) = &self.poisoned {
             return Err(JournalError::Poisoned(p.clone()));
         }
+        let started = Instant::now();
         let covered = self.next_seq;
         let path = self.config.dir.join(crate::checkpoint_name(covered));
         let bytes = checkpoint::encode(self.committer_id, covered, state);
         self.storage.write_atomic(&path, &bytes).map_err(|e| JournalError::io("write", &path, e))?;
         self.shared.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.shared.checkpoint_latency.observe_duration(started.elapsed());
         self.shared.checkpoint_due.store(false, Ordering::Relaxed);
         self.since_checkpoint = (0, 0);
         // Each checkpoint starts a new segment, so that trimming removes whole files.
@@ -474,11 +532,11 @@ fn add(
     entries: &mut u32,
     batch: &mut Vec<Waiter>,
     messages: Vec<Bytes>,
-    done: oneshot::Sender<Result<Position, JournalError>>,
+    (done, at): (oneshot::Sender<Result<Position, JournalError>>, Instant),
 ) {
     for m in &messages {
         buf.extend_from_slice(m);
     }
     *entries += messages.len() as u32;
-    batch.push((done, entries.saturating_sub(1)));
+    batch.push((done, entries.saturating_sub(1), at));
 }

@@ -25,5 +25,19 @@ pub use prost_types::Any;
 /// The encoded `FileDescriptorSet` of the schema, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/drover_descriptor.bin"));
 
+/// Formats an exact decimal (`mantissa` × 10^-`scale`) without going through floats.
+pub fn format_decimal(mantissa: i64, scale: u32) -> String {
+    let digits = mantissa.unsigned_abs().to_string();
+    let scale = scale as usize;
+    let s = if scale == 0 {
+        digits
+    } else if digits.len() > scale {
+        format!("{}.{}", &digits[..digits.len() - scale], &digits[digits.len() - scale..])
+    } else {
+        format!("0.{}{}", "0".repeat(scale - digits.len()), digits)
+    };
+    if mantissa < 0 { format!("-{s}") } else { s }
+}
+
 /// The protocol name and version the controller reports in `ControllerAppVersionV1Reply`.
 pub const PROTOCOL: &str = "drover.v1";

@@ -4,6 +4,7 @@
 //! operator as one line that says what went wrong and where.
 
 mod cert;
+mod config;
 mod demo;
 mod journal_cmd;
 mod roles;
@@ -89,6 +90,8 @@ enum TokenCommand {
     },
 }
 
+// Parsed once at start: the size of the controller's settings does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the controller (gRPC for nodes and CLIs; journal in the data directory).
@@ -246,8 +249,37 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
     }
 }
 
+/// Parses the command line with the configuration file layered in (see `config`);
+/// handles `--print-config`.
+fn parse() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let root = Cli::command();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let first = root.clone().try_get_matches_from(&argv).unwrap_or_else(|e| e.exit());
+    let layered = match config::layer(&root, &first, argv) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let matches = root.clone().try_get_matches_from(&layered.argv).unwrap_or_else(|e| {
+        if let Some(f) = &layered.file {
+            eprintln!("note: settings were read from {}", f.display());
+        }
+        e.exit()
+    });
+    let print = matches.subcommand().and_then(|(_, s)| s.try_get_one::<bool>("print_config").ok().flatten().copied());
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if print == Some(true) {
+        print!("{}", config::render(&root, &matches, &layered));
+        std::process::exit(0);
+    }
+    cli
+}
+
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = parse();
     let quiet = !matches!(cli.command, Command::Controller(_) | Command::Node(_));
     init_logging(&cli.log_format, if quiet { "warn" } else { "info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use drover_controller::{ControllerConfig, Policy};
+use drover_controller::{ControllerConfig, JournalTuning, Policy};
 use drover_journal::{FsyncMode, RecoveryMode};
 use drover_node::source::{CsvTicks, PriceSource, Simulator};
 use drover_node::{Exit, NodeConfig, NodeStats};
@@ -16,13 +16,20 @@ use crate::util::{parse_duration, shutdown_signal};
 
 #[derive(Debug, Args)]
 pub struct ControllerArgs {
+    /// Configuration file (TOML; keys are the long flag names). Default: ./drover.toml if
+    /// it exists. Flags and DROVER_* variables override it.
+    #[arg(long, env = "DROVER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (secrets redacted) and exit.
+    #[arg(long)]
+    pub print_config: bool,
     /// gRPC address for nodes and CLIs.
     #[arg(long, env = "DROVER_LISTEN", default_value = "127.0.0.1:7400")]
     pub listen: String,
     /// Admission address (seed 3 handshake) nodes connect to first.
     #[arg(long, env = "DROVER_ADMISSION", default_value = "127.0.0.1:7401")]
     pub admission: String,
-    /// HTTP address for /metrics, /healthz and /readyz.
+    /// HTTP address for the dashboard (/), /metrics, /healthz and /readyz.
     #[arg(long, env = "DROVER_HTTP", default_value = "127.0.0.1:7480")]
     pub http: String,
     /// The gRPC address admitted nodes are told to use (default: the --listen address).
@@ -68,6 +75,30 @@ pub struct ControllerArgs {
     /// `strict` (refuse to start on mid-log corruption) or `tolerate-corruption`.
     #[arg(long, env = "DROVER_RECOVERY", default_value = "strict", value_parser = ["strict", "tolerate-corruption"])]
     pub recovery: String,
+    /// Failed admissions allowed per peer address per minute; past it, refused at once.
+    #[arg(long, env = "DROVER_MAX_FAILED_ADMISSIONS", default_value_t = 10)]
+    pub max_failed_admissions: usize,
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "DROVER_MAX_MESSAGE_BYTES", default_value_t = 1 << 20)]
+    pub max_message_bytes: usize,
+    /// Messages queued per stream before a peer that does not read is cut off.
+    #[arg(long, env = "DROVER_STREAM_QUEUE", default_value_t = 4096)]
+    pub stream_queue: usize,
+    /// /healthz turns unhealthy when inputs wait this long without one being applied.
+    #[arg(long, env = "DROVER_HEALTH_STALL", default_value = "5s", value_parser = parse_duration)]
+    pub health_stall: Duration,
+    /// Journal segment size in bytes before a new file is started.
+    #[arg(long, env = "DROVER_SEGMENT_BYTES", default_value_t = JournalTuning::default().segment_bytes)]
+    pub segment_bytes: u64,
+    /// Group commit: after the first input of a batch, wait this long for more (0s: none).
+    #[arg(long, env = "DROVER_BATCH_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub batch_delay: Duration,
+    /// Take a checkpoint after this many journal records.
+    #[arg(long, env = "DROVER_CHECKPOINT_EVERY", default_value_t = JournalTuning::default().checkpoint_every_records)]
+    pub checkpoint_every: u64,
+    /// Checkpoints kept; journal segments older than the oldest kept one are removed.
+    #[arg(long, env = "DROVER_KEEP_CHECKPOINTS", default_value_t = JournalTuning::default().keep_checkpoints)]
+    pub keep_checkpoints: usize,
 }
 
 impl ControllerArgs {
@@ -88,6 +119,16 @@ impl ControllerArgs {
         c.min_node_version = self.min_node_version.clone();
         c.ticket_ttl_ms = self.ticket_ttl.as_millis() as i64;
         c.handshake_deadline_ms = self.handshake_deadline.as_millis() as i64;
+        c.max_failed_admissions = self.max_failed_admissions;
+        c.max_message_bytes = self.max_message_bytes;
+        c.stream_queue = self.stream_queue.max(1);
+        c.health_stall_ms = self.health_stall.as_millis() as i64;
+        c.journal = JournalTuning {
+            segment_bytes: self.segment_bytes.max(4096),
+            max_batch_delay: self.batch_delay,
+            checkpoint_every_records: self.checkpoint_every.max(1),
+            keep_checkpoints: self.keep_checkpoints.max(1),
+        };
         c
     }
 }
@@ -124,6 +165,13 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
 
 #[derive(Debug, Args)]
 pub struct NodeArgs {
+    /// Configuration file (TOML; keys are the long flag names). Default: ./drover.toml if
+    /// it exists. Flags and DROVER_* variables override it.
+    #[arg(long, env = "DROVER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (secrets redacted) and exit.
+    #[arg(long)]
+    pub print_config: bool,
     /// The controller's admission address.
     #[arg(long, env = "DROVER_ADMISSION", default_value = "127.0.0.1:7401")]
     pub controller: String,

@@ -360,8 +360,15 @@ fn brute_force_from_one_address_is_rate_limited() {
     // before the credential is even looked at.
     eprintln!("30 wrong tokens: {unknown} checked, {limited} refused by the limiter");
     assert_eq!((unknown, limited), (10, 20));
-    // The refusals are counted by reason on /metrics.
-    let metrics = http_get(http, "/metrics");
+    // The refusals are counted by reason on /metrics (refreshed every 250 ms).
+    let mut metrics = String::new();
+    for _ in 0..20 {
+        metrics = http_get(http, "/metrics");
+        if metrics.contains("reason=\"rate_limited\"} 20") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(metrics.contains("drover_admission_refusals_total{reason=\"credential\"} 10"), "{metrics}");
     assert!(metrics.contains("drover_admission_refusals_total{reason=\"rate_limited\"} 20"), "{metrics}");
     assert!(http_get(http, "/healthz").starts_with("HTTP/1.1 200"));
