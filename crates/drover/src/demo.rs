@@ -59,12 +59,14 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let admission = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let admission_addr = admission.local_addr()?;
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let http_addr = http.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let config = ControllerConfig::new(dir.path());
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let controller = tokio::spawn(drover_controller::run(
         config,
-        drover_controller::Listeners { grpc: listener, admission: Some(admission), http: None },
+        drover_controller::Listeners { grpc: listener, admission: Some(admission), http: Some(http) },
         async {
             let _ = stop_rx.await;
         },
@@ -74,6 +76,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     ));
     ready_rx.await.context("the controller did not start")?;
     println!("drover demo: controller on {addr} (admission {admission_addr}), data in {}", dir.path().display());
+    println!("dashboard: http://{http_addr}/");
     // The operator's first admin token is in the data directory; with it, a join token.
     let admin = std::fs::read_to_string(dir.path().join(drover_controller::ADMIN_TOKEN_FILE))?.trim().to_owned();
     let ctx = Ctx {
@@ -137,7 +140,9 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 continue;
             }
         };
-        let name_of: HashMap<&str, &str> = infos.iter().map(|n| (n.node_uuid.as_str(), n.name.as_str())).collect();
+        // Who streams each pair now (a pair whose only capable node is gone has nobody).
+        let now_streaming: HashMap<&str, &str> =
+            infos.iter().flat_map(|n| n.streaming.iter().map(move |a| (a.pair.as_str(), n.name.as_str()))).collect();
         println!("\n[{:>3}s] PAIR     PRICE        STREAMER  EPOCH", started.elapsed().as_secs());
         for p in &prices {
             let price = p.price.clone().unwrap_or_default();
@@ -145,7 +150,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 "       {:<8} {:<12} {:<9} {}",
                 price.pair,
                 price.price.as_ref().map(drover_cli::commands::decimal).unwrap_or_default(),
-                name_of.get(p.streamer.as_str()).copied().unwrap_or("?"),
+                now_streaming.get(price.pair.as_str()).copied().unwrap_or("(none)"),
                 p.epoch
             );
         }
