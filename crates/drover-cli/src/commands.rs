@@ -14,7 +14,7 @@ pub fn decimal(d: &v1::Decimal) -> String {
     drover_proto::format_decimal(d.mantissa, d.scale)
 }
 
-fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -164,7 +164,7 @@ pub async fn version(ctx: &Ctx) -> Result<bool, CliError> {
 /// Sends a command the controller answers itself and returns its one reply, picked
 /// by `pick`: `Ok(None)` if the controller refused it (the reason is printed), an
 /// error if the reply is of another kind.
-async fn controller_reply<T>(
+pub(crate) async fn controller_reply<T>(
     ctx: &Ctx,
     payload: Payload,
     pick: impl FnOnce(Payload) -> Option<T>,

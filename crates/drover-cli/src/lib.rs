@@ -4,5 +4,6 @@
 
 pub mod client;
 pub mod commands;
+pub mod tasks;
 
 pub use client::{CliError, Ctx, Outcome, Reply, Session, request};

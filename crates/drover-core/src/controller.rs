@@ -15,6 +15,8 @@ use crate::input::{Config, Event, Input, Output, Policy};
 use crate::rng::SplitMix64;
 use crate::{MAX_ID_LEN, MAX_PAIR_LEN, MAX_PAIRS_PER_NODE};
 
+pub(crate) mod tasks;
+
 /// How a node looks to an operator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NodeState {
@@ -176,6 +178,8 @@ pub struct Controller {
     grace_until_ms: Option<i64>,
     tokens: BTreeMap<String, Token>,
     counters: Counters,
+    /// The task plane (seed 2: this controller is the manager).
+    tasks: tasks::TaskPlane,
     /// Working memory of the current input; empty (or merely a cache) between inputs,
     /// so it is neither checkpointed nor compared.
     #[serde(skip)]
@@ -235,6 +239,7 @@ impl Controller {
             grace_until_ms: None,
             tokens: BTreeMap::new(),
             counters: Counters::default(),
+            tasks: tasks::TaskPlane::default(),
             scratch: Scratch::default(),
         }
     }
@@ -306,7 +311,22 @@ impl Controller {
                 streaming: streaming.remove(id.as_str()).unwrap_or_default(),
             })
             .collect();
-        crate::FleetView { at_ms: self.now_ms, nodes, pairs }
+        crate::FleetView { at_ms: self.now_ms, nodes, pairs, tasks: Some(self.tasks.gauges()) }
+    }
+
+    /// Whether `node` is in a worker relationship with this manager.
+    pub fn is_task_worker(&self, node: &str) -> bool {
+        self.tasks.is_worker(node)
+    }
+
+    /// The task plane's counters.
+    pub fn task_counters(&self) -> &tasks::TaskCounters {
+        &self.tasks.counters
+    }
+
+    /// Task queue depth and tasks by state (O(tasks)).
+    pub fn task_gauges(&self) -> tasks::TaskGauges {
+        self.tasks.gauges()
     }
 
     /// The counters.
@@ -400,6 +420,9 @@ impl Controller {
             && self.now_ms < g
         {
             at(g);
+        }
+        if let Some(t) = self.task_deadline() {
+            at(t);
         }
         d
     }
@@ -560,6 +583,9 @@ impl Controller {
         }
         self.clis.clear();
         self.pending.clear();
+        // Answers to requests sent on the old connections never come: the workers are
+        // asked about their attempts again when they rejoin.
+        self.tasks.requests.clear();
         self.grace_until_ms = Some(self.now_ms + self.config.rejoin_grace_ms);
         for p in self.pairs.values_mut() {
             // A handover in flight restarts from scratch once nodes are back.
@@ -632,7 +658,13 @@ impl Controller {
             }
             return;
         }
-        match Payload::from_any(&any) {
+        let payload = Payload::from_any(&any);
+        if let Ok(p) = &payload
+            && self.task_message(node, session, request_id.clone(), p, out)
+        {
+            return;
+        }
+        match payload {
             Ok(Payload::NodeHeartbeatV1Notify(_)) => {}
             Ok(Payload::NodeKnownCurrenciesV1Notify(k)) => self.known_currencies(node, k, out, session, request_id),
             Ok(Payload::NodePriceUpdateV1Notify(u)) => self.price_update(node, u),
@@ -799,17 +831,27 @@ impl Controller {
         let retention = self.config.gone_retention_ms;
         let leased: BTreeSet<String> =
             self.pairs.values().flat_map(|p| p.current.iter().chain(p.next.iter())).map(|l| l.node.clone()).collect();
-        self.nodes.retain(|id, n| {
-            n.session.is_some()
-                || n.rejoining
-                || leased.contains(id)
-                || n.gone_at_ms.is_none_or(|g| now - g <= retention)
-        });
+        let forgotten: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(id, n)| {
+                n.session.is_none()
+                    && !n.rejoining
+                    && !leased.contains(*id)
+                    && n.gone_at_ms.is_some_and(|g| now - g > retention)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in forgotten {
+            self.nodes.remove(&id);
+            self.forget_worker(&id);
+        }
 
         let names: Vec<String> = self.pairs.keys().cloned().collect();
         for name in names {
             self.settle_pair(&name);
         }
+        self.settle_tasks(out);
     }
 
     /// Sends each node whose pairs changed its whole new set, and price watchers the
@@ -1089,12 +1131,21 @@ impl Controller {
                 | Payload::ControllerTokenListV1Req(_)
                 | Payload::ControllerTokenRevokeV1Req(_)
                 | Payload::ControllerEvictNodesV1Req(_)
+                | Payload::ControllerTaskRunV1Req(_)
+                | Payload::ControllerTaskAbortV1Req(_)
         );
         if needs_admin && !admin {
             self.counters.refused += 1;
             return refuse(out, &any.type_url, format!("{} needs an admin token", payload.name()));
         }
+        if let Some(answer) = self.task_command(&payload) {
+            return reply(out, answer);
+        }
         match payload {
+            Payload::ControllerTaskAbortV1Req(a) => {
+                let answer = self.task_abort(&a.id, out);
+                reply(out, answer.into());
+            }
             Payload::ControllerListNodesV1Req(_) => {
                 let nodes = self.nodes.iter().map(|(id, n)| self.node_info(id, n)).collect();
                 reply(out, v1::ControllerListNodesV1Reply { nodes }.into());

@@ -35,6 +35,16 @@ pub struct Config {
     pub version: String,
     /// Seed of the core's generator (used once, when the state is created).
     pub seed: u64,
+    /// The manager id workers address (seed 2); a worker allows managers by this id.
+    pub manager_id: String,
+    /// A task attempt may overrun its timeout by this much before the manager aborts it.
+    pub task_grace_ms: i64,
+    /// Attempts on a worker that is gone are given up (and retried) after this long.
+    pub worker_grace_ms: i64,
+    /// Finished tasks remembered (the oldest are forgotten first).
+    pub task_retention: usize,
+    /// Bytes of finished tasks' outputs kept in the state (the oldest outputs are dropped first).
+    pub task_output_budget: u64,
 }
 
 impl Default for Config {
@@ -47,6 +57,11 @@ impl Default for Config {
             gone_retention_ms: 600_000,
             version: String::new(),
             seed: 0x0D12_0FE2,
+            manager_id: "controller".into(),
+            task_grace_ms: 5_000,
+            worker_grace_ms: 5_000,
+            task_retention: 10_000,
+            task_output_budget: 64 << 20,
         }
     }
 }

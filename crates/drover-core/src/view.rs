@@ -14,6 +14,8 @@ pub struct FleetView {
     pub nodes: Vec<NodeView>,
     /// Every pair some node has announced, by name.
     pub pairs: Vec<PairView>,
+    /// Task queue depth and tasks by state.
+    pub tasks: Option<crate::TaskGauges>,
 }
 
 /// One node.

@@ -8,7 +8,9 @@
 //! reconnects forever, with capped, jittered exponential backoff. It keeps no state
 //! across restarts.
 
+pub mod exec;
 pub mod source;
+pub mod worker;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -47,6 +49,8 @@ pub struct NodeConfig {
     pub version: String,
     /// Whether it is a worker.
     pub worker: bool,
+    /// The worker's settings (with `worker`).
+    pub worker_config: Option<worker::WorkerConfig>,
     /// Keepalive interval (must be well under the controller's node timeout).
     pub heartbeat: Duration,
     /// How often it polls upstream for each streamed pair.
@@ -71,6 +75,7 @@ impl NodeConfig {
             pairs,
             version: env!("CARGO_PKG_VERSION").into(),
             worker: false,
+            worker_config: None,
             heartbeat: Duration::from_millis(500),
             poll: Duration::from_millis(100),
             backoff_min: Duration::from_millis(50),
@@ -130,13 +135,14 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Exit {
     tokio::pin!(shutdown);
+    let mut tasks = config.worker_config.clone().filter(|_| config.worker).map(Tasks::new);
     let mut backoff = config.backoff_min;
     let mut jitter = drover_proto_free_rng(&config.id);
     loop {
         let started = Instant::now();
         let end = tokio::select! {
             _ = &mut shutdown => return Exit::Stopped,
-            end = session(&config, &source, &stats) => end,
+            end = session(&config, &source, &stats, &mut tasks) => end,
         };
         match end {
             End::Shutdown => return Exit::Shutdown,
@@ -315,7 +321,97 @@ async fn evicted_or(control: &mut Control, open: bool, why: String) -> End {
     }
 }
 
-async fn session(config: &NodeConfig, source: &Arc<dyn PriceSource>, stats: &NodeStats) -> End {
+/// What a running task tells the worker loop.
+enum TaskEvent {
+    Started(v1::TaskId, i64),
+    Finished(v1::TaskId, Result<v1::TaskOutcome, exec::Failure>),
+}
+
+/// The worker's state and its running tasks; outlives sessions.
+struct Tasks {
+    worker: worker::Worker,
+    config: worker::WorkerConfig,
+    events_tx: mpsc::UnboundedSender<TaskEvent>,
+    events: mpsc::UnboundedReceiver<TaskEvent>,
+    kills: BTreeMap<(String, u32), tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Tasks {
+    fn new(config: worker::WorkerConfig) -> Self {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        Tasks { worker: worker::Worker::new(config.clone()), config, events_tx, events, kills: BTreeMap::new() }
+    }
+
+    /// Carries out the worker's actions; returns the messages to send.
+    fn act(&mut self, actions: Vec<worker::Action>) -> Vec<(String, Payload)> {
+        let mut send = Vec::new();
+        for a in actions {
+            match a {
+                worker::Action::Send { request_id, payload } => send.push((request_id, payload)),
+                worker::Action::Kill(id) => {
+                    if let Some(k) = self.kills.remove(&(id.id.clone(), id.attempt)) {
+                        let _ = k.send(());
+                    }
+                }
+                worker::Action::Start(spec) => {
+                    let Some(id) = spec.task.clone() else { continue };
+                    let (kill_tx, kill_rx) = tokio::sync::oneshot::channel();
+                    self.kills.insert((id.id.clone(), id.attempt), kill_tx);
+                    let events = self.events_tx.clone();
+                    let (cache, max_output) = (self.config.cache_dir.clone(), self.config.max_output);
+                    tracing::info!(task = %id.id, attempt = id.attempt, job = %spec.job_addr, "starting task");
+                    tokio::spawn(async move {
+                        let started = {
+                            let (events, id) = (events.clone(), id.clone());
+                            move |ms| {
+                                let _ = events.send(TaskEvent::Started(id, ms));
+                            }
+                        };
+                        let result = exec::run(&spec, &cache, max_output, kill_rx, started).await;
+                        match &result {
+                            Ok(o) => {
+                                tracing::info!(task = %id.id, attempt = id.attempt, exit_code = o.exit_code, "task finished")
+                            }
+                            Err((kind, why)) => {
+                                tracing::warn!(task = %id.id, attempt = id.attempt, ?kind, %why, "task failed")
+                            }
+                        }
+                        let _ = events.send(TaskEvent::Finished(id, result));
+                    });
+                }
+            }
+        }
+        send
+    }
+}
+
+/// Whether a payload belongs to seed 2 (the worker handles it).
+fn is_task_plane(p: &Payload) -> bool {
+    matches!(
+        p,
+        Payload::NodeTypeV1Req(_)
+            | Payload::NodeTypeV1Reply(_)
+            | Payload::ManagerV1Req(_)
+            | Payload::ManagerV1Reply(_)
+            | Payload::ManagerByeV1Req(_)
+            | Payload::ManagerPingV1Req(_)
+            | Payload::ManagerPongV1Reply(_)
+            | Payload::NotMineV1Reply(_)
+            | Payload::AckV1Reply(_)
+            | Payload::TasksExecuteV1Req(_)
+            | Payload::TasksRefusedV1Reply(_)
+            | Payload::TasksPingV1Req(_)
+            | Payload::TasksPongV1Reply(_)
+            | Payload::TasksAbortV1Req(_)
+    )
+}
+
+async fn session(
+    config: &NodeConfig,
+    source: &Arc<dyn PriceSource>,
+    stats: &NodeStats,
+    tasks: &mut Option<Tasks>,
+) -> End {
     let (upstream, ticket, mut control) = match admit(config).await {
         Ok(a) => a,
         Err(end) => return end,
@@ -354,6 +450,15 @@ async fn session(config: &NodeConfig, source: &Arc<dyn PriceSource>, stats: &Nod
     };
     stats.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(node = %config.id, %upstream, "admitted and connected");
+    if let Some(t) = tasks.as_mut() {
+        let actions = t.worker.session_opened(now_ms());
+        for (rid, p) in t.act(actions) {
+            if tx.send(msg(p, rid, None)).await.is_err() {
+                return End::Closed("stream closed".into());
+            }
+        }
+    }
+    let mut task_tick = tokio::time::interval(Duration::from_millis(250));
     let mut control_buf = vec![0u8; 4096];
     let mut control_open = true;
     let mut control_alive = tokio::time::interval(Duration::from_secs(5));
@@ -388,6 +493,31 @@ async fn session(config: &NodeConfig, source: &Arc<dyn PriceSource>, stats: &Nod
                     && control.stream.write_all(&p.to_bytes()).await.is_err() {
                         control_open = false;
                     }
+            }
+            ev = async { match tasks.as_mut() { Some(t) => t.events.recv().await, None => std::future::pending().await } } => {
+                let (Some(t), Some(ev)) = (tasks.as_mut(), ev) else { continue };
+                let now = now_ms();
+                let actions = match ev {
+                    TaskEvent::Started(id, ms) => t.worker.started(&id, ms, now),
+                    TaskEvent::Finished(id, result) => {
+                        t.kills.remove(&(id.id.clone(), id.attempt));
+                        t.worker.finished(&id, result, now)
+                    }
+                };
+                for (rid, p) in t.act(actions) {
+                    if tx.send(msg(p, rid, None)).await.is_err() {
+                        return End::Closed("stream closed".into());
+                    }
+                }
+            }
+            _ = task_tick.tick(), if tasks.is_some() => {
+                let Some(t) = tasks.as_mut() else { continue };
+                let actions = t.worker.tick(now_ms());
+                for (rid, p) in t.act(actions) {
+                    if tx.send(msg(p, rid, None)).await.is_err() {
+                        return End::Closed("stream closed".into());
+                    }
+                }
             }
             _ = heartbeat.tick() => {
                 let beat = v1::NodeHeartbeatV1Notify { sent_at_ms: now_ms() };
@@ -425,7 +555,19 @@ async fn session(config: &NodeConfig, source: &Arc<dyn PriceSource>, stats: &Nod
                 };
                 let Some(any) = cmd.command else { continue };
                 let reply = |p: Payload| msg(p, cmd.request_id.clone(), cmd.from_uuid.clone());
-                match Payload::from_any(&any) {
+                let payload = Payload::from_any(&any);
+                if let (Some(t), Ok(p)) = (tasks.as_mut(), &payload)
+                    && is_task_plane(p)
+                {
+                    let actions = t.worker.on_message(&cmd.request_id, p.clone());
+                    for (rid, p) in t.act(actions) {
+                        if tx.send(msg(p, rid, None)).await.is_err() {
+                            return End::Closed("stream closed".into());
+                        }
+                    }
+                    continue;
+                }
+                match payload {
                     Ok(Payload::NodeStreamModifyStateV1Req(m)) => {
                         let mut next = BTreeMap::new();
                         for a in &m.streams {

@@ -59,6 +59,120 @@ impl CliArgs {
     }
 }
 
+/// How `task run` reaches the controller: like [`CliArgs`], but `--timeout` is the
+/// task's; replies are awaited for `DROVER_TIMEOUT` (5 s).
+#[derive(Debug, Args)]
+struct RunCliArgs {
+    /// The controller's gRPC address.
+    #[arg(long, env = "DROVER_CONTROLLER", default_value = "127.0.0.1:7400")]
+    controller: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Operator token (an admin token; default: admin.token in $DROVER_DATA_DIR or ./drover-data).
+    #[arg(long, env = "DROVER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) to verify the controller's TLS certificate (default: plain).
+    #[arg(long, env = "DROVER_CA")]
+    ca: Option<std::path::PathBuf>,
+}
+
+impl RunCliArgs {
+    fn ctx(&self) -> Ctx {
+        let timeout = std::env::var("DROVER_TIMEOUT")
+            .ok()
+            .and_then(|t| util::parse_duration(&t).ok())
+            .unwrap_or(Duration::from_secs(5));
+        CliArgs {
+            controller: self.controller.clone(),
+            timeout,
+            json: self.json,
+            token: self.token.clone(),
+            ca: self.ca.clone(),
+        }
+        .ctx()
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum TaskCommand {
+    /// Submit a task (admin token): `drover task run --timeout 30s -- /bin/echo hi`.
+    Run {
+        #[command(flatten)]
+        cli: RunCliArgs,
+        /// Cores it needs on the worker.
+        #[arg(long, default_value_t = 1)]
+        cores: u32,
+        /// Memory it needs, in MiB (also its address-space limit; 0: no limit).
+        #[arg(long, default_value_t = 0)]
+        memory: u64,
+        /// Kill it after this long (the worker reports TimedOut).
+        #[arg(long = "timeout", default_value = "30s", value_parser = util::parse_duration)]
+        task_timeout: Duration,
+        /// A label the worker must carry, key=value (repeatable).
+        #[arg(long = "label", value_parser = parse_kv)]
+        labels: Vec<(String, String)>,
+        /// An environment variable for the job, KEY=value (repeatable).
+        #[arg(long = "env", value_parser = parse_kv)]
+        env: Vec<(String, String)>,
+        /// Attempts before it counts as failed (errors, lost workers, timeouts).
+        #[arg(long, default_value_t = 3)]
+        attempts: u32,
+        /// Higher runs first.
+        #[arg(long, default_value_t = 0)]
+        priority: i32,
+        /// Expected sha256 of a downloaded job (hex).
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Follow the task, print its output, and exit with its exit code.
+        #[arg(long)]
+        wait: bool,
+        /// The job (a path on the worker or an http(s):// URL) and its arguments.
+        #[arg(required = true, last = true)]
+        job: Vec<String>,
+    },
+    /// List tasks, newest first.
+    List {
+        #[command(flatten)]
+        cli: CliArgs,
+        /// Only tasks in this state.
+        #[arg(long, value_parser = ["queued", "running", "completed", "failed", "aborted"])]
+        state: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// A task's state and attempts; exits 1 if there is no such task.
+    Status {
+        #[command(flatten)]
+        cli: CliArgs,
+        /// The task id (as `task run` printed it).
+        id: String,
+    },
+    /// Abort a task: a queued one is dropped, a running one killed on its worker.
+    Abort {
+        #[command(flatten)]
+        cli: CliArgs,
+        /// The task id.
+        id: String,
+    },
+    /// A finished task's output: its stdout to stdout, its stderr to stderr.
+    Logs {
+        #[command(flatten)]
+        cli: CliArgs,
+        /// The task id.
+        id: String,
+    },
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not key=value"))?;
+    if k.is_empty() {
+        return Err(format!("{s:?} has an empty key"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
 #[derive(Debug, Subcommand)]
 enum TokenCommand {
     /// Create a token and print it (once: the controller keeps only its hash).
@@ -175,6 +289,9 @@ enum Command {
         #[arg(long, value_parser = util::parse_duration)]
         duration: Option<Duration>,
     },
+    /// Run tasks on worker nodes and follow them.
+    #[command(subcommand)]
+    Task(TaskCommand),
     /// Make a development CA and certificates for TLS.
     #[command(subcommand)]
     Cert(cert::CertCommand),
@@ -208,6 +325,45 @@ fn init_logging(format: &str, default: &str) {
     }
 }
 
+async fn task(cmd: TaskCommand) -> anyhow::Result<std::process::ExitCode> {
+    use drover_cli::tasks as t;
+    match cmd {
+        TaskCommand::Run {
+            cli,
+            cores,
+            memory,
+            task_timeout,
+            labels,
+            env,
+            attempts,
+            priority,
+            sha256,
+            wait,
+            mut job,
+        } => {
+            let job_addr = job.remove(0);
+            let req = drover_proto::v1::ControllerTaskRunV1Req {
+                job_addr,
+                args: job,
+                env: env.into_iter().collect(),
+                timeout_ms: task_timeout.as_millis() as u64,
+                cores,
+                memory_mb: memory,
+                labels: labels.into_iter().collect(),
+                max_attempts: attempts,
+                priority,
+                sha256,
+            };
+            let code = t::run(&cli.ctx(), req, wait).await?;
+            Ok(std::process::ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1)))
+        }
+        TaskCommand::List { cli, state, limit } => cli_result(t::list(&cli.ctx(), state, limit).await),
+        TaskCommand::Status { cli, id } => cli_result(t::status(&cli.ctx(), &id).await),
+        TaskCommand::Abort { cli, id } => cli_result(t::abort(&cli.ctx(), &id).await),
+        TaskCommand::Logs { cli, id } => cli_result(t::logs(&cli.ctx(), &id).await),
+    }
+}
+
 fn cli_result(r: Result<bool, drover_cli::CliError>) -> anyhow::Result<std::process::ExitCode> {
     Ok(if r? { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
 }
@@ -235,6 +391,7 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Token(TokenCommand::List(cli)) => cli_result(c::token_list(&cli.ctx()).await),
         Command::Token(TokenCommand::Revoke { cli, ids }) => cli_result(c::token_revoke(&cli.ctx(), ids).await),
         Command::Cert(cmd) => cert::run(cmd),
+        Command::Task(cmd) => task(cmd).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "drover", &mut std::io::stdout());

@@ -96,6 +96,21 @@ pub struct ControllerArgs {
     /// Take a checkpoint after this many journal records.
     #[arg(long, env = "DROVER_CHECKPOINT_EVERY", default_value_t = JournalTuning::default().checkpoint_every_records)]
     pub checkpoint_every: u64,
+    /// The manager id workers address (and allow with --manager).
+    #[arg(long, env = "DROVER_MANAGER_ID", default_value = "controller")]
+    pub manager_id: String,
+    /// A task attempt may overrun its timeout by this much before the manager aborts it.
+    #[arg(long, env = "DROVER_TASK_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub task_grace: Duration,
+    /// Attempts on a worker that is gone are retried elsewhere after this long.
+    #[arg(long, env = "DROVER_WORKER_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub worker_grace: Duration,
+    /// Finished tasks remembered (oldest forgotten first).
+    #[arg(long, env = "DROVER_TASK_RETENTION", default_value_t = 10_000)]
+    pub task_retention: usize,
+    /// Bytes of finished tasks' output kept (oldest outputs dropped first).
+    #[arg(long, env = "DROVER_TASK_OUTPUT_BUDGET", default_value_t = 64 << 20)]
+    pub task_output_budget: u64,
     /// Checkpoints kept; journal segments older than the oldest kept one are removed.
     #[arg(long, env = "DROVER_KEEP_CHECKPOINTS", default_value_t = JournalTuning::default().keep_checkpoints)]
     pub keep_checkpoints: usize,
@@ -109,6 +124,11 @@ impl ControllerArgs {
         c.core.stale_after_ms = self.stale_after.as_millis() as i64;
         c.core.rejoin_grace_ms = self.rejoin_grace.as_millis() as i64;
         c.core.policy = if self.policy == "balanced" { Policy::Balanced } else { Policy::Random };
+        c.core.manager_id = self.manager_id.clone();
+        c.core.task_grace_ms = self.task_grace.as_millis() as i64;
+        c.core.worker_grace_ms = self.worker_grace.as_millis() as i64;
+        c.core.task_retention = self.task_retention.max(1);
+        c.core.task_output_budget = self.task_output_budget;
         c.fsync = if self.fsync == "never" { FsyncMode::Never } else { FsyncMode::Always };
         c.recovery = if self.recovery == "tolerate-corruption" {
             RecoveryMode::TolerateCorruption
@@ -186,8 +206,32 @@ pub struct NodeArgs {
     #[arg(long, env = "DROVER_NODE_KEY", requires = "cert")]
     pub key: Option<PathBuf>,
     /// Pairs this node's upstream serves, comma-separated.
-    #[arg(long, env = "DROVER_PAIRS", value_delimiter = ',', required = true)]
+    #[arg(long, env = "DROVER_PAIRS", value_delimiter = ',', required_unless_present = "worker")]
     pub pairs: Vec<String>,
+    /// Also run tasks for the controller (seed 2: this node becomes a worker).
+    #[arg(long, env = "DROVER_WORKER")]
+    pub worker: bool,
+    /// Cores offered to tasks (default: the machine's).
+    #[arg(long, env = "DROVER_CORES")]
+    pub cores: Option<u32>,
+    /// Memory offered to tasks, in MiB.
+    #[arg(long, env = "DROVER_MEMORY", default_value_t = 1024)]
+    pub memory: u64,
+    /// A label tasks may require, key=value (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Local jobs must be under one of these path prefixes (repeatable; URLs are always allowed).
+    #[arg(long = "allow-jobs", default_values = ["/bin/", "/usr/bin/"])]
+    pub allow_jobs: Vec<String>,
+    /// Accept only these managers (controller ids; repeatable; default: any).
+    #[arg(long = "manager")]
+    pub managers: Vec<String>,
+    /// Bytes of stdout and of stderr kept per task; the rest is dropped with a marker.
+    #[arg(long, env = "DROVER_MAX_OUTPUT", default_value_t = 1 << 20)]
+    pub max_output: usize,
+    /// Where downloaded jobs are cached (default: a drover-jobs directory in the temp dir).
+    #[arg(long, env = "DROVER_JOB_CACHE")]
+    pub job_cache: Option<PathBuf>,
     /// A human name (default: derived from the id).
     #[arg(long, env = "DROVER_NODE_NAME")]
     pub name: Option<String>,
@@ -200,6 +244,14 @@ pub struct NodeArgs {
     /// Price source: `sim` (deterministic simulator) or `csv:FILE` (pair,offset_ms,price lines).
     #[arg(long, env = "DROVER_SOURCE", default_value = "sim")]
     pub source: String,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not key=value"))?;
+    if k.is_empty() {
+        return Err(format!("{s:?} has an empty key"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
 }
 
 pub fn node_config(
@@ -234,6 +286,20 @@ pub fn source(spec: &str) -> anyhow::Result<Arc<dyn PriceSource>> {
 pub async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let source = source(&args.source)?;
     let mut config = node_config(&args.controller, args.token.as_deref().unwrap_or(""), args.pairs, args.name, args.id);
+    if args.worker {
+        let cores =
+            args.cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32)).max(1);
+        let mut w = drover_node::worker::WorkerConfig::new(config.id.clone(), cores, args.memory);
+        w.labels = args.labels.into_iter().collect();
+        w.allow_jobs = args.allow_jobs;
+        w.allow_managers = args.managers;
+        w.max_output = args.max_output;
+        if let Some(dir) = args.job_cache {
+            w.cache_dir = dir;
+        }
+        config.worker = true;
+        config.worker_config = Some(w);
+    }
     if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
         let cert = std::fs::read(cert).with_context(|| format!("cannot read --cert {}", cert.display()))?;
         let key = std::fs::read(key).with_context(|| format!("cannot read --key {}", key.display()))?;

@@ -1,0 +1,969 @@
+//! The task plane of the core: the controller as seed 2's Manager.
+//!
+//! State: the workers in a relationship with this manager (their resources and what is
+//! reserved on them), every task (its spec, state, attempts) and the queue of tasks
+//! waiting for a worker. Rules, all deterministic and driven by inputs:
+//!
+//! - relationship: `NodeTypeV1Req` is answered with the manager's type and id; a
+//!   `ManagerV1Req` is accepted only from a node that said it is a worker and that
+//!   addresses this manager's id; `ManagerByeV1Req` is acknowledged and ends the
+//!   relationship; `ManagerPingV1Req` gets `ManagerPongV1Reply` from a partner and
+//!   `NotMineV1Reply` otherwise; any relationship-specific request from a non-partner
+//!   gets `NotMineV1Reply`, and a `NotMineV1Reply` to our own request ends it.
+//! - placement: queued tasks in priority then submission order go to the online worker
+//!   with the most free cores that has the cores, memory and labels they need, one
+//!   `TasksExecuteV1Req` per attempt; `TasksRefusedV1Reply` puts the task back (the
+//!   refusal does not count as an attempt, the refusing worker is skipped).
+//! - attempts: each dispatch is a new attempt number; reports (`TaskStarted`,
+//!   `TaskError`, `TaskCompleted`) are acknowledged always and applied only when they
+//!   are about the task's current attempt, so repeats are harmless; a report about an
+//!   attempt that is no longer current (given away) is answered with `TasksAbortV1Req`.
+//! - failures: an error, a worker gone for `worker_grace_ms`, or an attempt past its
+//!   timeout plus `task_grace_ms` (which the manager aborts) is retried with backoff
+//!   until `max_attempts`, then the task has failed.
+//! - reconciliation: when a worker (re)joins, it is asked `TasksPingV1Req` about every
+//!   attempt the state says it holds; Pending/Started keep them, Error/Completed apply
+//!   as reports, Unknown loses the attempt (retried). After a controller restart the
+//!   replayed state knows every attempt in flight, so nothing is started twice because
+//!   of the restart and nothing is forgotten.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use drover_proto::{Payload, v1};
+use serde::{Deserialize, Serialize};
+
+use super::{Controller, Output, any_of};
+
+/// Most arguments of a task.
+const MAX_ARGS: usize = 256;
+/// Most bytes of a task's spec (address, arguments, environment, labels).
+const MAX_SPEC_BYTES: usize = 64 * 1024;
+/// Longest timeout accepted (7 days).
+const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3_600_000;
+/// Most attempts a task may ask for.
+const MAX_ATTEMPTS: u32 = 20;
+/// Attempt records kept per task.
+const MAX_HISTORY: usize = 32;
+/// Consecutive queued tasks that fit nowhere before a placement pass stops.
+const MAX_MISSES: usize = 256;
+
+/// A worker in a relationship with this manager.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct WorkerRel {
+    cores: u32,
+    memory_mb: u64,
+    labels: BTreeMap<String, String>,
+    used_cores: u32,
+    used_memory_mb: u64,
+}
+
+/// What the operator asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Spec {
+    job_addr: String,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+    timeout_ms: u64,
+    cores: u32,
+    memory_mb: u64,
+    labels: BTreeMap<String, String>,
+    max_attempts: u32,
+    priority: i32,
+    sha256: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum State {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Aborted,
+}
+
+impl State {
+    fn as_str(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Running => "running",
+            State::Completed => "completed",
+            State::Failed => "failed",
+            State::Aborted => "aborted",
+        }
+    }
+}
+
+/// An attempt in flight.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Attempt {
+    n: u32,
+    worker: String,
+    dispatched_ms: i64,
+    started_ms: Option<i64>,
+    /// The `TasksExecuteV1Req` request id, while its answer is awaited.
+    request: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct AttemptRec {
+    n: u32,
+    worker: String,
+    outcome: String,
+    dispatched_ms: i64,
+    started_ms: i64,
+    finished_ms: i64,
+    detail: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Outcome {
+    exit_code: i32,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    stdout_truncated: bool,
+    stderr_truncated: bool,
+    started_ms: i64,
+    finished_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Task {
+    spec: Spec,
+    state: State,
+    seq: u64,
+    submitted_ms: i64,
+    finished_ms: i64,
+    /// Attempts counted against `max_attempts` (refusals are not).
+    attempts: u32,
+    /// The last attempt number issued.
+    last_attempt: u32,
+    not_before_ms: i64,
+    current: Option<Attempt>,
+    history: Vec<AttemptRec>,
+    refused_by: BTreeSet<String>,
+    outcome: Option<Outcome>,
+    /// The outcome's output was dropped to stay within the output budget.
+    output_expired: bool,
+    error: String,
+}
+
+/// The task plane's part of the state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct TaskPlane {
+    workers: BTreeMap<String, WorkerRel>,
+    tasks: BTreeMap<String, Task>,
+    /// (−priority, submission seq) → task id, for queued tasks.
+    queue: BTreeMap<(i64, u64), String>,
+    next_task: u64,
+    /// Finished tasks, oldest first.
+    finished: VecDeque<String>,
+    output_bytes: u64,
+    /// Our requests awaiting an answer: request id → (worker, task id or empty).
+    pub(super) requests: BTreeMap<String, (String, String)>,
+    pub(super) counters: TaskCounters,
+}
+
+/// Task counters, for metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskCounters {
+    /// Tasks submitted.
+    pub submitted: u64,
+    /// Tasks that completed (any exit code).
+    pub completed: u64,
+    /// Tasks that failed after their last attempt.
+    pub failed: u64,
+    /// Tasks aborted by an operator.
+    pub aborted: u64,
+    /// Attempts dispatched to workers.
+    pub dispatched: u64,
+    /// Attempts retried after an error, a lost worker or a timeout.
+    pub retries: u64,
+    /// Dispatches refused by a worker.
+    pub refusals: u64,
+    /// Attempts the manager aborted for overrunning their timeout.
+    pub timeouts: u64,
+}
+
+/// Queue depth and tasks by state, for metrics and the dashboard.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TaskGauges {
+    /// Waiting for a worker.
+    pub queued: u64,
+    /// On a worker.
+    pub running: u64,
+    /// Completed (any exit code) and remembered.
+    pub done: u64,
+    /// Failed or aborted and remembered.
+    pub failed: u64,
+}
+
+fn matches_labels(want: &BTreeMap<String, String>, have: &BTreeMap<String, String>) -> bool {
+    want.iter().all(|(k, v)| have.get(k) == Some(v))
+}
+
+fn backoff_ms(attempts: u32) -> i64 {
+    (500i64 << attempts.saturating_sub(1).min(6)).min(30_000)
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    match v1::TaskErrorKind::try_from(kind).unwrap_or(v1::TaskErrorKind::Unspecified) {
+        v1::TaskErrorKind::TimedOut => "timed out",
+        v1::TaskErrorKind::DownloadError => "download error",
+        v1::TaskErrorKind::RunningError => "running error",
+        v1::TaskErrorKind::Aborted => "aborted",
+        v1::TaskErrorKind::Refused => "refused",
+        v1::TaskErrorKind::Unspecified => "error",
+    }
+}
+
+impl Spec {
+    fn from_request(r: v1::ControllerTaskRunV1Req) -> Result<Spec, String> {
+        if r.job_addr.is_empty() {
+            return Err("a task needs a job address (a path on the worker or an http(s):// URL)".into());
+        }
+        if r.args.len() > MAX_ARGS {
+            return Err(format!("at most {MAX_ARGS} arguments"));
+        }
+        let size = r.job_addr.len()
+            + r.args.iter().map(String::len).sum::<usize>()
+            + r.env.iter().chain(r.labels.iter()).map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        if size > MAX_SPEC_BYTES {
+            return Err(format!("the task is {size} bytes; at most {MAX_SPEC_BYTES}"));
+        }
+        if r.timeout_ms == 0 || r.timeout_ms > MAX_TIMEOUT_MS {
+            return Err(format!("timeout must be 1 ms ..= {MAX_TIMEOUT_MS} ms"));
+        }
+        if let Some(s) = &r.sha256
+            && (s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err("sha256 must be 64 hex digits".into());
+        }
+        Ok(Spec {
+            job_addr: r.job_addr,
+            args: r.args,
+            env: r.env.into_iter().collect(),
+            timeout_ms: r.timeout_ms,
+            cores: r.cores.max(1),
+            memory_mb: r.memory_mb,
+            labels: r.labels.into_iter().collect(),
+            max_attempts: r.max_attempts.clamp(1, MAX_ATTEMPTS),
+            priority: r.priority,
+            sha256: r.sha256,
+        })
+    }
+
+    fn to_request(&self) -> v1::ControllerTaskRunV1Req {
+        v1::ControllerTaskRunV1Req {
+            job_addr: self.job_addr.clone(),
+            args: self.args.clone(),
+            env: self.env.clone().into_iter().collect(),
+            timeout_ms: self.timeout_ms,
+            cores: self.cores,
+            memory_mb: self.memory_mb,
+            labels: self.labels.clone().into_iter().collect(),
+            max_attempts: self.max_attempts,
+            priority: self.priority,
+            sha256: self.sha256.clone(),
+        }
+    }
+}
+
+impl Task {
+    fn info(&self, id: &str) -> v1::TaskInfo {
+        let mut history: Vec<v1::TaskAttemptInfo> = self
+            .history
+            .iter()
+            .map(|h| v1::TaskAttemptInfo {
+                attempt: h.n,
+                worker: h.worker.clone(),
+                outcome: h.outcome.clone(),
+                dispatched_at_ms: h.dispatched_ms,
+                started_at_ms: h.started_ms,
+                finished_at_ms: h.finished_ms,
+                detail: h.detail.clone(),
+            })
+            .collect();
+        if let Some(a) = &self.current {
+            history.push(v1::TaskAttemptInfo {
+                attempt: a.n,
+                worker: a.worker.clone(),
+                outcome: "running".into(),
+                dispatched_at_ms: a.dispatched_ms,
+                started_at_ms: a.started_ms.unwrap_or(0),
+                finished_at_ms: 0,
+                detail: String::new(),
+            });
+        }
+        v1::TaskInfo {
+            id: id.to_owned(),
+            state: self.state.as_str().into(),
+            spec: Some(self.spec.to_request()),
+            attempts: self.attempts,
+            worker: history.last().map(|h| h.worker.clone()).unwrap_or_default(),
+            history,
+            exit_code: self.outcome.as_ref().map(|o| o.exit_code),
+            error: self.error.clone(),
+            submitted_at_ms: self.submitted_ms,
+            finished_at_ms: self.finished_ms,
+        }
+    }
+}
+
+impl TaskPlane {
+    /// Queue depth and tasks by state.
+    pub(super) fn gauges(&self) -> TaskGauges {
+        let mut g = TaskGauges { queued: self.queue.len() as u64, ..TaskGauges::default() };
+        for t in self.tasks.values() {
+            match t.state {
+                State::Running => g.running += 1,
+                State::Completed => g.done += 1,
+                State::Failed | State::Aborted => g.failed += 1,
+                State::Queued => {}
+            }
+        }
+        g
+    }
+
+    /// Whether `node` is a worker of this manager.
+    pub(super) fn is_worker(&self, node: &str) -> bool {
+        self.workers.contains_key(node)
+    }
+}
+
+/// Where a worker-originated message came from.
+struct From<'a> {
+    node: &'a str,
+    session: u64,
+    request_id: String,
+}
+
+impl Controller {
+    fn task_reply(&self, from: &From<'_>, payload: impl Into<Payload>) -> Output {
+        self.reply_to_node(from.node, from.session, from.request_id.clone(), payload)
+    }
+
+    /// Sends a request to a worker; returns its request id (`None`: the worker is offline).
+    fn task_request(
+        &mut self,
+        worker: &str,
+        task: &str,
+        payload: impl Into<Payload>,
+        out: &mut Vec<Output>,
+    ) -> Option<String> {
+        let session = self.nodes.get(worker).and_then(|n| n.session)?;
+        self.next_request += 1;
+        let request_id = format!("m{}", self.next_request);
+        self.tasks.requests.insert(request_id.clone(), (worker.to_owned(), task.to_owned()));
+        out.push(Output::ToNode {
+            node: worker.to_owned(),
+            session,
+            msg: v1::StreamToNode { from_uuid: None, command: Some(any_of(payload)), request_id: request_id.clone() },
+        });
+        Some(request_id)
+    }
+
+    /// Handles a seed-2 message from a node. Returns `false` if the payload is not one.
+    pub(super) fn task_message(
+        &mut self,
+        node: &str,
+        session: u64,
+        request_id: String,
+        payload: &Payload,
+        out: &mut Vec<Output>,
+    ) -> bool {
+        let from = From { node, session, request_id };
+        let partner = self.tasks.workers.contains_key(node);
+        let not_mine = |c: &Self, out: &mut Vec<Output>| out.push(c.task_reply(&from, v1::NotMineV1Reply {}));
+        match payload {
+            Payload::NodeTypeV1Req(_) => {
+                let id = self.config.manager_id.clone();
+                out.push(self.task_reply(&from, v1::NodeTypeV1Reply { node_type: v1::NodeType::Manager as i32, id }));
+            }
+            Payload::ManagerV1Req(r) => {
+                let is_worker = self.nodes.get(node).is_some_and(|n| n.worker);
+                let accepted = is_worker && r.manager_id == self.config.manager_id && r.cores > 0;
+                if accepted {
+                    let rel = self.tasks.workers.entry(node.to_owned()).or_insert(WorkerRel {
+                        cores: 0,
+                        memory_mb: 0,
+                        labels: BTreeMap::new(),
+                        used_cores: 0,
+                        used_memory_mb: 0,
+                    });
+                    rel.cores = r.cores;
+                    rel.memory_mb = r.memory_mb;
+                    rel.labels = r.labels.clone().into_iter().collect();
+                }
+                out.push(self.task_reply(&from, v1::ManagerV1Reply { accepted }));
+                if accepted {
+                    self.reconcile(node, out);
+                }
+            }
+            Payload::ManagerByeV1Req(_) => {
+                out.push(self.task_reply(&from, v1::AckV1Reply {}));
+                if partner {
+                    self.end_relationship(node, "the worker said ManagerBye");
+                }
+            }
+            Payload::ManagerPingV1Req(_) => {
+                if partner {
+                    out.push(self.task_reply(&from, v1::ManagerPongV1Reply {}));
+                } else {
+                    not_mine(self, out);
+                }
+            }
+            Payload::TaskStartedV1Req(_) | Payload::TaskErrorV1Req(_) | Payload::TaskCompletedV1Req(_) if !partner => {
+                not_mine(self, out)
+            }
+            Payload::TaskStartedV1Req(r) => {
+                out.push(self.task_reply(&from, v1::AckV1Reply {}));
+                let id = r.task.clone().unwrap_or_default();
+                if !self.attempt_started(node, &id, r.started_at_ms) {
+                    self.abort_stale(node, id, out);
+                }
+            }
+            Payload::TaskErrorV1Req(r) => {
+                out.push(self.task_reply(&from, v1::AckV1Reply {}));
+                let id = r.task.clone().unwrap_or_default();
+                self.attempt_error(node, &id, r.kind, &r.message);
+            }
+            Payload::TaskCompletedV1Req(r) => {
+                out.push(self.task_reply(&from, v1::AckV1Reply {}));
+                let id = r.task.clone().unwrap_or_default();
+                self.attempt_completed(node, &id, r.outcome.clone().unwrap_or_default());
+            }
+            // Answers to our requests.
+            Payload::AckV1Reply(_)
+            | Payload::TasksRefusedV1Reply(_)
+            | Payload::NotMineV1Reply(_)
+            | Payload::TasksPongV1Reply(_)
+            | Payload::ManagerPongV1Reply(_)
+            | Payload::NodeTypeV1Reply(_) => {
+                let Some((worker, task)) = self.tasks.requests.remove(&from.request_id) else { return true };
+                if worker != node {
+                    return true;
+                }
+                self.answer(node, &task, payload, out);
+            }
+            // A worker never asks its manager to run, ping or abort tasks.
+            Payload::TasksExecuteV1Req(_) | Payload::TasksPingV1Req(_) | Payload::TasksAbortV1Req(_) => {
+                not_mine(self, out)
+            }
+            Payload::ManagerV1Reply(_) => {}
+            _ => return false,
+        }
+        true
+    }
+
+    fn answer(&mut self, node: &str, task: &str, payload: &Payload, out: &mut Vec<Output>) {
+        match payload {
+            Payload::AckV1Reply(_) => {
+                if let Some(a) = self.tasks.tasks.get_mut(task).and_then(|t| t.current.as_mut()) {
+                    a.request = None;
+                }
+            }
+            Payload::TasksRefusedV1Reply(r) => {
+                self.tasks.counters.refusals += 1;
+                let now = self.now_ms;
+                let Some(t) = self.tasks.tasks.get_mut(task) else { return };
+                let Some(a) = t.current.take_if(|a| a.worker == node) else { return };
+                t.refused_by.insert(node.to_owned());
+                t.history.push(AttemptRec {
+                    n: a.n,
+                    worker: a.worker,
+                    outcome: "refused".into(),
+                    dispatched_ms: a.dispatched_ms,
+                    started_ms: 0,
+                    finished_ms: now,
+                    detail: r.reason.clone(),
+                });
+                let (cores, mem) = (t.spec.cores, t.spec.memory_mb);
+                self.release(node, cores, mem);
+                self.requeue(task, 0);
+            }
+            Payload::NotMineV1Reply(_) => self.end_relationship(node, "the worker answered NotMine"),
+            Payload::TasksPongV1Reply(p) => {
+                for s in &p.tasks {
+                    let id = s.task.clone().unwrap_or_default();
+                    match &s.status {
+                        Some(v1::task_status::Status::Pending(_)) | None => {}
+                        Some(v1::task_status::Status::Started(st)) => {
+                            if !self.attempt_started(node, &id, st.started_at_ms) {
+                                self.abort_stale(node, id, out);
+                            }
+                        }
+                        Some(v1::task_status::Status::Error(e)) => self.attempt_error(node, &id, e.kind, &e.message),
+                        Some(v1::task_status::Status::Completed(o)) => self.attempt_completed(node, &id, o.clone()),
+                        Some(v1::task_status::Status::Unknown(_)) => {
+                            self.attempt_lost(&id.id, id.attempt, "the worker does not know the attempt")
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Asks a (re)joined worker about every attempt the state says it holds.
+    fn reconcile(&mut self, worker: &str, out: &mut Vec<Output>) {
+        let held: Vec<v1::TaskId> = self
+            .tasks
+            .tasks
+            .iter()
+            .filter_map(|(id, t)| {
+                let a = t.current.as_ref().filter(|a| a.worker == worker)?;
+                Some(v1::TaskId { id: id.clone(), attempt: a.n })
+            })
+            .collect();
+        if !held.is_empty() {
+            let _ = self.task_request(worker, "", v1::TasksPingV1Req { tasks: held }, out);
+        }
+    }
+
+    /// The current attempt `id`, if it runs on `worker`.
+    fn current_on(&mut self, worker: &str, id: &v1::TaskId) -> Option<&mut Task> {
+        self.tasks
+            .tasks
+            .get_mut(&id.id)
+            .filter(|t| t.current.as_ref().is_some_and(|a| a.n == id.attempt && a.worker == worker))
+    }
+
+    /// Returns `false` when the attempt is not current (the caller aborts it).
+    fn attempt_started(&mut self, worker: &str, id: &v1::TaskId, _worker_clock_ms: i64) -> bool {
+        let now = self.now_ms;
+        match self.current_on(worker, id) {
+            Some(t) => {
+                if let Some(a) = t.current.as_mut() {
+                    // Deadlines run on the manager's clock, from when it heard of the start.
+                    a.started_ms.get_or_insert(now);
+                }
+                true
+            }
+            // A report about an attempt that already finished here is a harmless repeat.
+            None => self.tasks.tasks.get(&id.id).is_some_and(|t| t.history.iter().any(|h| h.n == id.attempt)),
+        }
+    }
+
+    fn abort_stale(&mut self, worker: &str, id: v1::TaskId, out: &mut Vec<Output>) {
+        let _ = self.task_request(worker, &id.id.clone(), v1::TasksAbortV1Req { tasks: vec![id] }, out);
+    }
+
+    fn finish_attempt(&mut self, task: &str, outcome: &str, detail: String) -> Option<(String, u32, u64)> {
+        let now = self.now_ms;
+        let t = self.tasks.tasks.get_mut(task)?;
+        let a = t.current.take()?;
+        if t.history.len() >= MAX_HISTORY {
+            t.history.remove(0);
+        }
+        t.history.push(AttemptRec {
+            n: a.n,
+            worker: a.worker.clone(),
+            outcome: outcome.to_owned(),
+            dispatched_ms: a.dispatched_ms,
+            started_ms: a.started_ms.unwrap_or(0),
+            finished_ms: now,
+            detail,
+        });
+        let (cores, mem) = (t.spec.cores, t.spec.memory_mb);
+        self.release(&a.worker, cores, mem);
+        Some((a.worker, cores, mem))
+    }
+
+    fn attempt_error(&mut self, worker: &str, id: &v1::TaskId, kind: i32, message: &str) {
+        if self.current_on(worker, id).is_none() {
+            return;
+        }
+        let what = kind_name(kind);
+        self.finish_attempt(&id.id, &format!("error: {what}"), message.to_owned());
+        self.retry_or_fail(&id.id, format!("{what}: {message}"));
+    }
+
+    fn attempt_completed(&mut self, worker: &str, id: &v1::TaskId, o: v1::TaskOutcome) {
+        if self.current_on(worker, id).is_none() {
+            return;
+        }
+        self.finish_attempt(&id.id, "completed", format!("exit code {}", o.exit_code));
+        let now = self.now_ms;
+        let Some(t) = self.tasks.tasks.get_mut(&id.id) else { return };
+        let bytes = (o.stdout.len() + o.stderr.len()) as u64;
+        t.outcome = Some(Outcome {
+            exit_code: o.exit_code,
+            stdout: o.stdout,
+            stderr: o.stderr,
+            stdout_truncated: o.stdout_truncated,
+            stderr_truncated: o.stderr_truncated,
+            started_ms: o.started_at_ms,
+            finished_ms: o.finished_at_ms,
+        });
+        t.state = State::Completed;
+        t.finished_ms = now;
+        self.tasks.output_bytes += bytes;
+        self.tasks.counters.completed += 1;
+        self.retire(&id.id);
+    }
+
+    /// The attempt is lost (its worker is gone or does not know it): retry or fail.
+    fn attempt_lost(&mut self, task: &str, attempt: u32, why: &str) {
+        if self.tasks.tasks.get(task).is_none_or(|t| t.current.as_ref().is_none_or(|a| a.n != attempt)) {
+            return;
+        }
+        self.finish_attempt(task, "lost", why.to_owned());
+        self.retry_or_fail(task, format!("lost: {why}"));
+    }
+
+    fn retry_or_fail(&mut self, task: &str, error: String) {
+        let now = self.now_ms;
+        let Some(t) = self.tasks.tasks.get_mut(task) else { return };
+        if t.state != State::Running && t.state != State::Queued {
+            return;
+        }
+        t.error = error;
+        if t.attempts < t.spec.max_attempts {
+            self.tasks.counters.retries += 1;
+            let delay = backoff_ms(t.attempts);
+            self.requeue(task, delay);
+        } else {
+            t.state = State::Failed;
+            t.finished_ms = now;
+            self.tasks.counters.failed += 1;
+            self.retire(task);
+        }
+    }
+
+    fn requeue(&mut self, task: &str, delay_ms: i64) {
+        let now = self.now_ms;
+        let Some(t) = self.tasks.tasks.get_mut(task) else { return };
+        t.state = State::Queued;
+        t.not_before_ms = now + delay_ms;
+        self.tasks.queue.insert((-i64::from(t.spec.priority), t.seq), task.to_owned());
+    }
+
+    fn release(&mut self, worker: &str, cores: u32, mem: u64) {
+        if let Some(w) = self.tasks.workers.get_mut(worker) {
+            w.used_cores = w.used_cores.saturating_sub(cores);
+            w.used_memory_mb = w.used_memory_mb.saturating_sub(mem);
+        }
+    }
+
+    /// A finished task joins the retention queue; the oldest are forgotten and the
+    /// oldest outputs dropped to stay within the limits.
+    fn retire(&mut self, task: &str) {
+        self.tasks.finished.push_back(task.to_owned());
+        while self.tasks.finished.len() > self.config.task_retention.max(1) {
+            if let Some(old) = self.tasks.finished.pop_front()
+                && let Some(t) = self.tasks.tasks.remove(&old)
+                && let Some(o) = &t.outcome
+                && !t.output_expired
+            {
+                self.tasks.output_bytes -= (o.stdout.len() + o.stderr.len()) as u64;
+            }
+        }
+        let budget = self.config.task_output_budget;
+        let mut i = 0;
+        while self.tasks.output_bytes > budget && i < self.tasks.finished.len() {
+            let id = self.tasks.finished[i].clone();
+            i += 1;
+            if let Some(t) = self.tasks.tasks.get_mut(&id)
+                && !t.output_expired
+                && let Some(o) = &mut t.outcome
+            {
+                self.tasks.output_bytes -= (o.stdout.len() + o.stderr.len()) as u64;
+                o.stdout = Vec::new();
+                o.stderr = Vec::new();
+                t.output_expired = true;
+            }
+        }
+    }
+
+    fn end_relationship(&mut self, worker: &str, why: &str) {
+        if self.tasks.workers.remove(worker).is_none() {
+            return;
+        }
+        let held: Vec<(String, u32)> = self
+            .tasks
+            .tasks
+            .iter()
+            .filter_map(|(id, t)| t.current.as_ref().filter(|a| a.worker == worker).map(|a| (id.clone(), a.n)))
+            .collect();
+        for (id, n) in held {
+            self.attempt_lost(&id, n, why);
+        }
+    }
+
+    /// A node left the state for good (gone past retention): so does its relationship.
+    pub(super) fn forget_worker(&mut self, node: &str) {
+        self.end_relationship(node, "the worker was forgotten");
+    }
+
+    /// The task plane's time rules and placement; run on every full settle.
+    pub(super) fn settle_tasks(&mut self, out: &mut Vec<Output>) {
+        let now = self.now_ms;
+        // Attempts past their deadline, or on a worker gone for too long.
+        let mut overdue = Vec::new();
+        let mut lost = Vec::new();
+        for (id, t) in &self.tasks.tasks {
+            let Some(a) = &t.current else { continue };
+            let online = self.nodes.get(&a.worker).is_some_and(|n| n.session.is_some());
+            if !online {
+                let since = self.nodes.get(&a.worker).and_then(|n| n.gone_at_ms).unwrap_or(a.dispatched_ms);
+                if now - since.max(a.dispatched_ms) > self.config.worker_grace_ms {
+                    lost.push((id.clone(), a.n));
+                }
+                continue;
+            }
+            let from = a.started_ms.unwrap_or(a.dispatched_ms);
+            if now > from + t.spec.timeout_ms as i64 + self.config.task_grace_ms {
+                overdue.push((id.clone(), a.n, a.worker.clone()));
+            }
+        }
+        for (id, n) in lost {
+            self.attempt_lost(&id, n, "the worker is gone");
+        }
+        for (id, n, worker) in overdue {
+            self.tasks.counters.timeouts += 1;
+            self.abort_stale(&worker, v1::TaskId { id: id.clone(), attempt: n }, out);
+            self.finish_attempt(&id, "error: timed out", "overran its timeout; aborted by the manager".into());
+            self.retry_or_fail(&id, "timed out: aborted by the manager".into());
+        }
+        self.place(out);
+    }
+
+    /// Places queued tasks on workers with room, highest priority first.
+    fn place(&mut self, out: &mut Vec<Output>) {
+        if self.tasks.queue.is_empty() {
+            return;
+        }
+        let now = self.now_ms;
+        let mut free: Vec<(String, u32, u64)> = self
+            .tasks
+            .workers
+            .iter()
+            .filter(|(id, w)| w.used_cores < w.cores && self.nodes.get(*id).is_some_and(|n| n.session.is_some()))
+            .map(|(id, w)| (id.clone(), w.cores - w.used_cores, w.memory_mb.saturating_sub(w.used_memory_mb)))
+            .collect();
+        if free.is_empty() {
+            return;
+        }
+        let mut misses = 0;
+        let keys: Vec<(i64, u64)> = self.tasks.queue.keys().copied().collect();
+        for key in keys {
+            if misses >= MAX_MISSES || free.is_empty() {
+                break;
+            }
+            let Some(id) = self.tasks.queue.get(&key).cloned() else { continue };
+            let Some(t) = self.tasks.tasks.get(&id) else {
+                self.tasks.queue.remove(&key);
+                continue;
+            };
+            if t.not_before_ms > now {
+                misses += 1;
+                continue;
+            }
+            let fits = |(w, c, m): &(String, u32, u64)| {
+                *c >= t.spec.cores
+                    && *m >= t.spec.memory_mb
+                    && !t.refused_by.contains(w)
+                    && self.tasks.workers.get(w).is_some_and(|rel| matches_labels(&t.spec.labels, &rel.labels))
+            };
+            // The fitting worker with the most free cores (ties: the first by id).
+            let best = free.iter().enumerate().filter(|(_, f)| fits(f)).max_by_key(|(i, f)| (f.1, usize::MAX - i));
+            let Some((slot, _)) = best else {
+                misses += 1;
+                // Every worker refused it: let them be asked again after a pause.
+                if !t.refused_by.is_empty()
+                    && self.tasks.workers.keys().all(|w| t.refused_by.contains(w))
+                    && let Some(t) = self.tasks.tasks.get_mut(&id)
+                {
+                    t.refused_by.clear();
+                    t.not_before_ms = now + 1_000;
+                }
+                continue;
+            };
+            misses = 0;
+            let worker = free[slot].0.clone();
+            free[slot].1 -= t.spec.cores;
+            free[slot].2 = free[slot].2.saturating_sub(t.spec.memory_mb);
+            if free[slot].1 == 0 {
+                free.swap_remove(slot);
+            }
+            self.tasks.queue.remove(&key);
+            self.dispatch(&id, &worker, out);
+        }
+    }
+
+    fn dispatch(&mut self, id: &str, worker: &str, out: &mut Vec<Output>) {
+        let now = self.now_ms;
+        let Some(t) = self.tasks.tasks.get_mut(id) else { return };
+        t.last_attempt += 1;
+        t.attempts += 1;
+        t.state = State::Running;
+        let n = t.last_attempt;
+        let spec = v1::TaskSpec {
+            task: Some(v1::TaskId { id: id.to_owned(), attempt: n }),
+            job_addr: t.spec.job_addr.clone(),
+            args: t.spec.args.clone(),
+            env: t.spec.env.clone().into_iter().collect(),
+            timeout_ms: t.spec.timeout_ms,
+            cores: t.spec.cores,
+            memory_mb: t.spec.memory_mb,
+            sha256: t.spec.sha256.clone(),
+        };
+        let (cores, mem) = (t.spec.cores, t.spec.memory_mb);
+        if let Some(w) = self.tasks.workers.get_mut(worker) {
+            w.used_cores += cores;
+            w.used_memory_mb += mem;
+        }
+        self.tasks.counters.dispatched += 1;
+        let request = self.task_request(worker, id, v1::TasksExecuteV1Req { tasks: vec![spec] }, out);
+        if let Some(t) = self.tasks.tasks.get_mut(id) {
+            t.current = Some(Attempt { n, worker: worker.to_owned(), dispatched_ms: now, started_ms: None, request });
+        }
+    }
+
+    /// The earliest time a task rule can fire (attempt deadlines, lost workers, backoff).
+    pub(super) fn task_deadline(&self) -> Option<i64> {
+        let mut d: Option<i64> = None;
+        let mut at = |t: i64| d = Some(d.map_or(t, |x: i64| x.min(t)));
+        for t in self.tasks.tasks.values() {
+            if let Some(a) = &t.current {
+                match self.nodes.get(&a.worker).filter(|n| n.session.is_none()) {
+                    Some(n) => at(n.gone_at_ms.unwrap_or(a.dispatched_ms).max(a.dispatched_ms)
+                        + self.config.worker_grace_ms
+                        + 1),
+                    None => at(a.started_ms.unwrap_or(a.dispatched_ms)
+                        + t.spec.timeout_ms as i64
+                        + self.config.task_grace_ms
+                        + 1),
+                }
+            }
+        }
+        if !self.tasks.queue.is_empty() {
+            for id in self.tasks.queue.values().take(MAX_MISSES) {
+                if let Some(t) = self.tasks.tasks.get(id)
+                    && t.not_before_ms > self.now_ms
+                {
+                    at(t.not_before_ms);
+                }
+            }
+        }
+        d
+    }
+
+    /// Task commands from the CLI. Returns `None` when the payload is not one.
+    pub(super) fn task_command(&mut self, payload: &Payload) -> Option<Payload> {
+        Some(match payload {
+            Payload::ControllerTaskRunV1Req(r) => match Spec::from_request(r.clone()) {
+                Ok(spec) => {
+                    self.tasks.next_task += 1;
+                    let seq = self.tasks.next_task;
+                    let id = format!("t{seq}");
+                    self.tasks.queue.insert((-i64::from(spec.priority), seq), id.clone());
+                    self.tasks.tasks.insert(
+                        id.clone(),
+                        Task {
+                            spec,
+                            state: State::Queued,
+                            seq,
+                            submitted_ms: self.now_ms,
+                            finished_ms: 0,
+                            attempts: 0,
+                            last_attempt: 0,
+                            not_before_ms: 0,
+                            current: None,
+                            history: Vec::new(),
+                            refused_by: BTreeSet::new(),
+                            outcome: None,
+                            output_expired: false,
+                            error: String::new(),
+                        },
+                    );
+                    self.tasks.counters.submitted += 1;
+                    v1::ControllerTaskRunV1Reply { task_id: id }.into()
+                }
+                Err(reason) => v1::UnknownCommandV1Notify {
+                    type_url: drover_proto::type_url::<v1::ControllerTaskRunV1Req>(),
+                    reason: format!("task refused: {reason}"),
+                }
+                .into(),
+            },
+            Payload::ControllerTaskListV1Req(r) => {
+                let limit = if r.limit == 0 { 1000 } else { r.limit as usize };
+                let mut tasks: Vec<(&String, &Task)> = self
+                    .tasks
+                    .tasks
+                    .iter()
+                    .filter(|(_, t)| r.state.is_empty() || t.state.as_str() == r.state)
+                    .collect();
+                tasks.sort_by_key(|(_, t)| std::cmp::Reverse(t.seq));
+                let g = self.tasks.gauges();
+                v1::ControllerTaskListV1Reply {
+                    tasks: tasks.into_iter().take(limit).map(|(id, t)| t.info(id)).collect(),
+                    counts: Some(v1::TaskCounts {
+                        queued: g.queued,
+                        running: g.running,
+                        completed: g.done,
+                        failed: self.tasks.tasks.values().filter(|t| t.state == State::Failed).count() as u64,
+                        aborted: self.tasks.tasks.values().filter(|t| t.state == State::Aborted).count() as u64,
+                    }),
+                }
+                .into()
+            }
+            Payload::ControllerTaskStatusV1Req(r) => {
+                v1::ControllerTaskStatusV1Reply { task: self.tasks.tasks.get(&r.id).map(|t| t.info(&r.id)) }.into()
+            }
+            Payload::ControllerTaskLogsV1Req(r) => match self.tasks.tasks.get(&r.id) {
+                None => {
+                    v1::ControllerTaskLogsV1Reply { found: false, outcome: None, note: "no such task".into() }.into()
+                }
+                Some(t) => {
+                    let note = match (t.state, t.output_expired) {
+                        (State::Completed, true) => "the output was dropped to stay within the output budget".into(),
+                        (State::Completed, false) => String::new(),
+                        (state, _) => format!(
+                            "the task is {}{}",
+                            state.as_str(),
+                            if t.error.is_empty() { String::new() } else { format!(": {}", t.error) }
+                        ),
+                    };
+                    let outcome = t.outcome.as_ref().map(|o| v1::TaskOutcome {
+                        exit_code: o.exit_code,
+                        stdout: o.stdout.clone(),
+                        stderr: o.stderr.clone(),
+                        stdout_truncated: o.stdout_truncated,
+                        stderr_truncated: o.stderr_truncated,
+                        started_at_ms: o.started_ms,
+                        finished_at_ms: o.finished_ms,
+                    });
+                    v1::ControllerTaskLogsV1Reply { found: true, outcome, note }.into()
+                }
+            },
+            _ => return None,
+        })
+    }
+
+    /// `ControllerTaskAbortV1Req`: a queued task is dropped, a running one is told to
+    /// stop on its worker.
+    pub(super) fn task_abort(&mut self, id: &str, out: &mut Vec<Output>) -> v1::ControllerTaskAbortV1Reply {
+        let now = self.now_ms;
+        let Some(t) = self.tasks.tasks.get(id) else {
+            return v1::ControllerTaskAbortV1Reply { aborted: false, state: "unknown".into() };
+        };
+        match t.state {
+            State::Queued | State::Running => {}
+            s => return v1::ControllerTaskAbortV1Reply { aborted: false, state: s.as_str().into() },
+        }
+        if let Some(a) = t.current.clone() {
+            self.abort_stale(&a.worker, v1::TaskId { id: id.to_owned(), attempt: a.n }, out);
+            self.finish_attempt(id, "aborted", "aborted by an operator".into());
+        }
+        self.tasks.queue.retain(|_, q| q != id);
+        if let Some(t) = self.tasks.tasks.get_mut(id) {
+            t.state = State::Aborted;
+            t.finished_ms = now;
+            t.error = "aborted by an operator".into();
+        }
+        self.tasks.counters.aborted += 1;
+        self.retire(id);
+        v1::ControllerTaskAbortV1Reply { aborted: true, state: "aborted".into() }
+    }
+}
