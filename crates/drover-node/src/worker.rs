@@ -299,10 +299,15 @@ impl Worker {
                 )]
             }
             Payload::ManagerV1Reply(r) => {
-                let Some((rid, id)) = self.asking.take_if(|(rid, _)| rid == request_id) else {
+                let Some((_, id)) = self.asking.take_if(|(rid, _)| rid == request_id) else {
+                    // Accepted without being asked (or for an older request): this worker
+                    // cannot be that manager's worker, so it says so.
+                    if r.accepted && self.manager.is_none() {
+                        let rid = self.request_id();
+                        return vec![Self::send(&rid, v1::ManagerByeV1Req {})];
+                    }
                     return Vec::new();
                 };
-                let _ = rid;
                 if !r.accepted {
                     tracing::warn!(manager = %id, "the manager did not accept this worker");
                     return Vec::new();

@@ -468,6 +468,8 @@ impl Controller {
                 let Some(t) = self.tasks.tasks.get_mut(task) else { return };
                 let Some(a) = t.current.take_if(|a| a.worker == node) else { return };
                 t.refused_by.insert(node.to_owned());
+                // A refusal is not an attempt: the task never ran.
+                t.attempts = t.attempts.saturating_sub(1);
                 t.history.push(AttemptRec {
                     n: a.n,
                     worker: a.worker,
@@ -539,8 +541,10 @@ impl Controller {
                 }
                 true
             }
-            // A report about an attempt that already finished here is a harmless repeat.
-            None => self.tasks.tasks.get(&id.id).is_some_and(|t| t.history.iter().any(|h| h.n == id.attempt)),
+            // Not current (given away, timed out, aborted, or a late repeat of a finished
+            // attempt's start): the worker is told to abort it; for a finished one that
+            // is a no-op on the worker.
+            None => false,
         }
     }
 
