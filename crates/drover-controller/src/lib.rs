@@ -155,7 +155,7 @@ impl ControllerConfig {
             core: CoreConfig { version: env!("CARGO_PKG_VERSION").into(), ..CoreConfig::default() },
             fsync: FsyncMode::Always,
             recovery: RecoveryMode::Strict,
-            max_message_bytes: 1 << 20,
+            max_message_bytes: 4 << 20,
             stream_queue: 4096,
             upstream: None,
             min_node_version: "0.1.0".into(),

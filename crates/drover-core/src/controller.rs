@@ -586,6 +586,7 @@ impl Controller {
         // Answers to requests sent on the old connections never come: the workers are
         // asked about their attempts again when they rejoin.
         self.tasks.requests.clear();
+        self.tasks.restarted_at_ms = self.now_ms;
         self.grace_until_ms = Some(self.now_ms + self.config.rejoin_grace_ms);
         for p in self.pairs.values_mut() {
             // A handover in flight restarts from scratch once nodes are back.

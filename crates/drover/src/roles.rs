@@ -79,7 +79,7 @@ pub struct ControllerArgs {
     #[arg(long, env = "DROVER_MAX_FAILED_ADMISSIONS", default_value_t = 10)]
     pub max_failed_admissions: usize,
     /// Largest gRPC message accepted or sent, in bytes.
-    #[arg(long, env = "DROVER_MAX_MESSAGE_BYTES", default_value_t = 1 << 20)]
+    #[arg(long, env = "DROVER_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
     pub max_message_bytes: usize,
     /// Messages queued per stream before a peer that does not read is cut off.
     #[arg(long, env = "DROVER_STREAM_QUEUE", default_value_t = 4096)]
@@ -226,9 +226,10 @@ pub struct NodeArgs {
     /// Accept only these managers (controller ids; repeatable; default: any).
     #[arg(long = "manager")]
     pub managers: Vec<String>,
-    /// Bytes of stdout and of stderr kept per task; the rest is dropped with a marker.
-    #[arg(long, env = "DROVER_MAX_OUTPUT", default_value_t = 1 << 20)]
-    pub max_output: usize,
+    /// Bytes of stdout and of stderr kept per task (at most 1.5 MiB each, so a report
+    /// fits the controller's 4 MiB message limit); the rest is dropped with a marker.
+    #[arg(long, env = "DROVER_MAX_OUTPUT", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(0..=1_572_864))]
+    pub max_output: u64,
     /// Where downloaded jobs are cached (default: a drover-jobs directory in the temp dir).
     #[arg(long, env = "DROVER_JOB_CACHE")]
     pub job_cache: Option<PathBuf>,
@@ -293,7 +294,7 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
         w.labels = args.labels.into_iter().collect();
         w.allow_jobs = args.allow_jobs;
         w.allow_managers = args.managers;
-        w.max_output = args.max_output;
+        w.max_output = args.max_output as usize;
         if let Some(dir) = args.job_cache {
             w.cache_dir = dir;
         }

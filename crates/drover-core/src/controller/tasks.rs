@@ -158,6 +158,8 @@ pub(super) struct TaskPlane {
     /// Finished tasks, oldest first.
     finished: VecDeque<String>,
     output_bytes: u64,
+    /// When this controller process started (its `ControllerStarted` input).
+    pub(super) restarted_at_ms: i64,
     /// Our requests awaiting an answer: request id → (worker, task id or empty).
     pub(super) requests: BTreeMap<String, (String, String)>,
     pub(super) counters: TaskCounters,
@@ -707,17 +709,11 @@ impl Controller {
         let mut lost = Vec::new();
         for (id, t) in &self.tasks.tasks {
             let Some(a) = &t.current else { continue };
-            let online = self.nodes.get(&a.worker).is_some_and(|n| n.session.is_some());
-            if !online {
-                let since = self.nodes.get(&a.worker).and_then(|n| n.gone_at_ms).unwrap_or(a.dispatched_ms);
-                if now - since.max(a.dispatched_ms) > self.config.worker_grace_ms {
-                    lost.push((id.clone(), a.n));
-                }
-                continue;
-            }
-            let from = a.started_ms.unwrap_or(a.dispatched_ms);
-            if now > from + t.spec.timeout_ms as i64 + self.config.task_grace_ms {
-                overdue.push((id.clone(), a.n, a.worker.clone()));
+            match self.lost_at(a) {
+                Some(at) if now >= at => lost.push((id.clone(), a.n)),
+                Some(_) => {}
+                None if now >= self.overdue_at(t, a) => overdue.push((id.clone(), a.n, a.worker.clone())),
+                None => {}
             }
         }
         for (id, n) in lost {
@@ -824,20 +820,38 @@ impl Controller {
         }
     }
 
+    /// Attempts are not judged before returning workers had their chance after a
+    /// controller restart.
+    fn judged_from(&self) -> i64 {
+        self.tasks.restarted_at_ms + self.config.rejoin_grace_ms
+    }
+
+    /// When an attempt on a worker that is offline counts as lost (`None`: the worker
+    /// is online).
+    fn lost_at(&self, a: &Attempt) -> Option<i64> {
+        let n = self.nodes.get(&a.worker);
+        if n.is_some_and(|n| n.session.is_some()) {
+            return None;
+        }
+        let gone = n.and_then(|n| n.gone_at_ms).unwrap_or(a.dispatched_ms);
+        Some(gone.max(a.dispatched_ms).max(self.judged_from()) + self.config.worker_grace_ms)
+    }
+
+    /// When the manager gives up on a running attempt and aborts it.
+    fn overdue_at(&self, t: &Task, a: &Attempt) -> i64 {
+        let from = a.started_ms.unwrap_or(a.dispatched_ms).max(self.judged_from());
+        from + t.spec.timeout_ms as i64 + self.config.task_grace_ms
+    }
+
     /// The earliest time a task rule can fire (attempt deadlines, lost workers, backoff).
     pub(super) fn task_deadline(&self) -> Option<i64> {
         let mut d: Option<i64> = None;
         let mut at = |t: i64| d = Some(d.map_or(t, |x: i64| x.min(t)));
         for t in self.tasks.tasks.values() {
             if let Some(a) = &t.current {
-                match self.nodes.get(&a.worker).filter(|n| n.session.is_none()) {
-                    Some(n) => at(n.gone_at_ms.unwrap_or(a.dispatched_ms).max(a.dispatched_ms)
-                        + self.config.worker_grace_ms
-                        + 1),
-                    None => at(a.started_ms.unwrap_or(a.dispatched_ms)
-                        + t.spec.timeout_ms as i64
-                        + self.config.task_grace_ms
-                        + 1),
+                match self.lost_at(a) {
+                    Some(l) => at(l),
+                    None => at(self.overdue_at(t, a)),
                 }
             }
         }

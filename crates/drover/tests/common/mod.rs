@@ -1,0 +1,131 @@
+//! Helpers shared by the process tests: free ports, spawning `drover` with its log in
+//! a file, a controller with its own ports and data directory, a CLI runner acting as
+//! its first admin, and polling with a deadline (no fixed sleeps).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child process killed (and reaped) when dropped.
+pub struct Killed(pub Child);
+
+impl Killed {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Runs `drover ARGS`, stderr appended to `log`.
+pub fn spawn(args: &[&str], log: &Path) -> Killed {
+    let err = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    Killed(
+        Command::new(env!("CARGO_BIN_EXE_drover"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("spawn drover"),
+    )
+}
+
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// A controller's addresses and data directory; it can be (re)started and killed.
+pub struct Controller {
+    pub grpc: u16,
+    pub admission: u16,
+    pub http: u16,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    pub extra: Vec<String>,
+    pub proc: Option<Killed>,
+}
+
+impl Controller {
+    pub fn new(dir: &Path, extra: &[&str]) -> Controller {
+        Controller {
+            grpc: free_port(),
+            admission: free_port(),
+            http: free_port(),
+            data: dir.join("data"),
+            log: dir.join("controller.log"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            proc: None,
+        }
+    }
+
+    /// Starts it and waits until it answers.
+    pub fn start(&mut self) {
+        let (g, a, h) = (
+            format!("127.0.0.1:{}", self.grpc),
+            format!("127.0.0.1:{}", self.admission),
+            format!("127.0.0.1:{}", self.http),
+        );
+        let mut args = vec!["controller", "--listen", &g, "--admission", &a, "--http", &h, "--data-dir"];
+        let data = self.data.to_str().unwrap().to_owned();
+        args.push(&data);
+        args.extend(self.extra.iter().map(String::as_str));
+        self.proc = Some(spawn(&args, &self.log));
+        assert!(
+            wait_until(Duration::from_secs(20), || self.cli(&["version"]).status.success()),
+            "controller did not start"
+        );
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Runs a CLI command as the first admin.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_drover"))
+            .args(args)
+            .env("DROVER_CONTROLLER", format!("127.0.0.1:{}", self.grpc))
+            .env("DROVER_DATA_DIR", &self.data)
+            .env_remove("DROVER_TOKEN")
+            .output()
+            .expect("run cli")
+    }
+
+    pub fn join_token(&self) -> String {
+        let out = self.cli(&["token", "create", "--role", "join"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// Starts a node; `extra` are more flags (e.g. `--worker`).
+    pub fn node(&self, dir: &Path, name: &str, token: &str, extra: &[&str]) -> Killed {
+        let adm = format!("127.0.0.1:{}", self.admission);
+        let mut args = vec!["node", "--controller", &adm, "--token", token, "--name", name];
+        args.extend_from_slice(extra);
+        spawn(&args, &dir.join(format!("{name}.log")))
+    }
+}
