@@ -308,6 +308,44 @@ pub(crate) fn render(s: &Snapshot, h: &Health) -> String {
             ("{reason=\"rate_limited\"}".into(), s.rate_limited),
         ],
     );
+    let t = &s.tasks;
+    let g = &s.task_gauges;
+    family(
+        &mut out,
+        "drover_tasks",
+        "gauge",
+        "Tasks by state (queued is the queue depth).",
+        &[
+            ("{state=\"queued\"}".into(), g.queued),
+            ("{state=\"running\"}".into(), g.running),
+            ("{state=\"done\"}".into(), g.done),
+            ("{state=\"failed\"}".into(), g.failed),
+        ],
+    );
+    family(
+        &mut out,
+        "drover_task_outcomes_total",
+        "counter",
+        "Tasks by how they ended.",
+        &[
+            ("{outcome=\"completed\"}".into(), t.completed),
+            ("{outcome=\"failed\"}".into(), t.failed),
+            ("{outcome=\"aborted\"}".into(), t.aborted),
+        ],
+    );
+    family(&mut out, "drover_tasks_submitted_total", "counter", "Tasks submitted.", &one(t.submitted));
+    family(
+        &mut out,
+        "drover_task_attempts_total",
+        "counter",
+        "Task attempts by event.",
+        &[
+            ("{event=\"dispatched\"}".into(), t.dispatched),
+            ("{event=\"retried\"}".into(), t.retries),
+            ("{event=\"refused\"}".into(), t.refusals),
+            ("{event=\"timed_out\"}".into(), t.timeouts),
+        ],
+    );
     let j = &s.journal;
     family(&mut out, "drover_journal_entries_total", "counter", "Inputs made durable.", &one(j.entries));
     family(

@@ -117,6 +117,10 @@ impl ShellEvent {
 pub struct Snapshot {
     /// The core's counters.
     pub counters: drover_core::Counters,
+    /// The task plane's counters.
+    pub tasks: drover_core::TaskCounters,
+    /// Task queue depth and tasks by state.
+    pub task_gauges: drover_core::TaskGauges,
     /// Nodes per state.
     pub nodes: std::collections::BTreeMap<&'static str, u64>,
     /// Pairs with a streamer.
@@ -212,6 +216,8 @@ impl Owner {
         let (nodes, pairs_with, pairs_without) = self.core.gauges();
         self.snapshot.send_replace(Snapshot {
             counters: self.core.counters().clone(),
+            tasks: self.core.task_counters().clone(),
+            task_gauges: self.core.task_gauges(),
             nodes,
             pairs_with,
             pairs_without,

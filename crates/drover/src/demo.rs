@@ -120,6 +120,31 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         ));
         nodes.insert(name.to_owned(), handle);
     }
+    // One worker, and a task for it once it is subscribed.
+    let mut wcfg = node_config(&admission_addr.to_string(), &join, Vec::new(), Some("worker-1".into()), None);
+    wcfg.worker = true;
+    wcfg.worker_config = Some(drover_node::worker::WorkerConfig::new(wcfg.id.clone(), 1, 256));
+    println!("  worker-1 runs tasks (1 core)");
+    let worker = tokio::spawn(drover_node::run(
+        wcfg,
+        Arc::new(Simulator::default()),
+        Arc::new(NodeStats::default()),
+        std::future::pending(),
+    ));
+    let task = v1::ControllerTaskRunV1Req {
+        job_addr: "/bin/echo".into(),
+        args: vec!["hello from".into(), "worker-1".into()],
+        timeout_ms: 10_000,
+        cores: 1,
+        max_attempts: 3,
+        ..Default::default()
+    };
+    let task_id =
+        drover_cli::request(&ctx, vec![], task.into()).await?.replies.into_iter().find_map(|r| match r.payload {
+            Payload::ControllerTaskRunV1Reply(t) => Some(t.task_id),
+            _ => None,
+        });
+    let mut task_reported = false;
     let started = Instant::now();
     let mut killed: Option<String> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -156,6 +181,23 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
         let states: Vec<String> = infos.iter().map(|n| format!("{}={}", n.name, n.state)).collect();
         println!("       nodes: {}", states.join("  "));
+        if let (Some(id), false) = (&task_id, task_reported) {
+            let logs = drover_cli::request(&ctx, vec![], v1::ControllerTaskLogsV1Req { id: id.clone() }.into()).await;
+            let outcome = logs.ok().and_then(|o| {
+                o.replies.into_iter().find_map(|r| match r.payload {
+                    Payload::ControllerTaskLogsV1Reply(l) => l.outcome,
+                    _ => None,
+                })
+            });
+            if let Some(o) = outcome {
+                println!(
+                    "       task {id} on worker-1: exit {}, output {:?}",
+                    o.exit_code,
+                    String::from_utf8_lossy(&o.stdout).trim()
+                );
+                task_reported = true;
+            }
+        }
         if killed.is_none() && started.elapsed() >= args.kill_after {
             let streamer = infos.iter().find(|n| n.streaming.iter().any(|a| a.pair == "EURUSD"));
             if let Some(victim) = streamer
@@ -173,6 +215,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     for (_, h) in nodes {
         h.abort();
     }
+    worker.abort();
     let _ = stop_tx.send(());
     let _ = controller.await;
     println!("\ndemo finished{}", killed.map(|k| format!(" (killed {k}; its pairs failed over)")).unwrap_or_default());

@@ -10,46 +10,13 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Killed, free_port, spawn, wait_until};
 use serde_json::{Value, json};
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn spawn(args: &[&str], log: &Path) -> Killed {
-    let err = std::fs::File::create(log).unwrap();
-    Killed(
-        Command::new(env!("CARGO_BIN_EXE_drover"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .expect("spawn drover"),
-    )
-}
-
-fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
+mod common;
 
 /// One HTTP/1.1 exchange with `Connection: close`; the body is read by its
 /// Content-Length (chromedriver keeps connections open): (status, body).
@@ -229,6 +196,10 @@ fn the_dashboard_shows_nodes_and_live_prices_and_a_killed_node_as_gone() {
     };
     let mut alpha = node("alpha", "EURUSD,GBPUSD");
     let _beta = node("beta", "GBPUSD,USDJPY");
+    let _gamma = spawn(
+        &["node", "--controller", &adm, "--token", &token, "--worker", "--cores", "1", "--name", "gamma"],
+        &dir.path().join("gamma.log"),
+    );
 
     let browser = Browser::start(&dir.path().join("chromedriver.log"));
     browser.go(&format!("http://127.0.0.1:{web}/"));
@@ -247,6 +218,14 @@ fn the_dashboard_shows_nodes_and_live_prices_and_a_killed_node_as_gone() {
     assert!(shown, "the dashboard did not show both nodes with prices: {page}");
     assert_eq!(pair(&page, "USDJPY").unwrap()["streamer"], "beta", "only beta serves USDJPY");
     assert_eq!(pair(&page, "EURUSD").unwrap()["streamer"], "alpha", "only alpha serves EURUSD");
+
+    // A task run on the worker shows in the task figures.
+    let ran = cli(&["task", "run", "--wait", "--", "/bin/echo", "dashboard"]);
+    assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+    let done = wait_until(Duration::from_secs(10), || {
+        browser.eval("return document.querySelector('[data-task=\"done\"]').textContent;") == "1"
+    });
+    assert!(done, "the dashboard did not count the completed task");
 
     // Prices keep updating in place (no reload: still one navigation).
     let first = pair(&page, "USDJPY").unwrap()["upstream"].as_i64().unwrap();
@@ -305,7 +284,7 @@ fn the_dashboard_shows_nodes_and_live_prices_and_a_killed_node_as_gone() {
         "drover_price_updates_total{outcome=\"accepted\"}",
         "drover_price_updates_total{outcome=\"fenced\"}",
         "drover_cli_commands_total",
-        "drover_admissions_total 2",
+        "drover_admissions_total 3",
         "drover_admission_refusals_total{reason=\"rate_limited\"}",
         "drover_journal_append_seconds_bucket{le=\"0.001\"}",
         "drover_journal_fsync_seconds_count",
@@ -313,6 +292,9 @@ fn the_dashboard_shows_nodes_and_live_prices_and_a_killed_node_as_gone() {
         "drover_checkpoint_seconds_count",
         "drover_replay_seconds",
         "drover_inputs_applied_total",
+        "drover_tasks{state=\"done\"} 1",
+        "drover_task_outcomes_total{outcome=\"completed\"} 1",
+        "drover_task_attempts_total{event=\"dispatched\"} 1",
     ] {
         assert!(metrics.contains(family), "{family} missing from /metrics:\n{metrics}");
     }
