@@ -200,6 +200,11 @@ struct Scratch {
     force_settle: bool,
     /// `Output::Assigned` notices of the current input.
     assigned: Vec<Output>,
+    /// No task time rule (overdue or lost attempt, end of a backoff) can fire before
+    /// this (a cache, lowered whenever a deadline may have come earlier; 0 = unknown).
+    task_due_ms: i64,
+    /// Workers with free cores by (free cores, id), for placement (`None`: rebuild).
+    free_index: Option<BTreeSet<(u32, String)>>,
 }
 
 impl PartialEq for Scratch {
@@ -447,6 +452,23 @@ impl Controller {
         // reaches the same state; `tests/sim.rs` checks exactly that.
         let routine = matches!(&input.event, Event::NodeMessage { type_url, .. }
             if type_url.ends_with(".NodePriceUpdateV1Notify") || type_url.ends_with(".NodeHeartbeatV1Notify"));
+        // Task reports and task commands touch only the task plane: they need its
+        // settle (placement, task deadlines), not the fleet's.
+        let task_input = match &input.event {
+            Event::NodeMessage { type_url, .. } => [
+                ".TaskStartedV1Req",
+                ".TaskErrorV1Req",
+                ".TaskCompletedV1Req",
+                ".AckV1Reply",
+                ".TasksPongV1Reply",
+                ".TasksRefusedV1Reply",
+            ]
+            .iter()
+            .any(|s| type_url.ends_with(s)),
+            Event::CliMessage { type_url, .. } => type_url.contains(".ControllerTask"),
+            _ => false,
+        };
+        let routine = routine || task_input;
         match input.event {
             Event::ControllerStarted { config } => self.started(config),
             Event::Tick => {}
@@ -458,6 +480,7 @@ impl Controller {
             Event::NodeDisconnected { node, session } => {
                 if let Some(n) = self.nodes.get_mut(&node).filter(|n| n.session == Some(session)) {
                     n.session = None;
+                    self.scratch.task_due_ms = 0;
                     n.gone_at_ms = Some(self.now_ms);
                 }
             }
@@ -488,6 +511,10 @@ impl Controller {
         if full {
             self.settle(out);
             self.scratch.quiet_until_ms = self.next_deadline().unwrap_or(i64::MAX);
+        } else if task_input {
+            self.settle_tasks(out);
+            let due = self.task_deadline().unwrap_or(i64::MAX);
+            self.scratch.quiet_until_ms = self.scratch.quiet_until_ms.min(due);
         }
         self.flush(out);
     }
@@ -575,6 +602,7 @@ impl Controller {
         let streaming: BTreeSet<String> =
             self.pairs.values().flat_map(|p| p.current.iter().chain(p.next.iter())).map(|l| l.node.clone()).collect();
         for (id, n) in &mut self.nodes {
+            self.scratch.task_due_ms = 0;
             if n.session.take().is_some() {
                 n.gone_at_ms = Some(self.now_ms);
             }
@@ -820,6 +848,7 @@ impl Controller {
                 && now - n.last_seen_ms > timeout
             {
                 n.session = None;
+                self.scratch.task_due_ms = 0;
                 n.gone_at_ms = Some(now);
                 self.counters.timeouts += 1;
                 out.push(Output::CloseNode {
@@ -1192,6 +1221,7 @@ impl Controller {
             Payload::ControllerKickNodesV1Req(k) => {
                 let (mut kicked, mut missing) = (Vec::new(), Vec::new());
                 for id in k.node_uuids {
+                    self.scratch.task_due_ms = 0; // a worker may go offline: rescan its attempts
                     match self.nodes.get_mut(&id).and_then(|n| n.session.take().map(|s| (n, s))) {
                         Some((n, s)) => {
                             n.gone_at_ms = Some(self.now_ms);
@@ -1222,6 +1252,7 @@ impl Controller {
                     // conn:close on the control channel first, then the stream ends.
                     out.push(Output::EvictNode { node: id.clone(), reason: reason.clone() });
                     if let Some(s) = n.session.take() {
+                        self.scratch.task_due_ms = 0;
                         n.gone_at_ms = Some(self.now_ms);
                         out.push(Output::CloseNode { node: id.clone(), session: s, reason: reason.clone() });
                     }

@@ -395,6 +395,7 @@ impl Controller {
                     rel.cores = r.cores;
                     rel.memory_mb = r.memory_mb;
                     rel.labels = r.labels.clone().into_iter().collect();
+                    self.scratch.free_index = None;
                 }
                 out.push(self.task_reply(&from, v1::ManagerV1Reply { accepted }));
                 if accepted {
@@ -641,14 +642,14 @@ impl Controller {
         let Some(t) = self.tasks.tasks.get_mut(task) else { return };
         t.state = State::Queued;
         t.not_before_ms = now + delay_ms;
+        if delay_ms > 0 {
+            self.scratch.task_due_ms = self.scratch.task_due_ms.min(now + delay_ms);
+        }
         self.tasks.queue.insert((-i64::from(t.spec.priority), t.seq), task.to_owned());
     }
 
     fn release(&mut self, worker: &str, cores: u32, mem: u64) {
-        if let Some(w) = self.tasks.workers.get_mut(worker) {
-            w.used_cores = w.used_cores.saturating_sub(cores);
-            w.used_memory_mb = w.used_memory_mb.saturating_sub(mem);
-        }
+        self.reserve(worker, -i64::from(cores), -(mem as i64));
     }
 
     /// A finished task joins the retention queue; the oldest are forgotten and the
@@ -685,6 +686,7 @@ impl Controller {
         if self.tasks.workers.remove(worker).is_none() {
             return;
         }
+        self.scratch.free_index = None;
         let held: Vec<(String, u32)> = self
             .tasks
             .tasks
@@ -704,6 +706,12 @@ impl Controller {
     /// The task plane's time rules and placement; run on every full settle.
     pub(super) fn settle_tasks(&mut self, out: &mut Vec<Output>) {
         let now = self.now_ms;
+        if now < self.scratch.task_due_ms {
+            // Nothing can be due: skip the O(tasks) scan.
+            self.place(out);
+            return;
+        }
+        self.scratch.task_due_ms = i64::MAX;
         // Attempts past their deadline, or on a worker gone for too long.
         let mut overdue = Vec::new();
         let mut lost = Vec::new();
@@ -725,32 +733,92 @@ impl Controller {
             self.finish_attempt(&id, "error: timed out", "overran its timeout; aborted by the manager".into());
             self.retry_or_fail(&id, "timed out: aborted by the manager".into());
         }
+        let next = self.scan_task_deadline();
+        self.scratch.task_due_ms = self.scratch.task_due_ms.min(next.unwrap_or(i64::MAX));
         self.place(out);
+    }
+
+    /// The workers with free cores, by (free cores, id): a cache of `workers`, rebuilt
+    /// when unknown and kept up to date by `reserve` and `release`.
+    fn free_index(&mut self) -> &mut BTreeSet<(u32, String)> {
+        let workers = &self.tasks.workers;
+        self.scratch.free_index.get_or_insert_with(|| {
+            workers
+                .iter()
+                .filter(|(_, w)| w.used_cores < w.cores)
+                .map(|(id, w)| (w.cores - w.used_cores, id.clone()))
+                .collect()
+        })
+    }
+
+    /// Changes a worker's reservation, keeping the free index in step.
+    fn reserve(&mut self, worker: &str, cores: i64, mem: i64) {
+        let Some(w) = self.tasks.workers.get_mut(worker) else { return };
+        let before = w.cores.saturating_sub(w.used_cores);
+        w.used_cores = (i64::from(w.used_cores) + cores).clamp(0, i64::from(u32::MAX)) as u32;
+        w.used_memory_mb = (w.used_memory_mb as i64 + mem).max(0) as u64;
+        let after = w.cores.saturating_sub(w.used_cores);
+        if before != after
+            && let Some(index) = self.scratch.free_index.as_mut()
+        {
+            index.remove(&(before, worker.to_owned()));
+            if after > 0 {
+                index.insert((after, worker.to_owned()));
+            }
+        }
+    }
+
+    /// The online worker with the most free cores that fits `t` (memory, labels, not
+    /// refused), ties broken by id: O(log workers) when the best candidates fit.
+    fn pick_worker(&mut self, t_id: &str) -> Option<String> {
+        self.tasks.tasks.get(t_id)?;
+        let mut index = std::mem::take(self.free_index());
+        let t = &self.tasks.tasks[t_id];
+        let mut stale = Vec::new();
+        let mut found = None;
+        for (free, w) in index.iter().rev() {
+            if *free < t.spec.cores {
+                break;
+            }
+            let Some(rel) = self.tasks.workers.get(w) else {
+                stale.push((*free, w.clone()));
+                continue;
+            };
+            if t.refused_by.contains(w)
+                || rel.memory_mb.saturating_sub(rel.used_memory_mb) < t.spec.memory_mb
+                || !matches_labels(&t.spec.labels, &rel.labels)
+                || !self.nodes.get(w).is_some_and(|n| n.session.is_some())
+            {
+                continue;
+            }
+            found = Some(w.clone());
+            break;
+        }
+        for k in stale {
+            index.remove(&k);
+        }
+        self.scratch.free_index = Some(index);
+        found
     }
 
     /// Places queued tasks on workers with room, highest priority first.
     fn place(&mut self, out: &mut Vec<Output>) {
-        if self.tasks.queue.is_empty() {
+        if self.tasks.queue.is_empty() || self.free_index().is_empty() {
             return;
         }
         let now = self.now_ms;
-        let mut free: Vec<(String, u32, u64)> = self
-            .tasks
-            .workers
-            .iter()
-            .filter(|(id, w)| w.used_cores < w.cores && self.nodes.get(*id).is_some_and(|n| n.session.is_some()))
-            .map(|(id, w)| (id.clone(), w.cores - w.used_cores, w.memory_mb.saturating_sub(w.used_memory_mb)))
-            .collect();
-        if free.is_empty() {
-            return;
-        }
         let mut misses = 0;
-        let keys: Vec<(i64, u64)> = self.tasks.queue.keys().copied().collect();
-        for key in keys {
-            if misses >= MAX_MISSES || free.is_empty() {
+        let mut cursor: Option<(i64, u64)> = None;
+        loop {
+            if misses >= MAX_MISSES || self.free_index().is_empty() {
                 break;
             }
-            let Some(id) = self.tasks.queue.get(&key).cloned() else { continue };
+            let next = match cursor {
+                None => self.tasks.queue.iter().next(),
+                Some(c) => self.tasks.queue.range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded)).next(),
+            };
+            let Some((key, id)) = next.map(|(k, v)| (*k, v.clone())) else { break };
+            cursor = Some(key);
             let Some(t) = self.tasks.tasks.get(&id) else {
                 self.tasks.queue.remove(&key);
                 continue;
@@ -759,33 +827,20 @@ impl Controller {
                 misses += 1;
                 continue;
             }
-            let fits = |(w, c, m): &(String, u32, u64)| {
-                *c >= t.spec.cores
-                    && *m >= t.spec.memory_mb
-                    && !t.refused_by.contains(w)
-                    && self.tasks.workers.get(w).is_some_and(|rel| matches_labels(&t.spec.labels, &rel.labels))
-            };
-            // The fitting worker with the most free cores (ties: the first by id).
-            let best = free.iter().enumerate().filter(|(_, f)| fits(f)).max_by_key(|(i, f)| (f.1, usize::MAX - i));
-            let Some((slot, _)) = best else {
+            let Some(worker) = self.pick_worker(&id) else {
                 misses += 1;
                 // Every worker refused it: let them be asked again after a pause.
-                if !t.refused_by.is_empty()
+                if let Some(t) = self.tasks.tasks.get_mut(&id)
+                    && !t.refused_by.is_empty()
                     && self.tasks.workers.keys().all(|w| t.refused_by.contains(w))
-                    && let Some(t) = self.tasks.tasks.get_mut(&id)
                 {
                     t.refused_by.clear();
                     t.not_before_ms = now + 1_000;
+                    self.scratch.task_due_ms = self.scratch.task_due_ms.min(now + 1_000);
                 }
                 continue;
             };
             misses = 0;
-            let worker = free[slot].0.clone();
-            free[slot].1 -= t.spec.cores;
-            free[slot].2 = free[slot].2.saturating_sub(t.spec.memory_mb);
-            if free[slot].1 == 0 {
-                free.swap_remove(slot);
-            }
             self.tasks.queue.remove(&key);
             self.dispatch(&id, &worker, out);
         }
@@ -809,14 +864,16 @@ impl Controller {
             sha256: t.spec.sha256.clone(),
         };
         let (cores, mem) = (t.spec.cores, t.spec.memory_mb);
-        if let Some(w) = self.tasks.workers.get_mut(worker) {
-            w.used_cores += cores;
-            w.used_memory_mb += mem;
-        }
+        self.reserve(worker, i64::from(cores), mem as i64);
         self.tasks.counters.dispatched += 1;
         let request = self.task_request(worker, id, v1::TasksExecuteV1Req { tasks: vec![spec] }, out);
+        let a = Attempt { n, worker: worker.to_owned(), dispatched_ms: now, started_ms: None, request };
+        if let Some(t) = self.tasks.tasks.get(id) {
+            let due = self.overdue_at(t, &a);
+            self.scratch.task_due_ms = self.scratch.task_due_ms.min(due);
+        }
         if let Some(t) = self.tasks.tasks.get_mut(id) {
-            t.current = Some(Attempt { n, worker: worker.to_owned(), dispatched_ms: now, started_ms: None, request });
+            t.current = Some(a);
         }
     }
 
@@ -843,8 +900,18 @@ impl Controller {
         from + t.spec.timeout_ms as i64 + self.config.task_grace_ms
     }
 
-    /// The earliest time a task rule can fire (attempt deadlines, lost workers, backoff).
+    /// The earliest time a task rule can fire, as cached by the last scan (never later
+    /// than the truth: every change that can bring a deadline earlier lowers it).
     pub(super) fn task_deadline(&self) -> Option<i64> {
+        match self.scratch.task_due_ms {
+            i64::MAX => None,
+            d => Some(d),
+        }
+    }
+
+    /// The earliest time a task rule can fire (attempt deadlines, lost workers, backoff):
+    /// O(tasks in flight + a window of the queue).
+    fn scan_task_deadline(&self) -> Option<i64> {
         let mut d: Option<i64> = None;
         let mut at = |t: i64| d = Some(d.map_or(t, |x: i64| x.min(t)));
         for t in self.tasks.tasks.values() {
