@@ -787,7 +787,7 @@ impl Controller {
             if t.refused_by.contains(w)
                 || rel.memory_mb.saturating_sub(rel.used_memory_mb) < t.spec.memory_mb
                 || !matches_labels(&t.spec.labels, &rel.labels)
-                || !self.nodes.get(w).is_some_and(|n| n.session.is_some())
+                || self.nodes.get(w).is_none_or(|n| n.session.is_none())
             {
                 continue;
             }
