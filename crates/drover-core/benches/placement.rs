@@ -54,7 +54,7 @@ fn main() {
     let mut core = Controller::new(config.clone());
     let now = 1_000_000;
     let mut out: Vec<Output> = Vec::new();
-    let mut apply = |core: &mut Controller, event: Event, out: &mut Vec<Output>| {
+    let apply = |core: &mut Controller, event: Event, out: &mut Vec<Output>| {
         core.handle(Input { at_ms: now, event }, out);
     };
     apply(&mut core, Event::ControllerStarted { config }, &mut out);
