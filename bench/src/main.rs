@@ -5,11 +5,13 @@
 //! cd bench && cargo run --release -- ingest        # journaled ingest vs NATS JetStream
 //! cd bench && cargo run --release -- failover      # SIGKILL / SIGSTOP failover latency
 //! cd bench && cargo run --release -- recovery      # restart with 1M updates to replay
+//! cd bench && cargo run --release -- tasks         # 8 workers running /bin/true: tasks/s, latency
 //! ```
 
 mod failover;
 mod ingest;
 mod recovery;
+mod tasks;
 
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
@@ -29,8 +31,19 @@ async fn main() {
         "ingest" => ingest::run(arg("--nodes", "64").parse().unwrap(), arg("--secs", "5").parse().unwrap()).await,
         "failover" => failover::run(arg("--trials", "100").parse().unwrap()).await,
         "recovery" => recovery::run(arg("--updates", "1000000").parse().unwrap()).await,
+        "tasks" => {
+            tasks::run(
+                arg("--tasks", "4000").parse().unwrap(),
+                arg("--workers", "8").parse().unwrap(),
+                arg("--cores", "4").parse().unwrap(),
+                arg("--submitters", "16").parse().unwrap(),
+            )
+            .await
+        }
         _ => {
-            eprintln!("usage: drover-bench ingest|failover|recovery [--nodes N --secs S | --trials N | --updates N]");
+            eprintln!(
+                "usage: drover-bench ingest|failover|recovery|tasks [--nodes N --secs S | --trials N | --updates N | --tasks N --workers W --cores C --submitters S]"
+            );
             std::process::exit(2);
         }
     }

@@ -324,6 +324,17 @@ impl Controller {
         self.tasks.is_worker(node)
     }
 
+    /// A worker's declared cores and the cores reserved on it (`None`: not a worker of
+    /// this manager).
+    pub fn worker_load(&self, node: &str) -> Option<(u32, u32)> {
+        self.tasks.worker_load(node)
+    }
+
+    /// Every task: id, state, cores, and its current attempt (number, worker).
+    pub fn task_states(&self) -> Vec<(String, &'static str, u32, Option<(u32, String)>)> {
+        self.tasks.task_states()
+    }
+
     /// The task plane's counters.
     pub fn task_counters(&self) -> &tasks::TaskCounters {
         &self.tasks.counters
@@ -644,6 +655,8 @@ impl Controller {
             draining: false,
             rejoining: false,
         });
+        // An attempt's deadline depends on whether its worker is online: rescan.
+        self.scratch.task_due_ms = 0;
         if let Some(old) = n.session.replace(session) {
             // A second stream for the same node replaces the first.
             out.push(Output::CloseNode { node: node.clone(), session: old, reason: "replaced by a new stream".into() });

@@ -1,9 +1,10 @@
 //! Seeded deterministic simulation of the controller core: fake nodes and a CLI driven
 //! by one seed through random joins, leaves, silent failures, kicks, drains, pins,
 //! price updates (in and out of order, some from deposed streamers), status fan-outs,
-//! and controller crashes (checkpoint + replay at random points). Invariants are
-//! checked after every step; a failure names the seed (`DROVER_SIM_SEED=<n>` reruns it,
-//! `DROVER_SIM_SEEDS=<n>` runs more seeds).
+//! task submissions run by fake workers (acks, refusals, starts, completions, errors,
+//! repeated reports, pings after reconnects), and controller crashes (checkpoint +
+//! replay at random points). Invariants are checked after every step; a failure names
+//! the seed (`DROVER_SIM_SEED=<n>` reruns it, `DROVER_SIM_SEEDS=<n>` runs more seeds).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -21,6 +22,11 @@ struct FakeNode {
     streaming: BTreeMap<String, u64>,
     silent: bool,
     last_beat: i64,
+    /// Workers: the attempts it holds (task id, attempt) → started.
+    worker: bool,
+    held: BTreeMap<(String, u32), bool>,
+    /// Reports not yet acknowledged: request id → report.
+    reports: BTreeMap<String, Payload>,
 }
 
 struct Sim {
@@ -37,6 +43,9 @@ struct Sim {
     step: usize,
     crashes: u32,
     updates: u64,
+    next_report: u64,
+    /// Tasks the core has reported completed, to catch one completing twice.
+    completed: BTreeSet<String>,
 }
 
 impl Sim {
@@ -52,6 +61,9 @@ impl Sim {
                     streaming: BTreeMap::new(),
                     silent: false,
                     last_beat: 0,
+                    worker: i % 2 == 0,
+                    held: BTreeMap::new(),
+                    reports: BTreeMap::new(),
                 }
             })
             .collect();
@@ -71,6 +83,8 @@ impl Sim {
             step: 0,
             crashes: 0,
             updates: 0,
+            next_report: 0,
+            completed: BTreeSet::new(),
         };
         sim.input(Event::ControllerStarted { config });
         sim
@@ -95,7 +109,8 @@ impl Sim {
     }
 
     fn deliver(&mut self, out: &[Output]) {
-        let mut replies = Vec::new();
+        let mut replies: Vec<(String, u64, String, Payload)> = Vec::new();
+        let refuse = self.step % 8 == 3;
         for o in out {
             match o {
                 Output::ToNode { node, session, msg } => {
@@ -103,12 +118,54 @@ impl Sim {
                         continue;
                     };
                     let any = msg.command.clone().expect("command");
+                    let mut reply = |p: Payload| replies.push((n.id.clone(), *session, msg.request_id.clone(), p));
                     match Payload::from_any(&any).expect("decodes") {
                         Payload::NodeStreamModifyStateV1Req(m) => {
                             n.streaming = m.streams.into_iter().map(|s| (s.pair, s.epoch)).collect();
                         }
                         Payload::NodeStatusV1Req(_) if !n.silent => {
-                            replies.push((n.id.clone(), *session, msg.request_id.clone()));
+                            reply(v1::NodeStatusV1Reply { node_uuid: n.id.clone(), ..Default::default() }.into());
+                        }
+                        // A fake worker: refuses now and then, else holds the attempts.
+                        Payload::TasksExecuteV1Req(r) if n.worker && !n.silent => {
+                            if refuse {
+                                reply(v1::TasksRefusedV1Reply { reason: "sim refuses".into() }.into());
+                            } else {
+                                for t in r.tasks {
+                                    let id = t.task.expect("task id");
+                                    n.held.entry((id.id, id.attempt)).or_insert(false);
+                                }
+                                reply(v1::AckV1Reply {}.into());
+                            }
+                        }
+                        Payload::TasksPingV1Req(r) if n.worker && !n.silent => {
+                            use v1::task_status::Status;
+                            let tasks = r
+                                .tasks
+                                .into_iter()
+                                .map(|id| {
+                                    let status = match n.held.get(&(id.id.clone(), id.attempt)) {
+                                        Some(true) => Status::Started(v1::task_status::Started { started_at_ms: 1 }),
+                                        Some(false) => Status::Pending(v1::task_status::Pending {}),
+                                        None => Status::Unknown(v1::task_status::Unknown {}),
+                                    };
+                                    v1::TaskStatus { task: Some(id), status: Some(status) }
+                                })
+                                .collect();
+                            reply(v1::TasksPongV1Reply { tasks }.into());
+                        }
+                        Payload::TasksAbortV1Req(r) if n.worker && !n.silent => {
+                            for id in r.tasks {
+                                n.held.remove(&(id.id, id.attempt));
+                            }
+                            reply(v1::AckV1Reply {}.into());
+                        }
+                        Payload::AckV1Reply(_) => {
+                            n.reports.remove(&msg.request_id);
+                        }
+                        Payload::NotMineV1Reply(_) => {
+                            n.reports.clear();
+                            n.held.clear();
                         }
                         _ => {}
                     }
@@ -125,8 +182,8 @@ impl Sim {
                 | Output::Assigned { .. } => {}
             }
         }
-        for (node, session, request_id) in replies {
-            let any = Payload::from(v1::NodeStatusV1Reply { node_uuid: node.clone(), ..Default::default() }).to_any();
+        for (node, session, request_id, payload) in replies {
+            let any = payload.to_any();
             self.input(Event::NodeMessage {
                 node,
                 session,
@@ -175,6 +232,20 @@ impl Sim {
         })
     }
 
+    fn node_req(&mut self, i: usize, request_id: String, payload: Payload) -> Vec<Output> {
+        let Some(session) = self.nodes[i].session else { return Vec::new() };
+        let any = payload.to_any();
+        let node = self.nodes[i].id.clone();
+        self.input(Event::NodeMessage {
+            node,
+            session,
+            request_id,
+            from_uuid: None,
+            type_url: any.type_url,
+            value: any.value,
+        })
+    }
+
     fn random_node(&mut self) -> usize {
         self.rng.below(self.nodes.len())
     }
@@ -203,10 +274,24 @@ impl Sim {
                 let node = self.nodes[i].id.clone();
                 self.input(Event::NodeConnected { node: node.clone(), session: s });
                 let pairs = self.nodes[i].known.clone();
-                self.node_msg(
-                    i,
-                    v1::NodeKnownCurrenciesV1Notify { pairs, name: node, version: "t".into(), worker: false },
-                );
+                let worker = self.nodes[i].worker;
+                self.node_msg(i, v1::NodeKnownCurrenciesV1Notify { pairs, name: node, version: "t".into(), worker });
+                if worker {
+                    // Re-subscribe (the manager then pings its attempts), and repeat
+                    // unacknowledged reports.
+                    let req = v1::ManagerV1Req {
+                        cores: 2,
+                        memory_mb: 64,
+                        labels: Default::default(),
+                        manager_id: "controller".into(),
+                    };
+                    self.node_req(i, "sub".into(), req.into());
+                    let pending: Vec<(String, Payload)> =
+                        self.nodes[i].reports.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                    for (rid, p) in pending {
+                        self.node_req(i, rid, p);
+                    }
+                }
             }
             15..=19 => {
                 if let Some(s) = self.nodes[i].session.take() {
@@ -279,10 +364,94 @@ impl Sim {
             78..=80 => {
                 self.checkpoint = Some((self.log.len(), self.core.checkpoint()));
             }
+            83..=86 => {
+                let req = v1::ControllerTaskRunV1Req {
+                    job_addr: "/bin/true".into(),
+                    timeout_ms: 5_000,
+                    cores: 1,
+                    max_attempts: 3,
+                    ..Default::default()
+                };
+                self.cli_cmd(Vec::new(), req);
+            }
+            87..=94 if self.nodes[i].worker && self.nodes[i].session.is_some() && !self.nodes[i].silent => {
+                // The worker reports on one of its attempts; now and then it repeats an
+                // unacknowledged report instead.
+                if !self.nodes[i].reports.is_empty() && self.rng.below(4) == 0 {
+                    let k = self.rng.below(self.nodes[i].reports.len());
+                    let (rid, p) = self.nodes[i].reports.iter().nth(k).map(|(a, b)| (a.clone(), b.clone())).unwrap();
+                    self.node_req(i, rid, p);
+                } else if !self.nodes[i].held.is_empty() {
+                    let k = self.rng.below(self.nodes[i].held.len());
+                    let ((id, attempt), started) =
+                        self.nodes[i].held.iter().nth(k).map(|(a, b)| (a.clone(), *b)).unwrap();
+                    let task = Some(v1::TaskId { id: id.clone(), attempt });
+                    let report: Payload = if !started {
+                        self.nodes[i].held.insert((id, attempt), true);
+                        v1::TaskStartedV1Req { task, started_at_ms: self.now }.into()
+                    } else {
+                        self.nodes[i].held.remove(&(id, attempt));
+                        if self.rng.below(5) == 0 {
+                            v1::TaskErrorV1Req { task, kind: 3, message: "sim".into(), at_ms: self.now }.into()
+                        } else {
+                            v1::TaskCompletedV1Req { task, outcome: Some(v1::TaskOutcome::default()) }.into()
+                        }
+                    };
+                    self.next_report += 1;
+                    let rid = format!("r{}", self.next_report);
+                    self.nodes[i].reports.insert(rid.clone(), report.clone());
+                    self.node_req(i, rid, report);
+                }
+            }
+            95 if self.nodes[i].worker => {
+                // The worker process restarts: everything it held is gone.
+                self.nodes[i].held.clear();
+                self.nodes[i].reports.clear();
+            }
             81..=82 => self.crash(),
             _ => {}
         }
         self.check();
+    }
+
+    /// Task invariants: reservations match attempts and never exceed a worker's cores;
+    /// only running tasks have an attempt; a task completes at most once.
+    fn check_tasks(&mut self) {
+        let tasks = self.core.task_states();
+        let mut used: BTreeMap<String, u32> = BTreeMap::new();
+        for (id, state, cores, current) in &tasks {
+            match (state, current) {
+                (&"running", Some((_, w))) => *used.entry(w.clone()).or_default() += cores,
+                (&"running", None) => self.fail(format!("{id} is running without an attempt")),
+                (s, Some(a)) => self.fail(format!("{id} is {s} but has attempt {a:?}")),
+                _ => {}
+            }
+        }
+        for n in &self.nodes {
+            let held = used.get(&n.id).copied().unwrap_or(0);
+            match self.core.worker_load(&n.id) {
+                Some((cores, reserved)) => {
+                    if reserved != held || reserved > cores {
+                        self.fail(format!("{}: {reserved} of {cores} cores reserved, attempts hold {held}", n.id));
+                    }
+                }
+                None if held > 0 => self.fail(format!("{} holds attempts but is no worker", n.id)),
+                None => {}
+            }
+        }
+        let completed: BTreeSet<String> =
+            tasks.iter().filter(|(_, s, _, _)| *s == "completed").map(|(id, ..)| id.clone()).collect();
+        if !self.completed.is_subset(&completed) {
+            self.fail("a completed task stopped being completed".into());
+        }
+        if self.core.task_counters().completed != completed.len() as u64 {
+            self.fail(format!(
+                "{} completions counted for {} completed tasks",
+                self.core.task_counters().completed,
+                completed.len()
+            ));
+        }
+        self.completed = completed;
     }
 
     /// Crash the controller: rebuild it from the last checkpoint plus the inputs
@@ -311,6 +480,7 @@ impl Sim {
     }
 
     fn check(&mut self) {
+        self.check_tasks();
         for pair in PAIRS {
             let cur = self.core.streamer(pair);
             let next = self.core.incoming_streamer(pair);
@@ -367,13 +537,14 @@ impl Sim {
     }
 }
 
-fn run(seed: u64, steps: usize) -> (u32, u64, u64) {
+fn run(seed: u64, steps: usize) -> (u32, u64, u64, [u64; 3]) {
     let mut sim = Sim::new(seed);
     for _ in 0..steps {
         sim.step();
     }
     let c = sim.core.counters();
-    (sim.crashes, c.prices_accepted, c.failovers + c.timeouts)
+    let t = sim.core.task_counters();
+    (sim.crashes, c.prices_accepted, c.failovers + c.timeouts, [t.completed, t.retries, t.refusals])
 }
 
 #[test]
@@ -385,16 +556,22 @@ fn simulated_fleets_keep_the_invariants() {
             (1..=n).collect()
         }
     };
-    let (mut crashes, mut accepted, mut failovers) = (0, 0, 0);
+    let (mut crashes, mut accepted, mut failovers, mut tasks) = (0, 0, 0, [0u64; 3]);
     for seed in &seeds {
-        let (c, a, f) = run(*seed, 1500);
+        let (c, a, f, t) = run(*seed, 1500);
         crashes += c;
         accepted += a;
         failovers += f;
+        for (sum, x) in tasks.iter_mut().zip(t) {
+            *sum += x;
+        }
     }
+    let [completed, retries, refusals] = tasks;
     eprintln!(
-        "{} seeds: {crashes} crashes replayed, {accepted} prices accepted, {failovers} failovers/timeouts",
+        "{} seeds: {crashes} crashes replayed, {accepted} prices accepted, {failovers} failovers/timeouts, \
+         {completed} tasks completed, {retries} retries, {refusals} refusals",
         seeds.len()
     );
     assert!(crashes > 0 && accepted > 0 && failovers > 0, "the simulation exercised too little");
+    assert!(completed > 0 && retries > 0 && refusals > 0, "the task plane was exercised too little");
 }

@@ -330,6 +330,21 @@ impl TaskPlane {
     pub(super) fn is_worker(&self, node: &str) -> bool {
         self.workers.contains_key(node)
     }
+
+    /// A worker's declared cores and the cores reserved on it.
+    pub(super) fn worker_load(&self, node: &str) -> Option<(u32, u32)> {
+        self.workers.get(node).map(|w| (w.cores, w.used_cores))
+    }
+
+    /// Every task: id, state, cores, and its current attempt (number, worker).
+    pub(super) fn task_states(&self) -> Vec<(String, &'static str, u32, Option<(u32, String)>)> {
+        self.tasks
+            .iter()
+            .map(|(id, t)| {
+                (id.clone(), t.state.as_str(), t.spec.cores, t.current.as_ref().map(|a| (a.n, a.worker.clone())))
+            })
+            .collect()
+    }
 }
 
 /// Where a worker-originated message came from.
