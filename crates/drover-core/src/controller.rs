@@ -330,8 +330,8 @@ impl Controller {
         self.tasks.worker_load(node)
     }
 
-    /// Every task: id, state, cores, and its current attempt (number, worker).
-    pub fn task_states(&self) -> Vec<(String, &'static str, u32, Option<(u32, String)>)> {
+    /// Every task: id, state, cores, and its current attempt.
+    pub fn task_states(&self) -> Vec<tasks::TaskState> {
         self.tasks.task_states()
     }
 

@@ -21,7 +21,7 @@ mod input;
 mod rng;
 mod view;
 
-pub use controller::tasks::{TaskCounters, TaskGauges};
+pub use controller::tasks::{TaskCounters, TaskGauges, TaskState};
 pub use controller::{Controller, Counters, NodeState};
 pub use input::{Config, Event, Input, Output, Policy};
 pub use rng::SplitMix64;

@@ -419,11 +419,11 @@ impl Sim {
     fn check_tasks(&mut self) {
         let tasks = self.core.task_states();
         let mut used: BTreeMap<String, u32> = BTreeMap::new();
-        for (id, state, cores, current) in &tasks {
-            match (state, current) {
-                (&"running", Some((_, w))) => *used.entry(w.clone()).or_default() += cores,
-                (&"running", None) => self.fail(format!("{id} is running without an attempt")),
-                (s, Some(a)) => self.fail(format!("{id} is {s} but has attempt {a:?}")),
+        for t in &tasks {
+            match (t.state, &t.attempt) {
+                ("running", Some((_, w))) => *used.entry(w.clone()).or_default() += t.cores,
+                ("running", None) => self.fail(format!("{} is running without an attempt", t.id)),
+                (s, Some(a)) => self.fail(format!("{} is {s} but has attempt {a:?}", t.id)),
                 _ => {}
             }
         }
@@ -440,7 +440,7 @@ impl Sim {
             }
         }
         let completed: BTreeSet<String> =
-            tasks.iter().filter(|(_, s, _, _)| *s == "completed").map(|(id, ..)| id.clone()).collect();
+            tasks.iter().filter(|t| t.state == "completed").map(|t| t.id.clone()).collect();
         if !self.completed.is_subset(&completed) {
             self.fail("a completed task stopped being completed".into());
         }

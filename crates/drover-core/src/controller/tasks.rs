@@ -186,6 +186,19 @@ pub struct TaskCounters {
     pub timeouts: u64,
 }
 
+/// One task as tests and tools see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskState {
+    /// The task id.
+    pub id: String,
+    /// queued, running, completed, failed or aborted.
+    pub state: &'static str,
+    /// Cores it needs.
+    pub cores: u32,
+    /// Its current attempt: number and worker.
+    pub attempt: Option<(u32, String)>,
+}
+
 /// Queue depth and tasks by state, for metrics and the dashboard.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct TaskGauges {
@@ -336,12 +349,15 @@ impl TaskPlane {
         self.workers.get(node).map(|w| (w.cores, w.used_cores))
     }
 
-    /// Every task: id, state, cores, and its current attempt (number, worker).
-    pub(super) fn task_states(&self) -> Vec<(String, &'static str, u32, Option<(u32, String)>)> {
+    /// Every task: id, state, cores, and its current attempt.
+    pub(super) fn task_states(&self) -> Vec<TaskState> {
         self.tasks
             .iter()
-            .map(|(id, t)| {
-                (id.clone(), t.state.as_str(), t.spec.cores, t.current.as_ref().map(|a| (a.n, a.worker.clone())))
+            .map(|(id, t)| TaskState {
+                id: id.clone(),
+                state: t.state.as_str(),
+                cores: t.spec.cores,
+                attempt: t.current.as_ref().map(|a| (a.n, a.worker.clone())),
             })
             .collect()
     }
