@@ -430,11 +430,10 @@ impl Sim {
         for n in &self.nodes {
             let held = used.get(&n.id).copied().unwrap_or(0);
             match self.core.worker_load(&n.id) {
-                Some((cores, reserved)) => {
-                    if reserved != held || reserved > cores {
-                        self.fail(format!("{}: {reserved} of {cores} cores reserved, attempts hold {held}", n.id));
-                    }
+                Some((cores, reserved)) if reserved != held || reserved > cores => {
+                    self.fail(format!("{}: {reserved} of {cores} cores reserved, attempts hold {held}", n.id));
                 }
+                Some(_) => {}
                 None if held > 0 => self.fail(format!("{} holds attempts but is no worker", n.id)),
                 None => {}
             }
