@@ -104,6 +104,16 @@ impl std::fmt::Debug for Recovery {
 
 impl Recovery {
     /// Every logged message after the checkpoint, in order.
+    /// The whole records after the checkpoint, in order: (sequence id, payload). For
+    /// users whose payloads are not drover's packed messages (the AMBROSIA coordinator
+    /// logs an InitialMessage's bytes verbatim).
+    pub fn records(&self) -> impl Iterator<Item = (i64, Bytes)> + '_ {
+        self.segments
+            .iter()
+            .flat_map(|seg| seg.records.iter().map(move |rec| (rec.seq, seg.data.slice(rec.payload.clone()))))
+    }
+
+    /// The messages after the checkpoint, in order.
     pub fn entries(&self) -> impl Iterator<Item = Result<ReplayEntry, JournalError>> + '_ {
         self.segments.iter().flat_map(|seg| {
             seg.records.iter().flat_map(move |rec| Messages { seg, rec, at: rec.payload.start, failed: false })

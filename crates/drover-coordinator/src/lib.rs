@@ -1,0 +1,23 @@
+//! `drover coordinator`: an AMBROSIA-compatible reliability coordinator.
+//!
+//! A program written against AMBROSIA's client libraries talks to this coordinator
+//! exactly as it would to AMBROSIA's own (AMBROSIA-WIRE.md): two loopback connections,
+//! log records in, bare messages out. Every call the program makes to itself is logged
+//! (group commit, fsync) before the program sees it; a restart replays the log after
+//! the last checkpoint, so no call is lost or repeated. Instance metadata lives in the
+//! log directory instead of Azure tables.
+//!
+//! - [`session`]: one application session, sans-IO (start-up sequences, logging and
+//!   delivery, checkpoints, replay dedup, misbehaving applications).
+//! - [`server`]: the process around it (ports, both connection generations, the log).
+//! - [`instance`]: `instance.json`, registration and upgrades.
+//!
+//! Not yet: calls between instances (coordinator ↔ coordinator links with
+//! `ReplayFrom`, `Commit` and `TrimTo`); a call to another instance ends the session
+//! with a clear error.
+
+pub mod instance;
+pub mod server;
+pub mod session;
+
+pub use server::{CoordinatorConfig, CoordinatorError, Listening, run};

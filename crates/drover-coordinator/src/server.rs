@@ -1,0 +1,319 @@
+//! The coordinator process: listens for its application on loopback, opens the log,
+//! runs one [`Session`] at a time, and does its I/O.
+//!
+//! Connections (AMBROSIA-WIRE.md "Connections"): the application connects to the
+//! receive port (app → coordinator) and, with the current generation, to the send port
+//! (coordinator → app); with `connect_send` (the older generation, expected by the C
+//! client) the coordinator connects out to the application's send port, retrying until
+//! it listens. Any error or EOF ends the session; the log stays, and the application's
+//! next start is a recovery. The log is reopened (and recovered) for every session.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use drover_journal::{FsStorage, FsyncMode, Journal, JournalConfig};
+use drover_wire::ambrosia::{Direction, Frame, Limits, MessageReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::instance::{self, Instance};
+use crate::session::{Action, Session};
+
+/// Settings of a coordinator.
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// The instance served.
+    pub instance: String,
+    /// Where instances live.
+    pub log_dir: PathBuf,
+    /// The port the application writes to.
+    pub receive_port: u16,
+    /// The port the application reads from.
+    pub send_port: u16,
+    /// Connect out to the application's send port (older clients) instead of listening.
+    pub connect_send: bool,
+    /// Move the instance to this version at its next start (an upgrade).
+    pub upgrade_version: Option<u64>,
+    /// Log fsync policy.
+    pub fsync: FsyncMode,
+    /// Largest application checkpoint accepted.
+    pub max_checkpoint: u64,
+    /// Log size after which the coordinator asks for a checkpoint (AMBROSIA: 1000 MiB).
+    pub checkpoint_every_bytes: u64,
+}
+
+impl CoordinatorConfig {
+    /// Defaults for `instance` in `log_dir` on the given ports.
+    pub fn new(instance: impl Into<String>, log_dir: impl Into<PathBuf>, receive_port: u16, send_port: u16) -> Self {
+        CoordinatorConfig {
+            instance: instance.into(),
+            log_dir: log_dir.into(),
+            receive_port,
+            send_port,
+            connect_send: false,
+            upgrade_version: None,
+            fsync: FsyncMode::Always,
+            max_checkpoint: 1 << 30,
+            checkpoint_every_bytes: 1000 << 20,
+        }
+    }
+}
+
+/// Why the coordinator stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The instance metadata.
+    #[error(transparent)]
+    Instance(#[from] instance::InstanceError),
+    /// The log.
+    #[error("log: {0}")]
+    Journal(#[from] drover_journal::JournalError),
+    /// Binding or accepting.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// A setting or the stored state is unusable.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Announced when the coordinator listens (for tests and tools).
+#[derive(Clone, Copy, Debug)]
+pub struct Listening {
+    /// The receive port.
+    pub receive_port: u16,
+    /// The send port (when listening on it).
+    pub send_port: Option<u16>,
+}
+
+/// Runs the coordinator until `shutdown` resolves.
+pub async fn run(
+    config: CoordinatorConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+    on_listening: impl FnOnce(Listening),
+) -> Result<(), CoordinatorError> {
+    let mut meta = instance::load(&config.log_dir, &config.instance)?;
+    if let Some(v) = config.upgrade_version
+        && v <= meta.version
+    {
+        return Err(CoordinatorError::Config(format!(
+            "--upgrade-version {v} is not above the instance's version {}",
+            meta.version
+        )));
+    }
+    let receive = TcpListener::bind(("127.0.0.1", config.receive_port)).await?;
+    let send = if config.connect_send { None } else { Some(TcpListener::bind(("127.0.0.1", config.send_port)).await?) };
+    on_listening(Listening {
+        receive_port: receive.local_addr()?.port(),
+        send_port: send.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port()),
+    });
+    tracing::info!(instance = %config.instance, version = meta.version, receive = config.receive_port, send = config.send_port,
+        connect_send = config.connect_send, "coordinator listening");
+    tokio::pin!(shutdown);
+    loop {
+        let (input, _) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            a = receive.accept() => a?,
+        };
+        let _ = input.set_nodelay(true);
+        let output = match connect_output(&config, send.as_ref()).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "application's send connection did not come; waiting for the next one");
+                continue;
+            }
+        };
+        let _ = output.set_nodelay(true);
+        let journal_config = journal_config(&config);
+        let opened = tokio::task::spawn_blocking(move || Journal::open(journal_config, Arc::new(FsStorage)))
+            .await
+            .map_err(|e| CoordinatorError::Config(format!("log open task failed: {e}")))?;
+        let (journal, recovery) = opened?;
+        if let Some(cut) = &recovery.report.torn_tail {
+            tracing::warn!(file = %cut.file.display(), offset = cut.offset, "torn log tail truncated; the next checkpoint starts a fresh log file");
+        }
+        let upgrade = config.upgrade_version.filter(|v| *v > meta.version);
+        let started = match &recovery.checkpoint {
+            None if recovery.next_seq == 0 => {
+                tracing::info!(instance = %config.instance, "first start");
+                Session::first_start(journal.committer_id(), &config.instance, config.max_checkpoint)
+            }
+            None => {
+                return Err(CoordinatorError::Config(format!(
+                    "the log holds records but no checkpoint: {} is damaged",
+                    instance::log_path(&config.log_dir, &config.instance).display()
+                )));
+            }
+            Some(ckpt) => {
+                tracing::info!(instance = %config.instance, records = recovery.report.records, upgrade = ?upgrade, "recovery");
+                Session::recovery(
+                    journal.committer_id(),
+                    &config.instance,
+                    ckpt,
+                    recovery.records(),
+                    upgrade.is_some(),
+                    config.max_checkpoint,
+                )
+                .map_err(CoordinatorError::Config)?
+            }
+        };
+        drop(recovery);
+        let end = tokio::select! {
+            _ = &mut shutdown => None,
+            end = serve(&config, &mut meta, upgrade, &journal, started, input, output) => Some(end),
+        };
+        tokio::task::spawn_blocking(move || journal.close_blocking()).await.ok();
+        match end {
+            None => return Ok(()),
+            Some(Ok(why)) => tracing::info!(instance = %config.instance, %why, "application session ended"),
+            Some(Err(e)) => return Err(e),
+        }
+    }
+}
+
+fn journal_config(config: &CoordinatorConfig) -> JournalConfig {
+    let mut j = JournalConfig::new(instance::log_path(&config.log_dir, &config.instance));
+    j.fsync = config.fsync;
+    j.checkpoint_every_bytes = config.checkpoint_every_bytes;
+    j.checkpoint_every_records = u64::MAX;
+    j.segment_bytes = config.checkpoint_every_bytes.max(1 << 20);
+    j.limits.max_checkpoint = config.max_checkpoint + crate::session::CHECKPOINT_HEADER as u64 + 4096;
+    j
+}
+
+async fn connect_output(config: &CoordinatorConfig, send: Option<&TcpListener>) -> std::io::Result<TcpStream> {
+    match send {
+        Some(l) => tokio::time::timeout(Duration::from_secs(30), l.accept())
+            .await
+            .map_err(|_| std::io::Error::other("no connection on the send port within 30 s"))?
+            .map(|(s, _)| s),
+        None => {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                match TcpStream::connect(("127.0.0.1", config.send_port)).await {
+                    Ok(s) => return Ok(s),
+                    Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+    }
+}
+
+/// Reads the application's bytes into frames for the session.
+async fn read_frames(mut input: TcpStream, tx: mpsc::Sender<Result<Frame, String>>, limits: Limits) {
+    let mut reader = MessageReader::new(Direction::ToCoordinator, limits);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match input.read(&mut buf).await {
+            Ok(0) => {
+                let _ = tx.send(Err("the application closed its connection".into())).await;
+                return;
+            }
+            Ok(n) => n,
+            Err(e) => {
+                let _ = tx.send(Err(format!("reading from the application: {e}"))).await;
+                return;
+            }
+        };
+        reader.feed(&buf[..n]);
+        loop {
+            match reader.next_frame() {
+                Ok(Some(f)) => {
+                    if tx.send(Ok(f)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Err(format!("the application sent bad bytes: {e}"))).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Runs one session to its end; returns why it ended (an application problem is an
+/// ordinary end, a log failure an error).
+async fn serve(
+    config: &CoordinatorConfig,
+    meta: &mut Instance,
+    upgrade: Option<u64>,
+    journal: &Journal,
+    started: (Session, Vec<Action>),
+    input: TcpStream,
+    output: TcpStream,
+) -> Result<String, CoordinatorError> {
+    let (mut session, first) = started;
+    let mut out = BufWriter::with_capacity(256 * 1024, output);
+    let limits = Limits { max_checkpoint: config.max_checkpoint, ..Limits::default() };
+    let (tx, mut frames) = mpsc::channel(1024);
+    let reader = tokio::spawn(read_frames(input, tx, limits));
+    let result = async {
+        let mut inflight: Option<(drover_journal::Ticket, Bytes)> = None;
+        let mut actions = first;
+        loop {
+            // Carry out what the session asked for; some steps answer at once.
+            let mut queue: std::collections::VecDeque<Action> = actions.drain(..).collect();
+            while let Some(a) = queue.pop_front() {
+                match a {
+                    Action::Send(bytes) => {
+                        if let Err(e) = out.write_all(&bytes).await {
+                            return Ok(format!("writing to the application: {e}"));
+                        }
+                    }
+                    Action::Append(entry) => {
+                        let ticket = journal.append(entry.clone()).await?;
+                        inflight = Some((ticket, entry));
+                    }
+                    Action::WriteCheckpoint(state) => {
+                        let covered = journal.checkpoint(state).await?;
+                        tracing::info!(instance = %config.instance, covered, "checkpoint written");
+                        queue.extend(session.on_checkpoint_written());
+                    }
+                    Action::Upgraded => {
+                        if let Some(v) = upgrade {
+                            instance::upgrade(&config.log_dir, meta, v)?;
+                            tracing::info!(instance = %config.instance, version = v, "upgraded");
+                        }
+                    }
+                    Action::Close(why) => {
+                        tracing::error!(instance = %config.instance, reason = %why, "application misbehaved; ending its session");
+                        return Ok(why);
+                    }
+                }
+            }
+            if let Err(e) = out.flush().await {
+                return Ok(format!("writing to the application: {e}"));
+            }
+            let durable = async {
+                match inflight.as_mut() {
+                    Some((t, _)) => Some(t.await),
+                    None => std::future::pending().await,
+                }
+            };
+            let reading = !session.backpressure();
+            tokio::select! {
+                d = durable => {
+                    let (_, entry) = inflight.take().expect("in flight");
+                    let pos = d.expect("polled only in flight")?;
+                    actions = session.on_durable(pos.seq, &entry);
+                    if journal.checkpoint_due() {
+                        actions.extend(session.request_checkpoint());
+                    }
+                }
+                f = frames.recv(), if reading => match f {
+                    Some(Ok(frame)) => actions = session.on_frame(frame),
+                    Some(Err(why)) => return Ok(why),
+                    None => return Ok("the application's connection ended".into()),
+                },
+            }
+        }
+    }
+    .await;
+    reader.abort();
+    result
+}

@@ -1,0 +1,319 @@
+//! Byte-level conformance: the coordinator in this process, the application played by
+//! raw sockets in the test (no drover code on the application side for the first-start
+//! exchange: bytes are written and checked by hand against AMBROSIA-WIRE.md).
+
+use std::path::Path;
+use std::time::Duration;
+
+use drover_coordinator::{CoordinatorConfig, instance};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// XXH64 (seed 0) by hand would be long; the vectors in AMBROSIA-WIRE.md fix the
+/// values we need.
+const CHECK_02_0B: [u8; 8] = [0xC7, 0xF1, 0x79, 0xC2, 0xCB, 0x84, 0x2D, 0xDA];
+
+struct Coordinator {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), drover_coordinator::CoordinatorError>>,
+    receive: u16,
+    send: u16,
+}
+
+impl Coordinator {
+    async fn start(dir: &Path, connect_send: bool, send_port: u16, upgrade: Option<u64>) -> Coordinator {
+        let mut c = CoordinatorConfig::new("app", dir, 0, send_port);
+        c.connect_send = connect_send;
+        c.upgrade_version = upgrade;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(drover_coordinator::run(
+            c,
+            async {
+                let _ = stopped.await;
+            },
+            move |l| {
+                let _ = tx.send(l);
+            },
+        ));
+        let l = rx.await.expect("listening");
+        Coordinator { stop: Some(stop), task, receive: l.receive_port, send: l.send_port.unwrap_or(send_port) }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// Connects as a current-generation application: receive port, then send port.
+async fn connect(c: &Coordinator) -> (TcpStream, TcpStream) {
+    let to = TcpStream::connect(("127.0.0.1", c.receive)).await.unwrap();
+    let from = TcpStream::connect(("127.0.0.1", c.send)).await.unwrap();
+    (to, from)
+}
+
+async fn read_exact(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf)).await.expect("in time").expect("read");
+    buf
+}
+
+/// Reads one record: (committer, check bytes, seq, payload).
+async fn read_record(s: &mut TcpStream) -> (i32, [u8; 8], i64, Vec<u8>) {
+    let h = read_exact(s, 24).await;
+    let committer = i32::from_le_bytes(h[0..4].try_into().unwrap());
+    let len = i32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
+    let check: [u8; 8] = h[8..16].try_into().unwrap();
+    let seq = i64::from_le_bytes(h[16..24].try_into().unwrap());
+    let payload = read_exact(s, len - 24).await;
+    (committer, check, seq, payload)
+}
+
+fn xxh64(data: &[u8]) -> [u8; 8] {
+    drover_wire::ambrosia::check_bytes(data).to_le_bytes()
+}
+
+#[tokio::test]
+async fn first_start_exchange_byte_for_byte_in_both_checkpoint_forms() {
+    for fixed in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        instance::register(dir.path(), "app", 0).unwrap();
+        let c = Coordinator::start(dir.path(), false, 0, None).await;
+        let (mut to, mut from) = connect(&c).await;
+        // The 26-byte first-start record: [-1] TakeBecomingPrimaryCheckpoint.
+        let first = read_exact(&mut from, 26).await;
+        let committer = &first[0..4];
+        assert_eq!(&first[4..8], &[0x1A, 0, 0, 0], "length 26");
+        assert_eq!(&first[8..16], &CHECK_02_0B, "check bytes of 02 0B");
+        assert_eq!(&first[16..24], &[0xFF; 8], "sequence id -1");
+        assert_eq!(&first[24..], &[0x02, 0x0B]);
+        // InitialMessage "hello" (size 6, type 9), then a 3-byte checkpoint.
+        to.write_all(&[0x0C, 0x09, b'h', b'e', b'l', b'l', b'o']).await.unwrap();
+        if fixed {
+            // The C client's form: size 9 (zigzag 0x12), type 8, 8-byte little-endian length.
+            to.write_all(&[0x12, 0x08, 3, 0, 0, 0, 0, 0, 0, 0]).await.unwrap();
+        } else {
+            to.write_all(&[0x04, 0x08, 0x06]).await.unwrap(); // size 2, type 8, zigzag long 3
+        }
+        to.write_all(&[7, 7, 7]).await.unwrap();
+        // Record seq 0: the InitialMessage's data, verbatim, with its check bytes.
+        let (cid, check, seq, payload) = read_record(&mut from).await;
+        assert_eq!(cid.to_le_bytes(), committer);
+        assert_eq!(seq, 0);
+        assert_eq!(payload, b"hello");
+        assert_eq!(check, xxh64(b"hello"));
+        // The test vector: a self RPC comes back as record 1 without its destination.
+        to.write_all(&[0x10, 0x00, 0x00, 0x00, 0x40, 0x01, 0x05, 0x04, 0x03]).await.unwrap();
+        let (_, check, seq, payload) = read_record(&mut from).await;
+        assert_eq!((seq, payload.as_slice()), (1, &[0x0E, 0x00, 0x00, 0x40, 0x01, 0x05, 0x04, 0x03][..]));
+        assert_eq!(check, xxh64(&payload));
+        // TakeCheckpoint from the app: a [-1] record holding 02 02; then it checkpoints.
+        to.write_all(&[0x02, 0x02]).await.unwrap();
+        let (_, _, seq, payload) = read_record(&mut from).await;
+        assert_eq!((seq, payload.as_slice()), (-1, &[0x02, 0x02][..]));
+        to.write_all(&[0x04, 0x08, 0x04, 1, 2]).await.unwrap();
+        // AttachTo itself is accepted; normal traffic goes on.
+        to.write_all(&[0x08, 0x01, b'a', b'p', b'p']).await.unwrap();
+        to.write_all(&[0x10, 0x00, 0x00, 0x00, 0x40, 0x01, 0x09, 0x09, 0x09]).await.unwrap();
+        let (_, _, seq, _) = read_record(&mut from).await;
+        assert_eq!(seq, 2);
+        drop((to, from));
+        c.stop().await;
+        let files: Vec<String> = std::fs::read_dir(instance::log_path(dir.path(), "app"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(files.iter().filter(|f| f.starts_with("checkpoint")).count() >= 1, "{files:?}");
+    }
+}
+
+#[tokio::test]
+async fn recovery_replays_after_the_checkpoint_and_drops_regenerated_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    instance::register(dir.path(), "app", 0).unwrap();
+    let c = Coordinator::start(dir.path(), false, 0, None).await;
+    let (mut to, mut from) = connect(&c).await;
+    read_exact(&mut from, 26).await;
+    to.write_all(&[0x0C, 0x09, b'h', b'e', b'l', b'l', b'o']).await.unwrap();
+    to.write_all(&[0x04, 0x08, 0x02, 0xAA]).await.unwrap(); // checkpoint: one byte, AA
+    read_record(&mut from).await; // seq 0
+    // Two self calls (args 01 and 02), an impulse (args 03): seq 1, 2, 3.
+    for (ty, arg) in [(1u8, 1u8), (1, 2), (2, 3)] {
+        to.write_all(&[0x0C, 0x00, 0x00, 0x00, 0x40, ty, arg]).await.unwrap();
+        read_record(&mut from).await;
+    }
+    drop((to, from));
+    // The application comes back: checkpoint, replay without the impulse, then [-1] 11.
+    let (mut to, mut from) = connect(&c).await;
+    let head = read_exact(&mut from, 24).await;
+    assert_eq!(&head[8..16], &[0; 8], "a [-2] record has no check bytes");
+    assert_eq!(i64::from_le_bytes(head[16..24].try_into().unwrap()), -2);
+    let announce = read_exact(&mut from, i32::from_le_bytes(head[4..8].try_into().unwrap()) as usize - 24).await;
+    assert_eq!(announce, [0x04, 0x08, 0x02], "Checkpoint message of 1 byte");
+    assert_eq!(read_exact(&mut from, 1).await, [0xAA]);
+    let mut seqs = Vec::new();
+    loop {
+        let (_, _, seq, payload) = read_record(&mut from).await;
+        if seq == -1 {
+            assert_eq!(payload, [0x02, 0x0B], "then TakeBecomingPrimaryCheckpoint");
+            break;
+        }
+        seqs.push((seq, payload));
+    }
+    assert_eq!(seqs.len(), 3, "initial message and the two calls; the impulse is not replayed: {seqs:?}");
+    assert_eq!(seqs[0], (0, b"hello".to_vec()));
+    assert_eq!(seqs[2].1.last(), Some(&2));
+    // While replaying, the app regenerates its two self calls: they are already logged.
+    for arg in [1u8, 2] {
+        to.write_all(&[0x0C, 0x00, 0x00, 0x00, 0x40, 0x01, arg]).await.unwrap();
+    }
+    to.write_all(&[0x04, 0x08, 0x02, 0xBB]).await.unwrap();
+    // A new call gets the next sequence id; the regenerated ones were dropped.
+    to.write_all(&[0x0C, 0x00, 0x00, 0x00, 0x40, 0x01, 0x63]).await.unwrap();
+    let (_, _, seq, payload) = read_record(&mut from).await;
+    assert_eq!((seq, payload.last()), (4, Some(&0x63)));
+    drop((to, from));
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn older_generation_coordinator_connects_out_and_batches_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    instance::register(dir.path(), "app", 0).unwrap();
+    // The application listens on its send port; the coordinator connects to it.
+    let app_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let send_port = app_listener.local_addr().unwrap().port();
+    let c = Coordinator::start(dir.path(), true, send_port, None).await;
+    let mut to = TcpStream::connect(("127.0.0.1", c.receive)).await.unwrap();
+    let (mut from, _) = tokio::time::timeout(Duration::from_secs(10), app_listener.accept()).await.unwrap().unwrap();
+    read_exact(&mut from, 26).await;
+    to.write_all(&[0x06, 0x09, b'h', b'i']).await.unwrap();
+    to.write_all(&[0x04, 0x08, 0x00]).await.unwrap(); // an empty checkpoint
+    let (_, _, seq, _) = read_record(&mut from).await;
+    assert_eq!(seq, 0);
+    // Many calls written at once: while one record is being written the rest gather,
+    // and a record of two or more is one RPCBatch (or CountReplayableRPCBatch).
+    let mut burst = Vec::new();
+    for i in 0..200u8 {
+        burst.extend_from_slice(&[0x0C, 0x00, 0x00, 0x00, 0x40, if i % 10 == 0 { 2 } else { 1 }, i]);
+    }
+    to.write_all(&burst).await.unwrap();
+    let (mut calls, mut batches) = (0usize, 0usize);
+    while calls < 200 {
+        let (_, _, _, payload) = read_record(&mut from).await;
+        let mut r = drover_wire::ambrosia::MessageReader::new(
+            drover_wire::ambrosia::Direction::ToApplication,
+            drover_wire::ambrosia::Limits::default(),
+        );
+        r.feed(&payload);
+        match r.next_frame().unwrap().unwrap() {
+            drover_wire::ambrosia::Frame::Message(drover_wire::ambrosia::Message::Rpc(_)) => calls += 1,
+            drover_wire::ambrosia::Frame::Message(drover_wire::ambrosia::Message::RpcBatch(v)) => {
+                assert!(v.len() >= 2);
+                calls += v.len();
+                batches += 1;
+            }
+            drover_wire::ambrosia::Frame::Message(drover_wire::ambrosia::Message::CountReplayableRpcBatch {
+                replayable,
+                rpcs,
+            }) => {
+                assert!(rpcs.len() >= 2 && (replayable as usize) < rpcs.len());
+                calls += rpcs.len();
+                batches += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(calls, 200);
+    assert!(batches > 0, "some calls were batched");
+    drop((to, from));
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn misbehaving_applications_are_closed_and_the_log_stays_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    instance::register(dir.path(), "app", 0).unwrap();
+    let c = Coordinator::start(dir.path(), false, 0, None).await;
+    let (mut to, mut from) = connect(&c).await;
+    read_exact(&mut from, 26).await;
+    to.write_all(&[0x06, 0x09, b'h', b'i']).await.unwrap();
+    to.write_all(&[0x04, 0x08, 0x00]).await.unwrap();
+    read_record(&mut from).await;
+    // A Commit (type 3) is coordinator-to-coordinator only: the session ends.
+    to.write_all(&[0x06, 0x03, 0x00, 0x00]).await.unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), from.read_to_end(&mut rest)).await.unwrap().unwrap();
+    assert_eq!(n, 0, "closed without sending more");
+    // The next start is a recovery that still has record 0.
+    let (_to, mut from) = connect(&c).await;
+    let head = read_exact(&mut from, 24).await;
+    assert_eq!(i64::from_le_bytes(head[16..24].try_into().unwrap()), -2);
+    read_exact(&mut from, i32::from_le_bytes(head[4..8].try_into().unwrap()) as usize - 24).await;
+    let (_, _, seq, payload) = read_record(&mut from).await;
+    assert_eq!((seq, payload.as_slice()), (0, &b"hi"[..]));
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_torn_log_tail_is_cut_at_the_last_whole_record_and_logging_goes_on_in_a_fresh_file() {
+    let dir = tempfile::tempdir().unwrap();
+    instance::register(dir.path(), "app", 0).unwrap();
+    let c = Coordinator::start(dir.path(), false, 0, None).await;
+    let (mut to, mut from) = connect(&c).await;
+    read_exact(&mut from, 26).await;
+    to.write_all(&[0x06, 0x09, b'h', b'i']).await.unwrap();
+    to.write_all(&[0x04, 0x08, 0x00]).await.unwrap();
+    read_record(&mut from).await;
+    to.write_all(&[0x0C, 0x00, 0x00, 0x00, 0x40, 0x01, 0x01]).await.unwrap();
+    read_record(&mut from).await;
+    drop((to, from));
+    c.stop().await;
+    // A crash mid-write: half a record at the end of the newest log file.
+    let log = instance::log_path(dir.path(), "app");
+    let mut segments: Vec<_> = std::fs::read_dir(&log)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    segments.sort();
+    let newest = segments.last().unwrap().clone();
+    let whole = std::fs::metadata(&newest).unwrap().len();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&newest).unwrap();
+    std::io::Write::write_all(&mut f, &[0x78, 0x56, 0x34, 0x12, 0x40, 0, 0, 0, 1, 2, 3]).unwrap();
+    drop(f);
+    let c = Coordinator::start(dir.path(), false, 0, None).await;
+    let (mut to, mut from) = connect(&c).await;
+    let mut head = vec![0u8; 24];
+    if tokio::time::timeout(Duration::from_secs(5), from.read_exact(&mut head)).await.is_err() || c.task.is_finished() {
+        let r = c.task.await;
+        panic!("coordinator ended: {r:?}");
+    }
+    read_exact(&mut from, i32::from_le_bytes(head[4..8].try_into().unwrap()) as usize - 24).await;
+    let mut last = -1;
+    loop {
+        let (_, _, seq, _) = read_record(&mut from).await;
+        if seq == -1 {
+            break;
+        }
+        last = seq;
+    }
+    assert_eq!(last, 1, "replay stops at the last whole record");
+    assert_eq!(std::fs::metadata(&newest).unwrap().len(), whole, "the torn bytes were cut off");
+    // A deterministic application regenerates its logged call while replaying (it is
+    // dropped as a repeat), then checkpoints.
+    to.write_all(&[0x0C, 0x00, 0x00, 0x00, 0x40, 0x01, 0x01]).await.unwrap();
+    to.write_all(&[0x04, 0x08, 0x00]).await.unwrap();
+    to.write_all(&[0x0C, 0x00, 0x00, 0x00, 0x40, 0x01, 0x02]).await.unwrap();
+    let (_, _, seq, _) = read_record(&mut from).await;
+    assert_eq!(seq, 2);
+    drop((to, from));
+    c.stop().await;
+    let after: Vec<_> = std::fs::read_dir(&log)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log") && !segments.contains(p))
+        .collect();
+    assert_eq!(after.len(), 1, "record 2 went to a fresh log file: {after:?}");
+}
