@@ -5,6 +5,7 @@
 
 mod cert;
 mod config;
+mod coordinator;
 mod demo;
 mod journal_cmd;
 mod roles;
@@ -212,6 +213,8 @@ enum Command {
     Controller(roles::ControllerArgs),
     /// Run a node that streams prices for the pairs the controller assigns it.
     Node(roles::NodeArgs),
+    /// Run an AMBROSIA-compatible reliability coordinator for one instance.
+    Coordinator(coordinator::CoordinatorArgs),
     /// Run a controller and three nodes in one process and show a failover.
     Demo(demo::DemoArgs),
     /// List nodes: state, known pairs, streaming pairs with epochs.
@@ -374,6 +377,7 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Controller(a) => roles::controller(a).await,
         Command::Node(a) => roles::node(a).await,
         Command::Demo(a) => demo::demo(a).await,
+        Command::Coordinator(a) => coordinator::run(a).await,
         Command::Nodes(cli) => cli_result(c::nodes(&cli.ctx()).await),
         Command::Version(cli) => cli_result(c::version(&cli.ctx()).await),
         Command::Kick { cli, nodes } => cli_result(c::kick_or_drain(&cli.ctx(), &nodes, false).await),
@@ -437,7 +441,7 @@ fn parse() -> Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = parse();
-    let quiet = !matches!(cli.command, Command::Controller(_) | Command::Node(_));
+    let quiet = !matches!(cli.command, Command::Controller(_) | Command::Node(_) | Command::Coordinator(_));
     init_logging(&cli.log_format, if quiet { "warn" } else { "info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,

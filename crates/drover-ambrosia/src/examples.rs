@@ -1,0 +1,91 @@
+//! Two small services, shipped so the coordinator can be tried without writing code
+//! (`drover coordinator example hello|counter`) and read as examples of [`Service`].
+
+use crate::{Outbox, Service};
+
+/// Method ids of the examples.
+pub mod methods {
+    /// The initial call at first start.
+    pub const INITIAL: i32 = 0;
+    /// A greeting (hello) or one increment (counter).
+    pub const STEP: i32 = 1;
+}
+
+/// Calls itself once at first start and prints what it received.
+#[derive(Debug, Default)]
+pub struct Hello {
+    /// Messages received so far.
+    pub received: Vec<String>,
+}
+
+impl Service for Hello {
+    fn on_call(&mut self, method: i32, args: &[u8], out: &mut Outbox) {
+        match method {
+            methods::INITIAL => out.call_self(methods::STEP, b"hello from drover-ambrosia"),
+            methods::STEP => {
+                let text = String::from_utf8_lossy(args).into_owned();
+                println!("received: {text}");
+                self.received.push(text);
+            }
+            _ => {}
+        }
+    }
+
+    fn checkpoint(&self) -> Vec<u8> {
+        self.received.join("\n").into_bytes()
+    }
+
+    fn restore(&mut self, bytes: &[u8]) {
+        self.received = if bytes.is_empty() {
+            Vec::new()
+        } else {
+            String::from_utf8_lossy(bytes).split('\n').map(str::to_owned).collect()
+        };
+    }
+}
+
+/// Counts to a target by calling itself once per step: a call lost or repeated
+/// anywhere shows up as a final count other than the target.
+#[derive(Debug, Default)]
+pub struct Counter {
+    /// Calls handled.
+    pub count: u64,
+    /// Where it stops.
+    pub target: u64,
+}
+
+impl Service for Counter {
+    fn on_call(&mut self, method: i32, args: &[u8], out: &mut Outbox) {
+        match method {
+            methods::INITIAL => {
+                self.target = args.try_into().map(u64::from_le_bytes).unwrap_or(0);
+                if self.target > 0 {
+                    out.call_self(methods::STEP, &[]);
+                }
+            }
+            methods::STEP => {
+                self.count += 1;
+                println!("count {}", self.count);
+                if self.count < self.target {
+                    out.call_self(methods::STEP, &[]);
+                } else if self.count == self.target {
+                    println!("done {}", self.count);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn checkpoint(&self) -> Vec<u8> {
+        let mut out = self.count.to_le_bytes().to_vec();
+        out.extend_from_slice(&self.target.to_le_bytes());
+        out
+    }
+
+    fn restore(&mut self, bytes: &[u8]) {
+        let word = |i: usize| bytes.get(i..i + 8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
+        self.count = word(0);
+        self.target = word(8);
+        println!("restored {}", self.count);
+    }
+}
