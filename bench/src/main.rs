@@ -6,8 +6,10 @@
 //! cd bench && cargo run --release -- failover      # SIGKILL / SIGSTOP failover latency
 //! cd bench && cargo run --release -- recovery      # restart with 1M updates to replay
 //! cd bench && cargo run --release -- tasks         # 8 workers running /bin/true: tasks/s, latency
+//! cd bench && cargo run --release -- coordinator   # self calls through the AMBROSIA coordinator
 //! ```
 
+mod coordinator;
 mod failover;
 mod ingest;
 mod recovery;
@@ -31,6 +33,7 @@ async fn main() {
         "ingest" => ingest::run(arg("--nodes", "64").parse().unwrap(), arg("--secs", "5").parse().unwrap()).await,
         "failover" => failover::run(arg("--trials", "100").parse().unwrap()).await,
         "recovery" => recovery::run(arg("--updates", "1000000").parse().unwrap()).await,
+        "coordinator" => coordinator::run(arg("--window", "256").parse().unwrap()).await,
         "tasks" => {
             tasks::run(
                 arg("--tasks", "4000").parse().unwrap(),
@@ -42,7 +45,7 @@ async fn main() {
         }
         _ => {
             eprintln!(
-                "usage: drover-bench ingest|failover|recovery|tasks [--nodes N --secs S | --trials N | --updates N | --tasks N --workers W --cores C --submitters S]"
+                "usage: drover-bench ingest|failover|recovery|tasks|coordinator [--nodes N --secs S | --trials N | --updates N | --tasks N --workers W --cores C --submitters S]"
             );
             std::process::exit(2);
         }

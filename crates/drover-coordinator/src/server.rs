@@ -22,6 +22,9 @@ use tokio::sync::mpsc;
 use crate::instance::{self, Instance};
 use crate::session::{Action, Session};
 
+/// Largest message an application may send (a call with its arguments).
+pub const MAX_CALL: usize = 32 << 20;
+
 /// Settings of a coordinator.
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
@@ -180,6 +183,9 @@ fn journal_config(config: &CoordinatorConfig) -> JournalConfig {
     j.checkpoint_every_records = u64::MAX;
     j.segment_bytes = config.checkpoint_every_bytes.max(1 << 20);
     j.limits.max_checkpoint = config.max_checkpoint + crate::session::CHECKPOINT_HEADER as u64 + 4096;
+    // One record holds what gathered while the previous write was in flight: at most
+    // the session's pending limit plus one message (MAX_CALL), well under a record.
+    j.max_batch_bytes = j.limits.max_record - drover_wire::ambrosia::HEADER_LEN;
     j
 }
 
@@ -249,7 +255,7 @@ async fn serve(
 ) -> Result<String, CoordinatorError> {
     let (mut session, first) = started;
     let mut out = BufWriter::with_capacity(256 * 1024, output);
-    let limits = Limits { max_checkpoint: config.max_checkpoint, ..Limits::default() };
+    let limits = Limits { max_checkpoint: config.max_checkpoint, max_message: MAX_CALL, ..Limits::default() };
     let (tx, mut frames) = mpsc::channel(1024);
     let reader = tokio::spawn(read_frames(input, tx, limits));
     let result = async {

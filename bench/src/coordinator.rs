@@ -1,0 +1,111 @@
+//! Fire-and-forget self calls through `drover coordinator` (in this process, log fsync
+//! on), from a drover-ambrosia service that keeps `window` calls in flight: each call it
+//! receives sends the next, until `calls` have been delivered. The log directory's raw
+//! fsync'd sequential write bandwidth is measured in the same run.
+
+use std::time::{Duration, Instant};
+
+use drover_ambrosia::{Connection, Outbox, Service};
+
+struct Flood {
+    size: usize,
+    window: usize,
+    total: u64,
+    sent: u64,
+    received: u64,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Service for Flood {
+    fn on_call(&mut self, method: i32, _args: &[u8], out: &mut Outbox) {
+        let payload = vec![0x5Au8; self.size];
+        let send = |s: &mut Self, out: &mut Outbox| {
+            if s.sent < s.total {
+                s.sent += 1;
+                out.call_self(1, &payload);
+            }
+        };
+        if method == 0 {
+            for _ in 0..self.window {
+                send(self, out);
+            }
+            return;
+        }
+        self.received += 1;
+        send(self, out);
+        if self.received == self.total
+            && let Some(d) = self.done.take()
+        {
+            let _ = d.send(());
+        }
+    }
+    fn checkpoint(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn restore(&mut self, _bytes: &[u8]) {}
+}
+
+fn raw_sequential_mb_s(dir: &std::path::Path) -> f64 {
+    use std::io::Write;
+    let path = dir.join("raw.bin");
+    let chunk = vec![0xA5u8; 1 << 20];
+    let started = Instant::now();
+    let mut f = std::fs::File::create(&path).unwrap();
+    for _ in 0..1024 {
+        f.write_all(&chunk).unwrap();
+    }
+    f.sync_all().unwrap();
+    let mb = 1024.0 * 1.048_576;
+    let rate = mb / started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&path);
+    rate
+}
+
+async fn one(size: usize, calls: u64, window: usize) -> (f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    drover_coordinator::instance::register(dir.path(), "bench", 0).unwrap();
+    let config = drover_coordinator::CoordinatorConfig::new("bench", dir.path(), 0, 0);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let coordinator = tokio::spawn(drover_coordinator::run(
+        config,
+        async {
+            let _ = stop_rx.await;
+        },
+        move |l| {
+            let _ = tx.send(l);
+        },
+    ));
+    let l = rx.await.unwrap();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let mut flood = Flood { size, window, total: calls, sent: 0, received: 0, done: Some(done_tx) };
+    let connection = Connection::listening_coordinator(l.receive_port, l.send_port.unwrap());
+    let started = Instant::now();
+    let app = tokio::spawn(async move {
+        if let Err(e) = drover_ambrosia::run(&mut flood, connection, 0, b"").await {
+            eprintln!("flood service stopped: {e}");
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(600), done_rx).await.unwrap().unwrap();
+    let took = started.elapsed().as_secs_f64();
+    app.abort();
+    let _ = stop_tx.send(());
+    if let Ok(Err(e)) = coordinator.await {
+        eprintln!("coordinator: {e}");
+    }
+    let rate = calls as f64 / took;
+    (rate, rate * size as f64 / 1e6)
+}
+
+pub async fn run(window: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = raw_sequential_mb_s(dir.path());
+    println!("raw sequential write + fsync in the temp dir: {raw:.0} MB/s");
+    println!("| argument | calls | window | calls/s | MB/s | vs AMBROSIA | % of raw sequential |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (size, calls, anchor) in [(16usize, 200_000u64, None), (1024, 200_000, Some(4.6)), (65_536, 8_000, Some(50.0))] {
+        let (rate, mb) = one(size, calls, window).await;
+        let vs = anchor.map(|a: f64| format!("{:.1}×", mb / a)).unwrap_or_else(|| "—".into());
+        println!("| {size} B | {calls} | {window} | {rate:.0} | {mb:.1} | {vs} | {:.0} % |", 100.0 * mb / raw);
+    }
+}
