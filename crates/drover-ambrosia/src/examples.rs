@@ -89,3 +89,90 @@ impl Service for Counter {
         println!("restored {}", self.count);
     }
 }
+
+/// The service side of a pair across two coordinators: counts the `add` calls it gets
+/// and acknowledges each to the caller's instance with the new count.
+#[derive(Debug, Default)]
+pub struct PairServer {
+    /// `add` calls handled.
+    pub count: u64,
+}
+
+/// Method ids of the pair.
+pub mod pair {
+    /// client → server: add one (args: the caller's instance name).
+    pub const ADD: i32 = 1;
+    /// server → client: the server's count after the add (8 bytes, little-endian).
+    pub const ACK: i32 = 2;
+}
+
+impl Service for PairServer {
+    fn on_call(&mut self, method: i32, args: &[u8], out: &mut Outbox) {
+        if method == pair::ADD {
+            self.count += 1;
+            println!("count {}", self.count);
+            let caller = String::from_utf8_lossy(args).into_owned();
+            out.call(&caller, pair::ACK, &self.count.to_le_bytes());
+        }
+    }
+
+    fn checkpoint(&self) -> Vec<u8> {
+        self.count.to_le_bytes().to_vec()
+    }
+
+    fn restore(&mut self, bytes: &[u8]) {
+        self.count = bytes.try_into().map(u64::from_le_bytes).unwrap_or(0);
+        println!("restored {}", self.count);
+    }
+}
+
+/// The client side: sends `add` to the server instance, one at a time, until `target`
+/// acknowledgements came back.
+#[derive(Debug, Default)]
+pub struct PairClient {
+    /// This instance's name (where acknowledgements go).
+    pub own: String,
+    /// The server instance.
+    pub server: String,
+    /// Acknowledgements received.
+    pub acks: u64,
+    /// Where it stops.
+    pub target: u64,
+}
+
+impl Service for PairClient {
+    fn on_call(&mut self, method: i32, args: &[u8], out: &mut Outbox) {
+        match method {
+            methods::INITIAL => {
+                self.target = args.try_into().map(u64::from_le_bytes).unwrap_or(0);
+                if self.target > 0 {
+                    out.call(&self.server, pair::ADD, self.own.as_bytes());
+                }
+            }
+            pair::ACK => {
+                self.acks += 1;
+                let server_count = args.try_into().map(u64::from_le_bytes).unwrap_or(0);
+                println!("ack {} server {server_count}", self.acks);
+                if self.acks < self.target {
+                    out.call(&self.server, pair::ADD, self.own.as_bytes());
+                } else if self.acks == self.target {
+                    println!("done {}", self.acks);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn checkpoint(&self) -> Vec<u8> {
+        let mut out = self.acks.to_le_bytes().to_vec();
+        out.extend_from_slice(&self.target.to_le_bytes());
+        out
+    }
+
+    fn restore(&mut self, bytes: &[u8]) {
+        let word = |i: usize| bytes.get(i..i + 8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
+        self.acks = word(0);
+        self.target = word(8);
+        println!("restored {}", self.acks);
+    }
+}

@@ -59,6 +59,10 @@ pub struct Instance {
     pub registered_ms: i64,
     /// When it last moved to a new version (Unix ms, 0: never).
     pub upgraded_ms: i64,
+    /// Where its coordinator takes links from other coordinators (`host:port`), as
+    /// written by the running coordinator: the registry other instances look it up in.
+    #[serde(default)]
+    pub peer: Option<String>,
 }
 
 fn now_ms() -> i64 {
@@ -111,7 +115,7 @@ pub fn register(log_dir: &Path, name: &str, version: u64) -> Result<Instance, In
     if meta_path(log_dir, name).exists() {
         return Err(InstanceError::Exists(name.to_owned()));
     }
-    let meta = Instance { name: name.to_owned(), version, registered_ms: now_ms(), upgraded_ms: 0 };
+    let meta = Instance { name: name.to_owned(), version, registered_ms: now_ms(), upgraded_ms: 0, peer: None };
     write(log_dir, &meta)?;
     Ok(meta)
 }
@@ -135,6 +139,25 @@ pub fn load(log_dir: &Path, name: &str) -> Result<Instance, InstanceError> {
         return Err(InstanceError::Corrupt { path, reason: format!("it names instance {:?}", meta.name) });
     }
     Ok(meta)
+}
+
+/// Records where the instance's coordinator takes links from other coordinators.
+pub fn set_peer(log_dir: &Path, meta: &mut Instance, addr: &str) -> Result<(), InstanceError> {
+    meta.peer = Some(addr.to_owned());
+    write(log_dir, meta)
+}
+
+/// Where instance `name` takes links: from `peers` (lines `name host:port`) if given,
+/// else from its `instance.json` in `log_dir`.
+pub fn lookup_peer(log_dir: &Path, peers: Option<&Path>, name: &str) -> Option<String> {
+    if let Some(file) = peers {
+        let text = std::fs::read_to_string(file).ok()?;
+        return text.lines().find_map(|l| {
+            let mut it = l.split_whitespace();
+            (it.next() == Some(name)).then(|| it.next().map(str::to_owned)).flatten()
+        });
+    }
+    load(log_dir, name).ok()?.peer
 }
 
 /// Moves the instance to `version` (after the upgrade checkpoint is durable).

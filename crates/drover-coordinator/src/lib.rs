@@ -12,11 +12,11 @@
 //! - [`server`]: the process around it (ports, both connection generations, the log).
 //! - [`instance`]: `instance.json`, registration and upgrades.
 //!
-//! Not yet: calls between instances (coordinator ↔ coordinator links with
-//! `ReplayFrom`, `Commit` and `TrimTo`); a call to another instance ends the session
-//! with a clear error.
+//! - [`link`]: links between coordinators (`ReplayFrom`, `Commit`, `TrimTo`), so calls
+//!   between instances are delivered exactly once across crashes of either side.
 
 pub mod instance;
+pub mod link;
 pub mod server;
 pub mod session;
 

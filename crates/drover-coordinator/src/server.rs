@@ -46,6 +46,11 @@ pub struct CoordinatorConfig {
     pub max_checkpoint: u64,
     /// Log size after which the coordinator asks for a checkpoint (AMBROSIA: 1000 MiB).
     pub checkpoint_every_bytes: u64,
+    /// The port other coordinators link to (0: any free port); recorded in
+    /// `instance.json` so instances in the same log directory find each other.
+    pub peer_port: u16,
+    /// Instance addresses (lines `name host:port`) instead of the log directory's registry.
+    pub peers: Option<PathBuf>,
 }
 
 impl CoordinatorConfig {
@@ -61,6 +66,8 @@ impl CoordinatorConfig {
             fsync: FsyncMode::Always,
             max_checkpoint: 1 << 30,
             checkpoint_every_bytes: 1000 << 20,
+            peer_port: 0,
+            peers: None,
         }
     }
 }
@@ -89,6 +96,8 @@ pub struct Listening {
     pub receive_port: u16,
     /// The send port (when listening on it).
     pub send_port: Option<u16>,
+    /// The port other coordinators link to.
+    pub peer_port: u16,
 }
 
 /// Runs the coordinator until `shutdown` resolves.
@@ -108,9 +117,13 @@ pub async fn run(
     }
     let receive = TcpListener::bind(("127.0.0.1", config.receive_port)).await?;
     let send = if config.connect_send { None } else { Some(TcpListener::bind(("127.0.0.1", config.send_port)).await?) };
+    let peer = TcpListener::bind(("127.0.0.1", config.peer_port)).await?;
+    let peer_addr = peer.local_addr()?;
+    instance::set_peer(&config.log_dir, &mut meta, &peer_addr.to_string())?;
     on_listening(Listening {
         receive_port: receive.local_addr()?.port(),
         send_port: send.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port()),
+        peer_port: peer_addr.port(),
     });
     tracing::info!(instance = %config.instance, version = meta.version, receive = config.receive_port, send = config.send_port,
         connect_send = config.connect_send, "coordinator listening");
@@ -165,7 +178,7 @@ pub async fn run(
         drop(recovery);
         let end = tokio::select! {
             _ = &mut shutdown => None,
-            end = serve(&config, &mut meta, upgrade, &journal, started, input, output) => Some(end),
+            end = serve(&config, &mut meta, upgrade, &journal, started, input, output, &peer) => Some(end),
         };
         tokio::task::spawn_blocking(move || journal.close_blocking()).await.ok();
         match end {
@@ -182,7 +195,8 @@ fn journal_config(config: &CoordinatorConfig) -> JournalConfig {
     j.checkpoint_every_bytes = config.checkpoint_every_bytes;
     j.checkpoint_every_records = u64::MAX;
     j.segment_bytes = config.checkpoint_every_bytes.max(1 << 20);
-    j.limits.max_checkpoint = config.max_checkpoint + crate::session::CHECKPOINT_HEADER as u64 + 4096;
+    // The checkpoint also holds the calls other instances have not committed yet.
+    j.limits.max_checkpoint = config.max_checkpoint + (256 << 20);
     // One record holds what gathered while the previous write was in flight: at most
     // the session's pending limit plus one message (MAX_CALL), well under a record.
     j.max_batch_bytes = j.limits.max_record - drover_wire::ambrosia::HEADER_LEN;
@@ -242,8 +256,49 @@ async fn read_frames(mut input: TcpStream, tx: mpsc::Sender<Result<Frame, String
     }
 }
 
+/// The links of one session: outgoing link tasks by destination, incoming writers by
+/// source, and the tasks to stop when the session ends.
+struct Links {
+    own: String,
+    committer_id: i32,
+    log_dir: PathBuf,
+    peers: Option<PathBuf>,
+    out: std::collections::BTreeMap<String, mpsc::UnboundedSender<crate::link::LinkCmd>>,
+    inbound: std::collections::BTreeMap<String, mpsc::UnboundedSender<Bytes>>,
+    events: mpsc::UnboundedSender<crate::link::PeerEvent>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Links {
+    fn to(&mut self, dest: &str) -> &mpsc::UnboundedSender<crate::link::LinkCmd> {
+        if !self.out.contains_key(dest) {
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.tasks.push(tokio::spawn(crate::link::outgoing(
+                self.own.clone(),
+                self.committer_id,
+                dest.to_owned(),
+                self.log_dir.clone(),
+                self.peers.clone(),
+                rx,
+                self.events.clone(),
+            )));
+            self.out.insert(dest.to_owned(), tx);
+        }
+        &self.out[dest]
+    }
+}
+
+impl Drop for Links {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
 /// Runs one session to its end; returns why it ended (an application problem is an
 /// ordinary end, a log failure an error).
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     config: &CoordinatorConfig,
     meta: &mut Instance,
@@ -252,8 +307,25 @@ async fn serve(
     started: (Session, Vec<Action>),
     input: TcpStream,
     output: TcpStream,
+    peer: &TcpListener,
 ) -> Result<String, CoordinatorError> {
+    use crate::link::PeerEvent;
     let (mut session, first) = started;
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let mut links = Links {
+        own: config.instance.clone(),
+        committer_id: journal.committer_id(),
+        log_dir: config.log_dir.clone(),
+        peers: config.peers.clone(),
+        out: Default::default(),
+        inbound: Default::default(),
+        events: events_tx,
+        tasks: Vec::new(),
+    };
+    // Calls recovered from the checkpoint still to be committed: link at once.
+    for dest in session.destinations() {
+        links.to(&dest);
+    }
     let mut out = BufWriter::with_capacity(256 * 1024, output);
     let limits = Limits { max_checkpoint: config.max_checkpoint, max_message: MAX_CALL, ..Limits::default() };
     let (tx, mut frames) = mpsc::channel(1024);
@@ -290,6 +362,14 @@ async fn serve(
                         tracing::error!(instance = %config.instance, reason = %why, "application misbehaved; ending its session");
                         return Ok(why);
                     }
+                    Action::Forward { dest, seq, message } => {
+                        let _ = links.to(&dest).send(crate::link::LinkCmd::Forward(seq, message));
+                    }
+                    Action::Commit { source, seq } => {
+                        if let Some(w) = links.inbound.get(&source) {
+                            let _ = w.send(crate::link::commit(seq));
+                        }
+                    }
                 }
             }
             if let Err(e) = out.flush().await {
@@ -315,6 +395,32 @@ async fn serve(
                     Some(Ok(frame)) => actions = session.on_frame(frame),
                     Some(Err(why)) => return Ok(why),
                     None => return Ok("the application's connection ended".into()),
+                },
+                accepted = peer.accept() => {
+                    if let Ok((s, _)) = accepted {
+                        links.tasks.push(tokio::spawn(crate::link::incoming(s, links.events.clone())));
+                    }
+                }
+                ev = events.recv() => match ev {
+                    Some(PeerEvent::InboundOpened { source, writer }) => {
+                        let _ = writer.send(crate::link::greeting(session.next_from(&source)));
+                        tracing::info!(instance = %config.instance, %source, "instance linked");
+                        links.inbound.insert(source, writer);
+                    }
+                    Some(PeerEvent::Remote { source, seq, payload }) if !session.backpressure() => {
+                        actions = session.on_remote(&source, seq, &payload);
+                    }
+                    // Over the limit: the call is dropped now and resent after a reconnect.
+                    Some(PeerEvent::Remote { source, .. }) => {
+                        links.inbound.remove(&source);
+                    }
+                    Some(PeerEvent::ReplayFrom { dest, seq }) => {
+                        session.on_commit(&dest, seq - 1);
+                        let resend = session.outbox_from(&dest, seq);
+                        let _ = links.to(&dest).send(crate::link::LinkCmd::Resend(resend));
+                    }
+                    Some(PeerEvent::Commit { dest, seq }) => session.on_commit(&dest, seq),
+                    None => {}
                 },
             }
         }

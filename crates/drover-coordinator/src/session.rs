@@ -24,6 +24,8 @@
 //!   checkpoint, an oversize checkpoint) ends its session with a clear reason; the log
 //!   is left as it was.
 
+use std::collections::{BTreeMap, VecDeque};
+
 use bytes::Bytes;
 use drover_wire::ambrosia::{Frame, HEADER_LEN, Message, MessageType, RecordHeader, Rpc, RpcType, check_bytes, varint};
 
@@ -39,15 +41,29 @@ pub enum Action {
     WriteCheckpoint(Vec<u8>),
     /// The upgrade checkpoint was written: move the instance to the new version.
     Upgraded,
+    /// Send this call (an incoming-RPC message) to instance `dest` as its `seq`th.
+    Forward {
+        /// The destination instance.
+        dest: String,
+        /// The call's sequence number on the link to it.
+        seq: i64,
+        /// The message as the destination's application will see it.
+        message: Bytes,
+    },
+    /// The calls from `source` up to `seq` are durable here: tell its coordinator.
+    Commit {
+        /// The sending instance.
+        source: String,
+        /// Everything up to here is logged.
+        seq: i64,
+    },
     /// End the session (the log stays intact).
     Close(String),
 }
 
-/// Bytes of drover's header in front of the application's checkpoint.
-pub const CHECKPOINT_HEADER: usize = 17;
-
-/// What the coordinator keeps with each application checkpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// What the coordinator keeps with each application checkpoint, in front of the
+/// application's bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct CheckpointHeader {
     /// Replayable self-calls the application had sent when it took the checkpoint.
     pub self_calls: u64,
@@ -56,31 +72,147 @@ pub struct CheckpointHeader {
     pub pending: u64,
     /// The next record is the InitialMessage (first start), not a self-call.
     pub initial_next: bool,
+    /// Per source instance: the last call sequence number logged from it.
+    pub received: BTreeMap<String, i64>,
+    /// Per destination instance: calls made to it so far, and those it has not
+    /// committed yet (sequence number, message), which replay will not regenerate.
+    pub sent: BTreeMap<String, (i64, Vec<(i64, Bytes)>)>,
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    varint::put_int(out, s.len() as i32);
+    out.extend_from_slice(s.as_bytes());
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl Cursor<'_> {
+    fn long(&mut self) -> Result<i64, String> {
+        match varint::get_long(self.0) {
+            Ok(Some((v, n))) => {
+                self.0 = &self.0[n..];
+                Ok(v)
+            }
+            _ => Err("truncated checkpoint header".into()),
+        }
+    }
+    fn bytes(&mut self) -> Result<&[u8], String> {
+        let n = usize::try_from(self.long()?).map_err(|_| "bad length in checkpoint header".to_owned())?;
+        if n > self.0.len() {
+            return Err("truncated checkpoint header".into());
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn string(&mut self) -> Result<String, String> {
+        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| "bad name in checkpoint header".to_owned())
+    }
 }
 
 impl CheckpointHeader {
     fn encode(&self, app: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(CHECKPOINT_HEADER + app.len());
-        out.extend_from_slice(&self.self_calls.to_le_bytes());
-        out.extend_from_slice(&self.pending.to_le_bytes());
-        out.push(u8::from(self.initial_next));
+        let mut h = Vec::new();
+        varint::put_long(&mut h, self.self_calls as i64);
+        varint::put_long(&mut h, self.pending as i64);
+        h.push(u8::from(self.initial_next));
+        varint::put_long(&mut h, self.received.len() as i64);
+        for (name, seq) in &self.received {
+            put_str(&mut h, name);
+            varint::put_long(&mut h, *seq);
+        }
+        varint::put_long(&mut h, self.sent.len() as i64);
+        for (name, (count, outbox)) in &self.sent {
+            put_str(&mut h, name);
+            varint::put_long(&mut h, *count);
+            varint::put_long(&mut h, outbox.len() as i64);
+            for (seq, msg) in outbox {
+                varint::put_long(&mut h, *seq);
+                varint::put_long(&mut h, msg.len() as i64);
+                h.extend_from_slice(msg);
+            }
+        }
+        let mut out = Vec::with_capacity(8 + h.len() + app.len());
+        out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+        out.extend_from_slice(&h);
         out.extend_from_slice(app);
         out
     }
 
     /// Splits a stored checkpoint into its header and the application's bytes.
     pub fn decode(stored: &Bytes) -> Result<(CheckpointHeader, Bytes), String> {
-        if stored.len() < CHECKPOINT_HEADER {
-            return Err(format!("checkpoint of {} bytes is shorter than its header", stored.len()));
+        let short = || format!("checkpoint of {} bytes is shorter than its header", stored.len());
+        let len = stored.get(..8).ok_or_else(short)?;
+        let len = usize::try_from(u64::from_le_bytes(len.try_into().map_err(|_| short())?)).map_err(|_| short())?;
+        let h = stored.get(8..8 + len).ok_or_else(short)?;
+        let mut c = Cursor(h);
+        let self_calls = c.long()? as u64;
+        let pending = c.long()? as u64;
+        let (&flag, rest) = c.0.split_first().ok_or_else(short)?;
+        c.0 = rest;
+        let mut received = BTreeMap::new();
+        for _ in 0..c.long()? {
+            let name = c.string()?;
+            received.insert(name, c.long()?);
         }
-        let word = |at: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&stored[at..at + 8]);
-            u64::from_le_bytes(b)
-        };
-        let header = CheckpointHeader { self_calls: word(0), pending: word(8), initial_next: stored[16] == 1 };
-        Ok((header, stored.slice(CHECKPOINT_HEADER..)))
+        let mut sent = BTreeMap::new();
+        for _ in 0..c.long()? {
+            let name = c.string()?;
+            let count = c.long()?;
+            let mut outbox = Vec::new();
+            for _ in 0..c.long()? {
+                let seq = c.long()?;
+                outbox.push((seq, Bytes::copy_from_slice(c.bytes()?)));
+            }
+            sent.insert(name, (count, outbox));
+        }
+        let header = CheckpointHeader { self_calls, pending, initial_next: flag == 1, received, sent };
+        Ok((header, stored.slice(8 + len..)))
     }
+}
+
+/// The type byte of drover's own tag message in a logged record: which source
+/// instance's calls the record holds (name, last sequence number, how many). AMBROSIA
+/// does not use it; it is stripped before a record is delivered.
+pub const SOURCE_TAG: u8 = 0x40;
+
+fn source_tag(name: &str, last: i64, count: u32) -> Vec<u8> {
+    let mut data = vec![SOURCE_TAG];
+    put_str(&mut data, name);
+    varint::put_long(&mut data, last);
+    varint::put_long(&mut data, i64::from(count));
+    let mut out = Vec::new();
+    varint::put_int(&mut out, data.len() as i32);
+    out.extend_from_slice(&data);
+    out
+}
+
+/// A tag's (name, last sequence number, count), given the message (size included).
+fn parse_tag(message: &[u8]) -> Option<(String, i64, u64)> {
+    let (_, n) = varint::get_int(message).ok()??;
+    let body = message.get(n..)?;
+    if body.first() != Some(&SOURCE_TAG) {
+        return None;
+    }
+    let mut c = Cursor(&body[1..]);
+    let name = c.string().ok()?;
+    let last = c.long().ok()?;
+    let count = c.long().ok()? as u64;
+    Some((name, last, count))
+}
+
+/// A record's payload without drover's tags (what the application sees), and the tags.
+pub fn strip_tags(payload: &[u8]) -> (Vec<u8>, Vec<(String, i64, u64)>) {
+    let Some(parts) = messages(payload) else { return (payload.to_vec(), Vec::new()) };
+    let mut kept = Vec::with_capacity(payload.len());
+    let mut tags = Vec::new();
+    for part in parts {
+        match parse_tag(part) {
+            Some(t) => tags.push(t),
+            None => kept.extend_from_slice(part),
+        }
+    }
+    (kept, tags)
 }
 
 /// A whole record: header (with check bytes over `payload`) and payload.
@@ -141,6 +273,14 @@ fn parse(message: &[u8]) -> Option<Message> {
 /// nothing left to replay). Payloads that are not messages (an InitialMessage's
 /// bytes) are passed on as they are.
 pub fn replay_view(payload: &Bytes) -> (u64, Option<Bytes>) {
+    let (stripped, tags) = strip_tags(payload);
+    let remote: u64 = tags.iter().map(|t| t.2).sum();
+    let payload = &Bytes::from(stripped);
+    let (replayable, view) = replay_view_untagged(payload);
+    (replayable.saturating_sub(remote), view)
+}
+
+fn replay_view_untagged(payload: &Bytes) -> (u64, Option<Bytes>) {
     let Some(parts) = messages(payload) else { return (0, Some(payload.clone())) };
     let mut replayable = 0u64;
     let mut kept: Vec<u8> = Vec::with_capacity(payload.len());
@@ -214,6 +354,16 @@ pub struct Session {
     max_checkpoint: u64,
     max_pending_bytes: usize,
     pending_bytes: usize,
+    /// Per source instance: the last call sequence number accepted (logged or pending).
+    received: BTreeMap<String, i64>,
+    /// Per source: the last sequence number and count of its calls in `pending`.
+    pending_tags: BTreeMap<String, (i64, u32)>,
+    /// Commits to send once the record in flight is durable.
+    inflight_commits: Vec<(String, i64)>,
+    /// Per destination: calls made to it so far.
+    sent: BTreeMap<String, i64>,
+    /// Per destination: calls it has not committed yet.
+    outbox: BTreeMap<String, VecDeque<(i64, Bytes)>>,
 }
 
 impl Session {
@@ -231,6 +381,11 @@ impl Session {
             max_checkpoint,
             max_pending_bytes: 8 << 20,
             pending_bytes: 0,
+            received: BTreeMap::new(),
+            pending_tags: BTreeMap::new(),
+            inflight_commits: Vec::new(),
+            sent: BTreeMap::new(),
+            outbox: BTreeMap::new(),
         }
     }
 
@@ -257,12 +412,21 @@ impl Session {
         let mut out = vec![Action::Send(checkpoint_announcement(committer_id, &app).into())];
         let mut logged = header.self_calls - header.pending.min(header.self_calls);
         let mut initial_next = header.initial_next;
+        s.received = header.received.clone();
+        for (name, (count, outbox)) in &header.sent {
+            s.sent.insert(name.clone(), *count);
+            s.outbox.insert(name.clone(), outbox.iter().cloned().collect());
+        }
         for (seq, payload) in records {
             if initial_next {
                 // The InitialMessage record: delivered as logged, not a self-call.
                 initial_next = false;
                 out.push(Action::Send(record(committer_id, seq, &payload).into()));
                 continue;
+            }
+            for (source, last, _) in strip_tags(&payload).1 {
+                let r = s.received.entry(source).or_insert(0);
+                *r = (*r).max(last);
             }
             let (replayable, view) = replay_view(&payload);
             logged += replayable;
@@ -300,10 +464,19 @@ impl Session {
         let Phase::Reading { after, buf, .. } = std::mem::replace(&mut self.phase, Phase::Normal) else {
             return Vec::new();
         };
+        let remote_pending: u64 = self.pending_tags.values().map(|(_, n)| u64::from(*n)).sum();
         let header = CheckpointHeader {
             self_calls: self.self_calls,
-            pending: self.pending.iter().filter(|(_, r)| *r).count() as u64,
+            pending: (self.pending.iter().filter(|(_, r)| *r).count() as u64).saturating_sub(remote_pending),
             initial_next: matches!(after, After::FirstStart(_)),
+            received: self.received.clone(),
+            sent: self
+                .sent
+                .iter()
+                .map(|(d, n)| {
+                    (d.clone(), (*n, self.outbox.get(d).map(|o| o.iter().cloned().collect()).unwrap_or_default()))
+                })
+                .collect(),
         };
         let state = header.encode(&buf);
         self.phase = Phase::Writing(after);
@@ -314,15 +487,8 @@ impl Session {
         match m {
             Message::Rpc(rpc) => self.outgoing(vec![rpc]),
             Message::RpcBatch(rpcs) => self.outgoing(rpcs),
-            Message::AttachTo { destination } => {
-                if destination.is_empty() || destination == self.name {
-                    Vec::new()
-                } else {
-                    self.close(format!(
-                        "AttachTo {destination:?}: calls to other instances are not supported by this coordinator yet"
-                    ))
-                }
-            }
+            // Links to other instances are made when there is something to send.
+            Message::AttachTo { .. } => Vec::new(),
             Message::TakeCheckpoint => {
                 self.want_checkpoint = true;
                 self.flush()
@@ -362,14 +528,24 @@ impl Session {
         }
     }
 
-    /// Calls from the application: self-calls are logged and delivered.
+    /// Calls from the application: self-calls are logged and delivered; calls to other
+    /// instances are numbered per destination, kept until committed, and forwarded.
     fn outgoing(&mut self, rpcs: Vec<Rpc>) -> Vec<Action> {
+        let mut out = Vec::new();
         for rpc in rpcs {
             let dest = rpc.destination.clone().unwrap_or_default();
             if !dest.is_empty() && dest != self.name {
-                return self.close(format!(
-                    "a call to {dest:?}: calls to other instances are not supported by this coordinator yet"
-                ));
+                let n = self.sent.entry(dest.clone()).or_insert(0);
+                *n += 1;
+                let seq = *n;
+                let message: Bytes = Message::Rpc(Rpc::incoming(rpc.body)).to_bytes().into();
+                // Replayed calls get the numbers they had; the destination drops repeats.
+                let outbox = self.outbox.entry(dest.clone()).or_default();
+                if outbox.back().is_none_or(|(last, _)| *last < seq) {
+                    outbox.push_back((seq, message.clone()));
+                }
+                out.push(Action::Forward { dest, seq, message });
+                continue;
             }
             let replayable = rpc.body.rpc_type() != RpcType::Impulse;
             if replayable {
@@ -383,7 +559,57 @@ impl Session {
             self.pending_bytes += bytes.len();
             self.pending.push((bytes, replayable));
         }
+        out.extend(self.flush());
+        out
+    }
+
+    /// The next call sequence number expected from `source` (what to ask `ReplayFrom`).
+    pub fn next_from(&self, source: &str) -> i64 {
+        self.received.get(source).copied().unwrap_or(0) + 1
+    }
+
+    /// A call from another instance: logged like a self call, tagged with its source
+    /// and sequence number; repeats (and calls out of order) are dropped.
+    pub fn on_remote(&mut self, source: &str, seq: i64, payload: &[u8]) -> Vec<Action> {
+        if seq != self.next_from(source) {
+            return Vec::new();
+        }
+        let Some(parts) = messages(payload) else { return Vec::new() };
+        let mut count = 0u32;
+        for part in parts {
+            if let Some(Message::Rpc(r)) = parse(part) {
+                let replayable = r.body.rpc_type() != RpcType::Impulse;
+                count += u32::from(replayable);
+                let bytes = Bytes::copy_from_slice(part);
+                self.pending_bytes += bytes.len();
+                self.pending.push((bytes, replayable));
+            }
+        }
+        self.received.insert(source.to_owned(), seq);
+        let tag = self.pending_tags.entry(source.to_owned()).or_insert((seq, 0));
+        tag.0 = seq;
+        tag.1 += count;
         self.flush()
+    }
+
+    /// `source`'s coordinator (re)connected: its calls after `next_from` are wanted.
+    /// `dest` committed everything up to `seq`: forget those calls.
+    pub fn on_commit(&mut self, dest: &str, seq: i64) {
+        if let Some(o) = self.outbox.get_mut(dest) {
+            while o.front().is_some_and(|(s, _)| *s <= seq) {
+                o.pop_front();
+            }
+        }
+    }
+
+    /// The calls to `dest` from `seq` on, to resend after a reconnect.
+    pub fn outbox_from(&self, dest: &str, seq: i64) -> Vec<(i64, Bytes)> {
+        self.outbox.get(dest).map(|o| o.iter().filter(|(s, _)| *s >= seq).cloned().collect()).unwrap_or_default()
+    }
+
+    /// Destinations with calls not yet committed.
+    pub fn destinations(&self) -> Vec<String> {
+        self.outbox.iter().filter(|(_, o)| !o.is_empty()).map(|(d, _)| d.clone()).collect()
     }
 
     /// The coordinator wants a checkpoint (its log grew).
@@ -412,8 +638,16 @@ impl Session {
         }
         let batch = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
+        let tags = std::mem::take(&mut self.pending_tags);
+        self.inflight_commits = tags.iter().map(|(s, (seq, _))| (s.clone(), *seq)).collect();
+        let mut tag_bytes = Vec::new();
+        for (source, (seq, count)) in &tags {
+            tag_bytes.extend_from_slice(&source_tag(source, *seq, *count));
+        }
         let entry: Bytes = if batch.len() == 1 {
-            batch.into_iter().next().map(|(b, _)| b).unwrap_or_default()
+            let mut one = batch.into_iter().next().map(|(b, _)| b.to_vec()).unwrap_or_default();
+            one.extend_from_slice(&tag_bytes);
+            one.into()
         } else {
             let replayable = batch.iter().filter(|(_, r)| *r).count();
             let count = batch.len();
@@ -428,10 +662,11 @@ impl Session {
             for (b, _) in &batch {
                 data.extend_from_slice(b);
             }
-            let mut out = Vec::with_capacity(data.len() + 6);
+            let mut out = Vec::with_capacity(data.len() + 6 + tag_bytes.len());
             varint::put_int(&mut out, (data.len() + 1) as i32);
             out.push(ty as u8);
             out.extend_from_slice(&data);
+            out.extend_from_slice(&tag_bytes);
             out.into()
         };
         self.in_flight = true;
@@ -441,8 +676,12 @@ impl Session {
     /// The record holding the last appended entry is durable: deliver it.
     pub fn on_durable(&mut self, seq: i64, payload: &[u8]) -> Vec<Action> {
         self.in_flight = false;
+        let delivered = if self.initial_in_flight { payload.to_vec() } else { strip_tags(payload).0 };
         self.initial_in_flight = false;
-        let mut out = vec![Action::Send(record(self.committer_id, seq, payload).into())];
+        let mut out = vec![Action::Send(record(self.committer_id, seq, &delivered).into())];
+        for (source, seq) in std::mem::take(&mut self.inflight_commits) {
+            out.push(Action::Commit { source, seq });
+        }
         out.extend(self.flush());
         out
     }

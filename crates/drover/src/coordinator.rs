@@ -49,6 +49,13 @@ pub struct RunArgs {
     /// Ask the application for a checkpoint after this many log bytes.
     #[arg(long, default_value_t = 1000 << 20)]
     pub checkpoint_every_bytes: u64,
+    /// The port other coordinators link to (0: any free port; recorded in instance.json
+    /// for instances in the same --log-dir).
+    #[arg(long, default_value_t = 0)]
+    pub peer_port: u16,
+    /// Instance addresses for instances in other log directories: lines `name host:port`.
+    #[arg(long)]
+    pub peers: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,9 +75,16 @@ pub enum CoordinatorAction {
     /// Run a shipped example service against a coordinator: `hello` calls itself once
     /// and prints what it received; `counter` counts to --target by calling itself.
     Example {
-        /// Which one.
-        #[arg(value_parser = ["hello", "counter"])]
+        /// Which one (`pair-server` and `pair-client` are a service and its client on
+        /// two instances: the client sends `add` to the server, which acknowledges).
+        #[arg(value_parser = ["hello", "counter", "pair-server", "pair-client"])]
         name: String,
+        /// For `pair-client`: its own instance name, and the server's.
+        #[arg(long, default_value = "client")]
+        own: String,
+        /// For `pair-client`: the server instance.
+        #[arg(long, default_value = "server")]
+        server: String,
         /// The coordinator's receive port.
         #[arg(long)]
         receive_port: u16,
@@ -93,7 +107,7 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             println!("registered instance {} (version {}) in {}", meta.name, meta.version, log_dir.display());
             Ok(ExitCode::SUCCESS)
         }
-        Some(CoordinatorAction::Example { name, receive_port, send_port, target, listen_send }) => {
+        Some(CoordinatorAction::Example { name, own, server, receive_port, send_port, target, listen_send }) => {
             let connection = if listen_send {
                 drover_ambrosia::Connection::ConnectingCoordinator { receive_port, send_port }
             } else {
@@ -103,6 +117,14 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
                 "hello" => {
                     let mut s = drover_ambrosia::examples::Hello::default();
                     drover_ambrosia::run(&mut s, connection, 0, b"").await
+                }
+                "pair-server" => {
+                    let mut s = drover_ambrosia::examples::PairServer::default();
+                    drover_ambrosia::run(&mut s, connection, 0, b"").await
+                }
+                "pair-client" => {
+                    let mut s = drover_ambrosia::examples::PairClient { own, server, ..Default::default() };
+                    drover_ambrosia::run(&mut s, connection, 0, &target.to_le_bytes()).await
                 }
                 _ => {
                     let mut s = drover_ambrosia::examples::Counter::default();
@@ -124,6 +146,8 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             config.fsync = if a.fsync == "never" { FsyncMode::Never } else { FsyncMode::Always };
             config.max_checkpoint = a.max_checkpoint;
             config.checkpoint_every_bytes = a.checkpoint_every_bytes.max(1 << 20);
+            config.peer_port = a.peer_port;
+            config.peers = a.peers;
             drover_coordinator::run(config, shutdown_signal(), |_| {}).await?;
             Ok(ExitCode::SUCCESS)
         }

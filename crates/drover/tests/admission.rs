@@ -3,6 +3,8 @@
 //! refusal path, tickets on the gRPC node stream, operator tokens and roles, and the
 //! rate limit on failed attempts.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -27,9 +29,7 @@ impl Drop for Controller {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use common::free_port;
 
 fn start(dir: &Path, extra: &[&str]) -> Controller {
     start_with(dir, extra, None)

@@ -111,8 +111,18 @@ fn calls_are_neither_lost_nor_repeated_across_sigkills_of_coordinator_and_applic
         wait_until(Duration::from_secs(120), || done(d, round, target) || counts(d).iter().any(|c| *c > target));
     let all = counts(d);
     let max = all.iter().copied().max().unwrap_or(0);
+    let tail = |f: &str| {
+        let t = std::fs::read_to_string(d.join(f)).unwrap_or_default();
+        t.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    };
     assert!(max <= target, "a repeated call made the counter overshoot to {max}");
-    assert!(finished, "the counter stopped at {max} of {target}: a call was lost");
+    assert!(
+        finished,
+        "the counter stopped at {max} of {target}: a call was lost\ncoordinator:\n{}\ncounter:\n{}\nlast run:\n{}",
+        tail("coordinator.log"),
+        tail("counter.log"),
+        tail(&format!("counter-{round}.out"))
+    );
     // One more recovery from the log alone gives the same final state.
     app.kill();
     round += 1;
@@ -137,4 +147,111 @@ fn calls_are_neither_lost_nor_repeated_across_sigkills_of_coordinator_and_applic
         all.len()
     );
     drop(coord);
+}
+
+fn coordinator_for(dir: &Path, instance: &str, receive: u16, send: u16) -> Killed {
+    let err = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{instance}.log"))).unwrap();
+    let (r, s) = (receive.to_string(), send.to_string());
+    let log_dir = dir.join("logs");
+    let args = [
+        "coordinator",
+        "--instance",
+        instance,
+        "--log-dir",
+        log_dir.to_str().unwrap(),
+        "--receive-port",
+        &r,
+        "--send-port",
+        &s,
+    ];
+    Killed(Command::new(env!("CARGO_BIN_EXE_drover")).args(args).stdout(Stdio::null()).stderr(err).spawn().unwrap())
+}
+
+fn pair_app(dir: &Path, which: &str, receive: u16, send: u16, target: u64, round: usize) -> Killed {
+    let out = std::fs::File::create(dir.join(format!("{which}-{round}.out"))).unwrap();
+    let err = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{which}.err"))).unwrap();
+    let (r, s, t) = (receive.to_string(), send.to_string(), target.to_string());
+    let args = ["coordinator", "example", which, "--receive-port", &r, "--send-port", &s, "--target", &t];
+    Killed(Command::new(env!("CARGO_BIN_EXE_drover")).args(args).stdout(out).stderr(err).spawn().unwrap())
+}
+
+/// Numbers after `prefix` in every output of `which`.
+fn numbers(dir: &Path, which: &str, prefix: &str) -> Vec<u64> {
+    let mut all = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&format!("{which}-")) && name.ends_with(".out") {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            all.extend(
+                text.lines()
+                    .filter_map(|l| l.strip_prefix(prefix))
+                    .filter_map(|n| n.split_whitespace().next()?.parse::<u64>().ok()),
+            );
+        }
+    }
+    all
+}
+
+#[test]
+fn calls_between_two_coordinators_are_delivered_exactly_once_across_sigkills() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for instance in ["server", "client"] {
+        let reg = Command::new(env!("CARGO_BIN_EXE_drover"))
+            .args(["coordinator", "register", "--instance", instance, "--log-dir", d.join("logs").to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(reg.status.success(), "{}", String::from_utf8_lossy(&reg.stderr));
+    }
+    let ports = [(free_port(), free_port()), (free_port(), free_port())];
+    let target = 1500;
+    let names = ["server", "client"];
+    let apps = ["pair-server", "pair-client"];
+    let mut coords: Vec<Killed> = (0..2).map(|i| coordinator_for(d, names[i], ports[i].0, ports[i].1)).collect();
+    let mut round = 0;
+    let mut running: Vec<Killed> =
+        (0..2).map(|i| pair_app(d, apps[i], ports[i].0, ports[i].1, target, round)).collect();
+    let mut x = 0xD1B5_4A32_D192_ED03u64;
+    let (mut kills, mut mid) = ([0usize; 4], 0);
+    for _ in 0..12 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        std::thread::sleep(Duration::from_millis(150 + x % 300));
+        if numbers(d, "pair-client", "ack ").into_iter().max().unwrap_or(0) < target {
+            mid += 1;
+        }
+        let victim = (x % 4) as usize;
+        kills[victim] += 1;
+        round += 1;
+        let i = victim % 2;
+        if victim >= 2 {
+            // A coordinator: its application goes down with it.
+            coords[i].kill();
+            running[i].kill();
+            coords[i] = coordinator_for(d, names[i], ports[i].0, ports[i].1);
+        } else {
+            running[i].kill();
+        }
+        running[i] = pair_app(d, apps[i], ports[i].0, ports[i].1, target, round);
+    }
+    let finished = wait_until(Duration::from_secs(120), || {
+        numbers(d, "pair-client", "done ").contains(&target)
+            || numbers(d, "pair-server", "count ").iter().any(|c| *c > target)
+    });
+    let counts = numbers(d, "pair-server", "count ");
+    let acks = numbers(d, "pair-client", "ack ");
+    let max = counts.iter().copied().max().unwrap_or(0);
+    assert!(max <= target, "the server counted {max}: an add was delivered twice");
+    assert!(acks.iter().all(|a| *a <= target), "an acknowledgement was delivered twice");
+    assert!(finished, "stuck at {max} of {target}: a call was lost");
+    assert_eq!(max, target);
+    assert!(mid >= 8, "only {mid} kills came while the pair was counting");
+    eprintln!(
+        "kills: server app {}, client app {}, server coordinator {}, client coordinator {} ({mid} mid-count); \
+         {target} adds and acks, each exactly once",
+        kills[0], kills[1], kills[2], kills[3]
+    );
+    drop(running);
+    drop(coords);
 }

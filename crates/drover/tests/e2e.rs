@@ -2,6 +2,8 @@
 //! `drover node`s and the `drover` CLI. Signals are real (SIGKILL, SIGSTOP/SIGCONT);
 //! no fixed sleeps: every wait polls a condition until a deadline.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -35,9 +37,7 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use common::free_port;
 
 fn spawn(args: &[&str], log: &Path, name: &str) -> Proc {
     let err = std::fs::File::create(log).unwrap();

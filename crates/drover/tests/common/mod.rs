@@ -28,8 +28,23 @@ impl Drop for Killed {
     }
 }
 
+/// A port for a server this test starts (and may restart on the same port).
+///
+/// Not from the kernel's ephemeral range (`bind :0`): outgoing connections take their
+/// local ports from that range, so a port handed out there can be taken by some
+/// connection while a killed server is down, and the restart fails to bind. Ports are
+/// drawn from 20000–32767 instead, spread by process id and a counter, and checked free.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = std::process::id().wrapping_mul(2_654_435_761);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (base.wrapping_add(n.wrapping_mul(7_919)) % 12_768) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Runs `drover ARGS`, stderr appended to `log`.

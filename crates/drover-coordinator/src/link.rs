@@ -1,0 +1,236 @@
+//! Links between coordinators (calls from one instance's application to another's).
+//!
+//! The link handshake drover chose (AMBROSIA leaves its own to the coordinator): the
+//! sending coordinator connects to the receiving one's peer port and sends `AttachTo`
+//! with its own instance name. The receiver answers `ReplayFrom { next expected
+//! sequence number }` and `TrimTo { that minus one }`. Then the connection carries data
+//! one way and control the other: the sender writes each call as a log record whose
+//! sequence id is the call's number on this link (resending its uncommitted calls from
+//! the asked number first); the receiver logs calls in order, drops repeats, and once
+//! they are durable answers `Commit { seq }`, after which the sender forgets them. Any
+//! error ends the connection; the sender reconnects and the handshake starts over, so
+//! a crash on either side neither loses nor repeats a call.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use drover_wire::ambrosia::{Direction, Frame, Limits, Message, MessageReader, RecordEvent, RecordReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::session::record;
+
+/// What the main loop tells an outgoing link.
+#[derive(Debug)]
+pub enum LinkCmd {
+    /// A new call (dropped until the link has resent what was asked).
+    Forward(i64, Bytes),
+    /// The calls to resend after `ReplayFrom`.
+    Resend(Vec<(i64, Bytes)>),
+}
+
+/// What links tell the main loop.
+#[derive(Debug)]
+pub enum PeerEvent {
+    /// `dest` asks for our calls from `seq` on.
+    ReplayFrom {
+        /// The destination.
+        dest: String,
+        /// The next call it expects.
+        seq: i64,
+    },
+    /// `dest` has everything up to `seq` (Commit or TrimTo).
+    Commit {
+        /// The destination.
+        dest: String,
+        /// Durable there up to here.
+        seq: i64,
+    },
+    /// Another coordinator linked to us.
+    InboundOpened {
+        /// Its instance.
+        source: String,
+        /// Where our control messages to it go.
+        writer: mpsc::UnboundedSender<Bytes>,
+    },
+    /// A call from another instance.
+    Remote {
+        /// Its instance.
+        source: String,
+        /// The call's number on that link.
+        seq: i64,
+        /// The record payload (incoming-RPC messages).
+        payload: Bytes,
+    },
+}
+
+fn control(m: &Message) -> Bytes {
+    m.to_bytes().into()
+}
+
+/// The messages the receiver sends when a sender (re)connects.
+pub fn greeting(next: i64) -> Bytes {
+    let mut out = Message::ReplayFrom { seq: next, replayable_seq: next }.to_bytes();
+    Message::TrimTo { seq: next - 1 }.encode(&mut out);
+    out.into()
+}
+
+/// A commit message.
+pub fn commit(seq: i64) -> Bytes {
+    control(&Message::Commit { seq, replayable_seq: seq })
+}
+
+/// Runs the outgoing link from `own` to `dest` until aborted, reconnecting forever.
+pub async fn outgoing(
+    own: String,
+    committer_id: i32,
+    dest: String,
+    log_dir: PathBuf,
+    peers: Option<PathBuf>,
+    mut cmds: mpsc::UnboundedReceiver<LinkCmd>,
+    events: mpsc::UnboundedSender<PeerEvent>,
+) {
+    loop {
+        let Some(addr) = crate::instance::lookup_peer(&log_dir, peers.as_deref(), &dest) else {
+            tracing::debug!(%dest, "no address for the instance yet");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let Ok(mut s) = TcpStream::connect(&addr).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let _ = s.set_nodelay(true);
+        if s.write_all(&control(&Message::AttachTo { destination: own.clone() })).await.is_err() {
+            continue;
+        }
+        let why = run_link(&mut s, committer_id, &dest, &mut cmds, &events).await;
+        tracing::info!(%dest, %why, "link to the instance ended; reconnecting");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn run_link(
+    s: &mut TcpStream,
+    committer_id: i32,
+    dest: &str,
+    cmds: &mut mpsc::UnboundedReceiver<LinkCmd>,
+    events: &mpsc::UnboundedSender<PeerEvent>,
+) -> String {
+    let (mut rd, mut wr) = s.split();
+    let mut reader = MessageReader::new(Direction::ToCoordinator, Limits::default());
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut ready = false;
+    let greeted = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            n = rd.read(&mut buf) => {
+                let n = match n {
+                    Ok(0) => return "closed by the other coordinator".into(),
+                    Ok(n) => n,
+                    Err(e) => return e.to_string(),
+                };
+                reader.feed(&buf[..n]);
+                loop {
+                    match reader.next_frame() {
+                        Ok(Some(Frame::Message(Message::ReplayFrom { seq, .. }))) => {
+                            ready = false;
+                            let _ = events.send(PeerEvent::ReplayFrom { dest: dest.to_owned(), seq });
+                        }
+                        Ok(Some(Frame::Message(Message::Commit { seq, .. } | Message::TrimTo { seq }))) => {
+                            let _ = events.send(PeerEvent::Commit { dest: dest.to_owned(), seq });
+                        }
+                        Ok(Some(other)) => return format!("unexpected control frame {other:?}"),
+                        Ok(None) => break,
+                        Err(e) => return format!("bad control bytes: {e}"),
+                    }
+                }
+            }
+            cmd = cmds.recv() => {
+                let batch = match cmd {
+                    None => return "the session ended".into(),
+                    Some(LinkCmd::Forward(seq, msg)) if ready => vec![(seq, msg)],
+                    Some(LinkCmd::Forward(..)) => continue,
+                    Some(LinkCmd::Resend(entries)) => {
+                        ready = true;
+                        entries
+                    }
+                };
+                let mut bytes = Vec::new();
+                for (seq, msg) in batch {
+                    bytes.extend_from_slice(&record(committer_id, seq, &msg));
+                }
+                if let Err(e) = wr.write_all(&bytes).await {
+                    return e.to_string();
+                }
+            }
+            _ = tokio::time::sleep_until(greeted + Duration::from_secs(5)), if !ready => {
+                return "no ReplayFrom within 5 s".into();
+            }
+        }
+    }
+}
+
+/// Serves one incoming link until it ends.
+pub async fn incoming(mut s: TcpStream, events: mpsc::UnboundedSender<PeerEvent>) {
+    let _ = s.set_nodelay(true);
+    // The hello: AttachTo with the sender's name.
+    let mut reader = MessageReader::new(Direction::ToCoordinator, Limits::default());
+    let mut buf = vec![0u8; 64 * 1024];
+    let source = loop {
+        let n = match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return,
+        };
+        reader.feed(&buf[..n]);
+        match reader.next_frame() {
+            Ok(Some(Frame::Message(Message::AttachTo { destination }))) => break destination,
+            Ok(None) => continue,
+            _ => return,
+        }
+    };
+    let (writer, mut outbound) = mpsc::unbounded_channel::<Bytes>();
+    if events.send(PeerEvent::InboundOpened { source: source.clone(), writer }).is_err() {
+        return;
+    }
+    let mut records = RecordReader::new(Limits::default());
+    if !reader.at_boundary() {
+        return;
+    }
+    let (mut rd, mut wr) = s.split();
+    loop {
+        tokio::select! {
+            n = rd.read(&mut buf) => {
+                let n = match n {
+                    Ok(n) if n > 0 => n,
+                    _ => return,
+                };
+                records.feed(&buf[..n]);
+                loop {
+                    match records.next_event() {
+                        Ok(Some(RecordEvent::Record(r))) => {
+                            let ev = PeerEvent::Remote { source: source.clone(), seq: r.header.seq, payload: r.payload };
+                            if events.send(ev).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(Some(RecordEvent::CheckpointData { .. })) => return,
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(%source, error = %e, "bad record on a link; closing it");
+                            return;
+                        }
+                    }
+                }
+            }
+            out = outbound.recv() => {
+                let Some(bytes) = out else { return };
+                if wr.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
