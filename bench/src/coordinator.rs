@@ -45,6 +45,103 @@ impl Service for Flood {
     fn restore(&mut self, _bytes: &[u8]) {}
 }
 
+/// The server side of the two-instance bench: acknowledges every call.
+struct Sink {
+    received: u64,
+    total: u64,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Service for Sink {
+    fn on_call(&mut self, method: i32, _args: &[u8], out: &mut Outbox) {
+        if method == 1 {
+            self.received += 1;
+            out.call("client", 2, &[]);
+            if self.received == self.total
+                && let Some(d) = self.done.take()
+            {
+                let _ = d.send(());
+            }
+        }
+    }
+    fn checkpoint(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn restore(&mut self, _bytes: &[u8]) {}
+}
+
+/// The client side: keeps `window` calls to the server unacknowledged.
+struct Source {
+    size: usize,
+    window: usize,
+    total: u64,
+    sent: u64,
+}
+
+impl Service for Source {
+    fn on_call(&mut self, method: i32, _args: &[u8], out: &mut Outbox) {
+        let payload = vec![0xC3u8; self.size];
+        let n = if method == 0 { self.window } else { 1 };
+        for _ in 0..n {
+            if self.sent < self.total {
+                self.sent += 1;
+                out.call("server", 1, &payload);
+            }
+        }
+    }
+    fn checkpoint(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn restore(&mut self, _bytes: &[u8]) {}
+}
+
+async fn start(dir: &std::path::Path, name: &str) -> (drover_coordinator::Listening, tokio::sync::oneshot::Sender<()>) {
+    drover_coordinator::instance::register(dir, name, 0).unwrap();
+    let config = drover_coordinator::CoordinatorConfig::new(name, dir, 0, 0);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(drover_coordinator::run(
+        config,
+        async {
+            let _ = stop_rx.await;
+        },
+        move |l| {
+            let _ = tx.send(l);
+        },
+    ));
+    (rx.await.unwrap(), stop_tx)
+}
+
+async fn pair(size: usize, calls: u64, window: usize) -> (f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, stop_server) = start(dir.path(), "server").await;
+    let (client, stop_client) = start(dir.path(), "client").await;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let mut sink = Sink { received: 0, total: calls, done: Some(done_tx) };
+    let mut source = Source { size, window, total: calls, sent: 0 };
+    let s = tokio::spawn(async move {
+        let c = Connection::listening_coordinator(server.receive_port, server.send_port.unwrap());
+        if let Err(e) = drover_ambrosia::run(&mut sink, c, 0, b"").await {
+            eprintln!("sink stopped: {e}");
+        }
+    });
+    let started = Instant::now();
+    let c = tokio::spawn(async move {
+        let c = Connection::listening_coordinator(client.receive_port, client.send_port.unwrap());
+        if let Err(e) = drover_ambrosia::run(&mut source, c, 0, b"").await {
+            eprintln!("source stopped: {e}");
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(600), done_rx).await.unwrap().unwrap();
+    let took = started.elapsed().as_secs_f64();
+    s.abort();
+    c.abort();
+    let _ = stop_server.send(());
+    let _ = stop_client.send(());
+    let rate = calls as f64 / took;
+    (rate, rate * size as f64 / 1e6)
+}
+
 fn raw_sequential_mb_s(dir: &std::path::Path) -> f64 {
     use std::io::Write;
     let path = dir.join("raw.bin");
@@ -107,5 +204,14 @@ pub async fn run(window: usize) {
         let (rate, mb) = one(size, calls, window).await;
         let vs = anchor.map(|a: f64| format!("{:.1}×", mb / a)).unwrap_or_else(|| "—".into());
         println!("| {size} B | {calls} | {window} | {rate:.0} | {mb:.1} | {vs} | {:.0} % |", 100.0 * mb / raw);
+    }
+    println!();
+    println!("between two coordinators (client instance -> server instance, each call acknowledged back):");
+    println!("| argument | calls | in flight | calls/s | MB/s | vs AMBROSIA |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (size, calls, anchor) in [(16usize, 100_000u64, None), (1024, 100_000, Some(4.6)), (65_536, 4_000, Some(50.0))] {
+        let (rate, mb) = pair(size, calls, window).await;
+        let vs = anchor.map(|a: f64| format!("{:.1}×", mb / a)).unwrap_or_else(|| "—".into());
+        println!("| {size} B | {calls} | {window} | {rate:.0} | {mb:.1} | {vs} |");
     }
 }

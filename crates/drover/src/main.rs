@@ -7,6 +7,7 @@ mod cert;
 mod config;
 mod coordinator;
 mod demo;
+mod fleet;
 mod journal_cmd;
 mod roles;
 mod util;
@@ -93,6 +94,13 @@ impl RunCliArgs {
         }
         .ctx()
     }
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Many simulated nodes (real admission and gRPC streams) against a controller
+    /// child process: memory, CPU, `nodes` and `status --all` times, failover latency.
+    Fleet(fleet::FleetArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -213,6 +221,9 @@ enum Command {
     Controller(roles::ControllerArgs),
     /// Run a node that streams prices for the pairs the controller assigns it.
     Node(roles::NodeArgs),
+    /// Load tools: `drover bench fleet` simulates many nodes against a controller.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Run an AMBROSIA-compatible reliability coordinator for one instance.
     Coordinator(coordinator::CoordinatorArgs),
     /// Run a controller and three nodes in one process and show a failover.
@@ -378,6 +389,7 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Node(a) => roles::node(a).await,
         Command::Demo(a) => demo::demo(a).await,
         Command::Coordinator(a) => coordinator::run(a).await,
+        Command::Bench(BenchCommand::Fleet(a)) => fleet::run(a).await,
         Command::Nodes(cli) => cli_result(c::nodes(&cli.ctx()).await),
         Command::Version(cli) => cli_result(c::version(&cli.ctx()).await),
         Command::Kick { cli, nodes } => cli_result(c::kick_or_drain(&cli.ctx(), &nodes, false).await),
