@@ -115,7 +115,8 @@ async fn node(i: usize, shared: Arc<Shared>, stop: oneshot::Receiver<()>) -> any
         request_id,
     };
     let known: Vec<String> = (0..3).map(|k| format!("P{:04}", (i * 3 + k) % shared.pairs)).collect();
-    let hello = v1::NodeKnownCurrenciesV1Notify { pairs: known, name: id.clone(), version: "sim".into(), worker: false };
+    let hello =
+        v1::NodeKnownCurrenciesV1Notify { pairs: known, name: id.clone(), version: "sim".into(), worker: false };
     tx.send(msg(hello.into(), String::new())).await?;
     let mut req = tonic::Request::new(ReceiverStream::new(rx));
     req.metadata_mut().insert("authorization", format!("Bearer {ticket}").parse()?);
@@ -123,7 +124,8 @@ async fn node(i: usize, shared: Arc<Shared>, stop: oneshot::Receiver<()>) -> any
     shared.connected.fetch_add(1, Ordering::Relaxed);
     let mut streaming: Vec<(String, u64)> = Vec::new();
     let period = Duration::from_secs_f64(1.0 / shared.rate.max(0.01));
-    let mut prices = tokio::time::interval_at(tokio::time::Instant::now() + period.mul_f64((i % 97) as f64 / 97.0), period);
+    let mut prices =
+        tokio::time::interval_at(tokio::time::Instant::now() + period.mul_f64((i % 97) as f64 / 97.0), period);
     let mut beat = tokio::time::interval(Duration::from_secs(1));
     let mut seq = 0u64;
     tokio::pin!(stop);
@@ -195,7 +197,15 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<std::process::ExitCode> {
     let grpc = format!("127.0.0.1:{g}");
     let log = std::fs::File::create(dir.path().join("controller.log"))?;
     let mut controller = std::process::Command::new(&bin)
-        .args(["controller", "--listen", &grpc, "--admission", &format!("127.0.0.1:{a}"), "--http", &format!("127.0.0.1:{h}")])
+        .args([
+            "controller",
+            "--listen",
+            &grpc,
+            "--admission",
+            &format!("127.0.0.1:{a}"),
+            "--http",
+            &format!("127.0.0.1:{h}"),
+        ])
         .args(["--data-dir", data.to_str().unwrap_or("."), "--max-failed-admissions", "1000000"])
         .env("DROVER_LOG", "warn")
         .stdout(std::process::Stdio::null())
@@ -241,10 +251,10 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<std::process::ExitCode> {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             drop(permit);
-            if let Ok(Err(e)) = r.await {
-                if failed.fetch_add(1, Ordering::Relaxed) < 5 {
-                    eprintln!("node {i}: {e:#}");
-                }
+            if let Ok(Err(e)) = r.await
+                && failed.fetch_add(1, Ordering::Relaxed) < 5
+            {
+                eprintln!("node {i}: {e:#}");
             }
         });
     }
@@ -272,7 +282,8 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<std::process::ExitCode> {
     let cpu = (t1 - t0) as f64 / ticks_per_s / window.elapsed().as_secs_f64() * 100.0;
     let ups = (shared.updates.load(Ordering::Relaxed) - u0) as f64 / window.elapsed().as_secs_f64();
     let (nodes_ok, nodes_time, listing) = cli(&bin, &grpc, &data, &["nodes", "--json", "--timeout", "30s"])?;
-    let listed = serde_json::from_str::<serde_json::Value>(&listing).ok().and_then(|v| v.as_array().map(Vec::len)).unwrap_or(0);
+    let listed =
+        serde_json::from_str::<serde_json::Value>(&listing).ok().and_then(|v| v.as_array().map(Vec::len)).unwrap_or(0);
     let (status_ok, status_time, _) = cli(&bin, &grpc, &data, &["status", "--all", "--timeout", "30s"])?;
     // Failover under load: drop a streamer's stream, time the reassignment.
     let mut lat = Vec::new();
