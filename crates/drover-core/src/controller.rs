@@ -205,6 +205,8 @@ struct Scratch {
     task_due_ms: i64,
     /// Workers with free cores by (free cores, id), for placement (`None`: rebuild).
     free_index: Option<BTreeSet<(u32, String)>>,
+    /// Pair → nodes that know it (`None`: rebuild).
+    known_by: Option<BTreeMap<String, BTreeSet<String>>>,
 }
 
 impl PartialEq for Scratch {
@@ -759,7 +761,17 @@ impl Controller {
             return;
         }
         let Some(n) = self.nodes.get_mut(node) else { return };
-        n.known = k.pairs.into_iter().collect();
+        let old = std::mem::replace(&mut n.known, k.pairs.into_iter().collect());
+        if let Some(index) = self.scratch.known_by.as_mut() {
+            for p in &old {
+                if let Some(set) = index.get_mut(p) {
+                    set.remove(node);
+                }
+            }
+            for p in &n.known {
+                index.entry(p.clone()).or_default().insert(node.to_owned());
+            }
+        }
         n.name = k.name.chars().take(MAX_ID_LEN).collect();
         n.version = k.version.chars().take(MAX_ID_LEN).collect();
         n.worker = k.worker;
@@ -886,7 +898,15 @@ impl Controller {
             .map(|(id, _)| id.clone())
             .collect();
         for id in forgotten {
-            self.nodes.remove(&id);
+            if let Some(n) = self.nodes.remove(&id)
+                && let Some(index) = self.scratch.known_by.as_mut()
+            {
+                for p in &n.known {
+                    if let Some(set) = index.get_mut(p) {
+                        set.remove(&id);
+                    }
+                }
+            }
             self.forget_worker(&id);
         }
 
@@ -947,13 +967,31 @@ impl Controller {
     }
 
     /// Online nodes that know `pair` and may take it, minus `except`.
-    fn candidates(&self, pair: &str, except: Option<&str>) -> Vec<&str> {
-        self.nodes
-            .iter()
-            .filter(|(id, n)| {
-                n.session.is_some() && !n.draining && n.known.contains(pair) && Some(id.as_str()) != except
+    /// Nodes that know `pair`, in id order: an index of the nodes' known pairs (a
+    /// cache in `Scratch`, built when unknown and kept in step when a node's pairs change
+    /// or it is forgotten), so finding a streamer costs O(capable nodes), not O(nodes).
+    fn knowers(&mut self, pair: &str) -> Vec<String> {
+        let nodes = &self.nodes;
+        let index = self.scratch.known_by.get_or_insert_with(|| {
+            let mut index: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            for (id, n) in nodes {
+                for p in &n.known {
+                    index.entry(p.clone()).or_default().insert(id.clone());
+                }
+            }
+            index
+        });
+        index.get(pair).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    fn candidates(&mut self, pair: &str, except: Option<&str>) -> Vec<String> {
+        let knowers = self.knowers(pair);
+        knowers
+            .into_iter()
+            .filter(|id| {
+                Some(id.as_str()) != except
+                    && self.nodes.get(id).is_some_and(|n| n.session.is_some() && !n.draining && n.known.contains(pair))
             })
-            .map(|(id, _)| id.as_str())
             .collect()
     }
 
@@ -962,15 +1000,14 @@ impl Controller {
     }
 
     fn pick(&mut self, pair: &str, except: Option<&str>) -> Option<String> {
-        let mut cands: Vec<String> = self.candidates(pair, except).into_iter().map(str::to_owned).collect();
+        let mut cands: Vec<String> = self.candidates(pair, except);
         if cands.is_empty() && except.is_none() {
             // A pair with no streamer at all is worse than one on a draining node:
             // draining nodes are the last resort.
             cands = self
-                .nodes
-                .iter()
-                .filter(|(_, n)| n.session.is_some() && n.known.contains(pair))
-                .map(|(id, _)| id.clone())
+                .knowers(pair)
+                .into_iter()
+                .filter(|id| self.nodes.get(id).is_some_and(|n| n.session.is_some() && n.known.contains(pair)))
                 .collect();
         }
         if cands.is_empty() {

@@ -40,6 +40,9 @@ pub struct FleetArgs {
     /// Nodes connecting at the same time.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
+    /// Node streams per HTTP/2 connection (each node still has its own gRPC stream).
+    #[arg(long, default_value_t = 100)]
+    pub streams_per_connection: usize,
 }
 
 /// Where assignments are reported: pair → (node, when assigned).
@@ -51,6 +54,8 @@ struct Shared {
     join: String,
     pairs: usize,
     rate: f64,
+    channels: Mutex<HashMap<usize, tonic::transport::Channel>>,
+    per_channel: usize,
     connected: AtomicUsize,
     updates: AtomicU64,
     assignments: Assignments,
@@ -105,7 +110,17 @@ async fn admit(admission: &str, token: &str, node: &str) -> anyhow::Result<(Stri
 async fn node(i: usize, shared: Arc<Shared>, stop: oneshot::Receiver<()>) -> anyhow::Result<()> {
     let id = format!("sim-{i:05}");
     let (_upstream, ticket) = admit(&shared.admission, &shared.join, &id).await?;
-    let channel = drover_node::grpc_channel(&shared.grpc, None).await.map_err(anyhow::Error::msg)?;
+    let channel = {
+        let mut channels = shared.channels.lock().await;
+        match channels.get(&(i / shared.per_channel)) {
+            Some(c) => c.clone(),
+            None => {
+                let c = drover_node::grpc_channel(&shared.grpc, None).await.map_err(anyhow::Error::msg)?;
+                channels.insert(i / shared.per_channel, c.clone());
+                c
+            }
+        }
+    };
     let mut client = ControllerClient::new(channel);
     let (tx, rx) = mpsc::channel::<v1::StreamFromNode>(64);
     let msg = |p: Payload, request_id: String| v1::StreamFromNode {
@@ -229,6 +244,8 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<std::process::ExitCode> {
         join: join.trim().to_owned(),
         pairs: args.pairs,
         rate: args.rate,
+        channels: Mutex::new(HashMap::new()),
+        per_channel: args.streams_per_connection.max(1),
         connected: AtomicUsize::new(0),
         updates: AtomicU64::new(0),
         assignments: Arc::new(Mutex::new(HashMap::new())),
