@@ -15,6 +15,9 @@ use crate::owner::ShellEvent;
 /// Longest node id accepted.
 const MAX_NODE_ID: usize = 128;
 
+/// Messages queued on a CLI stream before it counts as not reading.
+const CLI_QUEUE: usize = 65_536;
+
 #[derive(Clone)]
 pub(crate) struct Service {
     events: mpsc::Sender<ShellEvent>,
@@ -154,7 +157,9 @@ impl v1::controller_server::Controller for Service {
         self.events.send(auth).await.map_err(|_| Status::unavailable("controller is stopping"))?;
         let admin = verdict.await.ok().flatten().ok_or_else(unauthenticated)?;
         let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(self.queue);
+        // A fan-out to every node answers in bursts of up to one reply per node: a CLI
+        // stream may hold that many (the queue's memory is only used when filled).
+        let (tx, rx) = mpsc::channel(self.queue.max(CLI_QUEUE));
         let session = self.session();
         let events = self.events.clone();
         if events.send(ShellEvent::CliOpened { session, admin, sink: tx }).await.is_err() {

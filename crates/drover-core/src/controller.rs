@@ -884,19 +884,24 @@ impl Controller {
             }
         }
         let retention = self.config.gone_retention_ms;
-        let leased: BTreeSet<String> =
-            self.pairs.values().flat_map(|p| p.current.iter().chain(p.next.iter())).map(|l| l.node.clone()).collect();
-        let forgotten: Vec<String> = self
-            .nodes
-            .iter()
-            .filter(|(id, n)| {
-                n.session.is_none()
-                    && !n.rejoining
-                    && !leased.contains(*id)
-                    && n.gone_at_ms.is_some_and(|g| now - g > retention)
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
+        let expired =
+            |n: &Node| n.session.is_none() && !n.rejoining && n.gone_at_ms.is_some_and(|g| now - g > retention);
+        // The set of leased nodes is built only when some node is past its retention.
+        let forgotten: Vec<String> = if self.nodes.values().any(expired) {
+            let leased: BTreeSet<&str> = self
+                .pairs
+                .values()
+                .flat_map(|p| p.current.iter().chain(p.next.iter()))
+                .map(|l| l.node.as_str())
+                .collect();
+            self.nodes
+                .iter()
+                .filter(|(id, n)| expired(n) && !leased.contains(id.as_str()))
+                .map(|(id, _)| id.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
         for id in forgotten {
             if let Some(n) = self.nodes.remove(&id)
                 && let Some(index) = self.scratch.known_by.as_mut()
@@ -910,11 +915,28 @@ impl Controller {
             self.forget_worker(&id);
         }
 
-        let names: Vec<String> = self.pairs.keys().cloned().collect();
+        // Only pairs some rule could change are settled; a pair streamed by a usable
+        // node that knows it, fresh, with no incoming streamer, pin elsewhere or drain is
+        // left as it is (exactly what `settle_pair` would do with it), without a clone.
+        let names: Vec<String> =
+            self.pairs.iter().filter(|(name, p)| !self.pair_is_quiet(name, p)).map(|(n, _)| n.clone()).collect();
         for name in names {
             self.settle_pair(&name);
         }
         self.settle_tasks(out);
+    }
+
+    /// Whether `settle_pair` would leave `pair` unchanged, decided without touching it.
+    fn pair_is_quiet(&self, name: &str, p: &Pair) -> bool {
+        let Some(cur) = &p.current else { return false };
+        if p.next.is_some() || p.pinned_to.as_ref().is_some_and(|pin| *pin != cur.node) {
+            return false;
+        }
+        let Some(n) = self.nodes.get(&cur.node) else { return false };
+        n.session.is_some()
+            && !n.draining
+            && n.known.contains(name)
+            && self.now_ms - cur.last_update_ms <= self.config.stale_after_ms
     }
 
     /// Sends each node whose pairs changed its whole new set, and price watchers the

@@ -201,6 +201,10 @@ fn cli(bin: &Path, grpc: &str, data: &Path, args: &[&str]) -> anyhow::Result<(bo
         .env("DROVER_DATA_DIR", data)
         .env_remove("DROVER_TOKEN")
         .output()?;
+    if !out.status.success() && args.first() != Some(&"version") {
+        let err = String::from_utf8_lossy(&out.stderr);
+        eprintln!("`drover {}` failed: {}", args.join(" "), err.lines().rev().take(3).collect::<Vec<_>>().join(" | "));
+    }
     Ok((out.status.success(), started.elapsed(), String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
