@@ -95,12 +95,29 @@ impl Service for Source {
     fn restore(&mut self, _bytes: &[u8]) {}
 }
 
-async fn start(dir: &std::path::Path, name: &str) -> (drover_coordinator::Listening, tokio::sync::oneshot::Sender<()>) {
+/// A coordinator running in this process.
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), drover_coordinator::CoordinatorError>>,
+}
+
+impl Running {
+    /// Stops it and reports an error it ended with.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        if let Ok(Err(e)) = self.task.await {
+            eprintln!("coordinator: {e}");
+        }
+    }
+}
+
+/// Registers instance `name` in `dir` and runs its coordinator on free ports.
+async fn start(dir: &std::path::Path, name: &str) -> (drover_coordinator::Listening, Running) {
     drover_coordinator::instance::register(dir, name, 0).unwrap();
     let config = drover_coordinator::CoordinatorConfig::new(name, dir, 0, 0);
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(drover_coordinator::run(
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(drover_coordinator::run(
         config,
         async {
             let _ = stop_rx.await;
@@ -109,7 +126,7 @@ async fn start(dir: &std::path::Path, name: &str) -> (drover_coordinator::Listen
             let _ = tx.send(l);
         },
     ));
-    (rx.await.unwrap(), stop_tx)
+    (rx.await.unwrap(), Running { stop, task })
 }
 
 async fn pair(size: usize, calls: u64, window: usize) -> (f64, f64) {
@@ -136,8 +153,8 @@ async fn pair(size: usize, calls: u64, window: usize) -> (f64, f64) {
     let took = started.elapsed().as_secs_f64();
     s.abort();
     c.abort();
-    let _ = stop_server.send(());
-    let _ = stop_client.send(());
+    stop_server.stop().await;
+    stop_client.stop().await;
     let rate = calls as f64 / took;
     (rate, rate * size as f64 / 1e6)
 }
@@ -160,20 +177,7 @@ fn raw_sequential_mb_s(dir: &std::path::Path) -> f64 {
 
 async fn one(size: usize, calls: u64, window: usize) -> (f64, f64) {
     let dir = tempfile::tempdir().unwrap();
-    drover_coordinator::instance::register(dir.path(), "bench", 0).unwrap();
-    let config = drover_coordinator::CoordinatorConfig::new("bench", dir.path(), 0, 0);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let coordinator = tokio::spawn(drover_coordinator::run(
-        config,
-        async {
-            let _ = stop_rx.await;
-        },
-        move |l| {
-            let _ = tx.send(l);
-        },
-    ));
-    let l = rx.await.unwrap();
+    let (l, coordinator) = start(dir.path(), "bench").await;
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let mut flood = Flood { size, window, total: calls, sent: 0, received: 0, done: Some(done_tx) };
     let connection = Connection::listening_coordinator(l.receive_port, l.send_port.unwrap());
@@ -186,10 +190,7 @@ async fn one(size: usize, calls: u64, window: usize) -> (f64, f64) {
     tokio::time::timeout(Duration::from_secs(600), done_rx).await.unwrap().unwrap();
     let took = started.elapsed().as_secs_f64();
     app.abort();
-    let _ = stop_tx.send(());
-    if let Ok(Err(e)) = coordinator.await {
-        eprintln!("coordinator: {e}");
-    }
+    coordinator.stop().await;
     let rate = calls as f64 / took;
     (rate, rate * size as f64 / 1e6)
 }
@@ -200,7 +201,8 @@ pub async fn run(window: usize) {
     println!("raw sequential write + fsync in the temp dir: {raw:.0} MB/s");
     println!("| argument | calls | window | calls/s | MB/s | vs AMBROSIA | % of raw sequential |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
-    for (size, calls, anchor) in [(16usize, 200_000u64, None), (1024, 200_000, Some(4.6)), (65_536, 8_000, Some(50.0))] {
+    for (size, calls, anchor) in [(16usize, 200_000u64, None), (1024, 200_000, Some(4.6)), (65_536, 8_000, Some(50.0))]
+    {
         let (rate, mb) = one(size, calls, window).await;
         let vs = anchor.map(|a: f64| format!("{:.1}×", mb / a)).unwrap_or_else(|| "—".into());
         println!("| {size} B | {calls} | {window} | {rate:.0} | {mb:.1} | {vs} | {:.0} % |", 100.0 * mb / raw);
@@ -209,7 +211,8 @@ pub async fn run(window: usize) {
     println!("between two coordinators (client instance -> server instance, each call acknowledged back):");
     println!("| argument | calls | in flight | calls/s | MB/s | vs AMBROSIA |");
     println!("| --- | --- | --- | --- | --- | --- |");
-    for (size, calls, anchor) in [(16usize, 100_000u64, None), (1024, 100_000, Some(4.6)), (65_536, 4_000, Some(50.0))] {
+    for (size, calls, anchor) in [(16usize, 100_000u64, None), (1024, 100_000, Some(4.6)), (65_536, 4_000, Some(50.0))]
+    {
         let (rate, mb) = pair(size, calls, window).await;
         let vs = anchor.map(|a: f64| format!("{:.1}×", mb / a)).unwrap_or_else(|| "—".into());
         println!("| {size} B | {calls} | {window} | {rate:.0} | {mb:.1} | {vs} |");

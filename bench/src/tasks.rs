@@ -98,10 +98,13 @@ pub async fn run(tasks: usize, workers: usize, cores: u32, submitters: usize) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took = started.elapsed();
-    let out =
-        drover_cli::request(&ctx, vec![], v1::ControllerTaskListV1Req { state: String::new(), limit: total as u32 }.into())
-            .await
-            .unwrap();
+    let out = drover_cli::request(
+        &ctx,
+        vec![],
+        v1::ControllerTaskListV1Req { state: String::new(), limit: total as u32 }.into(),
+    )
+    .await
+    .unwrap();
     let infos: Vec<v1::TaskInfo> = out
         .replies
         .into_iter()

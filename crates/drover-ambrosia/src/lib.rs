@@ -243,13 +243,8 @@ pub async fn run<S: Service>(
 }
 
 fn first_message(payload: &[u8]) -> Option<Message> {
-    let mut r =
-        drover_wire::ambrosia::MessageReader::new(drover_wire::ambrosia::Direction::ToApplication, Limits::default());
-    r.feed(payload);
-    match r.next_frame() {
-        Ok(Some(drover_wire::ambrosia::Frame::Message(m))) => Some(m),
-        _ => None,
-    }
+    let limits = Limits::default();
+    Message::decode(payload, drover_wire::ambrosia::Direction::ToApplication, &limits).ok()?.map(|(m, _)| m)
 }
 
 /// Delivers every call in a logged record.

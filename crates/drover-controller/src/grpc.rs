@@ -152,10 +152,10 @@ impl v1::controller_server::Controller for Service {
         };
         let token = bearer(&request).ok_or_else(unauthenticated)?;
         let presented = drover_admission::token::parse(&token).map_err(|_| unauthenticated())?;
-        let (reply, verdict) = tokio::sync::oneshot::channel();
-        let auth = ShellEvent::CliAuth { id: presented.id, secret_hash: presented.secret_hash, reply };
-        self.events.send(auth).await.map_err(|_| Status::unavailable("controller is stopping"))?;
-        let admin = verdict.await.ok().flatten().ok_or_else(unauthenticated)?;
+        let admin = crate::owner::operator_role(&self.events, presented)
+            .await
+            .map_err(|_| Status::unavailable("controller is stopping"))?
+            .ok_or_else(unauthenticated)?;
         let mut inbound = request.into_inner();
         // A fan-out to every node answers in bursts of up to one reply per node: a CLI
         // stream may hold that many (the queue's memory is only used when filled).

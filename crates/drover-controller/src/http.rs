@@ -154,17 +154,13 @@ async fn node_action(
         return (StatusCode::UNAUTHORIZED, "an admin token is required (Authorization: Bearer <token>)\n")
             .into_response();
     };
-    let (reply, verdict) = tokio::sync::oneshot::channel();
-    let auth = ShellEvent::CliAuth { id: presented.id, secret_hash: presented.secret_hash, reply };
-    if s.events.send(auth).await.is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "controller is stopping\n").into_response();
-    }
-    match verdict.await.ok().flatten() {
-        Some(true) => {}
-        Some(false) => {
+    match crate::owner::operator_role(&s.events, presented).await {
+        Err(_) => return (StatusCode::SERVICE_UNAVAILABLE, "controller is stopping\n").into_response(),
+        Ok(Some(true)) => {}
+        Ok(Some(false)) => {
             return (StatusCode::FORBIDDEN, "this token is read-only; an admin token is required\n").into_response();
         }
-        None => return (StatusCode::UNAUTHORIZED, "unknown, expired or revoked token\n").into_response(),
+        Ok(None) => return (StatusCode::UNAUTHORIZED, "unknown, expired or revoked token\n").into_response(),
     }
     let session = s.sessions.fetch_add(1, Ordering::Relaxed);
     let (sink, mut replies) = mpsc::channel(16);

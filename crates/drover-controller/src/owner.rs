@@ -78,6 +78,21 @@ pub(crate) enum ShellEvent {
     },
 }
 
+/// The controller is stopping: the owner no longer answers.
+pub(crate) struct Stopping;
+
+/// Asks the owner about an operator token (a read: nothing is journaled):
+/// `Some(true)` admin, `Some(false)` read-only, `None` unknown, expired or revoked.
+pub(crate) async fn operator_role(
+    events: &mpsc::Sender<ShellEvent>,
+    presented: drover_admission::token::Presented,
+) -> Result<Option<bool>, Stopping> {
+    let (reply, verdict) = tokio::sync::oneshot::channel();
+    let auth = ShellEvent::CliAuth { id: presented.id, secret_hash: presented.secret_hash, reply };
+    events.send(auth).await.map_err(|_| Stopping)?;
+    Ok(verdict.await.ok().flatten())
+}
+
 /// What the owner tells the releaser, in order.
 enum Release {
     Register(u64, Sink),

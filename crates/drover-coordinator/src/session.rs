@@ -258,15 +258,8 @@ fn messages(payload: &[u8]) -> Option<Vec<&[u8]>> {
 }
 
 fn parse(message: &[u8]) -> Option<Message> {
-    let mut reader = drover_wire::ambrosia::MessageReader::new(
-        drover_wire::ambrosia::Direction::ToApplication,
-        drover_wire::ambrosia::Limits::default(),
-    );
-    reader.feed(message);
-    match reader.next_frame() {
-        Ok(Some(Frame::Message(m))) => Some(m),
-        _ => None,
-    }
+    let limits = drover_wire::ambrosia::Limits::default();
+    Message::decode(message, drover_wire::ambrosia::Direction::ToApplication, &limits).ok()?.map(|(m, _)| m)
 }
 
 /// Replayable RPCs in a logged record, and the record without its impulses (`None`:

@@ -70,6 +70,18 @@ async fn read_record(s: &mut TcpStream) -> (i32, [u8; 8], i64, Vec<u8>) {
     (committer, check, seq, payload)
 }
 
+/// Connects and goes through a first start: InitialMessage "hi", an empty checkpoint,
+/// record 0 read back.
+async fn first_start(c: &Coordinator) -> (TcpStream, TcpStream) {
+    let (mut to, mut from) = connect(c).await;
+    read_exact(&mut from, 26).await;
+    to.write_all(&[0x06, 0x09, b'h', b'i']).await.unwrap();
+    to.write_all(&[0x04, 0x08, 0x00]).await.unwrap();
+    let (_, _, seq, payload) = read_record(&mut from).await;
+    assert_eq!((seq, payload.as_slice()), (0, &b"hi"[..]));
+    (to, from)
+}
+
 fn xxh64(data: &[u8]) -> [u8; 8] {
     drover_wire::ambrosia::check_bytes(data).to_le_bytes()
 }
@@ -236,11 +248,7 @@ async fn misbehaving_applications_are_closed_and_the_log_stays_intact() {
     let dir = tempfile::tempdir().unwrap();
     instance::register(dir.path(), "app", 0).unwrap();
     let c = Coordinator::start(dir.path(), false, 0, None).await;
-    let (mut to, mut from) = connect(&c).await;
-    read_exact(&mut from, 26).await;
-    to.write_all(&[0x06, 0x09, b'h', b'i']).await.unwrap();
-    to.write_all(&[0x04, 0x08, 0x00]).await.unwrap();
-    read_record(&mut from).await;
+    let (mut to, mut from) = first_start(&c).await;
     // A Commit (type 3) is coordinator-to-coordinator only: the session ends.
     to.write_all(&[0x06, 0x03, 0x00, 0x00]).await.unwrap();
     let mut rest = Vec::new();
@@ -261,11 +269,7 @@ async fn a_torn_log_tail_is_cut_at_the_last_whole_record_and_logging_goes_on_in_
     let dir = tempfile::tempdir().unwrap();
     instance::register(dir.path(), "app", 0).unwrap();
     let c = Coordinator::start(dir.path(), false, 0, None).await;
-    let (mut to, mut from) = connect(&c).await;
-    read_exact(&mut from, 26).await;
-    to.write_all(&[0x06, 0x09, b'h', b'i']).await.unwrap();
-    to.write_all(&[0x04, 0x08, 0x00]).await.unwrap();
-    read_record(&mut from).await;
+    let (mut to, mut from) = first_start(&c).await;
     to.write_all(&[0x0C, 0x00, 0x00, 0x00, 0x40, 0x01, 0x01]).await.unwrap();
     read_record(&mut from).await;
     drop((to, from));

@@ -196,17 +196,7 @@ impl Sim {
     }
 
     fn node_msg(&mut self, i: usize, payload: impl Into<Payload>) -> Vec<Output> {
-        let Some(session) = self.nodes[i].session else { return Vec::new() };
-        let any = payload.into().to_any();
-        let node = self.nodes[i].id.clone();
-        self.input(Event::NodeMessage {
-            node,
-            session,
-            request_id: String::new(),
-            from_uuid: None,
-            type_url: any.type_url,
-            value: any.value,
-        })
+        self.node_req(i, String::new(), payload.into())
     }
 
     fn cli_cmd(&mut self, node_uuids: Vec<String>, payload: impl Into<Payload>) -> Vec<Output> {

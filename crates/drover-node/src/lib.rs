@@ -295,6 +295,16 @@ async fn admit(config: &NodeConfig) -> Result<(String, String, Control), End> {
     }
 }
 
+/// Passes admission once for `config` and returns the gRPC address and the session
+/// ticket, closing the control channel (for tools that simulate many nodes).
+pub async fn admit_once(config: &NodeConfig) -> Result<(String, String), String> {
+    match admit(config).await {
+        Ok((upstream, ticket, _control)) => Ok((upstream, ticket)),
+        Err(End::Closed(why) | End::Evicted(why)) => Err(why),
+        Err(End::Shutdown) => Err("shut down during admission".into()),
+    }
+}
+
 /// The stream ended: if an eviction is on its way over the control channel (the two
 /// connections race), it wins; otherwise the stream's end is just a disconnect.
 async fn evicted_or(control: &mut Control, open: bool, why: String) -> End {

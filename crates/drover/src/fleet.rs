@@ -19,7 +19,6 @@ use anyhow::{Context, bail};
 use clap::Args;
 use drover_proto::v1::controller_client::ControllerClient;
 use drover_proto::{Payload, v1};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -80,36 +79,12 @@ fn proc_stats(pid: u32) -> (u64, u64) {
     (rss, ticks)
 }
 
-async fn admit(admission: &str, token: &str, node: &str) -> anyhow::Result<(String, String)> {
-    use drover_admission::client::{NodeAction, NodeConn};
-    let mut s = tokio::net::TcpStream::connect(admission).await?;
-    let mut conn = NodeConn::new(node, env!("CARGO_PKG_VERSION"), token);
-    let mut dec = drover_wire::admission::PacketDecoder::new();
-    let mut pending = conn.start();
-    let mut buf = vec![0u8; 4096];
-    loop {
-        for a in pending.drain(..) {
-            match a {
-                NodeAction::Send(p) => s.write_all(&p.to_bytes()).await?,
-                NodeAction::Admitted { upstream, ticket } => return Ok((upstream, ticket)),
-                other => bail!("admission: {other:?}"),
-            }
-        }
-        let n = s.read(&mut buf).await?;
-        if n == 0 {
-            bail!("admission closed");
-        }
-        let _ = dec.feed(&buf[..n]);
-        while let Some(p) = dec.next_packet() {
-            pending.extend(conn.on_packet(p));
-        }
-    }
-}
-
 /// One simulated node: runs until `stop` fires or its stream ends.
 async fn node(i: usize, shared: Arc<Shared>, stop: oneshot::Receiver<()>) -> anyhow::Result<()> {
     let id = format!("sim-{i:05}");
-    let (_upstream, ticket) = admit(&shared.admission, &shared.join, &id).await?;
+    let mut admission = drover_node::NodeConfig::new(shared.admission.clone(), shared.join.clone(), Vec::new());
+    admission.id = id.clone();
+    let (_upstream, ticket) = drover_node::admit_once(&admission).await.map_err(anyhow::Error::msg)?;
     let channel = {
         let mut channels = shared.channels.lock().await;
         match channels.get(&(i / shared.per_channel)) {

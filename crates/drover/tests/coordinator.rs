@@ -11,24 +11,6 @@ use std::time::Duration;
 
 use common::{Killed, free_port, wait_until};
 
-fn coordinator(dir: &Path, receive: u16, send: u16) -> Killed {
-    let err = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("coordinator.log")).unwrap();
-    let (r, s) = (receive.to_string(), send.to_string());
-    let log_dir = dir.join("logs");
-    let args = [
-        "coordinator",
-        "--instance",
-        "counter",
-        "--log-dir",
-        log_dir.to_str().unwrap(),
-        "--receive-port",
-        &r,
-        "--send-port",
-        &s,
-    ];
-    Killed(Command::new(env!("CARGO_BIN_EXE_drover")).args(args).stdout(Stdio::null()).stderr(err).spawn().unwrap())
-}
-
 fn counter(dir: &Path, receive: u16, send: u16, target: u64, round: usize) -> Killed {
     let out = std::fs::File::create(dir.join(format!("counter-{round}.out"))).unwrap();
     let err = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("counter.log")).unwrap();
@@ -82,7 +64,7 @@ fn calls_are_neither_lost_nor_repeated_across_sigkills_of_coordinator_and_applic
     assert!(reg.status.success(), "{}", String::from_utf8_lossy(&reg.stderr));
     let (receive, send) = (free_port(), free_port());
     let target = 20_000;
-    let mut coord = coordinator(d, receive, send);
+    let mut coord = coordinator_for(d, "counter", receive, send);
     let mut round = 0;
     let mut app = counter(d, receive, send, target, round);
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
@@ -99,7 +81,7 @@ fn calls_are_neither_lost_nor_repeated_across_sigkills_of_coordinator_and_applic
             coord.kill();
             coordinator_kills += 1;
             app.kill();
-            coord = coordinator(d, receive, send);
+            coord = coordinator_for(d, "counter", receive, send);
         } else {
             app.kill();
             app_kills += 1;
@@ -119,7 +101,7 @@ fn calls_are_neither_lost_nor_repeated_across_sigkills_of_coordinator_and_applic
     assert!(
         finished,
         "the counter stopped at {max} of {target}: a call was lost\ncoordinator:\n{}\ncounter:\n{}\nlast run:\n{}",
-        tail("coordinator.log"),
+        tail("coordinator-counter.log"),
         tail("counter.log"),
         tail(&format!("counter-{round}.out"))
     );
@@ -136,7 +118,7 @@ fn calls_are_neither_lost_nor_repeated_across_sigkills_of_coordinator_and_applic
         panic!(
             "recovery did not reach {target}\nlast run:\n{}\ncoordinator:\n{}\ncounter:\n{}",
             tail(&format!("counter-{round}.out")),
-            tail("coordinator.log"),
+            tail("coordinator-counter.log"),
             tail("counter.log")
         );
     }
@@ -150,7 +132,11 @@ fn calls_are_neither_lost_nor_repeated_across_sigkills_of_coordinator_and_applic
 }
 
 fn coordinator_for(dir: &Path, instance: &str, receive: u16, send: u16) -> Killed {
-    let err = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{instance}.log"))).unwrap();
+    let err = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("coordinator-{instance}.log")))
+        .unwrap();
     let (r, s) = (receive.to_string(), send.to_string());
     let log_dir = dir.join("logs");
     let args = [
