@@ -18,10 +18,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 
-use crate::owner::ShellEvent;
+use crate::owner::{Inbox, ShellEvent};
 
-/// Most admission connections open at once.
-const MAX_CONNECTIONS: usize = 4096;
 /// Keepalive interval on the control channel.
 const ALIVE_EVERY: Duration = Duration::from_secs(5);
 
@@ -30,6 +28,9 @@ pub(crate) struct Settings {
     pub(crate) policy: VersionPolicy,
     pub(crate) handshake_deadline_ms: i64,
     pub(crate) ticket_ttl_ms: i64,
+    /// Most admission connections open at once: every connected node holds one (its
+    /// control channel), so this caps the fleet too.
+    pub(crate) max_connections: usize,
 }
 
 pub(crate) async fn serve(
@@ -37,11 +38,11 @@ pub(crate) async fn serve(
     settings: Settings,
     key: TicketKey,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    events: mpsc::Sender<ShellEvent>,
+    events: Inbox,
     mut stop: watch::Receiver<bool>,
 ) {
     let settings = Arc::new(settings);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -54,7 +55,14 @@ pub(crate) async fn serve(
             _ = stop.changed() => return,
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "admission refused: too many connections");
+            tracing::warn!(%peer, limit = settings.max_connections, "admission refused: too many connections");
+            // Tell the peer why (best effort, without waiting: the socket buffer takes
+            // it), over plain TCP only: a TLS peer cannot read it before its handshake.
+            if tls.is_none() {
+                let close = Packet::new(drover_wire::admission::Code::ConnClose)
+                    .with("reason", format!("too many connections (limit {})", settings.max_connections));
+                let _ = stream.try_write(&close.to_bytes());
+            }
             continue;
         };
         let (settings, key, events, stop, tls) =
@@ -117,7 +125,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     peer: SocketAddr,
     settings: &Settings,
     key: &TicketKey,
-    events: &mpsc::Sender<ShellEvent>,
+    events: &Inbox,
     mut stop: watch::Receiver<bool>,
     client_cert: Option<Vec<u8>>,
 ) -> std::io::Result<()> {
@@ -161,7 +169,7 @@ async fn control_loop<S: AsyncRead + AsyncWrite + Unpin>(
     peer: SocketAddr,
     settings: &Settings,
     key: &TicketKey,
-    events: &mpsc::Sender<ShellEvent>,
+    events: &Inbox,
     stop: &mut watch::Receiver<bool>,
     conn: &mut ServerConn,
     decoder: &mut PacketDecoder,

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::owner::ShellEvent;
+use crate::owner::{Inbox, ShellEvent};
 
 /// Longest node id accepted.
 const MAX_NODE_ID: usize = 128;
@@ -20,7 +20,7 @@ const CLI_QUEUE: usize = 65_536;
 
 #[derive(Clone)]
 pub(crate) struct Service {
-    events: mpsc::Sender<ShellEvent>,
+    events: Inbox,
     sessions: Arc<AtomicU64>,
     queue: usize,
     key: drover_admission::ticket::TicketKey,
@@ -33,11 +33,7 @@ fn bearer<T>(request: &Request<T>) -> Option<String> {
 }
 
 impl Service {
-    pub(crate) fn new(
-        events: mpsc::Sender<ShellEvent>,
-        queue: usize,
-        key: drover_admission::ticket::TicketKey,
-    ) -> Self {
+    pub(crate) fn new(events: Inbox, queue: usize, key: drover_admission::ticket::TicketKey) -> Self {
         // Session ids only need to differ from those of earlier runs that the journal
         // remembers; starting from the clock does that.
         let start = std::time::SystemTime::now()

@@ -22,7 +22,7 @@ use drover_proto::{Payload, v1};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
-use crate::owner::{Health, ShellEvent, Snapshot};
+use crate::owner::{Health, Inbox, ShellEvent, Snapshot};
 
 /// The dashboard page (HTML, CSS and script in one file, shipped in the binary).
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -33,7 +33,7 @@ pub(crate) struct AppState {
     pub(crate) snapshot: watch::Receiver<Snapshot>,
     pub(crate) views: watch::Receiver<Arc<FleetView>>,
     pub(crate) health: Arc<Health>,
-    pub(crate) events: mpsc::Sender<ShellEvent>,
+    pub(crate) events: Inbox,
     pub(crate) sessions: Arc<std::sync::atomic::AtomicU64>,
     pub(crate) stop: watch::Receiver<bool>,
     /// Inputs waiting longer than this without any being applied make the controller unhealthy.

@@ -57,6 +57,8 @@ pub struct ControllerConfig {
     pub handshake_deadline_ms: i64,
     /// Failed admissions allowed per address per minute before it is refused at once.
     pub max_failed_admissions: usize,
+    /// Most admission connections open at once (each connected node holds one).
+    pub max_connections: usize,
     /// TLS identity (certificate chain and key, PEM) for the gRPC and admission ports.
     pub tls: Option<TlsIdentity>,
     /// The cluster CA (PEM) that node client certificates must chain to; enables
@@ -162,6 +164,7 @@ impl ControllerConfig {
             ticket_ttl_ms: 10 * 60_000,
             handshake_deadline_ms: 10_000,
             max_failed_admissions: 10,
+            max_connections: 20_000,
             tls: None,
             client_ca: None,
             health_stall_ms: 5_000,
@@ -289,7 +292,7 @@ pub async fn run(
     );
     let replay_us = started.elapsed().as_micros() as u64;
     drop(recovery);
-    let (events_tx, events_rx) = tokio::sync::mpsc::channel(65_536);
+    let (events_tx, events_rx) = owner::Inbox::new(65_536);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let health = Arc::new(Health::default());
     let service = grpc::Service::new(events_tx.clone(), config.stream_queue, key.clone());
@@ -301,6 +304,7 @@ pub async fn run(
                 policy: drover_admission::version::VersionPolicy { controller: version, min_node },
                 handshake_deadline_ms: config.handshake_deadline_ms,
                 ticket_ttl_ms: config.ticket_ttl_ms,
+                max_connections: config.max_connections,
             };
             let tls = match &config.tls {
                 Some(id) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(id.rustls(config.client_ca.as_deref())?))),

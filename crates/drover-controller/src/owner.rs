@@ -79,17 +79,39 @@ pub(crate) enum ShellEvent {
 }
 
 /// The controller is stopping: the owner no longer answers.
+#[derive(Debug)]
 pub(crate) struct Stopping;
+
+/// The owner's inbox. Every event is stamped with the time the shell received it, and
+/// the core's clock follows those stamps: keepalives are judged by when messages
+/// arrived, not by when a busy owner got to them. (Stamped at processing time, a
+/// backlog longer than `node_timeout` would time out nodes whose heartbeats are
+/// waiting in the queue, and the failovers would feed the backlog.)
+#[derive(Clone)]
+pub(crate) struct Inbox(mpsc::Sender<(i64, ShellEvent)>);
+
+impl Inbox {
+    /// The inbox and the owner's end of it, holding up to `capacity` events.
+    pub(crate) fn new(capacity: usize) -> (Inbox, mpsc::Receiver<(i64, ShellEvent)>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (Inbox(tx), rx)
+    }
+
+    /// Stamps `event` with the current time and queues it for the owner.
+    pub(crate) async fn send(&self, event: ShellEvent) -> Result<(), Stopping> {
+        self.0.send((now_ms(), event)).await.map_err(|_| Stopping)
+    }
+}
 
 /// Asks the owner about an operator token (a read: nothing is journaled):
 /// `Some(true)` admin, `Some(false)` read-only, `None` unknown, expired or revoked.
 pub(crate) async fn operator_role(
-    events: &mpsc::Sender<ShellEvent>,
+    events: &Inbox,
     presented: drover_admission::token::Presented,
 ) -> Result<Option<bool>, Stopping> {
     let (reply, verdict) = tokio::sync::oneshot::channel();
     let auth = ShellEvent::CliAuth { id: presented.id, secret_hash: presented.secret_hash, reply };
-    events.send(auth).await.map_err(|_| Stopping)?;
+    events.send(auth).await?;
     Ok(verdict.await.ok().flatten())
 }
 
@@ -272,7 +294,7 @@ impl Owner {
 
     pub(crate) async fn run(
         mut self,
-        mut events: mpsc::Receiver<ShellEvent>,
+        mut events: mpsc::Receiver<(i64, ShellEvent)>,
         mut stop: watch::Receiver<bool>,
         ready: tokio::sync::oneshot::Sender<()>,
     ) -> Result<(), ShellError> {
@@ -318,7 +340,7 @@ impl Owner {
                     while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                         match events.try_recv() {
                             Ok(ev) => {
-                                bytes += ev.size_hint();
+                                bytes += ev.1.size_hint();
                                 batch.push(ev);
                             }
                             Err(_) => break,
@@ -353,14 +375,14 @@ impl Owner {
     /// releaser before the batch's outputs and unregistering closed ones after them.
     async fn events(
         &mut self,
-        batch: Vec<ShellEvent>,
+        batch: Vec<(i64, ShellEvent)>,
         release: &mpsc::UnboundedSender<Release>,
     ) -> Result<(), ShellError> {
         let mut inputs = Vec::with_capacity(batch.len());
         let mut closed = Vec::new();
         let mut secrets: Vec<(u64, String, String)> = Vec::new();
-        for ev in batch {
-            inputs.push(match ev {
+        for (received_ms, ev) in batch {
+            let event = match ev {
                 ShellEvent::ControlOpened { node, id, evict } => {
                     let _ = release.send(Release::Control(node, id, Some(evict)));
                     continue;
@@ -466,7 +488,8 @@ impl Owner {
                     closed.push(session);
                     Event::CliDisconnected { session }
                 }
-            });
+            };
+            inputs.push((received_ms, event));
         }
         self.inputs_with_secrets(inputs, secrets, release).await?;
         for session in closed {
@@ -476,7 +499,8 @@ impl Owner {
     }
 
     async fn inputs(&mut self, events: Vec<Event>, release: &mpsc::UnboundedSender<Release>) -> Result<(), ShellError> {
-        self.inputs_with_secrets(events, Vec::new(), release).await
+        let now = now_ms();
+        self.inputs_with_secrets(events.into_iter().map(|e| (now, e)).collect(), Vec::new(), release).await
     }
 
     /// On first start (or when no admin token is left), creates an admin token and
@@ -510,13 +534,19 @@ impl Owner {
     /// the new tokens' secrets, put into their creation replies here, outside the core.
     async fn inputs_with_secrets(
         &mut self,
-        events: Vec<Event>,
+        events: Vec<(i64, Event)>,
         secrets: Vec<(u64, String, String)>,
         release: &mpsc::UnboundedSender<Release>,
     ) -> Result<(), ShellError> {
-        let at_ms = now_ms().max(self.last_ms);
-        self.last_ms = at_ms;
-        let inputs: Vec<Input> = events.into_iter().map(|event| Input { at_ms, event }).collect();
+        // Each input's time is when the shell received it (kept monotonic).
+        let inputs: Vec<Input> = events
+            .into_iter()
+            .map(|(received_ms, event)| {
+                self.last_ms = self.last_ms.max(received_ms);
+                Input { at_ms: self.last_ms, event }
+            })
+            .collect();
+        let at_ms = now_ms();
         let encoded = inputs.iter().map(encode_input::<Controller>).collect();
         let ticket = self.journal.append_batch(encoded).await?;
         let mut out = Vec::new();

@@ -429,9 +429,16 @@ impl Controller {
                 _ => {}
             }
         }
+        // A streamer going stale is a deadline only while it is still ahead: one already
+        // stale has had its settle, which found no one to take the pair (or a pin or a
+        // handover holds it), and only an input that runs the full settle anyway can
+        // change that. Kept, it would make every later input run the full settle.
         for p in self.pairs.values() {
             if let Some(l) = &p.current {
-                at(l.last_update_ms + self.config.stale_after_ms + 1);
+                let stale_at = l.last_update_ms + self.config.stale_after_ms + 1;
+                if stale_at > self.now_ms {
+                    at(stale_at);
+                }
             }
         }
         if let Some(g) = self.grace_until_ms
@@ -463,8 +470,10 @@ impl Controller {
         // they skip the full settle unless a deadline is due. A full settle when
         // nothing is due changes nothing, so replay (which starts with an empty cache)
         // reaches the same state; `tests/sim.rs` checks exactly that.
+        // Admission verdicts and token creation touch only the tokens.
         let routine = matches!(&input.event, Event::NodeMessage { type_url, .. }
-            if type_url.ends_with(".NodePriceUpdateV1Notify") || type_url.ends_with(".NodeHeartbeatV1Notify"));
+            if type_url.ends_with(".NodePriceUpdateV1Notify") || type_url.ends_with(".NodeHeartbeatV1Notify"))
+            || matches!(&input.event, Event::AdmissionAttempt { .. } | Event::TokenCreate { .. });
         // Task reports and task commands touch only the task plane: they need its
         // settle (placement, task deadlines), not the fleet's.
         let task_input = match &input.event {
@@ -481,7 +490,27 @@ impl Controller {
             Event::CliMessage { type_url, .. } => type_url.contains(".ControllerTask"),
             _ => false,
         };
-        let routine = routine || task_input;
+        // A node's reply to a command a CLI fanned out is only passed on to the CLI.
+        let cli_reply = matches!(&input.event, Event::NodeMessage { node, request_id, .. }
+            if self.pending.get(request_id).is_some_and(|p| p.node == *node));
+        let routine = routine || task_input || cli_reply;
+        // A node connecting, leaving or saying what it knows can change only the pairs
+        // it knows (before or after; a node's leases are on pairs it knows), so when no
+        // deadline is due only those are settled: with a large fleet a full settle per
+        // join would make joining quadratic. Same result as the full settle: the other
+        // pairs' settle would change nothing (it runs whenever something is due), and
+        // the picks happen in the same order (a pick with no candidate draws nothing).
+        let targeted: Option<(String, BTreeSet<String>)> = match &input.event {
+            Event::NodeConnected { node, .. } | Event::NodeDisconnected { node, .. } => Some(node.clone()),
+            Event::NodeMessage { node, type_url, .. } if type_url.ends_with(".NodeKnownCurrenciesV1Notify") => {
+                Some(node.clone())
+            }
+            _ => None,
+        }
+        .map(|node| {
+            let known = self.nodes.get(&node).map(|n| n.known.clone()).unwrap_or_default();
+            (node, known)
+        });
         match input.event {
             Event::ControllerStarted { config } => self.started(config),
             Event::Tick => {}
@@ -519,11 +548,25 @@ impl Controller {
                 out.push(Output::AdmissionVerdict { attempt, result });
             }
         }
-        let full =
-            !routine || self.now_ms >= self.scratch.quiet_until_ms || std::mem::take(&mut self.scratch.force_settle);
-        if full {
+        let due = self.now_ms >= self.scratch.quiet_until_ms || std::mem::take(&mut self.scratch.force_settle);
+        if due || (!routine && targeted.is_none()) {
             self.settle(out);
             self.scratch.quiet_until_ms = self.next_deadline().unwrap_or(i64::MAX);
+        } else if let Some((node, mut pairs)) = targeted {
+            if let Some(n) = self.nodes.get(&node) {
+                pairs.extend(n.known.iter().cloned());
+            }
+            for name in pairs {
+                if self.pairs.get(&name).is_some_and(|p| !self.pair_is_quiet(&name, p)) {
+                    self.settle_pair(&name);
+                }
+            }
+            self.settle_tasks(out);
+            // New deadlines: this node's keepalive or retention, new leases going stale,
+            // tasks. An early bound is safe (a settle with nothing due is a no-op).
+            let soonest = self.config.node_timeout_ms.min(self.config.stale_after_ms) + 1;
+            let due = self.task_deadline().unwrap_or(i64::MAX).min(self.now_ms + soonest);
+            self.scratch.quiet_until_ms = self.scratch.quiet_until_ms.min(due);
         } else if task_input {
             self.settle_tasks(out);
             let due = self.task_deadline().unwrap_or(i64::MAX);
@@ -944,20 +987,24 @@ impl Controller {
     fn flush(&mut self, out: &mut Vec<Output>) {
         out.append(&mut self.scratch.assigned);
         let dirty = std::mem::take(&mut self.scratch.dirty);
-        for node in dirty {
-            let Some(session) = self.nodes.get(&node).and_then(|n| n.session) else { continue };
-            let streams: Vec<v1::StreamAssignment> = self
-                .pairs
-                .iter()
-                .filter_map(|(name, p)| {
-                    let lease = [&p.current, &p.next].into_iter().flatten().find(|l| l.node == node)?;
-                    Some(v1::StreamAssignment {
-                        pair: name.clone(),
-                        epoch: lease.epoch,
-                        latest: self.price_view(name, p).and_then(|v| v.price),
-                    })
-                })
-                .collect();
+        // The dirty nodes' leases, in one pass over the pairs.
+        let mut streams_of: BTreeMap<&str, Vec<v1::StreamAssignment>> = BTreeMap::new();
+        if !dirty.is_empty() {
+            for (name, p) in &self.pairs {
+                for l in [&p.current, &p.next].into_iter().flatten() {
+                    if dirty.contains(&l.node) {
+                        streams_of.entry(l.node.as_str()).or_default().push(v1::StreamAssignment {
+                            pair: name.clone(),
+                            epoch: l.epoch,
+                            latest: self.price_view(name, p).and_then(|v| v.price),
+                        });
+                    }
+                }
+            }
+        }
+        for node in &dirty {
+            let Some(session) = self.nodes.get(node).and_then(|n| n.session) else { continue };
+            let streams = streams_of.remove(node.as_str()).unwrap_or_default();
             out.push(Output::ToNode {
                 node: node.clone(),
                 session,
@@ -988,11 +1035,13 @@ impl Controller {
         }
     }
 
-    /// Online nodes that know `pair` and may take it, minus `except`.
-    /// Nodes that know `pair`, in id order: an index of the nodes' known pairs (a
-    /// cache in `Scratch`, built when unknown and kept in step when a node's pairs change
-    /// or it is forgotten), so finding a streamer costs O(capable nodes), not O(nodes).
-    fn knowers(&mut self, pair: &str) -> Vec<String> {
+    /// Online nodes that know `pair` and may take it (draining ones too when
+    /// `draining`), minus `except`, in id order. Walks an index of the nodes' known
+    /// pairs (a cache in `Scratch`, built when unknown and kept in step when a node's
+    /// pairs change or it is forgotten), so finding a streamer costs O(capable nodes),
+    /// not O(nodes), and allocates only for the candidates themselves: a pair no node
+    /// can take is cheap to retry on every settle.
+    fn candidates(&mut self, pair: &str, except: Option<&str>, draining: bool) -> Vec<String> {
         let nodes = &self.nodes;
         let index = self.scratch.known_by.get_or_insert_with(|| {
             let mut index: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -1003,17 +1052,16 @@ impl Controller {
             }
             index
         });
-        index.get(pair).map(|s| s.iter().cloned().collect()).unwrap_or_default()
-    }
-
-    fn candidates(&mut self, pair: &str, except: Option<&str>) -> Vec<String> {
-        let knowers = self.knowers(pair);
+        let Some(knowers) = index.get(pair) else { return Vec::new() };
         knowers
-            .into_iter()
+            .iter()
             .filter(|id| {
                 Some(id.as_str()) != except
-                    && self.nodes.get(id).is_some_and(|n| n.session.is_some() && !n.draining && n.known.contains(pair))
+                    && nodes
+                        .get(*id)
+                        .is_some_and(|n| n.session.is_some() && (draining || !n.draining) && n.known.contains(pair))
             })
+            .cloned()
             .collect()
     }
 
@@ -1022,15 +1070,11 @@ impl Controller {
     }
 
     fn pick(&mut self, pair: &str, except: Option<&str>) -> Option<String> {
-        let mut cands: Vec<String> = self.candidates(pair, except);
+        let mut cands: Vec<String> = self.candidates(pair, except, false);
         if cands.is_empty() && except.is_none() {
             // A pair with no streamer at all is worse than one on a draining node:
             // draining nodes are the last resort.
-            cands = self
-                .knowers(pair)
-                .into_iter()
-                .filter(|id| self.nodes.get(id).is_some_and(|n| n.session.is_some() && n.known.contains(pair)))
-                .collect();
+            cands = self.candidates(pair, None, true);
         }
         if cands.is_empty() {
             return None;
@@ -1170,15 +1214,22 @@ impl Controller {
         )
     }
 
-    fn node_info(&self, id: &str, n: &Node) -> v1::NodeInfo {
-        let streaming = self
-            .pairs
-            .iter()
-            .filter_map(|(name, p)| {
-                let l = [&p.current, &p.next].into_iter().flatten().find(|l| l.node == id)?;
-                Some(v1::StreamAssignment { pair: name.clone(), epoch: l.epoch, latest: None })
-            })
-            .collect();
+    /// Every node's leases (current or incoming), in one pass over the pairs.
+    fn leases_by_node(&self) -> BTreeMap<&str, Vec<v1::StreamAssignment>> {
+        let mut by: BTreeMap<&str, Vec<v1::StreamAssignment>> = BTreeMap::new();
+        for (name, p) in &self.pairs {
+            for l in [&p.current, &p.next].into_iter().flatten() {
+                by.entry(l.node.as_str()).or_default().push(v1::StreamAssignment {
+                    pair: name.clone(),
+                    epoch: l.epoch,
+                    latest: None,
+                });
+            }
+        }
+        by
+    }
+
+    fn node_info(&self, id: &str, n: &Node, streaming: Vec<v1::StreamAssignment>) -> v1::NodeInfo {
         v1::NodeInfo {
             node_uuid: id.to_owned(),
             name: n.name.clone(),
@@ -1249,7 +1300,12 @@ impl Controller {
                 reply(out, answer.into());
             }
             Payload::ControllerListNodesV1Req(_) => {
-                let nodes = self.nodes.iter().map(|(id, n)| self.node_info(id, n)).collect();
+                let mut leases = self.leases_by_node();
+                let nodes = self
+                    .nodes
+                    .iter()
+                    .map(|(id, n)| self.node_info(id, n, leases.remove(id.as_str()).unwrap_or_default()))
+                    .collect();
                 reply(out, v1::ControllerListNodesV1Reply { nodes }.into());
             }
             Payload::ControllerTokenListV1Req(_) => {

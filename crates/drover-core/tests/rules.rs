@@ -253,3 +253,28 @@ fn unknown_any_from_a_cli_gets_unknown_command_and_nothing_breaks() {
     assert!(out.iter().any(|o| matches!(o, Output::ToCli { msg, .. }
         if matches!(payload(&msg.response), Payload::UnknownCommandV1Notify(u) if u.reason.contains("admin")))));
 }
+
+/// Regression (issue 9, 10,000-node run): a streamer that went stale with no other
+/// node able to take its pair left a deadline in the past, so every later heartbeat
+/// ran the full settle and a large fleet saturated the controller.
+#[test]
+fn stale_streamer_without_alternative_leaves_no_past_deadline() {
+    let mut s = Script::new(Policy::Random);
+    s.join("a", 1, &["EURUSD"]);
+    assert_eq!(s.core.streamer("EURUSD"), Some(("a", 1)));
+    let stale_after = s.core.config().stale_after_ms;
+    // a keeps its keepalives up but never sends a price.
+    for _ in 0..(stale_after / 1_000 + 2) {
+        s.now += 1_000;
+        s.msg("a", 1, v1::NodeHeartbeatV1Notify { sent_at_ms: 0 });
+        s.run(Event::Tick);
+    }
+    assert_eq!(s.core.streamer("EURUSD"), Some(("a", 1)), "no one else can take it");
+    let deadline = s.core.next_deadline().expect("a's keepalive deadline");
+    assert!(deadline > s.now, "deadline {deadline} is not after now {}", s.now);
+    assert_eq!(s.core.next_deadline_hint(), Some(deadline));
+    // A node that can take the pair arrives: the stale streamer is replaced at once.
+    s.join("b", 2, &["EURUSD"]);
+    assert_eq!(s.core.streamer("EURUSD"), Some(("b", 2)));
+    assert_eq!(s.core.counters().stale_reassignments, 1);
+}

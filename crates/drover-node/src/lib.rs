@@ -25,6 +25,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+/// Keepalive interval on the admission control channel (`conn:alive`).
+const ALIVE_EVERY: Duration = Duration::from_secs(5);
+
 /// Settings of a node.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -295,11 +298,59 @@ async fn admit(config: &NodeConfig) -> Result<(String, String, Control), End> {
     }
 }
 
-/// Passes admission once for `config` and returns the gRPC address and the session
-/// ticket, closing the control channel (for tools that simulate many nodes).
-pub async fn admit_once(config: &NodeConfig) -> Result<(String, String), String> {
+/// The control channel of an admitted session, held by a tool that simulates many
+/// nodes (the fleet bench) the way a real node holds it.
+pub struct ControlChannel {
+    control: Control,
+    buf: Vec<u8>,
+    alive: tokio::time::Interval,
+}
+
+impl ControlChannel {
+    /// Answers the controller's keepalives until the channel ends; returns why it ended
+    /// (`conn:close` from the controller, or the connection's end). Meant to be polled
+    /// in a `select!` loop: the state lives in `self`, so a dropped call loses nothing
+    /// (short of a keepalive cut mid-write, which the controller would see as an end).
+    pub async fn hold(&mut self) -> String {
+        let ControlChannel { control, buf, alive } = self;
+        loop {
+            tokio::select! {
+                n = control.stream.read(buf) => {
+                    let n = match n {
+                        Ok(0) => return "control channel closed by the controller".into(),
+                        Ok(n) => n,
+                        Err(e) => return format!("control channel: {e}"),
+                    };
+                    if let Err(e) = control.decoder.feed(&buf[..n]) {
+                        return format!("control channel: {e}");
+                    }
+                    while let Some(p) = control.decoder.next_packet() {
+                        for a in control.conn.on_packet(p) {
+                            if let NodeAction::Closed { reason } | NodeAction::Moved { upstream: reason, .. } = a {
+                                return reason;
+                            }
+                        }
+                    }
+                }
+                _ = alive.tick() => {
+                    if let Some(p) = control.conn.alive()
+                        && let Err(e) = control.stream.write_all(&p.to_bytes()).await {
+                        return format!("control channel: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Passes admission once for `config` and returns the gRPC address, the session ticket
+/// and the open control channel (for tools that simulate many nodes).
+pub async fn admit_session(config: &NodeConfig) -> Result<(String, String, ControlChannel), String> {
     match admit(config).await {
-        Ok((upstream, ticket, _control)) => Ok((upstream, ticket)),
+        Ok((upstream, ticket, control)) => {
+            let alive = tokio::time::interval_at(tokio::time::Instant::now() + ALIVE_EVERY, ALIVE_EVERY);
+            Ok((upstream, ticket, ControlChannel { control, buf: vec![0u8; 1024], alive }))
+        }
         Err(End::Closed(why) | End::Evicted(why)) => Err(why),
         Err(End::Shutdown) => Err("shut down during admission".into()),
     }
@@ -471,7 +522,7 @@ async fn session(
     let mut task_tick = tokio::time::interval(Duration::from_millis(250));
     let mut control_buf = vec![0u8; 4096];
     let mut control_open = true;
-    let mut control_alive = tokio::time::interval(Duration::from_secs(5));
+    let mut control_alive = tokio::time::interval(ALIVE_EVERY);
     let started = Instant::now();
     let mut streaming: BTreeMap<String, Streaming> = BTreeMap::new();
     let mut heartbeat = tokio::time::interval(config.heartbeat);

@@ -48,6 +48,8 @@ pub struct FleetArgs {
 type Assignments = Arc<Mutex<HashMap<String, (usize, Instant)>>>;
 
 struct Shared {
+    /// Measurements are over: nodes ending now are the teardown, not failures.
+    done: std::sync::atomic::AtomicBool,
     grpc: String,
     admission: String,
     join: String,
@@ -84,7 +86,9 @@ async fn node(i: usize, shared: Arc<Shared>, stop: oneshot::Receiver<()>) -> any
     let id = format!("sim-{i:05}");
     let mut admission = drover_node::NodeConfig::new(shared.admission.clone(), shared.join.clone(), Vec::new());
     admission.id = id.clone();
-    let (_upstream, ticket) = drover_node::admit_once(&admission).await.map_err(anyhow::Error::msg)?;
+    // Like a real node, each simulated node holds its admission connection open as the
+    // control channel for as long as its session lasts.
+    let (_upstream, ticket, mut control) = drover_node::admit_session(&admission).await.map_err(anyhow::Error::msg)?;
     let channel = {
         let mut channels = shared.channels.lock().await;
         match channels.get(&(i / shared.per_channel)) {
@@ -122,6 +126,7 @@ async fn node(i: usize, shared: Arc<Shared>, stop: oneshot::Receiver<()>) -> any
     let result = loop {
         tokio::select! {
             _ = &mut stop => break Ok(()),
+            why = control.hold() => break Err(anyhow::anyhow!("{id}: {why}")),
             _ = beat.tick() => {
                 let b = v1::NodeHeartbeatV1Notify { sent_at_ms: 0 };
                 if tx.send(msg(b.into(), String::new())).await.is_err() { break Ok(()) }
@@ -185,6 +190,9 @@ fn cli(bin: &Path, grpc: &str, data: &Path, args: &[&str]) -> anyhow::Result<(bo
 
 pub async fn run(args: FleetArgs) -> anyhow::Result<std::process::ExitCode> {
     let bin: PathBuf = std::env::current_exe().context("cannot find the drover binary")?;
+    // This process holds every simulated node's sockets: one control channel each plus
+    // the shared gRPC connections.
+    crate::util::raise_fd_limit(args.nodes as u64 + (args.nodes / args.streams_per_connection.max(1)) as u64 + 1024);
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
     let (g, a, h) = (free_port()?, free_port()?, free_port()?);
@@ -227,6 +235,7 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<std::process::ExitCode> {
         per_channel: args.streams_per_connection.max(1),
         connected: AtomicUsize::new(0),
         updates: AtomicU64::new(0),
+        done: std::sync::atomic::AtomicBool::new(false),
         assignments: Arc::new(Mutex::new(HashMap::new())),
     });
     let (idle_rss, _) = proc_stats(pid);
@@ -248,6 +257,7 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<std::process::ExitCode> {
             }
             drop(permit);
             if let Ok(Err(e)) = r.await
+                && !shared.done.load(Ordering::Relaxed)
                 && failed.fetch_add(1, Ordering::Relaxed) < 5
             {
                 eprintln!("node {i}: {e:#}");
@@ -326,6 +336,11 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<std::process::ExitCode> {
         pct(0.99),
         lat.len()
     );
+    shared.done.store(true, Ordering::Relaxed);
+    let lost = failed.load(Ordering::Relaxed);
+    if lost > 0 {
+        eprintln!("{lost} simulated nodes failed (admission refused or session ended by the controller)");
+    }
     for s in stops.into_iter().flatten() {
         let _ = s.send(());
     }

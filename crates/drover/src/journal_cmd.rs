@@ -1,6 +1,7 @@
-//! `drover journal verify|dump`: read-only operator tools over a journal directory.
-//! `verify` exits non-zero on any damage and prints where it is; `dump` lists the
-//! records with their sequence ids, message types and sizes (`--json` for scripts).
+//! `drover journal verify|dump|state`: read-only operator tools over a journal
+//! directory. `verify` exits non-zero on any damage and prints where it is; `dump`
+//! lists the records with their sequence ids, message types and sizes (`--json` for
+//! scripts); `state` shows what a restarted controller would recover to.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,6 +18,16 @@ pub enum JournalCommand {
         /// A data directory (holding `journal/`) or a journal directory.
         dir: PathBuf,
         /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What a controller restarted on this journal would recover to: every node and
+    /// pair (streamer, epoch, latest price) and the task figures. Recovers from a copy
+    /// of the journal, so the directory is left exactly as it is (torn tail included).
+    State {
+        /// A data directory (holding `journal/`) or a journal directory.
+        dir: PathBuf,
+        /// Print as JSON (the dashboard's `/api/fleet` shape).
         #[arg(long)]
         json: bool,
     },
@@ -63,8 +74,49 @@ fn type_name(t: u8) -> &'static str {
     }
 }
 
+/// Recovers the controller core from a copy of the journal in `dir`.
+fn recovered_state(dir: &Path) -> anyhow::Result<drover_core::FleetView> {
+    let dir = journal_dir(dir);
+    anyhow::ensure!(dir.is_dir(), "{} is not a journal directory", dir.display());
+    let copy = tempfile::tempdir()?;
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), copy.path().join(entry.file_name()))
+                .with_context(|| format!("cannot copy {}", entry.path().display()))?;
+        }
+    }
+    let config = drover_journal::JournalConfig::new(copy.path());
+    let storage: std::sync::Arc<dyn drover_journal::Storage> = std::sync::Arc::new(FsStorage);
+    let recovery = drover_journal::recovery::recover(&config, &storage).context("recovery failed")?;
+    let (core, _) = drover_journal::replay(&recovery, || {
+        drover_core::Controller::new(drover_core::Config::default())
+    })
+    .context("replay failed")?;
+    Ok(core.fleet_view())
+}
+
 pub fn run(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        JournalCommand::State { dir, json } => {
+            let view = recovered_state(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                println!("{} nodes, {} pairs (state as of {} ms)", view.nodes.len(), view.pairs.len(), view.at_ms);
+                for p in &view.pairs {
+                    println!(
+                        "{:<10} streamer {:<24} epoch {:<6} price {:<14} upstream {}",
+                        p.pair,
+                        p.streamer.as_deref().unwrap_or("-"),
+                        p.epoch,
+                        p.price.as_deref().unwrap_or("-"),
+                        p.upstream_time_ms.map_or("-".to_owned(), |t| t.to_string())
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         JournalCommand::Verify { dir, json } => {
             let ins = load(&dir)?;
             if json {

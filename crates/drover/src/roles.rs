@@ -78,6 +78,10 @@ pub struct ControllerArgs {
     /// Failed admissions allowed per peer address per minute; past it, refused at once.
     #[arg(long, env = "DROVER_MAX_FAILED_ADMISSIONS", default_value_t = 10)]
     pub max_failed_admissions: usize,
+    /// Most admission connections open at once. Every connected node holds one (its
+    /// control channel), so this caps the fleet; past it a node is told `conn:close`.
+    #[arg(long, env = "DROVER_MAX_CONNECTIONS", default_value_t = 20_000)]
+    pub max_connections: usize,
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "DROVER_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
     pub max_message_bytes: usize,
@@ -140,6 +144,7 @@ impl ControllerArgs {
         c.ticket_ttl_ms = self.ticket_ttl.as_millis() as i64;
         c.handshake_deadline_ms = self.handshake_deadline.as_millis() as i64;
         c.max_failed_admissions = self.max_failed_admissions;
+        c.max_connections = self.max_connections.max(1);
         c.max_message_bytes = self.max_message_bytes;
         c.stream_queue = self.stream_queue.max(1);
         c.health_stall_ms = self.health_stall.as_millis() as i64;
@@ -155,6 +160,8 @@ impl ControllerArgs {
 
 pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let mut config = args.config();
+    // Per node: the control channel and (shared or not) a gRPC connection.
+    crate::util::raise_fd_limit(2 * config.max_connections as u64 + 1024);
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let cert_pem = std::fs::read(cert).with_context(|| format!("cannot read --tls-cert {}", cert.display()))?;
         let key_pem = std::fs::read(key).with_context(|| format!("cannot read --tls-key {}", key.display()))?;

@@ -1,5 +1,5 @@
-//! Small helpers shared by the subcommands: durations on the command line, and the
-//! shutdown signal.
+//! Small helpers shared by the subcommands: durations on the command line, the
+//! shutdown signal, and the open-file limit.
 
 use std::time::Duration;
 
@@ -33,6 +33,21 @@ pub async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// Raises the soft open-file limit to the hard limit (as servers commonly do: a
+/// controller holds two sockets per connected node) and warns when even that is below
+/// `wanted`. Returns the limit in effect.
+pub fn raise_fd_limit(wanted: u64) -> u64 {
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
+    if limit < wanted {
+        tracing::warn!(
+            limit,
+            wanted,
+            "the open-file limit is low for this many connections; raise it (ulimit -n) or lower --max-connections"
+        );
+    }
+    limit
 }
 
 #[cfg(test)]
