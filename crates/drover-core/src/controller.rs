@@ -725,7 +725,13 @@ impl Controller {
 
     fn node_message(&mut self, node: &str, session: u64, request_id: String, any: Any, out: &mut Vec<Output>) {
         let Some(n) = self.nodes.get_mut(node).filter(|n| n.session == Some(session)) else {
-            return; // a message from a connection that is no longer current
+            // A message from a connection that is no longer current. A price on it is
+            // fenced like one under an old epoch (a streamer cut off and replaced,
+            // whose queued updates arrive after the partition heals).
+            if any.type_url.ends_with(".NodePriceUpdateV1Notify") {
+                self.counters.prices_fenced += 1;
+            }
+            return;
         };
         n.last_seen_ms = self.now_ms;
         // A reply to a command a CLI fanned out goes back to that CLI.

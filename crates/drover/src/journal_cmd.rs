@@ -89,10 +89,8 @@ fn recovered_state(dir: &Path) -> anyhow::Result<drover_core::FleetView> {
     let config = drover_journal::JournalConfig::new(copy.path());
     let storage: std::sync::Arc<dyn drover_journal::Storage> = std::sync::Arc::new(FsStorage);
     let recovery = drover_journal::recovery::recover(&config, &storage).context("recovery failed")?;
-    let (core, _) = drover_journal::replay(&recovery, || {
-        drover_core::Controller::new(drover_core::Config::default())
-    })
-    .context("replay failed")?;
+    let (core, _) = drover_journal::replay(&recovery, || drover_core::Controller::new(drover_core::Config::default()))
+        .context("replay failed")?;
     Ok(core.fleet_view())
 }
 

@@ -1,5 +1,5 @@
-//! `drover journal verify|dump` against real journals: a healthy one, a torn tail,
-//! and a flipped bit in the middle.
+//! `drover journal verify|dump|state` against real journals: a healthy one, a torn
+//! tail, a flipped bit in the middle, and controller inputs to recover.
 
 use std::path::Path;
 use std::process::Command;
@@ -64,4 +64,70 @@ fn verify_names_file_and_offset_of_damage() {
     assert!(!ok);
     assert!(out.contains("DAMAGED (torn-tail)"), "{out}");
     assert_eq!(std::fs::read(&seg).unwrap().len(), bytes.len() - 3, "verify must not repair");
+}
+
+/// `journal state` recovers the controller's state from a copy: a node, its pair, the
+/// latest price; a torn tail is repaired in the copy only.
+#[test]
+fn state_shows_what_a_restart_recovers_without_touching_the_journal() {
+    use drover_core::{Config, Controller, Event, Input};
+    use drover_proto::{Payload, v1};
+    let tmp = tempfile::tempdir().unwrap();
+    let (j, _) = Journal::open(JournalConfig::new(tmp.path().join("journal")), Arc::new(FsStorage)).unwrap();
+    let msg = |at_ms: i64, p: Payload| {
+        let any = p.to_any();
+        Input {
+            at_ms,
+            event: Event::NodeMessage {
+                node: "n1".into(),
+                session: 1,
+                request_id: String::new(),
+                from_uuid: None,
+                type_url: any.type_url,
+                value: any.value,
+            },
+        }
+    };
+    let hello = v1::NodeKnownCurrenciesV1Notify {
+        pairs: vec!["EURUSD".into()],
+        name: "n1".into(),
+        version: "0.1.0".into(),
+        worker: false,
+    };
+    let price = v1::NodePriceUpdateV1Notify {
+        pair: "EURUSD".into(),
+        price: Some(v1::Decimal { mantissa: 108_123, scale: 5 }),
+        upstream_time_ms: 20_500,
+        seq: 1,
+        epoch: 1,
+    };
+    let inputs = [
+        Input { at_ms: 1_000, event: Event::ControllerStarted { config: Config::default() } },
+        Input { at_ms: 20_000, event: Event::NodeConnected { node: "n1".into(), session: 1 } },
+        msg(20_001, hello.into()),
+        msg(20_600, price.into()),
+    ];
+    for input in &inputs {
+        j.append_blocking(drover_journal::machine::encode_input::<Controller>(input)).unwrap().wait().unwrap();
+    }
+    j.close_blocking();
+    // A torn record after them.
+    let seg = segment(tmp.path());
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes.extend_from_slice(&[0x40, 0x00, 0x00]);
+    std::fs::write(&seg, &bytes).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["journal", "state", "--json", tmp.path().to_str().unwrap()])
+        .output()
+        .expect("run drover");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["pairs"][0]["pair"], "EURUSD", "{v}");
+    assert_eq!(v["pairs"][0]["streamer"], "n1", "{v}");
+    assert_eq!(v["pairs"][0]["price"], "1.08123", "{v}");
+    assert_eq!(v["pairs"][0]["upstream_time_ms"], 20_500, "{v}");
+    assert_eq!(v["nodes"][0]["id"], "n1", "{v}");
+    assert_eq!(std::fs::read(&seg).unwrap(), bytes, "state must not repair the journal itself");
+    let (ok, out) = drover(&["journal", "state", tmp.path().join("missing").to_str().unwrap()]);
+    assert!(!ok && out.contains("not a journal directory"), "{out}");
 }

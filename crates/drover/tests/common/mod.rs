@@ -80,6 +80,10 @@ pub struct Controller {
     pub log: PathBuf,
     pub extra: Vec<String>,
     pub proc: Option<Killed>,
+    /// The address the ports bind to (default 127.0.0.1).
+    pub bind: String,
+    /// The host admitted nodes are told to reach the gRPC port at (`--upstream`).
+    pub upstream_host: Option<String>,
 }
 
 impl Controller {
@@ -92,19 +96,25 @@ impl Controller {
             log: dir.join("controller.log"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             proc: None,
+            bind: "127.0.0.1".into(),
+            upstream_host: None,
         }
     }
 
     /// Starts it and waits until it answers.
     pub fn start(&mut self) {
         let (g, a, h) = (
-            format!("127.0.0.1:{}", self.grpc),
-            format!("127.0.0.1:{}", self.admission),
-            format!("127.0.0.1:{}", self.http),
+            format!("{}:{}", self.bind, self.grpc),
+            format!("{}:{}", self.bind, self.admission),
+            format!("{}:{}", self.bind, self.http),
         );
         let mut args = vec!["controller", "--listen", &g, "--admission", &a, "--http", &h, "--data-dir"];
         let data = self.data.to_str().unwrap().to_owned();
         args.push(&data);
+        let upstream = self.upstream_host.as_ref().map(|host| format!("{host}:{}", self.grpc));
+        if let Some(u) = &upstream {
+            args.extend(["--upstream", u.as_str()]);
+        }
         args.extend(self.extra.iter().map(String::as_str));
         self.proc = Some(spawn(&args, &self.log));
         assert!(
