@@ -74,41 +74,14 @@ impl Bench {
     }
 }
 
-/// Passes admission for `node` with `token`; returns the session ticket.
+/// Passes admission for `node` with `token` (the node agent's own handshake); returns
+/// the session ticket. The control channel stays open, answered, for the process's life.
 pub async fn admit(admission: std::net::SocketAddr, token: &str, node: &str) -> String {
-    use drover_admission::client::{NodeAction, NodeConn};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(admission).await.unwrap();
-    let mut conn = NodeConn::new(node, env!("CARGO_PKG_VERSION"), token);
-    let mut dec = drover_wire::admission::PacketDecoder::new();
-    let mut pending = conn.start();
-    let mut buf = vec![0u8; 4096];
-    loop {
-        for a in pending.drain(..) {
-            match a {
-                NodeAction::Send(p) => s.write_all(&p.to_bytes()).await.unwrap(),
-                NodeAction::Admitted { ticket, .. } => {
-                    // Keep the control channel open for the life of the process.
-                    tokio::spawn(async move {
-                        let mut b = [0u8; 256];
-                        while let Ok(n) = s.read(&mut b).await {
-                            if n == 0 {
-                                break;
-                            }
-                        }
-                    });
-                    return ticket;
-                }
-                other => panic!("admission failed: {other:?}"),
-            }
-        }
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "admission closed");
-        dec.feed(&buf[..n]).unwrap();
-        while let Some(p) = dec.next_packet() {
-            pending.extend(conn.on_packet(p));
-        }
-    }
+    let mut config = drover_node::NodeConfig::new(admission.to_string(), token.to_owned(), Vec::new());
+    config.id = node.to_owned();
+    let (_upstream, ticket, mut control) = drover_node::admit_session(&config).await.expect("admission");
+    tokio::spawn(async move { control.hold().await });
+    ticket
 }
 
 /// A controller in this process on a fresh data directory, with a join token.
