@@ -1,13 +1,15 @@
 //! `drover bench fleet`: many simulated nodes in one process against a real
 //! `drover controller` child process, to measure the controller at fleet scale.
 //!
-//! Each simulated node passes a real admission handshake (then closes the control
-//! channel, to halve the file descriptors), opens its own gRPC `NodeCommandStream`,
-//! announces three pairs, heartbeats every second, streams prices for the pairs it is
-//! assigned (`--rate` updates per second per pair) and answers status requests. The
-//! tool reports the controller's resident memory and CPU, how long `drover nodes` and
-//! `drover status --all` take, and the failover latency under that load (a streamer's
-//! stream is dropped; the time until another simulated node is assigned its pair).
+//! Each simulated node passes a real admission handshake and holds the control channel
+//! open (answering keepalives), opens its own gRPC `NodeCommandStream`, announces
+//! three pairs, heartbeats every second, streams prices for the pairs it is assigned
+//! (`--rate` updates per second per pair) and answers status requests. With `--churn
+//! R`, R random nodes per second drop their session during the measurement window and
+//! come back at once through admission, as restarting nodes do. The tool reports the
+//! controller's resident memory and CPU, how long `drover nodes` and `drover status
+//! --all` take, and the failover latency under that load (a streamer's stream is
+//! dropped; the time until another simulated node is assigned its pair).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -42,12 +44,21 @@ pub struct FleetArgs {
     /// Node streams per HTTP/2 connection (each node still has its own gRPC stream).
     #[arg(long, default_value_t = 100)]
     pub streams_per_connection: usize,
+    /// Nodes per second that drop their session and reconnect (through admission)
+    /// during the measurement window.
+    #[arg(long, default_value_t = 0.0)]
+    pub churn: f64,
 }
 
 /// Where assignments are reported: pair → (node, when assigned).
 type Assignments = Arc<Mutex<HashMap<String, (usize, Instant)>>>;
 
 struct Shared {
+    /// Per node: drop the session and reconnect.
+    churn: Vec<tokio::sync::Notify>,
+    /// Sessions dropped by churn, and reconnections completed after one.
+    churned: AtomicUsize,
+    rejoined: AtomicUsize,
     /// Measurements are over: nodes ending now are the teardown, not failures.
     done: std::sync::atomic::AtomicBool,
     grpc: String,
@@ -81,8 +92,34 @@ fn proc_stats(pid: u32) -> (u64, u64) {
     (rss, ticks)
 }
 
-/// One simulated node: runs until `stop` fires or its stream ends.
-async fn node(i: usize, shared: Arc<Shared>, stop: oneshot::Receiver<()>) -> anyhow::Result<()> {
+/// One simulated node: sessions one after another (a churned session reconnects at
+/// once) until `stop` fires or a session fails.
+async fn node(i: usize, shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) -> anyhow::Result<()> {
+    let mut churned = false;
+    loop {
+        match session(i, &shared, &mut stop, churned).await? {
+            Ended::Stopped => return Ok(()),
+            Ended::Churned => {
+                shared.churned.fetch_add(1, Ordering::Relaxed);
+                churned = true;
+            }
+        }
+    }
+}
+
+/// Why a session ended without an error.
+enum Ended {
+    Stopped,
+    Churned,
+}
+
+/// One session of a simulated node: admission, stream, traffic.
+async fn session(
+    i: usize,
+    shared: &Shared,
+    stop: &mut oneshot::Receiver<()>,
+    after_churn: bool,
+) -> anyhow::Result<Ended> {
     let id = format!("sim-{i:05}");
     let mut admission = drover_node::NodeConfig::new(shared.admission.clone(), shared.join.clone(), Vec::new());
     admission.id = id.clone();
@@ -116,20 +153,25 @@ async fn node(i: usize, shared: Arc<Shared>, stop: oneshot::Receiver<()>) -> any
     req.metadata_mut().insert("authorization", format!("Bearer {ticket}").parse()?);
     let mut inbound = client.node_command_stream(req).await?.into_inner();
     shared.connected.fetch_add(1, Ordering::Relaxed);
+    if after_churn {
+        shared.rejoined.fetch_add(1, Ordering::Relaxed);
+    }
     let mut streaming: Vec<(String, u64)> = Vec::new();
     let period = Duration::from_secs_f64(1.0 / shared.rate.max(0.01));
     let mut prices =
         tokio::time::interval_at(tokio::time::Instant::now() + period.mul_f64((i % 97) as f64 / 97.0), period);
     let mut beat = tokio::time::interval(Duration::from_secs(1));
     let mut seq = 0u64;
-    tokio::pin!(stop);
     let result = loop {
         tokio::select! {
-            _ = &mut stop => break Ok(()),
+            _ = &mut *stop => break Ok(Ended::Stopped),
+            _ = shared.churn[i].notified() => break Ok(Ended::Churned),
             why = control.hold() => break Err(anyhow::anyhow!("{id}: {why}")),
             _ = beat.tick() => {
                 let b = v1::NodeHeartbeatV1Notify { sent_at_ms: 0 };
-                if tx.send(msg(b.into(), String::new())).await.is_err() { break Ok(()) }
+                if tx.send(msg(b.into(), String::new())).await.is_err() {
+                    break Err(anyhow::anyhow!("{id}: the stream ended"));
+                }
             }
             _ = prices.tick(), if !streaming.is_empty() => {
                 let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
@@ -147,7 +189,11 @@ async fn node(i: usize, shared: Arc<Shared>, stop: oneshot::Receiver<()>) -> any
                 }
             }
             m = inbound.message() => {
-                let m = match m { Ok(Some(m)) => m, _ => break Ok(()) };
+                let m = match m {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break Err(anyhow::anyhow!("{id}: the controller ended the stream")),
+                    Err(e) => break Err(anyhow::anyhow!("{id}: {e}")),
+                };
                 let Some(any) = m.command else { continue };
                 match Payload::from_any(&any) {
                     Ok(Payload::NodeStreamModifyStateV1Req(r)) => {
@@ -235,6 +281,9 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<std::process::ExitCode> {
         per_channel: args.streams_per_connection.max(1),
         connected: AtomicUsize::new(0),
         updates: AtomicU64::new(0),
+        churn: (0..args.nodes).map(|_| tokio::sync::Notify::new()).collect(),
+        churned: AtomicUsize::new(0),
+        rejoined: AtomicUsize::new(0),
         done: std::sync::atomic::AtomicBool::new(false),
         assignments: Arc::new(Mutex::new(HashMap::new())),
     });
@@ -282,7 +331,25 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<std::process::ExitCode> {
     let (_, t0) = proc_stats(pid);
     let u0 = shared.updates.load(Ordering::Relaxed);
     let window = Instant::now();
+    // Churn during the window: random nodes drop their session and come straight back.
+    let churner = (args.churn > 0.0).then(|| {
+        let (shared, rate, nodes) = (shared.clone(), args.churn, args.nodes);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            let mut x = 0x9E37_79B9_7F4A_7C15u64;
+            loop {
+                tick.tick().await;
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                shared.churn[(x % nodes as u64) as usize].notify_one();
+            }
+        })
+    });
     tokio::time::sleep(Duration::from_secs(10)).await;
+    if let Some(c) = churner {
+        c.abort();
+    }
     let (rss, t1) = proc_stats(pid);
     let ticks_per_s = 100.0;
     let cpu = (t1 - t0) as f64 / ticks_per_s / window.elapsed().as_secs_f64() * 100.0;
@@ -336,6 +403,14 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<std::process::ExitCode> {
         pct(0.99),
         lat.len()
     );
+    if args.churn > 0.0 {
+        println!(
+            "churn {}/s during the window: {} sessions dropped, {} of them back through admission",
+            args.churn,
+            shared.churned.load(Ordering::Relaxed),
+            shared.rejoined.load(Ordering::Relaxed)
+        );
+    }
     shared.done.store(true, Ordering::Relaxed);
     let lost = failed.load(Ordering::Relaxed);
     if lost > 0 {
