@@ -494,3 +494,38 @@ fn http_get(port: u16, path: &str) -> String {
     let _ = s.read_to_string(&mut out);
     out
 }
+
+/// Regression (issue 9): past 4,096 admission connections the controller dropped new
+/// ones with a reset, and every connected node holds one. The cap is now
+/// `--max-connections`; past it a node reads `conn:close` with the reason, and a slot
+/// freed by a closed connection is used again.
+#[test]
+fn connections_past_the_limit_are_told_why_and_freed_slots_are_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), &["--max-connections", "2"]);
+    let join = c.token(&["--role", "join"]);
+    // Two admitted nodes hold their control channels.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = c.connect();
+        s.write_all(establish(env!("CARGO_PKG_VERSION")).as_bytes()).unwrap();
+        assert!(read_packets(&mut s, 1).starts_with("conn:startAuth;;"));
+        s.write_all(format!("auth:start;;{{\"cert\":\"{join}\"}}<EOF>").as_bytes()).unwrap();
+        assert!(read_packets(&mut s, 1).starts_with("auth:ack;;"));
+        held.push(s);
+    }
+    // The third is told, not reset.
+    let mut third = c.connect();
+    let answer = read_packets(&mut third, 1);
+    assert!(answer.starts_with("conn:close;;") && answer.contains("too many connections (limit 2)"), "{answer:?}");
+    // One node leaves; its slot admits the next.
+    drop(held.remove(0));
+    let admitted = common::wait_until(Duration::from_secs(10), || {
+        let mut s = c.connect();
+        if s.write_all(establish(env!("CARGO_PKG_VERSION")).as_bytes()).is_err() {
+            return false;
+        }
+        read_packets(&mut s, 1).starts_with("conn:startAuth;;")
+    });
+    assert!(admitted, "the freed slot was not reused");
+}
