@@ -371,7 +371,7 @@ pub async fn run(
         _ = ready_rx => on_ready(Running { addr, admission: admission_addr, health: health.clone() }),
         r = &mut owner_task => {
             let _ = stop_tx.send(true);
-            let _ = server.await;
+            let _ = tokio::time::timeout(SERVER_DRAIN, server).await;
             return match r {
                 Ok(r) => r,
                 Err(e) => Err(ShellError::Io(std::io::Error::other(format!("owner task failed: {e}")))),
@@ -391,12 +391,17 @@ pub async fn run(
             r
         }
     };
-    let _ = server.await;
+    // Streams still open (nodes that have not noticed yet) end with the process: a
+    // stopping controller, above all one whose journal failed, does not wait for them.
+    let _ = tokio::time::timeout(SERVER_DRAIN, server).await;
     match result {
         Ok(r) => r,
         Err(e) => Err(ShellError::Io(std::io::Error::other(format!("owner task failed: {e}")))),
     }
 }
+
+/// How long a stopping controller lets the gRPC server finish open streams.
+const SERVER_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The wall clock in Unix milliseconds: the time the shell stamps on inputs and
 /// compares tickets and deadlines with.

@@ -300,7 +300,11 @@ impl Owner {
     ) -> Result<(), ShellError> {
         let (release_tx, release_rx) = mpsc::unbounded_channel();
         let health = self.health.clone();
-        let releaser = tokio::spawn(release(release_rx, health));
+        // A failed journal write surfaces in the releaser (it awaits the tickets); it
+        // tells the owner here, which stops the controller rather than leave it up
+        // with nothing durable and no outputs.
+        let (fatal_tx, mut fatal) = tokio::sync::oneshot::channel::<drover_journal::JournalError>();
+        let releaser = tokio::spawn(release(release_rx, health, fatal_tx));
         let config = self.config.core.clone();
         self.inputs(vec![Event::ControllerStarted { config }], &release_tx).await?;
         self.bootstrap_admin(&release_tx).await?;
@@ -324,6 +328,11 @@ impl Owner {
                 changed = stop.changed() => {
                     if changed.is_err() || *stop.borrow() {
                         break Ok(());
+                    }
+                }
+                e = &mut fatal => {
+                    if let Ok(e) = e {
+                        break Err(ShellError::Journal(e));
                     }
                 }
                 _ = refresh.tick() => {
@@ -595,7 +604,11 @@ impl Owner {
 }
 
 /// Sends outputs once their input is durable, in order.
-async fn release(mut rx: mpsc::UnboundedReceiver<Release>, health: Arc<Health>) {
+async fn release(
+    mut rx: mpsc::UnboundedReceiver<Release>,
+    health: Arc<Health>,
+    fatal: tokio::sync::oneshot::Sender<drover_journal::JournalError>,
+) {
     let mut sinks: HashMap<u64, Sink> = HashMap::new();
     let mut verdicts: HashMap<u64, tokio::sync::oneshot::Sender<Result<(), String>>> = HashMap::new();
     let mut controls: HashMap<String, (u64, mpsc::Sender<String>)> = HashMap::new();
@@ -622,6 +635,7 @@ async fn release(mut rx: mpsc::UnboundedReceiver<Release>, health: Arc<Health>) 
                 if let Err(e) = ticket.await {
                     tracing::error!(error = %e, "journal failed: outputs withheld, controller stopping");
                     health.journal_failed.store(true, Ordering::SeqCst);
+                    let _ = fatal.send(e);
                     return;
                 }
                 health.durable.fetch_add(inputs, Ordering::Relaxed);

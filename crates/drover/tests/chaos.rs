@@ -23,7 +23,9 @@
 //!   updates for longer than the bound of the scenario;
 //! - fencing: once a partitioned streamer is replaced, none of its updates is accepted
 //!   under its old epoch;
-//! - tasks take effect exactly once across controller crashes.
+//! - tasks take effect exactly once across controller crashes;
+//! - a full disk stops the controller (non-zero exit, the reason in its log) without
+//!   losing anything it acknowledged, and it recovers once there is space again.
 
 mod common;
 
@@ -49,6 +51,7 @@ struct Profile {
     controller_rounds: usize,
     churn: Duration,
     partition_rounds: usize,
+    disk_full_rounds: usize,
     tasks: usize,
     task_kills: usize,
 }
@@ -60,6 +63,7 @@ fn profile() -> Profile {
             controller_rounds: 100,
             churn: Duration::from_secs(300),
             partition_rounds: 10,
+            disk_full_rounds: 5,
             tasks: 64,
             task_kills: 30,
         },
@@ -68,6 +72,7 @@ fn profile() -> Profile {
             controller_rounds: 20,
             churn: Duration::from_secs(30),
             partition_rounds: 3,
+            disk_full_rounds: 2,
             tasks: 16,
             task_kills: 10,
         },
@@ -683,4 +688,126 @@ fn every_task_takes_effect_exactly_once_across_controller_sigkills() {
     for (i, n) in counts.iter().enumerate() {
         assert_eq!(*n, 1, "task-{i} took effect {n} times:\n{text}");
     }
+}
+
+/// A small tmpfs mounted for the test, unmounted when dropped.
+struct Tmpfs {
+    dir: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Result<Tmpfs, String> {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", dir.to_str().unwrap()])
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("mount tmpfs failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(Tmpfs { dir: dir.to_owned() })
+    }
+
+    /// Fills the file system up to `leave` bytes free.
+    fn fill(&self, leave: u64) {
+        let out = Command::new("df").args(["--output=avail", "-B1", self.dir.to_str().unwrap()]).output().unwrap();
+        let avail: u64 = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().trim().parse().unwrap();
+        let filler = vec![0u8; avail.saturating_sub(leave) as usize];
+        let _ = std::fs::write(self.dir.join("filler"), filler);
+    }
+
+    fn free(&self) {
+        let _ = std::fs::remove_file(self.dir.join("filler"));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// The journal's disk fills up under load.
+#[test]
+fn a_full_disk_stops_the_controller_without_losing_what_it_acknowledged() {
+    let _serial = serial();
+    let p = profile();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Tmpfs::mount(&dir.path().join("disk"), "4m")
+        .unwrap_or_else(|e| panic!("the disk-full scenario needs to mount a tmpfs (root); refusing is a failure: {e}"));
+    let mut c = Controller::new(dir.path(), &[]);
+    c.data = disk.dir.join("data");
+    c.start();
+    let join = c.join_token();
+    let _nodes: Vec<Killed> = (0..3)
+        .map(|i| {
+            let pairs: Vec<&str> = (0..4).map(|k| PAIRS[(i * 2 + k) % PAIRS.len()]).collect();
+            c.node(dir.path(), &format!("d{i}"), &join, &["--pairs", &pairs.join(",")])
+        })
+        .collect();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let (mut problems, mut stopped_in) = (Vec::new(), Vec::new());
+    for round in 0..p.disk_full_rounds {
+        assert!(
+            wait_until(Duration::from_secs(30), || prices(&c, &[])
+                .as_array()
+                .is_some_and(|a| a.len() == PAIRS.len() && a.iter().all(|v| !v["price"].is_null()))),
+            "round {round}: not every pair streaming"
+        );
+        let watcher = Watcher::start(&c, &seen);
+        std::thread::sleep(Duration::from_millis(500));
+        let log_before = std::fs::read_to_string(&c.log).unwrap_or_default().len();
+        // Leave a few KiB: the journal runs out of space within seconds.
+        disk.fill(16 << 10);
+        let filled = Instant::now();
+        let mut proc = c.proc.take().expect("controller running");
+        let status = loop {
+            if let Some(s) = proc.0.try_wait().unwrap() {
+                break Some(s);
+            }
+            if filled.elapsed() > Duration::from_secs(60) {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        stopped_in.push(filled.elapsed().as_millis() as u64);
+        watcher.finish();
+        let log = std::fs::read_to_string(&c.log).unwrap_or_default();
+        match status {
+            None => problems.push(format!("round {round}: the controller did not stop within 60 s of a full disk")),
+            Some(s) if s.success() => problems.push(format!("round {round}: the controller exited 0 on a full disk")),
+            Some(_) if !log[log_before.min(log.len())..].contains("No space left on device") => {
+                problems.push(format!("round {round}: the log does not say the disk is full"))
+            }
+            Some(_) => {}
+        }
+        drop(proc);
+        // Nothing shown is lost.
+        let state = recovered(&c);
+        let mut s = seen.lock().unwrap();
+        for (pair, (t, epoch)) in &s.newest {
+            let v = state["pairs"].as_array().and_then(|a| a.iter().find(|p| p["pair"] == pair.as_str()));
+            let (rt, re) =
+                v.map_or((0, 0), |v| (v["upstream_time_ms"].as_i64().unwrap_or(0), v["epoch"].as_u64().unwrap_or(0)));
+            if rt < *t || re < *epoch {
+                problems.push(format!("round {round} {pair}: shown t={t} epoch={epoch}, recovered t={rt} epoch={re}"));
+            }
+        }
+        s.restart();
+        drop(s);
+        // Space again: it restarts and recovers.
+        disk.free();
+        c.start();
+    }
+    let s = seen.lock().unwrap();
+    report(
+        "disk full",
+        json!({"rounds": p.disk_full_rounds, "faults": p.disk_full_rounds, "updates_checked": s.updates,
+            "stopped_after_ms": stopped_in, "lost": problems.iter().filter(|p| p.contains("shown")).count(),
+            "problems": problems.len(), "violations": s.violations.len()}),
+    );
+    c.kill();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert!(s.violations.is_empty(), "streamer invariant broken:\n{}", s.violations.join("\n"));
+    assert!(s.updates > 0, "no load ran");
 }
