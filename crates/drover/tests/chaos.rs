@@ -222,6 +222,31 @@ fn recovered(c: &Controller) -> Value {
     serde_json::from_slice(&out.stdout).expect("journal state JSON")
 }
 
+/// The newest price shown for each pair that is missing from `state` (what the journal
+/// recovers to): one line per lost pair, naming both.
+fn lost_prices(seen: &Seen, state: &Value, round: usize) -> Vec<String> {
+    let mut lost = Vec::new();
+    for (pair, (t, epoch)) in &seen.newest {
+        let v = state["pairs"].as_array().and_then(|a| a.iter().find(|p| p["pair"] == pair.as_str()));
+        let (rt, re) =
+            v.map_or((0, 0), |v| (v["upstream_time_ms"].as_i64().unwrap_or(0), v["epoch"].as_u64().unwrap_or(0)));
+        if rt < *t || re < *epoch {
+            lost.push(format!("round {round} {pair}: shown t={t} epoch={epoch}, recovered t={rt} epoch={re}"));
+        }
+    }
+    lost
+}
+
+/// Every pair of `PAIRS` has a price and a streamer (within 30 s).
+fn all_pairs_streaming(c: &Controller) -> bool {
+    wait_until(Duration::from_secs(30), || {
+        prices(c, &[]).as_array().is_some_and(|a| {
+            a.len() == PAIRS.len()
+                && a.iter().all(|v| !v["price"].is_null() && !v["streamer"].as_str().unwrap_or("").is_empty())
+        })
+    })
+}
+
 fn json_cli(c: &Controller, args: &[&str]) -> Value {
     let out = c.cli(args);
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
@@ -273,15 +298,7 @@ fn controller_crashes_lose_no_acknowledged_update_or_command() {
     let mut problems = Vec::new();
     for round in 0..p.controller_rounds {
         // Prices flowing for every pair, a watcher attached.
-        assert!(
-            wait_until(Duration::from_secs(30), || {
-                prices(&c, &[]).as_array().is_some_and(|a| {
-                    a.len() == PAIRS.len()
-                        && a.iter().all(|v| !v["price"].is_null() && !v["streamer"].as_str().unwrap_or("").is_empty())
-                })
-            }),
-            "round {round}: not every pair streaming after the restart"
-        );
+        assert!(all_pairs_streaming(&c), "round {round}: not every pair streaming after the restart");
         let watcher = Watcher::start(&c, &seen);
         // Operators keep issuing commands; the kill lands at a random moment, often
         // while one is in flight.
@@ -318,16 +335,10 @@ fn controller_crashes_lose_no_acknowledged_update_or_command() {
         // Every price shown must be in what the journal recovers to.
         let state = recovered(&c);
         let mut s = seen.lock().unwrap();
-        for (pair, (t, epoch)) in &s.newest {
-            checked_pairs += 1;
-            let v = state["pairs"].as_array().and_then(|a| a.iter().find(|p| p["pair"] == pair.as_str()));
-            let (rt, re) =
-                v.map_or((0, 0), |v| (v["upstream_time_ms"].as_i64().unwrap_or(0), v["epoch"].as_u64().unwrap_or(0)));
-            if rt < *t || re < *epoch {
-                lost_updates += 1;
-                problems.push(format!("round {round} {pair}: shown t={t} epoch={epoch}, recovered t={rt} epoch={re}"));
-            }
-        }
+        checked_pairs += s.newest.len();
+        let lost = lost_prices(&s, &state, round);
+        lost_updates += lost.len();
+        problems.extend(lost);
         s.restart();
         drop(s);
         c.start();
@@ -375,9 +386,7 @@ fn node_churn_keeps_one_streamer_per_pair_and_fails_over_in_bounds() {
         let knowers = (0..5).filter(|i| pairs_of(*i).contains(pair)).count();
         assert!(knowers >= 3, "{pair} known by {knowers}");
     }
-    assert!(wait_until(Duration::from_secs(30), || {
-        prices(&c, &[]).as_array().is_some_and(|a| a.len() == PAIRS.len() && a.iter().all(|v| !v["price"].is_null()))
-    }));
+    assert!(all_pairs_streaming(&c), "not every pair streaming before the churn");
     let seen = Arc::new(Mutex::new(Seen::default()));
     let watcher = Watcher::start(&c, &seen);
     // Fault state per node: None healthy, Some(until) faulty until then.
@@ -748,12 +757,7 @@ fn a_full_disk_stops_the_controller_without_losing_what_it_acknowledged() {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let (mut problems, mut stopped_in) = (Vec::new(), Vec::new());
     for round in 0..p.disk_full_rounds {
-        assert!(
-            wait_until(Duration::from_secs(30), || prices(&c, &[])
-                .as_array()
-                .is_some_and(|a| a.len() == PAIRS.len() && a.iter().all(|v| !v["price"].is_null()))),
-            "round {round}: not every pair streaming"
-        );
+        assert!(all_pairs_streaming(&c), "round {round}: not every pair streaming");
         let watcher = Watcher::start(&c, &seen);
         std::thread::sleep(Duration::from_millis(500));
         let log_before = std::fs::read_to_string(&c.log).unwrap_or_default().len();
@@ -785,14 +789,7 @@ fn a_full_disk_stops_the_controller_without_losing_what_it_acknowledged() {
         // Nothing shown is lost.
         let state = recovered(&c);
         let mut s = seen.lock().unwrap();
-        for (pair, (t, epoch)) in &s.newest {
-            let v = state["pairs"].as_array().and_then(|a| a.iter().find(|p| p["pair"] == pair.as_str()));
-            let (rt, re) =
-                v.map_or((0, 0), |v| (v["upstream_time_ms"].as_i64().unwrap_or(0), v["epoch"].as_u64().unwrap_or(0)));
-            if rt < *t || re < *epoch {
-                problems.push(format!("round {round} {pair}: shown t={t} epoch={epoch}, recovered t={rt} epoch={re}"));
-            }
-        }
+        problems.extend(lost_prices(&s, &state, round));
         s.restart();
         drop(s);
         // Space again: it restarts and recovers.
