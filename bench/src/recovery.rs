@@ -12,18 +12,7 @@ use drover_journal::{FsStorage, FsyncMode, Journal, JournalConfig};
 use drover_proto::{Payload, v1};
 
 fn node_msg(at_ms: i64, p: Payload) -> Input {
-    let any = p.to_any();
-    Input {
-        at_ms,
-        event: Event::NodeMessage {
-            node: "n1".into(),
-            session: 1,
-            request_id: String::new(),
-            from_uuid: None,
-            type_url: any.type_url,
-            value: any.value,
-        },
-    }
+    Input { at_ms, event: Event::node_message("n1", 1, "", p) }
 }
 
 pub async fn run(updates: u64) {

@@ -13,37 +13,16 @@ use std::time::Instant;
 use drover_core::{Config, Controller, Event, Input, Output};
 use drover_proto::{Payload, v1};
 
-fn node_msg(node: &str, session: u64, rid: &str, p: impl Into<Payload>) -> Event {
-    let any = p.into().to_any();
-    Event::NodeMessage {
-        node: node.into(),
-        session,
-        request_id: rid.into(),
-        from_uuid: None,
-        type_url: any.type_url,
-        value: any.value,
-    }
-}
-
 fn submit(i: usize) -> Event {
-    let any = Payload::from(v1::ControllerTaskRunV1Req {
+    let run = v1::ControllerTaskRunV1Req {
         job_addr: "/bin/true".into(),
         args: vec![format!("{i}")],
         timeout_ms: 600_000,
         cores: 1,
         max_attempts: 3,
         ..Default::default()
-    })
-    .to_any();
-    Event::CliMessage {
-        session: 1,
-        stream_id: format!("s{i}"),
-        cli_uuid: "bench".into(),
-        node_uuids: vec![],
-        request_id: String::new(),
-        type_url: any.type_url,
-        value: any.value,
-    }
+    };
+    Event::cli_message(1, &format!("s{i}"), "bench", vec![], run)
 }
 
 fn main() {
@@ -65,9 +44,9 @@ fn main() {
         apply(&mut core, Event::NodeConnected { node: node.clone(), session: s }, &mut out);
         let hello =
             v1::NodeKnownCurrenciesV1Notify { pairs: vec![], name: node.clone(), version: "1".into(), worker: true };
-        apply(&mut core, node_msg(&node, s, "", hello), &mut out);
+        apply(&mut core, Event::node_message(&node, s, "", hello), &mut out);
         let req = v1::ManagerV1Req { cores, memory_mb: 1 << 20, labels: Default::default(), manager_id: "ctl".into() };
-        apply(&mut core, node_msg(&node, s, "m", req), &mut out);
+        apply(&mut core, Event::node_message(&node, s, "m", req), &mut out);
     }
     out.clear();
 
@@ -109,7 +88,7 @@ fn main() {
                 task: Some(id.clone()),
                 outcome: Some(v1::TaskOutcome { exit_code: 0, ..Default::default() }),
             };
-            node_msg(node, *session, "r", done)
+            Event::node_message(node, *session, "r", done)
         })
         .collect();
     let started = Instant::now();

@@ -177,6 +177,48 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// A node's message carrying `payload` (no `from_uuid`), as the shell builds it
+    /// from a `StreamFromNode`.
+    pub fn node_message(
+        node: &str,
+        session: u64,
+        request_id: &str,
+        payload: impl Into<drover_proto::Payload>,
+    ) -> Event {
+        let any = payload.into().to_any();
+        Event::NodeMessage {
+            node: node.to_owned(),
+            session,
+            request_id: request_id.to_owned(),
+            from_uuid: None,
+            type_url: any.type_url,
+            value: any.value,
+        }
+    }
+
+    /// A CLI's command carrying `payload` on `stream_id` (no request id), addressed to
+    /// `node_uuids`, as the shell builds it from a `StreamFromCli`.
+    pub fn cli_message(
+        session: u64,
+        stream_id: &str,
+        cli_uuid: &str,
+        node_uuids: Vec<String>,
+        payload: impl Into<drover_proto::Payload>,
+    ) -> Event {
+        let any = payload.into().to_any();
+        Event::CliMessage {
+            session,
+            stream_id: stream_id.to_owned(),
+            cli_uuid: cli_uuid.to_owned(),
+            node_uuids,
+            request_id: String::new(),
+            type_url: any.type_url,
+            value: any.value,
+        }
+    }
+}
+
 /// What the core asks the shell to do.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Output {

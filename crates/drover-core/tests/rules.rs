@@ -45,15 +45,7 @@ impl Script {
     }
 
     fn msg(&mut self, node: &str, session: u64, p: impl Into<Payload>) -> Vec<Output> {
-        let any = p.into().to_any();
-        self.run(Event::NodeMessage {
-            node: node.into(),
-            session,
-            request_id: String::new(),
-            from_uuid: None,
-            type_url: any.type_url,
-            value: any.value,
-        })
+        self.run(Event::node_message(node, session, "", p))
     }
 
     fn price(&mut self, node: &str, session: u64, pair: &str, epoch: u64, t: i64) -> Vec<Output> {
@@ -72,16 +64,7 @@ impl Script {
 
     fn cli(&mut self, nodes: &[&str], p: impl Into<Payload>) -> Vec<Output> {
         self.run(Event::CliConnected { session: 900, admin: true });
-        let any = p.into().to_any();
-        self.run(Event::CliMessage {
-            session: 900,
-            stream_id: "s1".into(),
-            cli_uuid: "cli".into(),
-            node_uuids: nodes.iter().map(|n| n.to_string()).collect(),
-            request_id: String::new(),
-            type_url: any.type_url,
-            value: any.value,
-        })
+        self.run(Event::cli_message(900, "s1", "cli", nodes.iter().map(|n| n.to_string()).collect(), p))
     }
 }
 
@@ -240,16 +223,8 @@ fn unknown_any_from_a_cli_gets_unknown_command_and_nothing_breaks() {
         .collect();
     assert!(matches!(&replies[1], Payload::UnknownCommandV1Notify(u) if u.type_url.ends_with("acme.Frobnicate")));
     // A read-only operator may not kick.
-    let any = Payload::from(v1::ControllerKickNodesV1Req { node_uuids: vec!["a".into()] }).to_any();
-    let out = s.run(Event::CliMessage {
-        session: 900,
-        stream_id: "y".into(),
-        cli_uuid: "cli".into(),
-        node_uuids: vec![],
-        request_id: String::new(),
-        type_url: any.type_url,
-        value: any.value,
-    });
+    let kick = v1::ControllerKickNodesV1Req { node_uuids: vec!["a".into()] };
+    let out = s.run(Event::cli_message(900, "y", "cli", vec![], kick));
     assert!(out.iter().any(|o| matches!(o, Output::ToCli { msg, .. }
         if matches!(payload(&msg.response), Payload::UnknownCommandV1Notify(u) if u.reason.contains("admin")))));
 }

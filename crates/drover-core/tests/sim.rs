@@ -183,15 +183,7 @@ impl Sim {
             }
         }
         for (node, session, request_id, payload) in replies {
-            let any = payload.to_any();
-            self.input(Event::NodeMessage {
-                node,
-                session,
-                request_id,
-                from_uuid: None,
-                type_url: any.type_url,
-                value: any.value,
-            });
+            self.input(Event::node_message(&node, session, &request_id, payload));
         }
     }
 
@@ -210,30 +202,14 @@ impl Sim {
                 s
             }
         };
-        let any = payload.into().to_any();
-        self.input(Event::CliMessage {
-            session,
-            stream_id: format!("s{}", self.step),
-            cli_uuid: "cli".into(),
-            node_uuids,
-            request_id: String::new(),
-            type_url: any.type_url,
-            value: any.value,
-        })
+        let stream_id = format!("s{}", self.step);
+        self.input(Event::cli_message(session, &stream_id, "cli", node_uuids, payload))
     }
 
     fn node_req(&mut self, i: usize, request_id: String, payload: Payload) -> Vec<Output> {
         let Some(session) = self.nodes[i].session else { return Vec::new() };
-        let any = payload.to_any();
         let node = self.nodes[i].id.clone();
-        self.input(Event::NodeMessage {
-            node,
-            session,
-            request_id,
-            from_uuid: None,
-            type_url: any.type_url,
-            value: any.value,
-        })
+        self.input(Event::node_message(&node, session, &request_id, payload))
     }
 
     fn random_node(&mut self) -> usize {

@@ -74,15 +74,7 @@ impl Script {
     }
 
     fn msg(&mut self, node: &str, session: u64, rid: &str, p: impl Into<Payload>) -> Vec<Output> {
-        let any = p.into().to_any();
-        self.run(Event::NodeMessage {
-            node: node.into(),
-            session,
-            request_id: rid.into(),
-            from_uuid: None,
-            type_url: any.type_url,
-            value: any.value,
-        })
+        self.run(Event::node_message(node, session, rid, p))
     }
 
     /// Connects `node` as a worker with `cores` and returns what it was sent.
@@ -99,16 +91,7 @@ impl Script {
 
     fn cli(&mut self, p: impl Into<Payload>) -> Vec<Output> {
         self.run(Event::CliConnected { session: 900, admin: true });
-        let any = p.into().to_any();
-        self.run(Event::CliMessage {
-            session: 900,
-            stream_id: "s1".into(),
-            cli_uuid: "cli".into(),
-            node_uuids: vec![],
-            request_id: String::new(),
-            type_url: any.type_url,
-            value: any.value,
-        })
+        self.run(Event::cli_message(900, "s1", "cli", vec![], p))
     }
 
     fn submit(&mut self, job: &str, attempts: u32) -> (String, Vec<Output>) {

@@ -74,20 +74,7 @@ fn state_shows_what_a_restart_recovers_without_touching_the_journal() {
     use drover_proto::{Payload, v1};
     let tmp = tempfile::tempdir().unwrap();
     let (j, _) = Journal::open(JournalConfig::new(tmp.path().join("journal")), Arc::new(FsStorage)).unwrap();
-    let msg = |at_ms: i64, p: Payload| {
-        let any = p.to_any();
-        Input {
-            at_ms,
-            event: Event::NodeMessage {
-                node: "n1".into(),
-                session: 1,
-                request_id: String::new(),
-                from_uuid: None,
-                type_url: any.type_url,
-                value: any.value,
-            },
-        }
-    };
+    let msg = |at_ms: i64, p: Payload| Input { at_ms, event: Event::node_message("n1", 1, "", p) };
     let hello = v1::NodeKnownCurrenciesV1Notify {
         pairs: vec!["EURUSD".into()],
         name: "n1".into(),
