@@ -993,21 +993,7 @@ impl Controller {
     fn flush(&mut self, out: &mut Vec<Output>) {
         out.append(&mut self.scratch.assigned);
         let dirty = std::mem::take(&mut self.scratch.dirty);
-        // The dirty nodes' leases, in one pass over the pairs.
-        let mut streams_of: BTreeMap<&str, Vec<v1::StreamAssignment>> = BTreeMap::new();
-        if !dirty.is_empty() {
-            for (name, p) in &self.pairs {
-                for l in [&p.current, &p.next].into_iter().flatten() {
-                    if dirty.contains(&l.node) {
-                        streams_of.entry(l.node.as_str()).or_default().push(v1::StreamAssignment {
-                            pair: name.clone(),
-                            epoch: l.epoch,
-                            latest: self.price_view(name, p).and_then(|v| v.price),
-                        });
-                    }
-                }
-            }
-        }
+        let mut streams_of = if dirty.is_empty() { BTreeMap::new() } else { self.leases_by_node(Some(&dirty), true) };
         for node in &dirty {
             let Some(session) = self.nodes.get(node).and_then(|n| n.session) else { continue };
             let streams = streams_of.remove(node.as_str()).unwrap_or_default();
@@ -1220,15 +1206,25 @@ impl Controller {
         )
     }
 
-    /// Every node's leases (current or incoming), in one pass over the pairs.
-    fn leases_by_node(&self) -> BTreeMap<&str, Vec<v1::StreamAssignment>> {
+    /// Leases (current or incoming) by node, in one pass over the pairs: of the nodes
+    /// in `only` (every node when `None`), each with the pair's latest price when
+    /// `prices`.
+    fn leases_by_node(
+        &self,
+        only: Option<&BTreeSet<String>>,
+        prices: bool,
+    ) -> BTreeMap<&str, Vec<v1::StreamAssignment>> {
         let mut by: BTreeMap<&str, Vec<v1::StreamAssignment>> = BTreeMap::new();
         for (name, p) in &self.pairs {
             for l in [&p.current, &p.next].into_iter().flatten() {
+                if only.is_some_and(|o| !o.contains(&l.node)) {
+                    continue;
+                }
+                let latest = if prices { self.price_view(name, p).and_then(|v| v.price) } else { None };
                 by.entry(l.node.as_str()).or_default().push(v1::StreamAssignment {
                     pair: name.clone(),
                     epoch: l.epoch,
-                    latest: None,
+                    latest,
                 });
             }
         }
@@ -1306,7 +1302,7 @@ impl Controller {
                 reply(out, answer.into());
             }
             Payload::ControllerListNodesV1Req(_) => {
-                let mut leases = self.leases_by_node();
+                let mut leases = self.leases_by_node(None, false);
                 let nodes = self
                     .nodes
                     .iter()
