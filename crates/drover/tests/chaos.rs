@@ -36,7 +36,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Controller, Killed, wait_until};
+use common::{Controller, Killed, cli_command, wait_until};
 use serde_json::{Value, json};
 
 /// Scenarios run one at a time: they measure timings on a 2-core machine.
@@ -182,11 +182,7 @@ struct Watcher {
 
 impl Watcher {
     fn start(c: &Controller, seen: &Arc<Mutex<Seen>>) -> Watcher {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_drover"))
-            .args(["prices", "--watch", "--json"])
-            .env("DROVER_CONTROLLER", format!("127.0.0.1:{}", c.grpc))
-            .env("DROVER_DATA_DIR", &c.data)
-            .env_remove("DROVER_TOKEN")
+        let mut child = cli_command(c.grpc, &c.data, &["prices", "--watch", "--json"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -310,13 +306,9 @@ fn controller_crashes_lose_no_acknowledged_update_or_command() {
                 let mut k = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     k += 1;
-                    let out = Command::new(env!("CARGO_BIN_EXE_drover"))
-                        .args(["token", "create", "--role", "read", "--description", &format!("r{round}-{k}")])
-                        .env("DROVER_CONTROLLER", format!("127.0.0.1:{grpc}"))
-                        .env("DROVER_DATA_DIR", &data)
-                        .env_remove("DROVER_TOKEN")
-                        .output()
-                        .expect("run cli");
+                    let description = format!("r{round}-{k}");
+                    let args = ["token", "create", "--role", "read", "--description", &description];
+                    let out = cli_command(grpc, &data, &args).output().expect("run cli");
                     if out.status.success() {
                         let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
                         if let Some(id) = token.split('.').nth(1) {
@@ -646,14 +638,6 @@ fn partitioned_streamer_is_replaced_in_time_and_fenced_after_heal() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
-fn task_run(c: &Controller, args: &[&str]) -> String {
-    let mut all = vec!["task", "run"];
-    all.extend_from_slice(args);
-    let out = c.cli(&all);
-    assert!(out.status.success(), "task run failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 /// Tasks whose effect is a line in a file, with the controller SIGKILLed while they run.
 #[test]
 fn every_task_takes_effect_exactly_once_across_controller_sigkills() {
@@ -670,7 +654,7 @@ fn every_task_takes_effect_exactly_once_across_controller_sigkills() {
     let mut ids = Vec::new();
     for i in 0..p.tasks {
         let script = format!("echo \"$0\" >> {}; sleep 0.7", effects.display());
-        ids.push(task_run(&c, &["--", "/bin/sh", "-c", &script, &format!("task-{i}")]));
+        ids.push(c.task_run(&["--", "/bin/sh", "-c", &script, &format!("task-{i}")]));
     }
     for _ in 0..p.task_kills {
         std::thread::sleep(rng.millis(150, 850));

@@ -176,15 +176,7 @@ fn the_dashboard_shows_nodes_and_live_prices_and_a_killed_node_as_gone() {
         ],
         &dir.path().join("controller.log"),
     );
-    let cli = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_drover"))
-            .args(args)
-            .env("DROVER_CONTROLLER", format!("127.0.0.1:{grpc}"))
-            .env("DROVER_DATA_DIR", &data)
-            .env_remove("DROVER_TOKEN")
-            .output()
-            .expect("run cli")
-    };
+    let cli = |args: &[&str]| common::cli_command(grpc, &data, args).output().expect("run cli");
     assert!(wait_until(Duration::from_secs(15), || cli(&["version"]).status.success()), "controller did not start");
     let token = String::from_utf8(cli(&["token", "create", "--role", "join"]).stdout).unwrap().trim().to_owned();
     let adm = format!("127.0.0.1:{admission}");

@@ -111,13 +111,7 @@ fn node(dir: &Path, port: u16, name: &str, pairs: &str) -> Proc {
 /// Runs a CLI command as the controller's first admin; returns (exit 0?, stdout, stderr).
 fn cli(port: u16, args: &[&str]) -> (bool, String, String) {
     let data = DATA.with(|m| m.borrow().get(&port).cloned()).expect("controller started");
-    let out = Command::new(env!("CARGO_BIN_EXE_drover"))
-        .args(args)
-        .env("DROVER_CONTROLLER", format!("127.0.0.1:{port}"))
-        .env("DROVER_DATA_DIR", &data)
-        .env_remove("DROVER_TOKEN")
-        .output()
-        .expect("run cli");
+    let out = common::cli_command(port, &data, args).output().expect("run cli");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 

@@ -28,14 +28,6 @@ fn status(c: &Controller, id: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
-fn run(c: &Controller, args: &[&str]) -> String {
-    let mut all = vec!["task", "run"];
-    all.extend_from_slice(args);
-    let out = c.cli(&all);
-    assert!(out.status.success(), "task run failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 fn wait_state(c: &Controller, id: &str, state: &str, limit: Duration) -> Value {
     let mut last = Value::Null;
     let ok = wait_until(limit, || {
@@ -64,7 +56,7 @@ fn fleet(dir: &Path, workers: &[(&str, u32)], extra: &[&str]) -> (Controller, Ve
         })
         .collect();
     // Subscribed once a task can run.
-    let probe = run(&c, &["--", "/bin/true"]);
+    let probe = c.task_run(&["--", "/bin/true"]);
     wait_state(&c, &probe, "completed", Duration::from_secs(20));
     (c, procs)
 }
@@ -129,7 +121,7 @@ fn abort_kills_a_running_task() {
     let dir = tempfile::tempdir().unwrap();
     let (c, _workers) = fleet(dir.path(), &[("w1", 1)], &[]);
     let marker = "100.0418";
-    let id = run(&c, &["--", "/bin/sleep", marker]);
+    let id = c.task_run(&["--", "/bin/sleep", marker]);
     wait_state(&c, &id, "running", Duration::from_secs(10));
     assert!(wait_until(Duration::from_secs(5), || processes_with(marker) == 1), "the job did not start");
     let out = c.cli(&["task", "abort", &id]);
@@ -139,7 +131,7 @@ fn abort_kills_a_running_task() {
     // A second abort says it is already over.
     assert!(!c.cli(&["task", "abort", &id]).status.success());
     // The core is free again.
-    let next = run(&c, &["--", "/bin/true"]);
+    let next = c.task_run(&["--", "/bin/true"]);
     wait_state(&c, &next, "completed", Duration::from_secs(10));
 }
 
@@ -183,7 +175,7 @@ fn downloaded_jobs_run_when_their_digest_matches_and_fail_with_download_error_ot
     assert!(String::from_utf8_lossy(&out.stdout).contains("downloaded a b"));
     // Wrong digest: DownloadError.
     let wrong = "0".repeat(64);
-    let id = run(&c, &["--attempts", "1", "--sha256", &wrong, "--", &url]);
+    let id = c.task_run(&["--attempts", "1", "--sha256", &wrong, "--", &url]);
     let s = wait_state(&c, &id, "failed", Duration::from_secs(10));
     assert!(
         s["error"].as_str().unwrap().contains("download error")
@@ -192,7 +184,7 @@ fn downloaded_jobs_run_when_their_digest_matches_and_fail_with_download_error_ot
     );
     // A URL that answers 404, and one where nobody listens: DownloadError.
     for bad in [format!("http://127.0.0.1:{port}/missing"), format!("http://127.0.0.1:{}/job", common::free_port())] {
-        let id = run(&c, &["--attempts", "1", "--", &bad]);
+        let id = c.task_run(&["--attempts", "1", "--", &bad]);
         let s = wait_state(&c, &id, "failed", Duration::from_secs(10));
         assert!(s["error"].as_str().unwrap().starts_with("download error"), "{bad}: {s}");
     }
@@ -203,7 +195,7 @@ fn a_sigkilled_worker_s_attempt_is_retried_on_another_worker() {
     let dir = tempfile::tempdir().unwrap();
     let (c, mut workers) = fleet(dir.path(), &[("w1", 1)], &["--worker-grace", "1s"]);
     let marker = "3.0419";
-    let id = run(&c, &["--", "/bin/sleep", marker]);
+    let id = c.task_run(&["--", "/bin/sleep", marker]);
     let s = wait_state(&c, &id, "running", Duration::from_secs(10));
     let first = s["worker"].as_str().unwrap().to_owned();
     // A second worker joins; the first dies mid-task.

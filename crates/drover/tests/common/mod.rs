@@ -131,13 +131,16 @@ impl Controller {
 
     /// Runs a CLI command as the first admin.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_drover"))
-            .args(args)
-            .env("DROVER_CONTROLLER", format!("127.0.0.1:{}", self.grpc))
-            .env("DROVER_DATA_DIR", &self.data)
-            .env_remove("DROVER_TOKEN")
-            .output()
-            .expect("run cli")
+        cli_command(self.grpc, &self.data, args).output().expect("run cli")
+    }
+
+    /// `drover task run ARGS…` as the first admin; returns the task id.
+    pub fn task_run(&self, args: &[&str]) -> String {
+        let mut all = vec!["task", "run"];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        assert!(out.status.success(), "task run failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
     pub fn join_token(&self) -> String {
@@ -153,4 +156,15 @@ impl Controller {
         args.extend_from_slice(extra);
         spawn(&args, &dir.join(format!("{name}.log")))
     }
+}
+
+/// A CLI command against the controller on gRPC port `grpc`, as the first admin of
+/// `data` (for callers that spawn it themselves or run it from another thread).
+pub fn cli_command(grpc: u16, data: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_drover"));
+    cmd.args(args)
+        .env("DROVER_CONTROLLER", format!("127.0.0.1:{grpc}"))
+        .env("DROVER_DATA_DIR", data)
+        .env_remove("DROVER_TOKEN");
+    cmd
 }
