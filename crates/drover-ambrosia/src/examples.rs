@@ -77,15 +77,11 @@ impl Service for Counter {
     }
 
     fn checkpoint(&self) -> Vec<u8> {
-        let mut out = self.count.to_le_bytes().to_vec();
-        out.extend_from_slice(&self.target.to_le_bytes());
-        out
+        progress_bytes(self.count, self.target)
     }
 
     fn restore(&mut self, bytes: &[u8]) {
-        let word = |i: usize| bytes.get(i..i + 8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
-        self.count = word(0);
-        self.target = word(8);
+        (self.count, self.target) = progress_from(bytes);
         println!("restored {}", self.count);
     }
 }
@@ -164,15 +160,24 @@ impl Service for PairClient {
     }
 
     fn checkpoint(&self) -> Vec<u8> {
-        let mut out = self.acks.to_le_bytes().to_vec();
-        out.extend_from_slice(&self.target.to_le_bytes());
-        out
+        progress_bytes(self.acks, self.target)
     }
 
     fn restore(&mut self, bytes: &[u8]) {
-        let word = |i: usize| bytes.get(i..i + 8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
-        self.acks = word(0);
-        self.target = word(8);
+        (self.acks, self.target) = progress_from(bytes);
         println!("restored {}", self.acks);
     }
+}
+
+/// A checkpoint of progress towards a target: two little-endian u64s.
+fn progress_bytes(done: u64, target: u64) -> Vec<u8> {
+    let mut out = done.to_le_bytes().to_vec();
+    out.extend_from_slice(&target.to_le_bytes());
+    out
+}
+
+/// Reads `progress_bytes` (a missing word reads as 0).
+fn progress_from(bytes: &[u8]) -> (u64, u64) {
+    let word = |i: usize| bytes.get(i..i + 8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
+    (word(0), word(8))
 }
