@@ -7,20 +7,40 @@ use std::time::{Duration, Instant};
 
 use drover_ambrosia::{Connection, Outbox, Service};
 
+/// Counts delivered calls and says when all `total` have arrived.
+struct Countdown {
+    received: u64,
+    total: u64,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Countdown {
+    fn new(total: u64, done: tokio::sync::oneshot::Sender<()>) -> Self {
+        Countdown { received: 0, total, done: Some(done) }
+    }
+
+    fn count(&mut self) {
+        self.received += 1;
+        if self.received == self.total
+            && let Some(d) = self.done.take()
+        {
+            let _ = d.send(());
+        }
+    }
+}
+
 struct Flood {
     size: usize,
     window: usize,
-    total: u64,
     sent: u64,
-    received: u64,
-    done: Option<tokio::sync::oneshot::Sender<()>>,
+    delivered: Countdown,
 }
 
 impl Service for Flood {
     fn on_call(&mut self, method: i32, _args: &[u8], out: &mut Outbox) {
         let payload = vec![0x5Au8; self.size];
         let send = |s: &mut Self, out: &mut Outbox| {
-            if s.sent < s.total {
+            if s.sent < s.delivered.total {
                 s.sent += 1;
                 out.call_self(1, &payload);
             }
@@ -31,13 +51,8 @@ impl Service for Flood {
             }
             return;
         }
-        self.received += 1;
         send(self, out);
-        if self.received == self.total
-            && let Some(d) = self.done.take()
-        {
-            let _ = d.send(());
-        }
+        self.delivered.count();
     }
     fn checkpoint(&self) -> Vec<u8> {
         Vec::new()
@@ -47,21 +62,14 @@ impl Service for Flood {
 
 /// The server side of the two-instance bench: acknowledges every call.
 struct Sink {
-    received: u64,
-    total: u64,
-    done: Option<tokio::sync::oneshot::Sender<()>>,
+    delivered: Countdown,
 }
 
 impl Service for Sink {
     fn on_call(&mut self, method: i32, _args: &[u8], out: &mut Outbox) {
         if method == 1 {
-            self.received += 1;
             out.call("client", 2, &[]);
-            if self.received == self.total
-                && let Some(d) = self.done.take()
-            {
-                let _ = d.send(());
-            }
+            self.delivered.count();
         }
     }
     fn checkpoint(&self) -> Vec<u8> {
@@ -134,7 +142,7 @@ async fn pair(size: usize, calls: u64, window: usize) -> (f64, f64) {
     let (server, stop_server) = start(dir.path(), "server").await;
     let (client, stop_client) = start(dir.path(), "client").await;
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let mut sink = Sink { received: 0, total: calls, done: Some(done_tx) };
+    let mut sink = Sink { delivered: Countdown::new(calls, done_tx) };
     let mut source = Source { size, window, total: calls, sent: 0 };
     let s = tokio::spawn(async move {
         let c = Connection::listening_coordinator(server.receive_port, server.send_port.unwrap());
@@ -179,7 +187,7 @@ async fn one(size: usize, calls: u64, window: usize) -> (f64, f64) {
     let dir = tempfile::tempdir().unwrap();
     let (l, coordinator) = start(dir.path(), "bench").await;
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let mut flood = Flood { size, window, total: calls, sent: 0, received: 0, done: Some(done_tx) };
+    let mut flood = Flood { size, window, sent: 0, delivered: Countdown::new(calls, done_tx) };
     let connection = Connection::listening_coordinator(l.receive_port, l.send_port.unwrap());
     let started = Instant::now();
     let app = tokio::spawn(async move {
