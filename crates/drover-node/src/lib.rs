@@ -241,7 +241,7 @@ struct Control {
 }
 
 /// Passes admission: returns the upstream, the ticket and the control channel.
-async fn admit(config: &NodeConfig) -> Result<(String, String, Control), End> {
+async fn admit(config: &NodeConfig) -> Result<(String, String, ControlChannel), End> {
     let addr = config.controller.trim_start_matches("http://").to_owned();
     let tcp = tokio::net::TcpStream::connect(&addr)
         .await
@@ -275,7 +275,10 @@ async fn admit(config: &NodeConfig) -> Result<(String, String, Control), End> {
                     stream.flush().await.map_err(|e| End::Closed(format!("admission write: {e}")))?;
                 }
                 NodeAction::Admitted { upstream, ticket } => {
-                    return Ok((upstream, ticket, Control { stream, decoder, conn }));
+                    let control = Control { stream, decoder, conn };
+                    let channel =
+                        ControlChannel { control, buf: vec![0u8; 4096], alive: tokio::time::interval(ALIVE_EVERY) };
+                    return Ok((upstream, ticket, channel));
                 }
                 NodeAction::Denied { reason } => return Err(End::Closed(format!("admission refused: {reason}"))),
                 NodeAction::Closed { reason } | NodeAction::Moved { upstream: reason, .. } => {
@@ -298,44 +301,95 @@ async fn admit(config: &NodeConfig) -> Result<(String, String, Control), End> {
     }
 }
 
-/// The control channel of an admitted session, held by a tool that simulates many
-/// nodes (the fleet bench) the way a real node holds it.
+/// The control channel of an admitted session: the node's session loop holds it, and
+/// so does a tool that simulates many nodes (the fleet bench).
 pub struct ControlChannel {
     control: Control,
     buf: Vec<u8>,
     alive: tokio::time::Interval,
 }
 
+/// How a control channel ended.
+#[derive(Debug)]
+pub enum ControlEnd {
+    /// `conn:close` from the controller (an eviction), with its reason.
+    Closed(String),
+    /// A new `auth:ack` named another upstream.
+    Moved(String),
+    /// The connection ended or broke.
+    Lost(String),
+}
+
+impl std::fmt::Display for ControlEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControlEnd::Closed(reason) => write!(f, "closed by the controller: {reason}"),
+            ControlEnd::Moved(upstream) => write!(f, "moved to {upstream}"),
+            ControlEnd::Lost(why) => write!(f, "control channel lost: {why}"),
+        }
+    }
+}
+
 impl ControlChannel {
-    /// Answers the controller's keepalives until the channel ends; returns why it ended
-    /// (`conn:close` from the controller, or the connection's end). Meant to be polled
-    /// in a `select!` loop: the state lives in `self`, so a dropped call loses nothing
-    /// (short of a keepalive cut mid-write, which the controller would see as an end).
-    pub async fn hold(&mut self) -> String {
+    /// Answers the controller's keepalives until the channel ends, and says how. Meant
+    /// to be polled in a `select!` loop: the state lives in `self`, so a dropped call
+    /// loses nothing (short of a keepalive cut mid-write, which the controller would
+    /// see as an end).
+    pub async fn hold(&mut self) -> ControlEnd {
         let ControlChannel { control, buf, alive } = self;
         loop {
             tokio::select! {
                 n = control.stream.read(buf) => {
                     let n = match n {
-                        Ok(0) => return "control channel closed by the controller".into(),
+                        Ok(0) => return ControlEnd::Lost("closed by the controller".into()),
                         Ok(n) => n,
-                        Err(e) => return format!("control channel: {e}"),
+                        Err(e) => return ControlEnd::Lost(e.to_string()),
                     };
-                    if let Err(e) = control.decoder.feed(&buf[..n]) {
-                        return format!("control channel: {e}");
-                    }
+                    // Packets decoded before a bad one still count.
+                    let fed = control.decoder.feed(&buf[..n]);
                     while let Some(p) = control.decoder.next_packet() {
                         for a in control.conn.on_packet(p) {
-                            if let NodeAction::Closed { reason } | NodeAction::Moved { upstream: reason, .. } = a {
-                                return reason;
+                            match a {
+                                NodeAction::Closed { reason } => return ControlEnd::Closed(reason),
+                                NodeAction::Moved { upstream, .. } => return ControlEnd::Moved(upstream),
+                                _ => {}
                             }
                         }
+                    }
+                    if let Err(e) = fed {
+                        return ControlEnd::Lost(e.to_string());
                     }
                 }
                 _ = alive.tick() => {
                     if let Some(p) = control.conn.alive()
                         && let Err(e) = control.stream.write_all(&p.to_bytes()).await {
-                        return format!("control channel: {e}");
+                        return ControlEnd::Lost(e.to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The stream ended: if an eviction is on its way over the control channel (the
+    /// two connections race), it wins; otherwise the stream's end is just a disconnect.
+    async fn evicted_or(&mut self, open: bool, why: String) -> End {
+        if !open {
+            return End::Closed(why);
+        }
+        let ControlChannel { control, buf, .. } = self;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        loop {
+            let n = match tokio::time::timeout_at(deadline, control.stream.read(buf)).await {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => return End::Closed(why),
+            };
+            if control.decoder.feed(&buf[..n]).is_err() {
+                return End::Closed(why);
+            }
+            while let Some(p) = control.decoder.next_packet() {
+                for a in control.conn.on_packet(p) {
+                    if let NodeAction::Closed { reason } = a {
+                        return End::Evicted(reason);
                     }
                 }
             }
@@ -347,38 +401,9 @@ impl ControlChannel {
 /// and the open control channel (for tools that simulate many nodes).
 pub async fn admit_session(config: &NodeConfig) -> Result<(String, String, ControlChannel), String> {
     match admit(config).await {
-        Ok((upstream, ticket, control)) => {
-            let alive = tokio::time::interval_at(tokio::time::Instant::now() + ALIVE_EVERY, ALIVE_EVERY);
-            Ok((upstream, ticket, ControlChannel { control, buf: vec![0u8; 1024], alive }))
-        }
+        Ok(admitted) => Ok(admitted),
         Err(End::Closed(why) | End::Evicted(why)) => Err(why),
         Err(End::Shutdown) => Err("shut down during admission".into()),
-    }
-}
-
-/// The stream ended: if an eviction is on its way over the control channel (the two
-/// connections race), it wins; otherwise the stream's end is just a disconnect.
-async fn evicted_or(control: &mut Control, open: bool, why: String) -> End {
-    if !open {
-        return End::Closed(why);
-    }
-    let mut buf = vec![0u8; 4096];
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
-    loop {
-        let n = match tokio::time::timeout_at(deadline, control.stream.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return End::Closed(why),
-        };
-        if control.decoder.feed(&buf[..n]).is_err() {
-            return End::Closed(why);
-        }
-        while let Some(p) = control.decoder.next_packet() {
-            for a in control.conn.on_packet(p) {
-                if let NodeAction::Closed { reason } = a {
-                    return End::Evicted(reason);
-                }
-            }
-        }
     }
 }
 
@@ -520,9 +545,7 @@ async fn session(
         }
     }
     let mut task_tick = tokio::time::interval(Duration::from_millis(250));
-    let mut control_buf = vec![0u8; 4096];
     let mut control_open = true;
-    let mut control_alive = tokio::time::interval(ALIVE_EVERY);
     let started = Instant::now();
     let mut streaming: BTreeMap<String, Streaming> = BTreeMap::new();
     let mut heartbeat = tokio::time::interval(config.heartbeat);
@@ -530,31 +553,11 @@ async fn session(
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
-            n = control.stream.read(&mut control_buf), if control_open => {
-                match n {
-                    Ok(0) | Err(_) => control_open = false,
-                    Ok(n) => {
-                        if control.decoder.feed(&control_buf[..n]).is_err() {
-                            control_open = false;
-                        }
-                        while let Some(p) = control.decoder.next_packet() {
-                            for a in control.conn.on_packet(p) {
-                                match a {
-                                    NodeAction::Closed { reason } => return End::Evicted(reason),
-                                    NodeAction::Moved { upstream, .. } => return End::Closed(format!("moved to {upstream}")),
-                                    _ => {}
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            _ = control_alive.tick(), if control_open => {
-                if let Some(p) = control.conn.alive()
-                    && control.stream.write_all(&p.to_bytes()).await.is_err() {
-                        control_open = false;
-                    }
-            }
+            end = control.hold(), if control_open => match end {
+                ControlEnd::Closed(reason) => return End::Evicted(reason),
+                ControlEnd::Moved(upstream) => return End::Closed(format!("moved to {upstream}")),
+                ControlEnd::Lost(_) => control_open = false,
+            },
             ev = async { match tasks.as_mut() { Some(t) => t.events.recv().await, None => std::future::pending().await } } => {
                 let (Some(t), Some(ev)) = (tasks.as_mut(), ev) else { continue };
                 let now = now_ms();
@@ -611,8 +614,8 @@ async fn session(
             cmd = inbound.message() => {
                 let cmd = match cmd {
                     Ok(Some(c)) => c,
-                    Ok(None) => return evicted_or(&mut control, control_open, "controller ended the stream".into()).await,
-                    Err(e) => return evicted_or(&mut control, control_open, format!("stream: {}", e.message())).await,
+                    Ok(None) => return control.evicted_or(control_open, "controller ended the stream".into()).await,
+                    Err(e) => return control.evicted_or(control_open, format!("stream: {}", e.message())).await,
                 };
                 let Some(any) = cmd.command else { continue };
                 let reply = |p: Payload| msg(p, cmd.request_id.clone(), cmd.from_uuid.clone());
