@@ -260,6 +260,19 @@ mod tests {
         assert_eq!(decode_all(&[&bytes]), [Ok(p)]);
     }
 
+    /// Regression (found by the `admission_packets` fuzz target): a number with more
+    /// digits than an f64 holds decoded to a float that did not survive re-encoding
+    /// (serde_json's default float parsing is not correctly rounded), so a re-encoded
+    /// packet decoded to a different one. `float_roundtrip` parses exactly.
+    #[test]
+    fn long_numbers_survive_reencoding() {
+        let bytes =
+            br#"conn:establish;;{"id":"n0","version":66666666666666666666666666666666666666666666666666666}<EOF>"#;
+        let decoded = decode_all(&[bytes]);
+        let [Ok(p)] = decoded.as_slice() else { panic!("does not decode: {decoded:?}") };
+        assert_eq!(decode_all(&[&p.to_bytes()]), [Ok(p.clone())]);
+    }
+
     #[test]
     fn escapes_angle_brackets() {
         let p = Packet::new(Code::ConnClose).with("reason", "bad <EOF> inside");
