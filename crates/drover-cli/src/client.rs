@@ -23,6 +23,26 @@ pub enum CliError {
         /// What failed.
         reason: String,
     },
+    /// Something answered at the address, but not a controller's gRPC port.
+    #[error(
+        "{addr} is {kind}, not the controller's gRPC port: CLI commands want the gRPC port (the controller's --listen, default 127.0.0.1:7400; set --controller or DROVER_CONTROLLER)"
+    )]
+    WrongPort {
+        /// The address tried.
+        addr: String,
+        /// What answered there.
+        kind: &'static str,
+    },
+    /// Nothing answered in time.
+    #[error(
+        "no answer from the controller at {addr} within {waited:?} (connecting and opening the stream): is it running, stopped or overloaded? is this its gRPC port?"
+    )]
+    NoAnswer {
+        /// The address tried.
+        addr: String,
+        /// The whole time waited.
+        waited: Duration,
+    },
     /// The stream failed mid-request.
     #[error("controller stream failed: {0}")]
     Stream(String),
@@ -101,8 +121,24 @@ pub struct Session {
 }
 
 impl Session {
-    /// Connects and opens the stream.
+    /// Connects and opens the stream, within `ctx.timeout`.
     pub async fn open(ctx: &Ctx) -> Result<Session, CliError> {
+        Session::open_until(ctx, tokio::time::Instant::now() + ctx.timeout).await
+    }
+
+    /// Connects and opens the stream before `deadline`: connecting, the HTTP/2 and TLS
+    /// handshakes and the stream's first response headers all count, so a controller
+    /// that accepts connections but never answers (stopped, overloaded, or not a
+    /// controller) cannot hold the CLI.
+    pub async fn open_until(ctx: &Ctx, deadline: tokio::time::Instant) -> Result<Session, CliError> {
+        match tokio::time::timeout_at(deadline, Session::open_inner(ctx)).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(explain(ctx, e).await),
+            Err(_) => Err(CliError::NoAnswer { addr: ctx.url(), waited: ctx.timeout }),
+        }
+    }
+
+    async fn open_inner(ctx: &Ctx) -> Result<Session, CliError> {
         let mut endpoint = tonic::transport::Endpoint::from_shared(ctx.url())
             .map_err(|e| CliError::Usage(format!("bad controller address {}: {e}", ctx.controller)))?;
         if let Some(ca) = &ctx.ca {
@@ -110,14 +146,20 @@ impl Session {
                 tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
             endpoint = endpoint.tls_config(tls).map_err(|e| CliError::Usage(format!("TLS: {e}")))?;
         }
-        let connect = endpoint.connect();
-        let mut client = match tokio::time::timeout(ctx.timeout, connect).await {
-            Ok(Ok(c)) => ControllerClient::new(c).max_decoding_message_size(64 << 20),
-            Ok(Err(e)) => {
-                let cause = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
-                return Err(CliError::Connect { addr: ctx.url(), reason: format!("{e}{cause}") });
+        let mut client = match endpoint.connect().await {
+            Ok(c) => ControllerClient::new(c).max_decoding_message_size(64 << 20),
+            Err(e) => {
+                let mut reason = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    let c_text = c.to_string();
+                    if !reason.ends_with(&c_text) {
+                        reason = format!("{reason}: {c_text}");
+                    }
+                    cause = c.source();
+                }
+                return Err(CliError::Connect { addr: ctx.url(), reason });
             }
-            Err(_) => return Err(CliError::Connect { addr: ctx.url(), reason: "timed out".into() }),
         };
         let (tx, rx) = mpsc::channel(16);
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
@@ -164,7 +206,8 @@ impl Session {
         }
     }
 
-    /// Sends a command and collects its replies (see the module doc).
+    /// Sends a command and collects its replies for up to `ctx.timeout` (see the
+    /// module doc).
     pub async fn request(
         &mut self,
         ctx: &Ctx,
@@ -172,8 +215,21 @@ impl Session {
         payload: Payload,
         progress: bool,
     ) -> Result<Outcome, CliError> {
-        let sid = self.send(node_uuids, &payload).await?;
-        let deadline = tokio::time::Instant::now() + ctx.timeout;
+        self.request_until(tokio::time::Instant::now() + ctx.timeout, node_uuids, payload, progress).await
+    }
+
+    /// Sends a command and collects its replies until `deadline`.
+    pub async fn request_until(
+        &mut self,
+        deadline: tokio::time::Instant,
+        node_uuids: Vec<String>,
+        payload: Payload,
+        progress: bool,
+    ) -> Result<Outcome, CliError> {
+        let sid = match tokio::time::timeout_at(deadline, self.send(node_uuids, &payload)).await {
+            Ok(sid) => sid?,
+            Err(_) => return Ok(Outcome { timed_out: true, ..Outcome::default() }),
+        };
         let show = progress && std::io::stderr().is_terminal();
         let mut out = Outcome::default();
         loop {
@@ -218,7 +274,61 @@ impl Session {
     }
 }
 
-/// Opens a session, sends one command, collects its replies.
+/// Opens a session, sends one command, collects its replies: all of it within one
+/// `ctx.timeout`, connecting included.
 pub async fn request(ctx: &Ctx, node_uuids: Vec<String>, payload: Payload) -> Result<Outcome, CliError> {
-    Session::open(ctx).await?.request(ctx, node_uuids, payload, true).await
+    let deadline = tokio::time::Instant::now() + ctx.timeout;
+    let mut session = Session::open_until(ctx, deadline).await?;
+    match session.request_until(deadline, node_uuids, payload, true).await {
+        Err(e) => Err(explain(ctx, e).await),
+        ok => ok,
+    }
+}
+
+/// A connect or stream failure before any reply usually means the address is some
+/// other server: says which, when the probe can tell.
+async fn explain(ctx: &Ctx, e: CliError) -> CliError {
+    if !matches!(e, CliError::Connect { .. } | CliError::Stream(_)) {
+        return e;
+    }
+    match probe(&ctx.controller).await {
+        Some(kind) => CliError::WrongPort { addr: ctx.controller.clone(), kind },
+        None => e,
+    }
+}
+
+/// How long the wrong-port probe waits for the peer's first bytes.
+const PROBE_WAIT: Duration = Duration::from_millis(1_000);
+
+/// After a failed request, finds out what is listening at `addr` when it is not a gRPC
+/// server, with one HTTP/1 request: drover's admission port answers it with
+/// `conn:close`, an HTTP/1 server with `HTTP/1.x`, and a gRPC (HTTP/2-only) server
+/// closes the connection, which says nothing and leaves the original error standing.
+async fn probe(addr: &str) -> Option<&'static str> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = addr.trim_start_matches("http://").trim_start_matches("https://");
+    let attempt = async {
+        let mut tcp = tokio::net::TcpStream::connect(host).await.ok()?;
+        tcp.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").await.ok()?;
+        let mut buf = vec![0u8; 512];
+        let mut got = 0;
+        while got < buf.len() {
+            match tcp.read(&mut buf[got..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+            if buf[..got].windows(5).any(|w| w == b"<EOF>") || buf[..got].starts_with(b"HTTP/") {
+                break;
+            }
+        }
+        let first = &buf[..got];
+        if first.starts_with(b"conn:") {
+            Some("drover's admission port (nodes connect there)")
+        } else if first.starts_with(b"HTTP/") {
+            Some("an HTTP/1 server (the controller's HTTP port?)")
+        } else {
+            None
+        }
+    };
+    tokio::time::timeout(PROBE_WAIT, attempt).await.ok().flatten()
 }

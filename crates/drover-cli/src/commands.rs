@@ -347,50 +347,89 @@ fn price_json(v: &v1::PriceView) -> serde_json::Value {
         "seq": p.seq, "streamer": v.streamer, "epoch": v.epoch})
 }
 
-/// `drover prices [PAIR…] [--watch [--duration D]]`.
+/// `drover prices [PAIR…] [--watch [--duration D]]`. `--json` prints one document (an
+/// array); with `--watch` it prints JSON Lines (the snapshot, then one object per
+/// update), the usual shape of a stream. A watch outlives controller restarts: it
+/// reconnects with backoff and says so on stderr.
 pub async fn prices(ctx: &Ctx, pairs: Vec<String>, watch: bool, duration: Option<Duration>) -> Result<bool, CliError> {
-    let mut session = Session::open(ctx).await?;
-    let out = session.request(ctx, Vec::new(), v1::ControllerPricesV1Req { pairs, watch }.into(), !watch).await?;
-    let Some(Payload::ControllerPricesV1Reply(r)) = out.replies.into_iter().next().map(|r| r.payload) else {
-        return Err(CliError::Decode("no prices in the reply".into()));
-    };
-    if ctx.json {
-        for v in &r.prices {
-            println!("{}", price_json(v));
-        }
-    } else {
-        let rows: Vec<Vec<String>> = r.prices.iter().map(price_row).collect();
-        println!("{}", table(&["PAIR", "PRICE", "UPSTREAM", "STREAMER", "EPOCH"], &rows));
-    }
-    if !watch {
-        return Ok(true);
-    }
     let until = duration.map(|d| tokio::time::Instant::now() + d);
+    let mut session = Session::open(ctx).await?;
+    let mut backoff = Duration::from_millis(200);
     loop {
-        let next = match until {
-            Some(u) => match tokio::time::timeout_at(u, session.next()).await {
-                Ok(n) => n?,
-                Err(_) => return Ok(true),
-            },
-            None => session.next().await?,
+        let req = v1::ControllerPricesV1Req { pairs: pairs.clone(), watch };
+        let out = session.request(ctx, Vec::new(), req.into(), !watch).await?;
+        let Some(Payload::ControllerPricesV1Reply(r)) = out.replies.into_iter().next().map(|r| r.payload) else {
+            return Err(CliError::Decode("no prices in the reply".into()));
         };
-        let Some((_, reply)) = next else { return Err(CliError::Stream("controller closed the stream".into())) };
-        if let Payload::ControllerPriceV1Notify(n) = reply.payload
-            && let Some(v) = n.price
-        {
-            let line = if ctx.json {
-                price_json(&v).to_string()
-            } else {
-                let r = price_row(&v);
-                format!("{:<8} {:>12}  streamer {}  epoch {}", r[0], r[1], r[3], r[4])
-            };
-            // A reader that went away (`| head`) ends the watch quietly.
-            use std::io::Write;
-            if writeln!(std::io::stdout().lock(), "{line}").is_err() {
+        if ctx.json && !watch {
+            let all: Vec<serde_json::Value> = r.prices.iter().map(price_json).collect();
+            return Ok(print_line(&serde_json::Value::Array(all).to_string()));
+        }
+        if ctx.json {
+            for v in &r.prices {
+                if !print_line(&price_json(v).to_string()) {
+                    return Ok(true);
+                }
+            }
+        } else {
+            let rows: Vec<Vec<String>> = r.prices.iter().map(price_row).collect();
+            if !print_line(&table(&["PAIR", "PRICE", "UPSTREAM", "STREAMER", "EPOCH"], &rows)) {
                 return Ok(true);
             }
         }
+        if !watch {
+            return Ok(true);
+        }
+        let lost = loop {
+            let next = match until {
+                Some(u) => match tokio::time::timeout_at(u, session.next()).await {
+                    Ok(n) => n,
+                    Err(_) => return Ok(true),
+                },
+                None => session.next().await,
+            };
+            let reply = match next {
+                Ok(Some((_, reply))) => reply,
+                Ok(None) => break "the controller closed the stream".to_owned(),
+                Err(e) => break e.to_string(),
+            };
+            if let Payload::ControllerPriceV1Notify(n) = reply.payload
+                && let Some(v) = n.price
+            {
+                let line = if ctx.json {
+                    price_json(&v).to_string()
+                } else {
+                    let r = price_row(&v);
+                    format!("{:<8} {:>12}  streamer {}  epoch {}", r[0], r[1], r[3], r[4])
+                };
+                // A reader that went away (`| head`) ends the watch quietly.
+                if !print_line(&line) {
+                    return Ok(true);
+                }
+            }
+        };
+        eprintln!("watch: {lost}; reconnecting");
+        session = loop {
+            let wait = match until {
+                Some(u) if tokio::time::Instant::now() + backoff >= u => return Ok(true),
+                _ => backoff,
+            };
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            match Session::open(ctx).await {
+                Ok(s) => break s,
+                Err(e) => eprintln!("watch: {e}"),
+            }
+        };
+        backoff = Duration::from_millis(200);
+        eprintln!("watch: reconnected");
     }
+}
+
+/// Writes one line to stdout; false once the reader has gone away.
+fn print_line(line: &str) -> bool {
+    use std::io::Write;
+    writeln!(std::io::stdout().lock(), "{line}").is_ok()
 }
 
 fn role_name(r: i32) -> &'static str {

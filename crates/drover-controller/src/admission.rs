@@ -23,8 +23,15 @@ use crate::owner::{Inbox, ShellEvent};
 /// Keepalive interval on the control channel.
 const ALIVE_EVERY: Duration = Duration::from_secs(5);
 
+#[derive(Clone)]
 pub(crate) struct Settings {
+    /// What admitted nodes are told to reach gRPC at (`--upstream`, or the gRPC listen
+    /// address when it names one host).
     pub(crate) upstream: String,
+    /// When the gRPC port listens on every address (`0.0.0.0`, `::`): its port. Nodes
+    /// are then told the address they reached admission at, with this port, since an
+    /// unspecified address is no address to connect to.
+    pub(crate) upstream_port_on_local_ip: Option<u16>,
     pub(crate) policy: VersionPolicy,
     pub(crate) handshake_deadline_ms: i64,
     pub(crate) ticket_ttl_ms: i64,
@@ -65,8 +72,13 @@ pub(crate) async fn serve(
             }
             continue;
         };
-        let (settings, key, events, stop, tls) =
-            (settings.clone(), key.clone(), events.clone(), stop.clone(), tls.clone());
+        let settings = match (settings.upstream_port_on_local_ip, stream.local_addr()) {
+            (Some(port), Ok(local)) => {
+                Arc::new(Settings { upstream: SocketAddr::new(local.ip(), port).to_string(), ..(*settings).clone() })
+            }
+            _ => settings.clone(),
+        };
+        let (key, events, stop, tls) = (key.clone(), events.clone(), stop.clone(), tls.clone());
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
             let result = match tls {
@@ -194,6 +206,19 @@ async fn control_loop<S: AsyncRead + AsyncWrite + Unpin>(
             n = stream.read(buf) => {
                 let n = n?;
                 if n == 0 {
+                    return Ok(());
+                }
+                if admitted.is_none()
+                    && let Some(kind) = drover_wire::admission::foreign_protocol(&buf[..n])
+                {
+                    // Say which port this is and which one the peer wants, instead of
+                    // waiting for a packet end that never comes.
+                    tracing::info!(%peer, kind, "admission port reached by another protocol");
+                    let reason = format!(
+                        "this is drover's admission port (seed 3 text packets, for nodes) and the peer spoke {kind}: the CLI and gRPC clients want the controller's gRPC port (--listen, default 7400), browsers its HTTP port (--http, default 7480)"
+                    );
+                    send(stream, &Packet::new(drover_wire::admission::Code::ConnClose).with("reason", reason)).await?;
+                    linger_close(stream).await;
                     return Ok(());
                 }
                 if let Err(e) = decoder.feed(&buf[..n]) {

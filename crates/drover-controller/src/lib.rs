@@ -199,6 +199,9 @@ pub enum ShellError {
     /// A setting is unusable.
     #[error("{0}")]
     Config(String),
+    /// Another process holds the data directory.
+    #[error(transparent)]
+    Lock(#[from] drover_journal::LockError),
 }
 
 /// Where the controller listens.
@@ -254,6 +257,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The admission address, if it serves admission.
     pub admission: Option<SocketAddr>,
+    /// The HTTP address (dashboard, metrics), if it serves HTTP.
+    pub http: Option<SocketAddr>,
     /// Health and progress, shared with the HTTP endpoint.
     pub health: Arc<Health>,
 }
@@ -268,7 +273,9 @@ pub async fn run(
 ) -> Result<(), ShellError> {
     let listener = listeners.grpc;
     let addr = listener.local_addr()?;
-    std::fs::create_dir_all(&config.data_dir)?;
+    // Before anything in the directory is read or written: a second process on the same
+    // data directory would trim the segments this one appends to.
+    let _lock = tokio::task::block_in_place(|| drover_journal::DirLock::acquire(&config.data_dir))?;
     let key = ticket_key(&config.data_dir)?;
     let version = drover_admission::version::Version::parse(&config.core.version)
         .ok_or_else(|| ShellError::Config(format!("controller version {:?} is not x.y.z", config.core.version)))?;
@@ -301,6 +308,8 @@ pub async fn run(
             let a = l.local_addr()?;
             let settings = admission::Settings {
                 upstream: config.upstream.clone().unwrap_or_else(|| addr.to_string()),
+                upstream_port_on_local_ip: (config.upstream.is_none() && addr.ip().is_unspecified())
+                    .then_some(addr.port()),
                 policy: drover_admission::version::VersionPolicy { controller: version, min_node },
                 handshake_deadline_ms: config.handshake_deadline_ms,
                 ticket_ttl_ms: config.ticket_ttl_ms,
@@ -319,6 +328,7 @@ pub async fn run(
     let mut owner = owner::Owner::new(config.clone(), core, journal, health.clone());
     owner.set_replay(replay_us, stats.inputs);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let http_addr = listeners.http.as_ref().map(|h| h.local_addr()).transpose()?;
     if let Some(h) = listeners.http {
         tracing::info!(addr = %h.local_addr()?, "serving HTTP (/metrics, /healthz, /readyz)");
         let tls = match &config.tls {
@@ -368,7 +378,7 @@ pub async fn run(
     let mut owner_task = owner_task;
     // Ready once recovery, the start input and the first admin token are done.
     tokio::select! {
-        _ = ready_rx => on_ready(Running { addr, admission: admission_addr, health: health.clone() }),
+        _ = ready_rx => on_ready(Running { addr, admission: admission_addr, http: http_addr, health: health.clone() }),
         r = &mut owner_task => {
             let _ = stop_tx.send(true);
             let _ = tokio::time::timeout(SERVER_DRAIN, server).await;

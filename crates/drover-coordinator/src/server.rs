@@ -87,6 +87,9 @@ pub enum CoordinatorError {
     /// A setting or the stored state is unusable.
     #[error("{0}")]
     Config(String),
+    /// Another process holds the instance directory.
+    #[error(transparent)]
+    Lock(#[from] drover_journal::LockError),
 }
 
 /// Announced when the coordinator listens (for tests and tools).
@@ -107,6 +110,9 @@ pub async fn run(
     on_listening: impl FnOnce(Listening),
 ) -> Result<(), CoordinatorError> {
     let mut meta = instance::load(&config.log_dir, &config.instance)?;
+    // Held for the process's life: two coordinators on one instance would interleave
+    // their logs and trim each other's segments.
+    let _lock = drover_journal::DirLock::acquire(&instance::dir(&config.log_dir, &config.instance))?;
     if let Some(v) = config.upgrade_version
         && v <= meta.version
     {

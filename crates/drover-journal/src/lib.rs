@@ -19,6 +19,7 @@
 pub mod checkpoint;
 pub mod histogram;
 pub mod inspect;
+pub mod lock;
 pub mod machine;
 pub mod recovery;
 pub mod scan;
@@ -31,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use drover_wire::ambrosia::Limits;
+pub use lock::{DirLock, LockError};
 pub use machine::{DecodeError, StateMachine, encode_entry, replay};
 pub use recovery::{Recovery, RecoveryReport, ReplayEntry};
 pub use storage::{Faults, FaultyStorage, FsStorage, MemStorage, Storage};

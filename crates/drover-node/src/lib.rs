@@ -289,9 +289,14 @@ async fn admit(config: &NodeConfig) -> Result<(String, String, ControlChannel), 
         let n = match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
             Ok(Ok(0)) => return Err(End::Closed("admission: controller closed the connection".into())),
             Ok(Ok(n)) => n,
-            Ok(Err(e)) => return Err(End::Closed(format!("admission read: {e}"))),
+            Ok(Err(e)) => return Err(End::Closed(format!("admission read: {e}{}", WRONG_PORT_HINT))),
             Err(_) => return Err(End::Closed("admission: no answer within 10 s".into())),
         };
+        if let Some(kind) = wrong_port(&buf[..n]) {
+            return Err(End::Closed(format!(
+                "{addr} is {kind}, not an admission port: nodes connect to the controller's admission port (its --admission, default 127.0.0.1:7401), not its gRPC port (--listen, 7400) or HTTP port (--http, 7480)"
+            )));
+        }
         if let Err(e) = decoder.feed(&buf[..n]) {
             pending.extend(conn.on_packet(Err(e)));
         }
@@ -299,6 +304,22 @@ async fn admit(config: &NodeConfig) -> Result<(String, String, ControlChannel), 
             pending.extend(conn.on_packet(p));
         }
     }
+}
+
+/// Added to a failed admission read: the usual cause is a node pointed at the wrong port.
+const WRONG_PORT_HINT: &str = " (if this repeats: is this the controller's admission port, default 7401? the gRPC port 7400 resets admission packets)";
+
+/// What kind of server sent `first` if it is not an admission server: an HTTP/2 server
+/// (the gRPC port) opens with a SETTINGS frame, an HTTP/1 server answers `HTTP/1.x`.
+pub fn wrong_port(first: &[u8]) -> Option<&'static str> {
+    if first.starts_with(b"HTTP/") {
+        return Some("an HTTP server (the controller's HTTP port?)");
+    }
+    // A frame header: 24-bit length, type 4 (SETTINGS), flags, stream 0.
+    if first.len() >= 9 && first[3] == 4 && first[5..9] == [0, 0, 0, 0] {
+        return Some("an HTTP/2 server (the controller's gRPC port?)");
+    }
+    None
 }
 
 /// The control channel of an admitted session: the node's session loop holds it, and

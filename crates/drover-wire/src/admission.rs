@@ -234,8 +234,28 @@ impl PacketDecoder {
     }
 }
 
+/// What a connection's first bytes say when they are not seed-3 packets at all: an
+/// HTTP/2 client preface (a gRPC client, such as drover's CLI, pointed at the
+/// admission port) or an HTTP/1 request (a browser or curl). `None` for anything else,
+/// which the packet decoder then judges.
+pub fn foreign_protocol(first: &[u8]) -> Option<&'static str> {
+    if first.starts_with(b"PRI * HTTP/2") {
+        return Some("HTTP/2 (a gRPC client?)");
+    }
+    const METHODS: [&[u8]; 7] = [b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH "];
+    METHODS.iter().any(|m| first.starts_with(m)).then_some("HTTP/1 (a browser or curl?)")
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn foreign_protocols_are_named_and_packets_are_not() {
+        assert!(foreign_protocol(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap().contains("HTTP/2"));
+        assert!(foreign_protocol(b"GET / HTTP/1.1\r\n").unwrap().contains("HTTP/1"));
+        assert_eq!(foreign_protocol(b"conn:establish;;{}<EOF>"), None);
+        assert_eq!(foreign_protocol(b""), None);
+    }
     use super::*;
     use proptest::prelude::*;
 

@@ -16,6 +16,7 @@ pub enum JournalCommand {
     /// Check every checkpoint and record; exit 1 and say where if anything is damaged.
     Verify {
         /// A data directory (holding `journal/`) or a journal directory.
+        #[arg(env = "DROVER_DATA_DIR", default_value = "./drover-data")]
         dir: PathBuf,
         /// Print the findings as JSON.
         #[arg(long)]
@@ -26,6 +27,7 @@ pub enum JournalCommand {
     /// of the journal, so the directory is left exactly as it is (torn tail included).
     State {
         /// A data directory (holding `journal/`) or a journal directory.
+        #[arg(env = "DROVER_DATA_DIR", default_value = "./drover-data")]
         dir: PathBuf,
         /// Print as JSON (the dashboard's `/api/fleet` shape).
         #[arg(long)]
@@ -34,6 +36,7 @@ pub enum JournalCommand {
     /// List checkpoints and records: sequence ids, offsets, sizes, message types.
     Dump {
         /// A data directory (holding `journal/`) or a journal directory.
+        #[arg(env = "DROVER_DATA_DIR", default_value = "./drover-data")]
         dir: PathBuf,
         /// Print as JSON.
         #[arg(long)]
@@ -94,7 +97,31 @@ fn recovered_state(dir: &Path) -> anyhow::Result<drover_core::FleetView> {
     Ok(core.fleet_view())
 }
 
+/// Says on stderr when a live process holds the directory: these tools read without
+/// taking the lock, so what they show may be a moment behind the writer.
+fn note_live(dir: &Path) {
+    let data_dir = if dir.join("journal").is_dir() { dir } else { dir.parent().unwrap_or(dir) };
+    for d in [dir, data_dir] {
+        if let Some(pid) = drover_journal::lock::holder(d) {
+            let pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+            eprintln!(
+                "note: {} is in use by a running process{pid}; reading it live, so the newest records may still be arriving",
+                d.display()
+            );
+            return;
+        }
+    }
+}
+
 pub fn run(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
+    let (JournalCommand::Verify { dir, .. } | JournalCommand::State { dir, .. } | JournalCommand::Dump { dir, .. }) =
+        &cmd;
+    anyhow::ensure!(
+        dir.is_dir(),
+        "{} is not a directory (pass a data directory or a journal directory)",
+        dir.display()
+    );
+    note_live(dir);
     match cmd {
         JournalCommand::State { dir, json } => {
             let view = recovered_state(&dir)?;

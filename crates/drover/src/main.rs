@@ -455,6 +455,20 @@ fn main() -> std::process::ExitCode {
     let cli = parse();
     let quiet = !matches!(cli.command, Command::Controller(_) | Command::Node(_) | Command::Coordinator(_));
     init_logging(&cli.log_format, if quiet { "warn" } else { "info" });
+    if !matches!(
+        cli.command,
+        Command::Controller(_) | Command::Node(_) | Command::Coordinator(_) | Command::Demo(_) | Command::Bench(_)
+    ) {
+        // A one-shot command whose reader goes away (`drover nodes | head -1`) ends as
+        // any Unix tool does, by SIGPIPE, instead of panicking in print!. The servers
+        // keep Rust's default (ignored): their sockets report EPIPE as an error.
+        // SAFETY: setting a signal's disposition to the default, before any thread
+        // that could be writing exists, has no memory-safety preconditions.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -161,7 +161,7 @@ impl ControllerArgs {
 pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let mut config = args.config();
     // Per node: the control channel and (shared or not) a gRPC connection.
-    crate::util::raise_fd_limit(2 * config.max_connections as u64 + 1024);
+    config.max_connections = crate::util::fit_connections_to_fd_limit(config.max_connections);
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let cert_pem = std::fs::read(cert).with_context(|| format!("cannot read --tls-cert {}", cert.display()))?;
         let key_pem = std::fs::read(key).with_context(|| format!("cannot read --tls-key {}", key.display()))?;
@@ -182,8 +182,17 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot listen on {} for HTTP (in use? see --http)", args.http))?;
     let listeners = drover_controller::Listeners { grpc, admission: Some(admission), http: Some(http) };
     let token_file = args.data_dir.join(drover_controller::ADMIN_TOKEN_FILE);
+    let tls = config.tls.is_some();
     drover_controller::run(config, listeners, shutdown_signal(), move |r| {
-        tracing::info!(addr = %r.addr, admission = ?r.admission, admin_token_file = %token_file.display(), "controller ready");
+        let or_none = |a: Option<std::net::SocketAddr>| a.map_or("off".to_owned(), |a| a.to_string());
+        let scheme = if tls { "https" } else { "http" };
+        tracing::info!(
+            grpc = %r.addr,
+            admission = %or_none(r.admission),
+            dashboard = %r.http.map_or("off".to_owned(), |a| format!("{scheme}://{a}/")),
+            admin_token_file = %token_file.display(),
+            "controller ready"
+        );
     })
     .await
     .context("controller stopped")?;
@@ -199,9 +208,11 @@ pub struct NodeArgs {
     /// Print the effective configuration (secrets redacted) and exit.
     #[arg(long)]
     pub print_config: bool,
-    /// The controller's admission address.
-    #[arg(long, env = "DROVER_ADMISSION", default_value = "127.0.0.1:7401")]
-    pub controller: String,
+    /// The controller's admission address (its --admission port, not the gRPC port the
+    /// CLI uses: admission then tells the node where gRPC is). `--controller` is an old
+    /// spelling of this flag.
+    #[arg(long, alias = "controller", env = "DROVER_ADMISSION", default_value = "127.0.0.1:7401")]
+    pub admission: String,
     /// Join token (`drover token create --role join`); or use --cert/--key.
     #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true, required_unless_present = "cert")]
     pub token: Option<String>,
@@ -293,7 +304,7 @@ pub fn source(spec: &str) -> anyhow::Result<Arc<dyn PriceSource>> {
 
 pub async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let source = source(&args.source)?;
-    let mut config = node_config(&args.controller, args.token.as_deref().unwrap_or(""), args.pairs, args.name, args.id);
+    let mut config = node_config(&args.admission, args.token.as_deref().unwrap_or(""), args.pairs, args.name, args.id);
     if args.worker {
         let cores =
             args.cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32)).max(1);

@@ -36,16 +36,33 @@ pub async fn shutdown_signal() {
 }
 
 /// Raises the soft open-file limit to the hard limit (as servers commonly do: a
-/// controller holds two sockets per connected node) and warns when even that is below
-/// `wanted`. Returns the limit in effect.
+/// controller holds two sockets per connected node) and returns the admission
+/// connection cap that limit can carry: `max_connections`, or less when the limit is
+/// lower. Lowering is said once at INFO, not warned on every default start: nothing is
+/// wrong until the fleet actually grows that large, and then the cap (with its
+/// `conn:close` reason) is what protects the controller from running out of descriptors.
+pub fn fit_connections_to_fd_limit(max_connections: usize) -> usize {
+    const RESERVED: u64 = 1024; // journal, listeners, CLI and HTTP connections
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
+    let fits = (limit.saturating_sub(RESERVED) / 2).max(1);
+    if (max_connections as u64) <= fits {
+        return max_connections;
+    }
+    tracing::info!(
+        limit,
+        max_connections,
+        cap = fits,
+        "the open-file limit caps admission connections (raise it with ulimit -n or LimitNOFILE= for larger fleets)"
+    );
+    fits as usize
+}
+
+/// Raises the soft open-file limit to the hard limit for a process that needs `wanted`
+/// descriptors (the fleet bench's simulated nodes), warning when even that is short.
 pub fn raise_fd_limit(wanted: u64) -> u64 {
     let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
     if limit < wanted {
-        tracing::warn!(
-            limit,
-            wanted,
-            "the open-file limit is low for this many connections; raise it (ulimit -n) or lower --max-connections"
-        );
+        tracing::warn!(limit, wanted, "the open-file limit is low for this many connections; raise it (ulimit -n)");
     }
     limit
 }

@@ -389,7 +389,7 @@ fn tls_end_to_end_with_the_drover_cert_ca_and_a_stranger_refused() {
     // A node over TLS: admission and stream both verified against the CA.
     let join = c.token(&["--role", "join"]);
     let mut node = Command::new(env!("CARGO_BIN_EXE_drover"))
-        .args(["node", "--controller", &format!("127.0.0.1:{}", c.admission), "--token", &join, "--pairs", "EURUSD"])
+        .args(["node", "--admission", &format!("127.0.0.1:{}", c.admission), "--token", &join, "--pairs", "EURUSD"])
         .args(["--name", "tls-node", "--ca", ca.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("node.log")).unwrap())
@@ -446,7 +446,7 @@ fn certificate_credentials_need_the_key_and_must_name_the_node() {
     let nodes = || c.cli(&["nodes", "--json", "--timeout", "2s"]).1;
     let node = |id: &str| {
         Command::new(env!("CARGO_BIN_EXE_drover"))
-            .args(["node", "--controller", &format!("127.0.0.1:{admission}"), "--id", id, "--pairs", "EURUSD"])
+            .args(["node", "--admission", &format!("127.0.0.1:{admission}"), "--id", id, "--pairs", "EURUSD"])
             .args(["--cert", &p("node-7.pem"), "--key", &p("node-7.key"), "--ca", &p("ca.pem")])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join(format!("{id}.log"))).unwrap())

@@ -546,7 +546,7 @@ fn partitioned_streamer_is_replaced_in_time_and_fenced_after_heal() {
         let log = std::fs::File::create(dir.path().join("inside.log")).unwrap();
         Killed(
             Command::new("ip")
-                .args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_drover"), "node", "--controller", &adm])
+                .args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_drover"), "node", "--admission", &adm])
                 .args(["--token", &join, "--name", "inside", "--id", "inside", "--pairs", "EURUSD"])
                 .stdout(Stdio::null())
                 .stderr(log)

@@ -241,3 +241,33 @@ fn calls_between_two_coordinators_are_delivered_exactly_once_across_sigkills() {
     drop(running);
     drop(coords);
 }
+
+#[test]
+fn a_second_coordinator_on_the_same_instance_is_refused_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let reg = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["coordinator", "register", "--instance", "solo", "--log-dir", d.join("logs").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(reg.status.success(), "{}", String::from_utf8_lossy(&reg.stderr));
+    let receive = free_port();
+    let first = coordinator_for(d, "solo", receive, free_port());
+    assert!(wait_until(Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", receive)).is_ok()));
+    let (r, s, p) = (free_port().to_string(), free_port().to_string(), free_port().to_string());
+    let log_dir = d.join("logs");
+    let args = ["coordinator", "--instance", "solo", "--log-dir", log_dir.to_str().unwrap()];
+    let second = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(args)
+        .args(["--receive-port", &r, "--send-port", &s, "--peer-port", &p])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "the second coordinator must not run: {err}");
+    assert!(
+        err.contains("in use by another process") && err.contains(&format!("pid {}", first.pid())),
+        "the error names the holder: {err}"
+    );
+    assert!(err.contains(&log_dir.join("solo").display().to_string()), "and the directory: {err}");
+}

@@ -182,14 +182,14 @@ fn the_dashboard_shows_nodes_and_live_prices_and_a_killed_node_as_gone() {
     let adm = format!("127.0.0.1:{admission}");
     let node = |name: &str, pairs: &str| {
         spawn(
-            &["node", "--controller", &adm, "--token", &token, "--pairs", pairs, "--name", name],
+            &["node", "--admission", &adm, "--token", &token, "--pairs", pairs, "--name", name],
             &dir.path().join(format!("{name}.log")),
         )
     };
     let mut alpha = node("alpha", "EURUSD,GBPUSD");
     let _beta = node("beta", "GBPUSD,USDJPY");
     let _gamma = spawn(
-        &["node", "--controller", &adm, "--token", &token, "--worker", "--cores", "1", "--name", "gamma"],
+        &["node", "--admission", &adm, "--token", &token, "--worker", "--cores", "1", "--name", "gamma"],
         &dir.path().join("gamma.log"),
     );
 

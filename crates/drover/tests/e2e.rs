@@ -102,7 +102,7 @@ fn node(dir: &Path, port: u16, name: &str, pairs: &str) -> Proc {
     let addr = format!("127.0.0.1:{}", admission_port(port));
     let token = join_token(port);
     spawn(
-        &["node", "--controller", &addr, "--token", &token, "--pairs", pairs, "--name", name],
+        &["node", "--admission", &addr, "--token", &token, "--pairs", pairs, "--name", name],
         &dir.join(format!("{name}.log")),
         name,
     )

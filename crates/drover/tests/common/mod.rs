@@ -152,7 +152,7 @@ impl Controller {
     /// Starts a node; `extra` are more flags (e.g. `--worker`).
     pub fn node(&self, dir: &Path, name: &str, token: &str, extra: &[&str]) -> Killed {
         let adm = format!("127.0.0.1:{}", self.admission);
-        let mut args = vec!["node", "--controller", &adm, "--token", token, "--name", name];
+        let mut args = vec!["node", "--admission", &adm, "--token", token, "--name", name];
         args.extend_from_slice(extra);
         spawn(&args, &dir.join(format!("{name}.log")))
     }
