@@ -1,10 +1,15 @@
-//! A per-address limit on failed authentications: after `max_failures` failures
-//! within `window_ms`, an address is refused at once until the oldest failure ages
-//! out. The table is bounded; when full, the address whose newest failure is oldest
-//! is forgotten.
+//! A limit on failed authentications per address *and* presented credential: after
+//! `max_failures` failures within `window_ms`, that pair is refused at once until the
+//! oldest failure ages out. Keying on what was presented (a join token's public id, or
+//! "malformed") as well as the address means one node with a bad token cannot lock
+//! out good nodes behind the same address (a host, a NAT). The table is bounded; when
+//! full, the key whose newest failure is oldest is forgotten.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+
+/// What failures are counted against: the peer's address and what it presented.
+pub type Key = (IpAddr, String);
 
 /// The limiter's table.
 #[derive(Debug)]
@@ -12,7 +17,7 @@ pub struct FailureLimiter {
     window_ms: i64,
     max_failures: usize,
     max_addrs: usize,
-    failures: HashMap<IpAddr, VecDeque<i64>>,
+    failures: HashMap<Key, VecDeque<i64>>,
 }
 
 impl FailureLimiter {
@@ -21,33 +26,33 @@ impl FailureLimiter {
         FailureLimiter { window_ms, max_failures: max_failures.max(1), max_addrs: 10_000, failures: HashMap::new() }
     }
 
-    fn prune(&mut self, addr: IpAddr, now_ms: i64) {
-        if let Some(q) = self.failures.get_mut(&addr) {
+    fn prune(&mut self, key: &Key, now_ms: i64) {
+        if let Some(q) = self.failures.get_mut(key) {
             while q.front().is_some_and(|&t| now_ms - t >= self.window_ms) {
                 q.pop_front();
             }
             if q.is_empty() {
-                self.failures.remove(&addr);
+                self.failures.remove(key);
             }
         }
     }
 
-    /// Whether `addr` may try now.
-    pub fn allowed(&mut self, addr: IpAddr, now_ms: i64) -> bool {
-        self.prune(addr, now_ms);
-        self.failures.get(&addr).is_none_or(|q| q.len() < self.max_failures)
+    /// Whether `key` may try now.
+    pub fn allowed(&mut self, key: &Key, now_ms: i64) -> bool {
+        self.prune(key, now_ms);
+        self.failures.get(key).is_none_or(|q| q.len() < self.max_failures)
     }
 
-    /// Records a failed attempt from `addr`.
-    pub fn failed(&mut self, addr: IpAddr, now_ms: i64) {
-        self.prune(addr, now_ms);
-        if !self.failures.contains_key(&addr) && self.failures.len() >= self.max_addrs {
-            let stalest = self.failures.iter().min_by_key(|(_, q)| q.back().copied()).map(|(a, _)| *a);
-            if let Some(a) = stalest {
-                self.failures.remove(&a);
+    /// Records a failed attempt by `key`.
+    pub fn failed(&mut self, key: Key, now_ms: i64) {
+        self.prune(&key, now_ms);
+        if !self.failures.contains_key(&key) && self.failures.len() >= self.max_addrs {
+            let stalest = self.failures.iter().min_by_key(|(_, q)| q.back().copied()).map(|(k, _)| k.clone());
+            if let Some(k) = stalest {
+                self.failures.remove(&k);
             }
         }
-        let q = self.failures.entry(addr).or_default();
+        let q = self.failures.entry(key).or_default();
         q.push_back(now_ms);
         while q.len() > self.max_failures {
             q.pop_front();
@@ -60,16 +65,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn limits_per_address_and_recovers() {
+    fn limits_per_address_and_credential_and_recovers() {
         let a: IpAddr = "127.0.0.1".parse().unwrap();
         let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let bad = (a, "0123456789ab".to_owned());
         let mut l = FailureLimiter::new(3, 10_000);
         for t in 0..3 {
-            assert!(l.allowed(a, t));
-            l.failed(a, t);
+            assert!(l.allowed(&bad, t));
+            l.failed(bad.clone(), t);
         }
-        assert!(!l.allowed(a, 100), "fourth try within the window is refused");
-        assert!(l.allowed(b, 100), "other addresses are unaffected");
-        assert!(l.allowed(a, 10_001), "the oldest failure aged out");
+        assert!(!l.allowed(&bad, 100), "fourth try within the window is refused");
+        assert!(l.allowed(&(a, "ba9876543210".to_owned()), 100), "another credential from the same address is not");
+        assert!(l.allowed(&(b, bad.1.clone()), 100), "nor the same credential from another address");
+        assert!(l.allowed(&bad, 10_001), "the oldest failure aged out");
     }
 }

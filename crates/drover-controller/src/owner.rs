@@ -16,6 +16,9 @@ use drover_journal::{Journal, StateMachine, Ticket};
 use drover_proto::v1;
 use tokio::sync::{mpsc, watch};
 
+/// At most one log line per this interval about rate-limited admissions.
+const RATE_LIMIT_LOG_EVERY_MS: i64 = 10_000;
+
 use crate::{ControllerConfig, ShellError};
 
 /// A stream's outgoing half, as the releaser holds it.
@@ -217,8 +220,11 @@ pub(crate) struct Owner {
     last_ms: i64,
     limiter: drover_admission::limiter::FailureLimiter,
     attempts: u64,
-    /// Admission attempts in flight: peer and node, for logs and the limiter.
-    peers: HashMap<u64, (std::net::IpAddr, String)>,
+    /// Admission attempts in flight: peer, node and the token id presented.
+    peers: HashMap<u64, (std::net::IpAddr, String, String)>,
+    /// Rate-limited refusals not yet logged, and when the last such line was written.
+    rate_limited_unlogged: u64,
+    rate_limit_logged_ms: i64,
     /// Where `/metrics` reads from.
     snapshot: watch::Sender<Snapshot>,
     rate_limited: u64,
@@ -283,6 +289,8 @@ impl Owner {
             limiter,
             attempts: 0,
             peers: HashMap::new(),
+            rate_limited_unlogged: 0,
+            rate_limit_logged_ms: i64::MIN / 2,
             snapshot: watch::channel(Snapshot::default()).0,
             rate_limited: 0,
             malformed: 0,
@@ -406,17 +414,33 @@ impl Owner {
                 }
                 ShellEvent::Admission { node, presented, peer, reply } => {
                     let now = now_ms();
-                    if !self.limiter.allowed(peer, now) {
-                        tracing::warn!(%node, %peer, "admission refused: too many failed attempts");
+                    let key = (peer, presented.as_ref().map_or_else(|_| "malformed".to_owned(), |p| p.id.clone()));
+                    // Past the limit only a valid credential goes on (checked read-only,
+                    // so the refusals stay cheap and unjournaled): one node's bad token
+                    // must not lock out good ones behind the same address.
+                    let valid = presented
+                        .as_ref()
+                        .is_ok_and(|p| self.core.join_credential_valid(&p.id, &p.secret_hash, now).is_ok());
+                    if !valid && !self.limiter.allowed(&key, now) {
                         self.rate_limited += 1;
-                        let _ = reply.send(Err("too many failed attempts from this address; retry later".into()));
+                        // One line per interval, not one per attempt.
+                        self.rate_limited_unlogged += 1;
+                        if now - self.rate_limit_logged_ms >= RATE_LIMIT_LOG_EVERY_MS {
+                            tracing::warn!(%node, %peer, refused = self.rate_limited_unlogged,
+                                "admission refused: too many failed attempts (count since the last such line)");
+                            self.rate_limit_logged_ms = now;
+                            self.rate_limited_unlogged = 0;
+                        }
+                        let _ = reply.send(Err(
+                            "too many failed attempts with this credential from this address; retry later".into(),
+                        ));
                         continue;
                     }
                     let presented = match presented {
                         Ok(p) => p,
                         Err(reason) => {
                             self.malformed += 1;
-                            self.limiter.failed(peer, now);
+                            self.limiter.failed(key, now);
                             tracing::warn!(%node, %peer, %reason, "admission refused");
                             let _ = reply.send(Err(reason));
                             continue;
@@ -425,7 +449,7 @@ impl Owner {
                     self.attempts += 1;
                     let attempt = self.attempts;
                     let _ = release.send(Release::Admission(attempt, reply));
-                    self.peers.insert(attempt, (peer, node.clone()));
+                    self.peers.insert(attempt, (peer, node.clone(), presented.id.clone()));
                     Event::AdmissionAttempt {
                         attempt,
                         node,
@@ -567,12 +591,14 @@ impl Owner {
             match o {
                 Output::CloseNode { node, reason, .. } => tracing::info!(%node, %reason, "closing node stream"),
                 Output::AdmissionVerdict { attempt, result } => {
-                    let (peer, node) =
-                        self.peers.remove(attempt).unwrap_or((std::net::IpAddr::from([0, 0, 0, 0]), String::new()));
+                    let (peer, node, token_id) = self
+                        .peers
+                        .remove(attempt)
+                        .unwrap_or_else(|| (std::net::IpAddr::from([0, 0, 0, 0]), String::new(), String::new()));
                     match result {
                         Ok(()) => tracing::info!(%node, %peer, "node admitted"),
                         Err(reason) => {
-                            self.limiter.failed(peer, at_ms);
+                            self.limiter.failed((peer, token_id), at_ms);
                             tracing::warn!(%node, %peer, %reason, "admission refused");
                         }
                     }

@@ -633,9 +633,11 @@ impl Controller {
         reply(out, v1::ControllerTokenCreateV1Reply { id, token: String::new(), expires_at_ms: expires_ms }.into());
     }
 
-    fn admit(&mut self, token_id: &str, secret_hash: &[u8; 32]) -> Result<(), String> {
-        let now = self.now_ms;
-        let Some(t) = self.tokens.get_mut(token_id) else {
+    /// Whether a join credential would be admitted at `now_ms`, without using it up: the
+    /// shell asks this (read-only, not journaled) before letting an attempt through a
+    /// rate limit, so a valid credential is never locked out by someone else's failures.
+    pub fn join_credential_valid(&self, token_id: &str, secret_hash: &[u8; 32], now_ms: i64) -> Result<(), String> {
+        let Some(t) = self.tokens.get(token_id) else {
             return Err("unknown token".into());
         };
         // The secret is compared before anything about the token is revealed.
@@ -645,7 +647,14 @@ impl Controller {
         if t.role != v1::TokenRole::Join as i32 {
             return Err("not a join token".into());
         }
-        t.usable(now).map_err(str::to_owned)?;
+        t.usable(now_ms).map_err(str::to_owned)
+    }
+
+    fn admit(&mut self, token_id: &str, secret_hash: &[u8; 32]) -> Result<(), String> {
+        self.join_credential_valid(token_id, secret_hash, self.now_ms)?;
+        let Some(t) = self.tokens.get_mut(token_id) else {
+            return Err("unknown token".into());
+        };
         if let Some(u) = &mut t.uses_left {
             *u -= 1;
         }

@@ -124,7 +124,15 @@ enum End {
     Shutdown,
     Evicted(String),
     Closed(String),
+    /// Admission refused the credential, or the address is not an admission port: a
+    /// configuration problem that retrying fast will not fix.
+    Refused(String),
 }
+
+/// Backoff after a refused credential: from this, doubling up to [`REFUSED_BACKOFF_MAX`].
+const REFUSED_BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// The longest wait between attempts with a refused credential.
+const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -140,6 +148,8 @@ pub async fn run(
     tokio::pin!(shutdown);
     let mut tasks = config.worker_config.clone().filter(|_| config.worker).map(Tasks::new);
     let mut backoff = config.backoff_min;
+    let mut refused_backoff = REFUSED_BACKOFF_MIN;
+    let mut last_refusal: Option<String> = None;
     let mut jitter = drover_proto_free_rng(&config.id);
     loop {
         let started = Instant::now();
@@ -153,7 +163,27 @@ pub async fn run(
                 tracing::warn!(node = %config.id, %reason, "evicted by the controller; stopping");
                 return Exit::Evicted;
             }
+            End::Refused(why) => {
+                // Said once at WARN (and again only if the reason changes), then retried
+                // with a growing wait: an operator may fix the token or the address.
+                let wait = refused_backoff;
+                if last_refusal.as_deref() != Some(why.as_str()) {
+                    tracing::warn!(node = %config.id, reason = %why, retry_in_ms = wait.as_millis() as u64,
+                        "not admitted; retrying with backoff (up to 60 s) until the credential or address is fixed");
+                    last_refusal = Some(why);
+                } else {
+                    tracing::debug!(node = %config.id, reason = %why, retry_in_ms = wait.as_millis() as u64, "not admitted");
+                }
+                tokio::select! {
+                    _ = &mut shutdown => return Exit::Stopped,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                refused_backoff = (refused_backoff * 2).min(REFUSED_BACKOFF_MAX);
+            }
             End::Closed(why) => {
+                if last_refusal.take().is_some() {
+                    refused_backoff = REFUSED_BACKOFF_MIN;
+                }
                 if started.elapsed() > Duration::from_secs(10) {
                     backoff = config.backoff_min;
                 }
@@ -280,7 +310,7 @@ async fn admit(config: &NodeConfig) -> Result<(String, String, ControlChannel), 
                         ControlChannel { control, buf: vec![0u8; 4096], alive: tokio::time::interval(ALIVE_EVERY) };
                     return Ok((upstream, ticket, channel));
                 }
-                NodeAction::Denied { reason } => return Err(End::Closed(format!("admission refused: {reason}"))),
+                NodeAction::Denied { reason } => return Err(End::Refused(format!("admission refused: {reason}"))),
                 NodeAction::Closed { reason } | NodeAction::Moved { upstream: reason, .. } => {
                     return Err(End::Closed(format!("admission closed: {reason}")));
                 }
@@ -293,7 +323,7 @@ async fn admit(config: &NodeConfig) -> Result<(String, String, ControlChannel), 
             Err(_) => return Err(End::Closed("admission: no answer within 10 s".into())),
         };
         if let Some(kind) = wrong_port(&buf[..n]) {
-            return Err(End::Closed(format!(
+            return Err(End::Refused(format!(
                 "{addr} is {kind}, not an admission port: nodes connect to the controller's admission port (its --admission, default 127.0.0.1:7401), not its gRPC port (--listen, 7400) or HTTP port (--http, 7480)"
             )));
         }
@@ -423,7 +453,7 @@ impl ControlChannel {
 pub async fn admit_session(config: &NodeConfig) -> Result<(String, String, ControlChannel), String> {
     match admit(config).await {
         Ok(admitted) => Ok(admitted),
-        Err(End::Closed(why) | End::Evicted(why)) => Err(why),
+        Err(End::Closed(why) | End::Evicted(why) | End::Refused(why)) => Err(why),
         Err(End::Shutdown) => Err("shut down during admission".into()),
     }
 }

@@ -373,9 +373,57 @@ fn brute_force_from_one_address_is_rate_limited() {
     assert!(metrics.contains("drover_admission_refusals_total{reason=\"rate_limited\"} 20"), "{metrics}");
     assert!(http_get(http, "/healthz").starts_with("HTTP/1.1 200"));
     assert!(http_get(http, "/readyz").starts_with("HTTP/1.1 200"));
-    // Even the right token is refused from that address until the window passes.
+    // The limit is per address *and* credential: a valid join token from the same
+    // address is admitted at once (one node's bad token must not lock out the good
+    // nodes behind the same host or NAT), and another token id is judged on its own.
     let join = c.token(&["--role", "join"]);
-    assert!(attempt(&c, &join).contains("too many failed attempts"));
+    let answer = attempt(&c, &join);
+    assert!(answer.starts_with("auth:ack;;"), "a valid credential goes through the limit: {answer}");
+    let other = attempt(&c, "dt1.ba9876543210.guessguessguess0000");
+    assert!(other.contains("unknown token"), "another credential is not limited by the first: {other}");
+    assert!(attempt(&c, "dt1.0123456789ab.guessguessguess9999").contains("too many failed attempts"));
+}
+
+#[test]
+fn a_node_with_a_bad_token_backs_off_and_does_not_lock_out_its_neighbours() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let c = start(dir.path(), &["--http", &format!("127.0.0.1:{http}")]);
+    let log = dir.path().join("bad.log");
+    let adm = format!("127.0.0.1:{}", c.admission);
+    let mut bad = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["node", "--admission", &adm, "--token", "dt1.0123456789ab.wrongwrongwrongwrong", "--pairs", "EURUSD"])
+        .args(["--name", "bad"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    // Exponential backoff from 1 s: tries at about 0, 1, 3 and 7 s.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let warned = text.matches("not admitted").count();
+    assert_eq!(warned, 1, "the refusal is said once at WARN, not per try:\n{text}");
+    let metrics = http_get(http, "/metrics");
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("drover_admission_refusals_total{reason=\"credential\"} "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no credential refusals on /metrics: {metrics}"));
+    assert!((2..=5).contains(&refused), "about four tries in 8 s with backoff, not a hundred: {refused}");
+    // A good node on the same address is admitted although the bad one keeps trying.
+    let join = c.token(&["--role", "join"]);
+    let mut good = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["node", "--admission", &adm, "--token", &join, "--pairs", "EURUSD", "--name", "good"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.cli(&["nodes"]).1.contains("good") {
+        assert!(Instant::now() < deadline, "the good node was not admitted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = (bad.kill(), bad.wait(), good.kill(), good.wait());
 }
 
 #[test]
