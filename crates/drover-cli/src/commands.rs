@@ -47,6 +47,24 @@ fn streaming(s: &[v1::StreamAssignment]) -> String {
     s.iter().map(|a| format!("{}@{}", a.pair, a.epoch)).collect::<Vec<_>>().join(",")
 }
 
+/// A moment as a UTC date and how far it is from now: `2026-12-03 19:05 UTC (in 23h)`.
+fn when(ms: i64) -> String {
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let date = match time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)) {
+        Ok(t) => format!("{}-{:02}-{:02} {:02}:{:02} UTC", t.year(), t.month() as u8, t.day(), t.hour(), t.minute()),
+        Err(_) => format!("{ms} ms"),
+    };
+    let s = (ms - now) / 1000;
+    let span = |s: i64| match s {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    };
+    if s >= 0 { format!("{date} (in {})", span(s)) } else { format!("{date} ({} ago)", span(-s)) }
+}
+
 fn ago(ms: i64) -> String {
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
@@ -85,7 +103,9 @@ pub async fn resolve(ctx: &Ctx, args: &[String]) -> Result<Vec<String>, CliError
                 nodes.iter().filter(|n| &n.name == a || n.node_uuid.starts_with(a.as_str())).collect();
             match hits.as_slice() {
                 [one] => Ok(one.node_uuid.clone()),
-                [] => Ok(a.clone()),
+                [] => Err(CliError::Usage(format!(
+                    "no node is named {a:?} or has an id starting with it (`drover nodes` lists them)"
+                ))),
                 many => Err(CliError::Usage(format!(
                     "{a:?} matches {} nodes ({}); give more of the uuid",
                     many.len(),
@@ -123,6 +143,7 @@ pub async fn nodes(ctx: &Ctx) -> Result<bool, CliError> {
                     "known_pairs": n.known_pairs,
                     "streaming": n.streaming.iter().map(|a| json!({"pair": a.pair, "epoch": a.epoch})).collect::<Vec<_>>(),
                     "connected_since_ms": n.connected_since_ms, "worker": n.worker,
+                    "gone_since_ms": (n.gone_since_ms != 0).then_some(n.gone_since_ms),
                 })
             })
             .collect();
@@ -138,11 +159,15 @@ pub async fn nodes(ctx: &Ctx) -> Result<bool, CliError> {
                     n.version.clone(),
                     n.known_pairs.join(","),
                     streaming(&n.streaming),
-                    ago(n.connected_since_ms),
+                    if n.gone_since_ms != 0 {
+                        format!("gone {}", ago(n.gone_since_ms))
+                    } else {
+                        format!("connected {}", ago(n.connected_since_ms))
+                    },
                 ]
             })
             .collect();
-        println!("{}", table(&["ID", "NAME", "STATE", "VERSION", "KNOWN", "STREAMING", "CONNECTED"], &rows));
+        println!("{}", table(&["ID", "NAME", "STATE", "VERSION", "KNOWN", "STREAMING", "SINCE"], &rows));
     }
     Ok(true)
 }
@@ -187,13 +212,25 @@ fn print_unknown_or(out: &Outcome) -> bool {
     true
 }
 
-/// `drover kick NODE…` and `drover drain NODE…`.
-pub async fn kick_or_drain(ctx: &Ctx, args: &[String], drain: bool) -> Result<bool, CliError> {
+/// What `kick`, `drain` and `drain --undo` do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeAction {
+    /// Disconnect; the node reconnects by itself.
+    Kick,
+    /// Move its pairs away, make-before-break.
+    Drain,
+    /// Undo a drain.
+    Undrain,
+}
+
+/// `drover kick NODE…`, `drover drain [--undo] NODE…`.
+pub async fn kick_or_drain(ctx: &Ctx, args: &[String], action: NodeAction) -> Result<bool, CliError> {
     let ids = resolve(ctx, args).await?;
-    let payload: Payload = if drain {
-        v1::ControllerDrainNodesV1Req { node_uuids: ids }.into()
-    } else {
-        v1::ControllerKickNodesV1Req { node_uuids: ids }.into()
+    let payload: Payload = match action {
+        NodeAction::Kick => v1::ControllerKickNodesV1Req { node_uuids: ids }.into(),
+        NodeAction::Drain | NodeAction::Undrain => {
+            v1::ControllerDrainNodesV1Req { node_uuids: ids, undo: action == NodeAction::Undrain }.into()
+        }
     };
     let Some((done, missing)) = controller_reply(ctx, payload, |p| match p {
         Payload::ControllerKickNodesV1Reply(k) => Some((k.kicked, k.missing)),
@@ -204,15 +241,19 @@ pub async fn kick_or_drain(ctx: &Ctx, args: &[String], drain: bool) -> Result<bo
     else {
         return Ok(false);
     };
-    let verb = if drain { "draining" } else { "kicked" };
+    let verb = match action {
+        NodeAction::Kick => "kicked",
+        NodeAction::Drain => "draining",
+        NodeAction::Undrain => "undrained",
+    };
     if ctx.json {
         println!("{}", json!({ verb: done, "missing": missing }));
     } else {
         for d in &done {
-            println!("{verb}: {d}");
+            println!("{verb}: {}", short(d));
         }
         for m in &missing {
-            eprintln!("missing: {m} (offline or unknown)");
+            eprintln!("missing: {} (offline)", short(m));
         }
     }
     Ok(missing.is_empty())
@@ -330,21 +371,23 @@ pub async fn stream(ctx: &Ctx, node: &str, pairs: Vec<String>, unpin: bool) -> R
     Ok(r.error.is_empty() && r.refused.is_empty())
 }
 
+/// A price row: the streamer and epoch are who streams the pair *now* ("-" when
+/// nobody does, as on the dashboard); the price's own source is in `--json`.
 fn price_row(v: &v1::PriceView) -> Vec<String> {
     let p = v.price.clone().unwrap_or_default();
-    vec![
-        p.pair.clone(),
-        p.price.as_ref().map(decimal).unwrap_or_default(),
-        ago(p.upstream_time_ms),
-        short(&v.streamer),
-        v.epoch.to_string(),
-    ]
+    let (streamer, epoch) = if v.streamer.is_empty() {
+        ("-".to_owned(), "-".to_owned())
+    } else {
+        (short(&v.streamer), v.epoch.to_string())
+    };
+    vec![p.pair.clone(), p.price.as_ref().map(decimal).unwrap_or_default(), ago(p.upstream_time_ms), streamer, epoch]
 }
 
 fn price_json(v: &v1::PriceView) -> serde_json::Value {
     let p = v.price.clone().unwrap_or_default();
     json!({"pair": p.pair, "price": p.price.as_ref().map(decimal), "upstream_time_ms": p.upstream_time_ms,
-        "seq": p.seq, "streamer": v.streamer, "epoch": v.epoch})
+        "seq": p.seq, "streamer": (!v.streamer.is_empty()).then_some(&v.streamer), "epoch": v.epoch,
+        "source": v.source, "source_epoch": v.source_epoch})
 }
 
 /// `drover prices [PAIR…] [--watch [--duration D]]`. `--json` prints one document (an
@@ -510,12 +553,12 @@ pub async fn token_list(ctx: &Ctx) -> Result<bool, CliError> {
                     role_name(t.role).into(),
                     if t.revoked { "revoked".into() } else { "active".into() },
                     if t.limited { t.uses_left.to_string() } else { "unlimited".into() },
-                    if t.expires_at_ms == 0 { "never".into() } else { format!("{}", t.expires_at_ms) },
+                    if t.expires_at_ms == 0 { "never".into() } else { when(t.expires_at_ms) },
                     t.description.clone(),
                 ]
             })
             .collect();
-        println!("{}", table(&["ID", "ROLE", "STATE", "USES LEFT", "EXPIRES (ms)", "DESCRIPTION"], &rows));
+        println!("{}", table(&["ID", "ROLE", "STATE", "USES LEFT", "EXPIRES", "DESCRIPTION"], &rows));
     }
     Ok(true)
 }
@@ -559,13 +602,41 @@ pub async fn evict(ctx: &Ctx, args: &[String], reason: String) -> Result<bool, C
         println!("{}", json!({"evicted": r.evicted, "missing": r.missing}));
     } else {
         for id in &r.evicted {
-            println!("evicted: {id}");
+            println!("evicted: {}", short(id));
         }
         for id in &r.missing {
-            eprintln!("missing: {id} (unknown node)");
+            eprintln!("missing: {} (unknown node)", short(id));
         }
     }
     Ok(r.missing.is_empty())
+}
+
+/// `drover forget NODE…`: gone nodes leave the listing now (and free the pairs they
+/// were last to stream) instead of after the retention.
+pub async fn forget(ctx: &Ctx, args: &[String]) -> Result<bool, CliError> {
+    let ids = resolve(ctx, args).await?;
+    let Some(r) = controller_reply(ctx, v1::ControllerForgetNodesV1Req { node_uuids: ids }.into(), |p| match p {
+        Payload::ControllerForgetNodesV1Reply(r) => Some(r),
+        _ => None,
+    })
+    .await?
+    else {
+        return Ok(false);
+    };
+    if ctx.json {
+        println!("{}", json!({"forgotten": r.forgotten, "missing": r.missing, "connected": r.connected}));
+    } else {
+        for id in &r.forgotten {
+            println!("forgotten: {}", short(id));
+        }
+        for id in &r.connected {
+            eprintln!("not forgotten: {} is connected (kick or evict it first)", short(id));
+        }
+        for id in &r.missing {
+            eprintln!("missing: {} (unknown node)", short(id));
+        }
+    }
+    Ok(r.missing.is_empty() && r.connected.is_empty())
 }
 
 #[cfg(test)]

@@ -141,17 +141,20 @@ impl v1::controller_server::Controller for Service {
         &self,
         request: Request<Streaming<v1::StreamFromCli>>,
     ) -> Result<Response<Self::CliCommandStreamStream>, Status> {
-        let unauthenticated = || {
+        let token = bearer(&request).ok_or_else(|| {
             Status::unauthenticated(
                 "an operator token is required: pass --token or set DROVER_TOKEN (see admin.token in the data directory)",
             )
-        };
-        let token = bearer(&request).ok_or_else(unauthenticated)?;
-        let presented = drover_admission::token::parse(&token).map_err(|_| unauthenticated())?;
+        })?;
+        let presented = drover_admission::token::parse(&token).map_err(|_| {
+            Status::unauthenticated(
+                "the token passed is not a drover token (dt1.<id>.<secret>): check --token or DROVER_TOKEN",
+            )
+        })?;
         let admin = crate::owner::operator_role(&self.events, presented)
             .await
             .map_err(|_| Status::unavailable("controller is stopping"))?
-            .ok_or_else(unauthenticated)?;
+            .map_err(Status::unauthenticated)?;
         let mut inbound = request.into_inner();
         // A fan-out to every node answers in bursts of up to one reply per node: a CLI
         // stream may hold that many (the queue's memory is only used when filled).

@@ -141,7 +141,7 @@ async fn node_action(
     headers: HeaderMap,
 ) -> Response {
     let payload: Payload = match action.as_str() {
-        "drain" => v1::ControllerDrainNodesV1Req { node_uuids: vec![id.clone()] }.into(),
+        "drain" => v1::ControllerDrainNodesV1Req { node_uuids: vec![id.clone()], undo: false }.into(),
         "kick" => v1::ControllerKickNodesV1Req { node_uuids: vec![id.clone()] }.into(),
         _ => return (StatusCode::NOT_FOUND, "actions: drain, kick\n").into_response(),
     };
@@ -156,11 +156,11 @@ async fn node_action(
     };
     match crate::owner::operator_role(&s.events, presented).await {
         Err(_) => return (StatusCode::SERVICE_UNAVAILABLE, "controller is stopping\n").into_response(),
-        Ok(Some(true)) => {}
-        Ok(Some(false)) => {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
             return (StatusCode::FORBIDDEN, "this token is read-only; an admin token is required\n").into_response();
         }
-        Ok(None) => return (StatusCode::UNAUTHORIZED, "unknown, expired or revoked token\n").into_response(),
+        Ok(Err(reason)) => return (StatusCode::UNAUTHORIZED, format!("{reason}\n")).into_response(),
     }
     let session = s.sessions.fetch_add(1, Ordering::Relaxed);
     let (sink, mut replies) = mpsc::channel(16);

@@ -59,7 +59,7 @@ pub(crate) enum ShellEvent {
     CliAuth {
         id: String,
         secret_hash: [u8; 32],
-        reply: tokio::sync::oneshot::Sender<Option<bool>>,
+        reply: tokio::sync::oneshot::Sender<Result<bool, &'static str>>,
     },
     /// An admission connection finished its handshake: its control channel.
     ControlOpened {
@@ -106,16 +106,17 @@ impl Inbox {
     }
 }
 
-/// Asks the owner about an operator token (a read: nothing is journaled):
-/// `Some(true)` admin, `Some(false)` read-only, `None` unknown, expired or revoked.
+/// Asks the owner about an operator token (a read: nothing is journaled): `Ok(true)`
+/// admin, `Ok(false)` read-only, `Err` why it is refused (unknown, expired, revoked,
+/// a join token).
 pub(crate) async fn operator_role(
     events: &Inbox,
     presented: drover_admission::token::Presented,
-) -> Result<Option<bool>, Stopping> {
+) -> Result<Result<bool, &'static str>, Stopping> {
     let (reply, verdict) = tokio::sync::oneshot::channel();
     let auth = ShellEvent::CliAuth { id: presented.id, secret_hash: presented.secret_hash, reply };
     events.send(auth).await?;
-    Ok(verdict.await.ok().flatten())
+    verdict.await.map_err(|_| Stopping)
 }
 
 /// What the owner tells the releaser, in order.

@@ -251,18 +251,22 @@ impl Controller {
         }
     }
 
-    /// Whether an operator token is valid now: `Some(true)` admin, `Some(false)` read
-    /// only, `None` refused. Read-only (nothing is consumed), so it needs no journaling.
-    pub fn operator_role(&self, id: &str, secret_hash: &[u8; 32], now_ms: i64) -> Option<bool> {
-        let t = self.tokens.get(id)?;
-        t.usable(now_ms).ok()?;
+    /// Whether an operator token is valid now: `Ok(true)` admin, `Ok(false)` read only,
+    /// or why it is refused. Read-only (nothing is consumed), so it needs no journaling.
+    /// Nothing about a token is revealed before its secret matches.
+    pub fn operator_role(&self, id: &str, secret_hash: &[u8; 32], now_ms: i64) -> Result<bool, &'static str> {
+        const UNKNOWN: &str = "unknown token (a wrong secret, or a token of another controller's data directory)";
+        let t = self.tokens.get(id).ok_or(UNKNOWN)?;
         if !bool::from(subtle_eq(&t.secret_hash, secret_hash)) {
-            return None;
+            return Err(UNKNOWN);
         }
+        t.usable(now_ms)?;
         match t.role {
-            r if r == v1::TokenRole::Admin as i32 => Some(true),
-            r if r == v1::TokenRole::Read as i32 => Some(false),
-            _ => None,
+            r if r == v1::TokenRole::Admin as i32 => Ok(true),
+            r if r == v1::TokenRole::Read as i32 => Ok(false),
+            _ => Err(
+                "this is a join token, for nodes; CLI commands need a read or admin token (drover token create --role read|admin)",
+            ),
         }
     }
 
@@ -607,6 +611,12 @@ impl Controller {
                 v1::UnknownCommandV1Notify { type_url, reason: "creating tokens needs an admin token".into() }.into(),
             );
         }
+        if uses != 0 && role != v1::TokenRole::Join as i32 {
+            self.counters.refused += 1;
+            let type_url = drover_proto::type_url::<v1::ControllerTokenCreateV1Req>();
+            let reason = "--uses counts admissions, so it is for join tokens only; limit an operator token with --ttl";
+            return reply(out, v1::UnknownCommandV1Notify { type_url, reason: reason.into() }.into());
+        }
         let valid_role =
             [v1::TokenRole::Join, v1::TokenRole::Read, v1::TokenRole::Admin].iter().any(|r| *r as i32 == role);
         if !valid_role || self.tokens.len() >= MAX_TOKENS || self.tokens.contains_key(&id) {
@@ -903,8 +913,10 @@ impl Controller {
                 upstream_time_ms: p.upstream_time_ms,
                 seq: p.seq,
             }),
-            streamer: p.streamer.clone(),
-            epoch: p.epoch,
+            streamer: pair.current.as_ref().map(|l| l.node.clone()).unwrap_or_default(),
+            epoch: pair.current.as_ref().map_or(pair.epoch, |l| l.epoch),
+            source: p.streamer.clone(),
+            source_epoch: p.epoch,
         })
     }
 
@@ -961,16 +973,7 @@ impl Controller {
             Vec::new()
         };
         for id in forgotten {
-            if let Some(n) = self.nodes.remove(&id)
-                && let Some(index) = self.scratch.known_by.as_mut()
-            {
-                for p in &n.known {
-                    if let Some(set) = index.get_mut(p) {
-                        set.remove(&id);
-                    }
-                }
-            }
-            self.forget_worker(&id);
+            self.forget_node(&id);
         }
 
         // Only pairs some rule could change are settled; a pair streamed by a usable
@@ -1240,6 +1243,29 @@ impl Controller {
         by
     }
 
+    /// Removes a node that is not connected: from the table, the knowing-nodes index,
+    /// the task plane, and every lease it still holds (those pairs are then free for
+    /// the next capable node at the next settle).
+    fn forget_node(&mut self, id: &str) {
+        let Some(n) = self.nodes.remove(id) else { return };
+        if let Some(index) = self.scratch.known_by.as_mut() {
+            for p in &n.known {
+                if let Some(set) = index.get_mut(p) {
+                    set.remove(id);
+                }
+            }
+        }
+        for p in self.pairs.values_mut() {
+            if p.current.as_ref().is_some_and(|l| l.node == id) {
+                p.current = None;
+            }
+            if p.next.as_ref().is_some_and(|l| l.node == id) {
+                p.next = None;
+            }
+        }
+        self.forget_worker(id);
+    }
+
     fn node_info(&self, id: &str, n: &Node, streaming: Vec<v1::StreamAssignment>) -> v1::NodeInfo {
         v1::NodeInfo {
             node_uuid: id.to_owned(),
@@ -1250,6 +1276,7 @@ impl Controller {
             connected_since_ms: n.connected_since_ms,
             state: self.node_state(n).as_str().to_owned(),
             worker: n.worker,
+            gone_since_ms: if n.session.is_none() { n.gone_at_ms.unwrap_or(0) } else { 0 },
         }
     }
 
@@ -1284,23 +1311,32 @@ impl Controller {
                 return refuse(out, &any.type_url, e.to_string());
             }
         };
-        let needs_admin = matches!(
-            payload,
-            Payload::ControllerKickNodesV1Req(_)
-                | Payload::ControllerDrainNodesV1Req(_)
-                | Payload::ControllerStreamPairsV1Req(_)
-                | Payload::NodeShutdownV1Req(_)
-                | Payload::NodeStreamModifyStateV1Req(_)
-                | Payload::ControllerTokenCreateV1Req(_)
-                | Payload::ControllerTokenListV1Req(_)
-                | Payload::ControllerTokenRevokeV1Req(_)
-                | Payload::ControllerEvictNodesV1Req(_)
-                | Payload::ControllerTaskRunV1Req(_)
-                | Payload::ControllerTaskAbortV1Req(_)
-        );
-        if needs_admin && !admin {
+        // The commands that change the fleet (or reveal tokens), by the CLI's name for them.
+        let admin_command = match &payload {
+            Payload::ControllerKickNodesV1Req(_) => Some("kick"),
+            Payload::ControllerDrainNodesV1Req(d) if d.undo => Some("undrain"),
+            Payload::ControllerDrainNodesV1Req(_) => Some("drain"),
+            Payload::ControllerStreamPairsV1Req(_) => Some("stream"),
+            Payload::NodeShutdownV1Req(_) => Some("shutdown"),
+            Payload::NodeStreamModifyStateV1Req(_) => Some("stream state changes"),
+            Payload::ControllerTokenCreateV1Req(_) => Some("token create"),
+            Payload::ControllerTokenListV1Req(_) => Some("token list"),
+            Payload::ControllerTokenRevokeV1Req(_) => Some("token revoke"),
+            Payload::ControllerEvictNodesV1Req(_) => Some("evict"),
+            Payload::ControllerForgetNodesV1Req(_) => Some("forget"),
+            Payload::ControllerTaskRunV1Req(_) => Some("task run"),
+            Payload::ControllerTaskAbortV1Req(_) => Some("task abort"),
+            _ => None,
+        };
+        if let Some(command) = admin_command
+            && !admin
+        {
             self.counters.refused += 1;
-            return refuse(out, &any.type_url, format!("{} needs an admin token", payload.name()));
+            return refuse(
+                out,
+                &any.type_url,
+                format!("`drover {command}` needs an admin token; this one is read-only"),
+            );
         }
         if let Some(answer) = self.task_command(&payload) {
             return reply(out, answer);
@@ -1404,13 +1440,29 @@ impl Controller {
                 for id in d.node_uuids {
                     match self.nodes.get_mut(&id).filter(|n| n.session.is_some()) {
                         Some(n) => {
-                            n.draining = true;
+                            // Undo: it takes pairs again at the next settle (this input
+                            // settles in full: it is a CLI command).
+                            n.draining = !d.undo;
                             draining.push(id);
                         }
                         None => missing.push(id),
                     }
                 }
                 reply(out, v1::ControllerDrainNodesV1Reply { draining, missing }.into());
+            }
+            Payload::ControllerForgetNodesV1Req(f) => {
+                let (mut forgotten, mut missing, mut connected) = (Vec::new(), Vec::new(), Vec::new());
+                for id in f.node_uuids {
+                    match self.nodes.get(&id) {
+                        None => missing.push(id),
+                        Some(n) if n.session.is_some() => connected.push(id),
+                        Some(_) => {
+                            self.forget_node(&id);
+                            forgotten.push(id);
+                        }
+                    }
+                }
+                reply(out, v1::ControllerForgetNodesV1Reply { forgotten, missing, connected }.into());
             }
             Payload::ControllerStreamPairsV1Req(r) => {
                 let (assigned, refused, error) = self.pin(&r.node_uuid, &r.pairs, r.unpin);

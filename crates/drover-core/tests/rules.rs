@@ -127,7 +127,7 @@ fn drain_is_make_before_break() {
     let mut s = Script::new(Policy::Random);
     s.join("a", 1, &["EURUSD"]);
     s.join("b", 2, &["EURUSD"]);
-    let out = s.cli(&[], v1::ControllerDrainNodesV1Req { node_uuids: vec!["a".into()] });
+    let out = s.cli(&[], v1::ControllerDrainNodesV1Req { node_uuids: vec!["a".into()], undo: false });
     // b starts at epoch 2; a keeps streaming until b's first update is accepted.
     assert_eq!(assignments(&out), [("b".to_string(), vec![("EURUSD".to_string(), 2)])]);
     assert_eq!(s.core.streamer("EURUSD"), Some(("a", 1)));
@@ -137,6 +137,47 @@ fn drain_is_make_before_break() {
     assert_eq!(assignments(&out), [("a".to_string(), vec![])], "now a is told to stop");
     assert_eq!(s.core.streamer("EURUSD"), Some(("b", 2)));
     assert_eq!(s.core.counters().handovers, 1);
+}
+
+#[test]
+fn an_undone_drain_takes_pairs_again() {
+    let mut s = Script::new(Policy::Random);
+    s.join("a", 1, &["EURUSD"]);
+    s.cli(&[], v1::ControllerDrainNodesV1Req { node_uuids: vec!["a".into()], undo: false });
+    assert_eq!(s.core.streamer("EURUSD"), Some(("a", 1)), "no one else to hand over to");
+    // A second node joins while a drains: it takes the pair.
+    s.join("b", 2, &["EURUSD", "GBPUSD"]);
+    s.price("b", 2, "EURUSD", 2, 100);
+    assert_eq!(s.core.streamer("EURUSD"), Some(("b", 2)));
+    s.join("c", 3, &["USDJPY"]);
+    s.cli(&[], v1::ControllerDrainNodesV1Req { node_uuids: vec!["a".into()], undo: true });
+    // a is a candidate again: with b drained, EURUSD comes back to a.
+    s.cli(&[], v1::ControllerDrainNodesV1Req { node_uuids: vec!["b".into()], undo: false });
+    s.price("a", 1, "EURUSD", 3, 200);
+    assert_eq!(s.core.streamer("EURUSD"), Some(("a", 3)), "the undrained node takes pairs again");
+}
+
+#[test]
+fn forget_removes_a_gone_node_and_frees_its_pairs_but_not_a_connected_one() {
+    let mut s = Script::new(Policy::Random);
+    s.join("a", 1, &["EURUSD"]);
+    let out = s.cli(&[], v1::ControllerForgetNodesV1Req { node_uuids: vec!["a".into(), "zz".into()] });
+    let reply = out.iter().find_map(|o| match o {
+        Output::ToCli { msg, .. } => match payload(&msg.response) {
+            Payload::ControllerForgetNodesV1Reply(r) => Some(r),
+            _ => None,
+        },
+        _ => None,
+    });
+    let r = reply.expect("a forget reply");
+    assert_eq!((r.forgotten.len(), r.connected, r.missing), (0, vec!["a".to_string()], vec!["zz".to_string()]));
+    s.run(Event::NodeDisconnected { node: "a".into(), session: 1 });
+    assert!(s.core.fleet_view().nodes.iter().any(|n| n.id == "a" && n.state == "gone"), "listed as gone");
+    s.cli(&[], v1::ControllerForgetNodesV1Req { node_uuids: vec!["a".into()] });
+    assert!(s.core.fleet_view().nodes.iter().all(|n| n.id != "a"), "forgotten: no longer listed");
+    assert_eq!(s.core.streamer("EURUSD"), None);
+    let out = s.join("b", 2, &["EURUSD"]);
+    assert_eq!(assignments(&out), [("b".to_string(), vec![("EURUSD".to_string(), 2)])]);
 }
 
 #[test]

@@ -304,7 +304,19 @@ impl Sim {
             }
             68..=70 => {
                 let id = self.nodes[i].id.clone();
-                self.cli_cmd(Vec::new(), v1::ControllerDrainNodesV1Req { node_uuids: vec![id] });
+                // A drain, or now and then its undo; now and then a forget (refused
+                // for a connected node; a gone one leaves, with its leases).
+                match self.rng.below(6) {
+                    0 => {
+                        self.cli_cmd(Vec::new(), v1::ControllerForgetNodesV1Req { node_uuids: vec![id] });
+                    }
+                    1 | 2 => {
+                        self.cli_cmd(Vec::new(), v1::ControllerDrainNodesV1Req { node_uuids: vec![id], undo: true });
+                    }
+                    _ => {
+                        self.cli_cmd(Vec::new(), v1::ControllerDrainNodesV1Req { node_uuids: vec![id], undo: false });
+                    }
+                }
             }
             71..=73 => {
                 let id = self.nodes[i].id.clone();

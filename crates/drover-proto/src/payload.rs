@@ -133,6 +133,8 @@ payloads! {
     ControllerTokenRevokeV1Reply,
     ControllerEvictNodesV1Req,
     ControllerEvictNodesV1Reply,
+    ControllerForgetNodesV1Req,
+    ControllerForgetNodesV1Reply,
     ControllerTaskRunV1Req,
     ControllerTaskRunV1Reply,
     ControllerTaskListV1Req,

@@ -251,8 +251,20 @@ enum Command {
         #[arg(long, default_value = "")]
         reason: String,
     },
-    /// Move nodes' pairs elsewhere, make-before-break.
+    /// Move nodes' pairs elsewhere, make-before-break (--undo: take pairs again).
     Drain {
+        #[command(flatten)]
+        cli: CliArgs,
+        /// Node uuids, uuid prefixes or names.
+        #[arg(required = true)]
+        nodes: Vec<String>,
+        /// Undo a drain: the nodes take pairs again.
+        #[arg(long)]
+        undo: bool,
+    },
+    /// Forget gone nodes now (they leave `drover nodes`, and pairs they were last to
+    /// stream go to the next capable node) instead of after the retention.
+    Forget {
         #[command(flatten)]
         cli: CliArgs,
         /// Node uuids, uuid prefixes or names.
@@ -392,9 +404,13 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Bench(BenchCommand::Fleet(a)) => fleet::run(a).await,
         Command::Nodes(cli) => cli_result(c::nodes(&cli.ctx()).await),
         Command::Version(cli) => cli_result(c::version(&cli.ctx()).await),
-        Command::Kick { cli, nodes } => cli_result(c::kick_or_drain(&cli.ctx(), &nodes, false).await),
+        Command::Kick { cli, nodes } => cli_result(c::kick_or_drain(&cli.ctx(), &nodes, c::NodeAction::Kick).await),
         Command::Evict { cli, nodes, reason } => cli_result(c::evict(&cli.ctx(), &nodes, reason).await),
-        Command::Drain { cli, nodes } => cli_result(c::kick_or_drain(&cli.ctx(), &nodes, true).await),
+        Command::Drain { cli, nodes, undo } => {
+            let action = if undo { c::NodeAction::Undrain } else { c::NodeAction::Drain };
+            cli_result(c::kick_or_drain(&cli.ctx(), &nodes, action).await)
+        }
+        Command::Forget { cli, nodes } => cli_result(c::forget(&cli.ctx(), &nodes).await),
         Command::Status { cli, nodes, all } => cli_result(c::status(&cli.ctx(), &nodes, all).await),
         Command::Stream { cli, node, pairs, unpin } => cli_result(c::stream(&cli.ctx(), &node, pairs, unpin).await),
         Command::Shutdown { cli, nodes } => cli_result(c::shutdown(&cli.ctx(), &nodes).await),

@@ -66,6 +66,10 @@ pub struct ControllerArgs {
     /// After a restart, how long previous streamers have to come back before their pairs move.
     #[arg(long, env = "DROVER_REJOIN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub rejoin_grace: Duration,
+    /// A node gone this long (and streaming nothing) is forgotten: it leaves `drover
+    /// nodes`. `drover forget` does it at once.
+    #[arg(long, env = "DROVER_GONE_RETENTION", default_value = "10m", value_parser = parse_duration)]
+    pub gone_retention: Duration,
     /// How a streamer is picked: random (the seed's rule) or balanced (least loaded).
     #[arg(long, env = "DROVER_POLICY", default_value = "random", value_parser = ["random", "balanced"])]
     pub policy: String,
@@ -127,6 +131,7 @@ impl ControllerArgs {
         c.core.node_timeout_ms = self.node_timeout.as_millis() as i64;
         c.core.stale_after_ms = self.stale_after.as_millis() as i64;
         c.core.rejoin_grace_ms = self.rejoin_grace.as_millis() as i64;
+        c.core.gone_retention_ms = self.gone_retention.as_millis() as i64;
         c.core.policy = if self.policy == "balanced" { Policy::Balanced } else { Policy::Random };
         c.core.manager_id = self.manager_id.clone();
         c.core.task_grace_ms = self.task_grace.as_millis() as i64;

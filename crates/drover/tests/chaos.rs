@@ -134,15 +134,16 @@ struct Seen {
 impl Seen {
     fn observe(&mut self, line: &str) {
         let Ok(v) = serde_json::from_str::<Value>(line) else { return };
+        // The accepted update's own source and epoch (`streamer` is who streams now).
         let (Some(pair), Some(t), Some(epoch)) =
-            (v["pair"].as_str(), v["upstream_time_ms"].as_i64(), v["epoch"].as_u64())
+            (v["pair"].as_str(), v["upstream_time_ms"].as_i64(), v["source_epoch"].as_u64())
         else {
             return;
         };
         if v["price"].is_null() {
             return;
         }
-        let streamer = v["streamer"].as_str().unwrap_or("").to_owned();
+        let streamer = v["source"].as_str().unwrap_or("").to_owned();
         self.updates += 1;
         let now = Instant::now();
         if let Some(prev) = self.last_at.insert(pair.to_owned(), now) {
@@ -248,13 +249,11 @@ fn json_cli(c: &Controller, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
-/// `drover prices --json`: one JSON object per line, gathered into an array.
+/// `drover prices --json`: one JSON array.
 fn prices(c: &Controller, pairs: &[&str]) -> Value {
     let mut args = vec!["prices", "--json"];
     args.extend_from_slice(pairs);
-    let out = c.cli(&args);
-    let lines = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    Value::Array(lines)
+    json_cli(c, &args)
 }
 
 /// A metric's value from `/metrics` (the first line starting with `name`).

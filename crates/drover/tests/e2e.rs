@@ -148,7 +148,8 @@ fn price(port: u16, pair: &str) -> Option<(String, i64, u64)> {
     if !ok {
         return None;
     }
-    out.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|v| v["pair"] == pair).map(|v| {
+    let all: Value = serde_json::from_str(&out).ok()?;
+    all.as_array()?.iter().find(|v| v["pair"] == pair).map(|v| {
         (
             v["price"].as_str().unwrap_or_default().to_owned(),
             v["upstream_time_ms"].as_i64().unwrap_or(0),
