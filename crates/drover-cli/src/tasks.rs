@@ -169,21 +169,25 @@ pub async fn status(ctx: &Ctx, id: &str) -> Result<bool, CliError> {
 }
 
 /// `drover task abort ID`.
-pub async fn abort(ctx: &Ctx, id: &str) -> Result<bool, CliError> {
-    let Some(r) = controller_reply(ctx, v1::ControllerTaskAbortV1Req { id: id.to_owned() }.into(), |p| match p {
-        Payload::ControllerTaskAbortV1Reply(r) => Some(r),
-        _ => None,
-    })
-    .await?
-    else {
-        return Ok(false);
-    };
-    if r.aborted {
-        println!("{id}: aborted");
-    } else {
-        eprintln!("{id}: not aborted (it is {})", r.state);
+pub async fn abort(ctx: &Ctx, ids: &[String]) -> Result<bool, CliError> {
+    let mut all = true;
+    for id in ids {
+        let Some(r) = controller_reply(ctx, v1::ControllerTaskAbortV1Req { id: id.to_owned() }.into(), |p| match p {
+            Payload::ControllerTaskAbortV1Reply(r) => Some(r),
+            _ => None,
+        })
+        .await?
+        else {
+            return Ok(false);
+        };
+        if r.aborted {
+            println!("{id}: aborted");
+        } else {
+            eprintln!("{id}: not aborted (it is {})", r.state);
+            all = false;
+        }
     }
-    Ok(r.aborted)
+    Ok(all)
 }
 
 /// `drover task logs ID`: the task's stdout to stdout, its stderr to stderr.

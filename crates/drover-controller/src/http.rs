@@ -332,11 +332,19 @@ pub(crate) fn render(s: &Snapshot, h: &Health) -> String {
     family(&mut out, "drover_tasks_submitted_total", "counter", "Tasks submitted.", &one(t.submitted));
     family(
         &mut out,
+        "drover_tasks_unplaceable_total",
+        "counter",
+        "Tasks failed because no worker would take them for --unplaceable-after (counted in failed too).",
+        &one(t.unplaceable),
+    );
+    family(
+        &mut out,
         "drover_task_attempts_total",
         "counter",
-        "Task attempts by event.",
+        "Task attempts by event: dispatched (sent to a worker, refused ones included), started (the worker ran it), refused, retried, timed_out.",
         &[
             ("{event=\"dispatched\"}".into(), t.dispatched),
+            ("{event=\"started\"}".into(), t.started),
             ("{event=\"retried\"}".into(), t.retries),
             ("{event=\"refused\"}".into(), t.refusals),
             ("{event=\"timed_out\"}".into(), t.timeouts),

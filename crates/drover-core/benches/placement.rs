@@ -45,7 +45,13 @@ fn main() {
         let hello =
             v1::NodeKnownCurrenciesV1Notify { pairs: vec![], name: node.clone(), version: "1".into(), worker: true };
         apply(&mut core, Event::node_message(&node, s, "", hello), &mut out);
-        let req = v1::ManagerV1Req { cores, memory_mb: 1 << 20, labels: Default::default(), manager_id: "ctl".into() };
+        let req = v1::ManagerV1Req {
+            cores,
+            memory_mb: 1 << 20,
+            labels: Default::default(),
+            manager_id: "ctl".into(),
+            allow_jobs: vec![],
+        };
         apply(&mut core, Event::node_message(&node, s, "m", req), &mut out);
     }
     out.clear();

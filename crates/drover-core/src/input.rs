@@ -45,6 +45,9 @@ pub struct Config {
     pub task_retention: usize,
     /// Bytes of finished tasks' outputs kept in the state (the oldest outputs are dropped first).
     pub task_output_budget: u64,
+    /// A queued task no registered worker would take (none fits, or all refused) for
+    /// this long fails, with the reason.
+    pub unplaceable_after_ms: i64,
 }
 
 impl Default for Config {
@@ -62,6 +65,7 @@ impl Default for Config {
             worker_grace_ms: 5_000,
             task_retention: 10_000,
             task_output_budget: 64 << 20,
+            unplaceable_after_ms: 60_000,
         }
     }
 }

@@ -250,6 +250,7 @@ impl Sim {
                         memory_mb: 64,
                         labels: Default::default(),
                         manager_id: "controller".into(),
+                        allow_jobs: vec![],
                     };
                     self.node_req(i, "sub".into(), req.into());
                     let pending: Vec<(String, Payload)> =

@@ -84,7 +84,13 @@ impl Script {
             node,
             session,
             "w1",
-            v1::ManagerV1Req { cores, memory_mb: 1024, labels: Default::default(), manager_id: "ctl".into() },
+            v1::ManagerV1Req {
+                cores,
+                memory_mb: 1024,
+                labels: Default::default(),
+                manager_id: "ctl".into(),
+                allow_jobs: vec![],
+            },
         ));
         out
     }
@@ -156,7 +162,13 @@ fn seed_rows_node_type_and_manager_request() {
         other => panic!("{other:?}"),
     }
     // ManagerRequest addressed to another manager: false.
-    let req = |m: &str| v1::ManagerV1Req { cores: 2, memory_mb: 10, labels: Default::default(), manager_id: m.into() };
+    let req = |m: &str| v1::ManagerV1Req {
+        cores: 2,
+        memory_mb: 10,
+        labels: Default::default(),
+        manager_id: m.into(),
+        allow_jobs: vec![],
+    };
     let out = s.msg("w", 1, "r2", req("someone-else"));
     assert!(matches!(&to(&out, "w")[..], [(_, Payload::ManagerV1Reply(v1::ManagerV1Reply { accepted: false }))]));
     assert!(!s.core.is_task_worker("w"));
@@ -381,4 +393,80 @@ fn abort_tells_the_worker_and_bad_specs_are_refused() {
         _ => false,
     });
     assert!(refused, "{out:?}");
+}
+
+/// The refusal a `ControllerTaskRunV1Req` got, if it was refused.
+fn refusal(out: &[Output]) -> Option<String> {
+    out.iter().find_map(|o| match o {
+        Output::ToCli { msg, .. } => match payload(&msg.response) {
+            Payload::UnknownCommandV1Notify(u) => Some(u.reason),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
+#[test]
+fn jobs_no_registered_worker_could_run_are_refused_at_submission() {
+    let mut s = Script::new();
+    let run = |job: &str, cores: u32| v1::ControllerTaskRunV1Req {
+        job_addr: job.into(),
+        timeout_ms: 1_000,
+        cores,
+        max_attempts: 1,
+        ..Default::default()
+    };
+    // Not an absolute path nor a URL: refused whatever the workers.
+    let why = refusal(&s.cli(run("echo", 1))).expect("a relative job is refused");
+    assert!(why.contains("absolute path"), "{why}");
+    s.connect("w", 1, true);
+    let sub = v1::ManagerV1Req {
+        cores: 2,
+        memory_mb: 1024,
+        labels: Default::default(),
+        manager_id: "ctl".into(),
+        allow_jobs: vec!["/bin/".into(), "/usr/bin/".into()],
+    };
+    s.msg("w", 1, "w1", sub);
+    let why = refusal(&s.cli(run("/bin/echo", 4))).expect("more cores than any worker has");
+    assert!(why.contains("needs 4 cores, has 2"), "{why}");
+    let why = refusal(&s.cli(run("/opt/job", 1))).expect("outside every worker's allowed jobs");
+    assert!(why.contains("runs only jobs under /bin/, /usr/bin/"), "{why}");
+    assert_eq!(refusal(&s.cli(run("/bin/echo", 2))), None, "a job a worker can run is accepted");
+}
+
+#[test]
+fn a_task_no_worker_takes_fails_after_unplaceable_after_with_the_reason() {
+    // No worker at all: it waits, then fails saying so.
+    let mut s = Script::new();
+    let (id, _) = s.submit("/bin/true", 1);
+    s.at(59_000);
+    assert_eq!(s.status(&id).state, "queued");
+    s.at(1_500);
+    let t = s.status(&id);
+    assert_eq!(t.state, "failed", "{t:?}");
+    assert!(t.error.contains("no worker is registered"), "{}", t.error);
+
+    // A worker that refuses it every time: asked again with a growing pause, the
+    // refusal rows stay bounded, and it fails with the worker's reason.
+    let mut s = Script::new();
+    s.worker("w", 1, 2);
+    let (id, mut out) = s.submit("/bin/true", 1);
+    let mut refused = 0;
+    for _ in 0..200 {
+        for (rid, _, _) in executes(&out, "w") {
+            refused += 1;
+            s.msg("w", 1, &rid, v1::TasksRefusedV1Reply { reason: "disk full".into() });
+        }
+        if s.status(&id).state == "failed" {
+            break;
+        }
+        out = s.pass(500, &[("w", 1)]);
+    }
+    let t = s.status(&id);
+    assert_eq!(t.state, "failed", "{t:?}");
+    assert!(t.error.contains("refused: disk full"), "{}", t.error);
+    assert!((3..=12).contains(&refused), "asked again with a growing pause, not every second: {refused}");
+    let rows = t.history.iter().filter(|h| h.outcome == "refused").count();
+    assert!(rows <= 8, "refusal rows are bounded: {rows}");
 }

@@ -295,6 +295,7 @@ impl Worker {
                         memory_mb: self.config.memory_mb,
                         labels: self.config.labels.clone().into_iter().collect(),
                         manager_id: r.id,
+                        allow_jobs: self.config.allow_jobs.clone(),
                     },
                 )]
             }

@@ -61,41 +61,6 @@ impl CliArgs {
     }
 }
 
-/// How `task run` reaches the controller: like [`CliArgs`], but `--timeout` is the
-/// task's; replies are awaited for `DROVER_TIMEOUT` (5 s).
-#[derive(Debug, Args)]
-struct RunCliArgs {
-    /// The controller's gRPC address.
-    #[arg(long, env = "DROVER_CONTROLLER", default_value = "127.0.0.1:7400")]
-    controller: String,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    json: bool,
-    /// Operator token (an admin token; default: admin.token in $DROVER_DATA_DIR or ./drover-data).
-    #[arg(long, env = "DROVER_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// CA certificate (PEM) to verify the controller's TLS certificate (default: plain).
-    #[arg(long, env = "DROVER_CA")]
-    ca: Option<std::path::PathBuf>,
-}
-
-impl RunCliArgs {
-    fn ctx(&self) -> Ctx {
-        let timeout = std::env::var("DROVER_TIMEOUT")
-            .ok()
-            .and_then(|t| util::parse_duration(&t).ok())
-            .unwrap_or(Duration::from_secs(5));
-        CliArgs {
-            controller: self.controller.clone(),
-            timeout,
-            json: self.json,
-            token: self.token.clone(),
-            ca: self.ca.clone(),
-        }
-        .ctx()
-    }
-}
-
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// Many simulated nodes (real admission and gRPC streams) against a controller
@@ -108,15 +73,16 @@ enum TaskCommand {
     /// Submit a task (admin token): `drover task run --timeout 30s -- /bin/echo hi`.
     Run {
         #[command(flatten)]
-        cli: RunCliArgs,
+        cli: CliArgs,
         /// Cores it needs on the worker.
         #[arg(long, default_value_t = 1)]
         cores: u32,
         /// Memory it needs, in MiB (also its address-space limit; 0: no limit).
         #[arg(long, default_value_t = 0)]
         memory: u64,
-        /// Kill it after this long (the worker reports TimedOut).
-        #[arg(long = "timeout", default_value = "30s", value_parser = util::parse_duration)]
+        /// Kill the job after this long (the worker reports TimedOut). Not --timeout,
+        /// which, as on every command, is how long to wait for the controller's replies.
+        #[arg(long = "task-timeout", default_value = "30s", value_parser = util::parse_duration)]
         task_timeout: Duration,
         /// A label the worker must carry, key=value (repeatable).
         #[arg(long = "label", value_parser = parse_kv)]
@@ -158,12 +124,13 @@ enum TaskCommand {
         /// The task id (as `task run` printed it).
         id: String,
     },
-    /// Abort a task: a queued one is dropped, a running one killed on its worker.
+    /// Abort tasks: a queued one is dropped, a running one killed on its worker.
     Abort {
         #[command(flatten)]
         cli: CliArgs,
-        /// The task id.
-        id: String,
+        /// Task ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
     },
     /// A finished task's output: its stdout to stdout, its stderr to stderr.
     Logs {
@@ -385,7 +352,7 @@ async fn task(cmd: TaskCommand) -> anyhow::Result<std::process::ExitCode> {
         }
         TaskCommand::List { cli, state, limit } => cli_result(t::list(&cli.ctx(), state, limit).await),
         TaskCommand::Status { cli, id } => cli_result(t::status(&cli.ctx(), &id).await),
-        TaskCommand::Abort { cli, id } => cli_result(t::abort(&cli.ctx(), &id).await),
+        TaskCommand::Abort { cli, ids } => cli_result(t::abort(&cli.ctx(), &ids).await),
         TaskCommand::Logs { cli, id } => cli_result(t::logs(&cli.ctx(), &id).await),
     }
 }

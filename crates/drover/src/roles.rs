@@ -70,6 +70,10 @@ pub struct ControllerArgs {
     /// nodes`. `drover forget` does it at once.
     #[arg(long, env = "DROVER_GONE_RETENTION", default_value = "10m", value_parser = parse_duration)]
     pub gone_retention: Duration,
+    /// A queued task that no registered worker would take (none fits its cores, memory,
+    /// labels or job, or every one refused it) for this long fails with the reason.
+    #[arg(long, env = "DROVER_UNPLACEABLE_AFTER", default_value = "1m", value_parser = parse_duration)]
+    pub unplaceable_after: Duration,
     /// How a streamer is picked: random (the seed's rule) or balanced (least loaded).
     #[arg(long, env = "DROVER_POLICY", default_value = "random", value_parser = ["random", "balanced"])]
     pub policy: String,
@@ -132,6 +136,7 @@ impl ControllerArgs {
         c.core.stale_after_ms = self.stale_after.as_millis() as i64;
         c.core.rejoin_grace_ms = self.rejoin_grace.as_millis() as i64;
         c.core.gone_retention_ms = self.gone_retention.as_millis() as i64;
+        c.core.unplaceable_after_ms = self.unplaceable_after.as_millis() as i64;
         c.core.policy = if self.policy == "balanced" { Policy::Balanced } else { Policy::Random };
         c.core.manager_id = self.manager_id.clone();
         c.core.task_grace_ms = self.task_grace.as_millis() as i64;

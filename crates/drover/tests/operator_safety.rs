@@ -218,3 +218,34 @@ fn token_errors_say_what_is_wrong() {
     assert!(!uses.status.success() && text(&uses).contains("--uses"), "{}", text(&uses));
     drop(node);
 }
+
+#[test]
+fn tasks_no_worker_could_run_are_refused_at_once_and_abort_takes_several_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Controller::new(dir.path(), &[]);
+    c.start();
+    let token = c.join_token();
+    let _worker = c.node(dir.path(), "w1", &token, &["--pairs", "EURUSD", "--worker", "--cores", "1"]);
+    assert!(wait_until(Duration::from_secs(15), || text(&c.cli(&["nodes"])).contains("w1")));
+    // The worker subscribes right after joining.
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let out = c.cli(&["task", "run", "--wait", "--", "echo", "hi"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("absolute path"), "{}", text(&out));
+    let out = c.cli(&["task", "run", "--", "/opt/not-allowed"]);
+    assert!(!out.status.success() && text(&out).contains("runs only jobs under"), "{}", text(&out));
+    let out = c.cli(&["task", "run", "--cores", "8", "--", "/bin/true"]);
+    assert!(!out.status.success() && text(&out).contains("needs 8 cores, has 1"), "{}", text(&out));
+    assert!(started.elapsed() < Duration::from_secs(10), "refused at once, not after waiting");
+    // Two queued tasks (the worker is busy with a sleeper), aborted in one command.
+    let sleeper = c.task_run(&["--", "/bin/sleep", "30"]);
+    let a = c.task_run(&["--", "/bin/true"]);
+    let b = c.task_run(&["--", "/bin/true"]);
+    let out = c.cli(&["task", "abort", &a, &b, &sleeper]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    for id in [&a, &b, &sleeper] {
+        assert!(said.contains(&format!("{id}: aborted")), "{said}");
+    }
+}

@@ -89,7 +89,7 @@ fn echo_completes_with_its_output_and_a_timeout_kills_the_whole_job() {
         "task",
         "run",
         "--wait",
-        "--timeout",
+        "--task-timeout",
         "1s",
         "--attempts",
         "1",

@@ -46,6 +46,13 @@ const MAX_ATTEMPTS: u32 = 20;
 const MAX_HISTORY: usize = 32;
 /// Consecutive queued tasks that fit nowhere before a placement pass stops.
 const MAX_MISSES: usize = 256;
+/// Refusal records kept per task (of the [`MAX_HISTORY`]): a task every worker refuses
+/// is asked again and again until `unplaceable_after`, and must not grow a row per try.
+const MAX_REFUSAL_ROWS: usize = 8;
+/// The wait before workers that all refused a task are asked again: from this,
+/// doubling per round, up to [`REASK_MAX_MS`].
+const REASK_MIN_MS: i64 = 1_000;
+const REASK_MAX_MS: i64 = 15_000;
 
 /// A worker in a relationship with this manager.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +62,27 @@ pub(super) struct WorkerRel {
     labels: BTreeMap<String, String>,
     used_cores: u32,
     used_memory_mb: u64,
+    /// Job address prefixes it runs (`--allow-jobs`); empty: it did not say (any).
+    allow_jobs: Vec<String>,
+}
+
+impl WorkerRel {
+    /// Why this worker could never run `spec`, whatever it is doing now.
+    fn cannot_run(&self, spec: &Spec) -> Option<String> {
+        if self.cores < spec.cores {
+            return Some(format!("needs {} cores, has {}", spec.cores, self.cores));
+        }
+        if self.memory_mb < spec.memory_mb {
+            return Some(format!("needs {} MiB, has {}", spec.memory_mb, self.memory_mb));
+        }
+        if !matches_labels(&spec.labels, &self.labels) {
+            return Some("lacks the labels".into());
+        }
+        if !self.allow_jobs.is_empty() && !self.allow_jobs.iter().any(|p| spec.job_addr.starts_with(p.as_str())) {
+            return Some(format!("runs only jobs under {}", self.allow_jobs.join(", ")));
+        }
+        None
+    }
 }
 
 /// What the operator asked for.
@@ -145,6 +173,11 @@ struct Task {
     /// The outcome's output was dropped to stay within the output budget.
     output_expired: bool,
     error: String,
+    /// Since when no registered worker would take it (all refused, or none fits);
+    /// past `unplaceable_after_ms` it fails with the reason.
+    unplaceable_since_ms: Option<i64>,
+    /// Rounds of asking every worker again after all refused (for the growing wait).
+    reasks: u32,
 }
 
 /// The task plane's part of the state.
@@ -184,6 +217,10 @@ pub struct TaskCounters {
     pub refusals: u64,
     /// Attempts the manager aborted for overrunning their timeout.
     pub timeouts: u64,
+    /// Attempts a worker started (dispatched and not refused).
+    pub started: u64,
+    /// Tasks failed because no worker would take them for `unplaceable_after_ms`.
+    pub unplaceable: u64,
 }
 
 /// One task as tests and tools see it.
@@ -235,6 +272,12 @@ impl Spec {
     fn from_request(r: v1::ControllerTaskRunV1Req) -> Result<Spec, String> {
         if r.job_addr.is_empty() {
             return Err("a task needs a job address (a path on the worker or an http(s):// URL)".into());
+        }
+        if !(r.job_addr.starts_with('/') || r.job_addr.starts_with("http://") || r.job_addr.starts_with("https://")) {
+            return Err(format!(
+                "the job {:?} must be an absolute path on the worker (e.g. /bin/echo) or an http(s):// URL",
+                r.job_addr
+            ));
         }
         if r.args.len() > MAX_ARGS {
             return Err(format!("at most {MAX_ARGS} arguments"));
@@ -422,10 +465,12 @@ impl Controller {
                         labels: BTreeMap::new(),
                         used_cores: 0,
                         used_memory_mb: 0,
+                        allow_jobs: Vec::new(),
                     });
                     rel.cores = r.cores;
                     rel.memory_mb = r.memory_mb;
                     rel.labels = r.labels.clone().into_iter().collect();
+                    rel.allow_jobs = r.allow_jobs.iter().take(64).map(|p| p.chars().take(1024).collect()).collect();
                     self.scratch.free_index = None;
                 }
                 out.push(self.task_reply(&from, v1::ManagerV1Reply { accepted }));
@@ -504,6 +549,13 @@ impl Controller {
                 t.refused_by.insert(node.to_owned());
                 // A refusal is not an attempt: the task never ran.
                 t.attempts = t.attempts.saturating_sub(1);
+                let refusals: Vec<usize> =
+                    t.history.iter().enumerate().filter(|(_, h)| h.outcome == "refused").map(|(i, _)| i).collect();
+                if refusals.len() >= MAX_REFUSAL_ROWS {
+                    t.history.remove(refusals[0]);
+                } else if t.history.len() >= MAX_HISTORY {
+                    t.history.remove(0);
+                }
                 t.history.push(AttemptRec {
                     n: a.n,
                     worker: a.worker,
@@ -569,9 +621,16 @@ impl Controller {
         let now = self.now_ms;
         match self.current_on(worker, id) {
             Some(t) => {
+                t.unplaceable_since_ms = None;
+                t.reasks = 0;
+                let mut first = false;
                 if let Some(a) = t.current.as_mut() {
                     // Deadlines run on the manager's clock, from when it heard of the start.
+                    first = a.started_ms.is_none();
                     a.started_ms.get_or_insert(now);
+                }
+                if first {
+                    self.tasks.counters.started += 1;
                 }
                 true
             }
@@ -832,9 +891,71 @@ impl Controller {
         found
     }
 
+    /// Why no registered worker would ever take `t` now: none is registered, none could
+    /// run it (cores, memory, labels, allowed jobs), or every one that could refused it.
+    fn why_unplaceable(&self, t: &Task) -> Option<String> {
+        if self.tasks.workers.is_empty() {
+            return Some("no worker is registered".into());
+        }
+        let mut reasons: BTreeSet<String> = BTreeSet::new();
+        for (id, w) in &self.tasks.workers {
+            match w.cannot_run(&t.spec) {
+                Some(why) => {
+                    reasons.insert(why);
+                }
+                None if t.refused_by.contains(id) => {}
+                None => return None,
+            }
+        }
+        let refusal = t.history.iter().rev().find(|h| h.outcome == "refused").map(|h| h.detail.clone());
+        if let Some(r) = refusal.filter(|_| !t.refused_by.is_empty()) {
+            reasons.insert(format!("refused: {r}"));
+        }
+        Some(format!("no worker can take it ({})", reasons.into_iter().collect::<Vec<_>>().join("; ")))
+    }
+
+    /// Marks or clears `id` as unplaceable; fails it once it has been so for
+    /// `unplaceable_after_ms`. Returns whether it failed.
+    fn check_placeable(&mut self, id: &str, key: (i64, u64)) -> bool {
+        let now = self.now_ms;
+        let after = self.config.unplaceable_after_ms;
+        let Some(t) = self.tasks.tasks.get(id) else { return false };
+        let why = self.why_unplaceable(t);
+        let Some(t) = self.tasks.tasks.get_mut(id) else { return false };
+        let Some(why) = why else {
+            t.unplaceable_since_ms = None;
+            return false;
+        };
+        let since = *t.unplaceable_since_ms.get_or_insert(now);
+        if now - since < after {
+            self.scratch.task_due_ms = self.scratch.task_due_ms.min(since + after);
+            return false;
+        }
+        t.state = State::Failed;
+        t.finished_ms = now;
+        t.error = format!("unplaceable for {} s: {why}", after / 1000);
+        self.tasks.queue.remove(&key);
+        self.tasks.counters.failed += 1;
+        self.tasks.counters.unplaceable += 1;
+        self.retire(id);
+        true
+    }
+
     /// Places queued tasks on workers with room, highest priority first.
     fn place(&mut self, out: &mut Vec<Output>) {
-        if self.tasks.queue.is_empty() || self.free_index().is_empty() {
+        if self.tasks.queue.is_empty() {
+            return;
+        }
+        if self.tasks.workers.is_empty() {
+            // Nobody to place on: the window at the queue's head is timed as unplaceable.
+            let head: Vec<((i64, u64), String)> =
+                self.tasks.queue.iter().take(MAX_MISSES).map(|(k, v)| (*k, v.clone())).collect();
+            for (key, id) in head {
+                self.check_placeable(&id, key);
+            }
+            return;
+        }
+        if self.free_index().is_empty() {
             return;
         }
         let now = self.now_ms;
@@ -860,14 +981,19 @@ impl Controller {
             }
             let Some(worker) = self.pick_worker(&id) else {
                 misses += 1;
-                // Every worker refused it: let them be asked again after a pause.
+                if self.check_placeable(&id, key) {
+                    continue;
+                }
+                // Every worker refused it: let them be asked again after a growing pause.
                 if let Some(t) = self.tasks.tasks.get_mut(&id)
                     && !t.refused_by.is_empty()
                     && self.tasks.workers.keys().all(|w| t.refused_by.contains(w))
                 {
                     t.refused_by.clear();
-                    t.not_before_ms = now + 1_000;
-                    self.scratch.task_due_ms = self.scratch.task_due_ms.min(now + 1_000);
+                    let wait = (REASK_MIN_MS << t.reasks.min(8)).min(REASK_MAX_MS);
+                    t.reasks += 1;
+                    t.not_before_ms = now + wait;
+                    self.scratch.task_due_ms = self.scratch.task_due_ms.min(now + wait);
                 }
                 continue;
             };
@@ -955,10 +1081,13 @@ impl Controller {
         }
         if !self.tasks.queue.is_empty() {
             for id in self.tasks.queue.values().take(MAX_MISSES) {
-                if let Some(t) = self.tasks.tasks.get(id)
-                    && t.not_before_ms > self.now_ms
-                {
-                    at(t.not_before_ms);
+                if let Some(t) = self.tasks.tasks.get(id) {
+                    if t.not_before_ms > self.now_ms {
+                        at(t.not_before_ms);
+                    }
+                    if let Some(since) = t.unplaceable_since_ms {
+                        at(since + self.config.unplaceable_after_ms);
+                    }
                 }
             }
         }
@@ -968,7 +1097,20 @@ impl Controller {
     /// Task commands from the CLI. Returns `None` when the payload is not one.
     pub(super) fn task_command(&mut self, payload: &Payload) -> Option<Payload> {
         Some(match payload {
-            Payload::ControllerTaskRunV1Req(r) => match Spec::from_request(r.clone()) {
+            Payload::ControllerTaskRunV1Req(r) => match Spec::from_request(r.clone()).and_then(|spec| {
+                // With workers registered, a task none of them could ever run is refused
+                // now, with why, rather than queued to wait forever.
+                let why: BTreeSet<String> =
+                    self.tasks.workers.values().map(|w| w.cannot_run(&spec)).collect::<Option<_>>().unwrap_or_default();
+                if why.is_empty() {
+                    Ok(spec)
+                } else {
+                    Err(format!(
+                        "no registered worker could run it: {}",
+                        why.into_iter().collect::<Vec<_>>().join("; ")
+                    ))
+                }
+            }) {
                 Ok(spec) => {
                     self.tasks.next_task += 1;
                     let seq = self.tasks.next_task;
@@ -991,6 +1133,8 @@ impl Controller {
                             outcome: None,
                             output_expired: false,
                             error: String::new(),
+                            unplaceable_since_ms: None,
+                            reasks: 0,
                         },
                     );
                     self.tasks.counters.submitted += 1;
