@@ -38,6 +38,12 @@ pub(crate) struct AppState {
     pub(crate) stop: watch::Receiver<bool>,
     /// Inputs waiting longer than this without any being applied make the controller unhealthy.
     pub(crate) stall_ms: i64,
+    /// Price history and recent events.
+    pub(crate) recent: crate::recent::Shared,
+    /// The journal directory (its size and newest checkpoint, for `/api/status`).
+    pub(crate) journal_dir: std::path::PathBuf,
+    /// When this process started serving (Unix ms).
+    pub(crate) started_ms: i64,
 }
 
 pub(crate) async fn serve(listener: TcpListener, state: AppState, tls: Option<tokio_rustls::TlsAcceptor>) {
@@ -45,6 +51,8 @@ pub(crate) async fn serve(listener: TcpListener, state: AppState, tls: Option<to
     let app = Router::new()
         .route("/", get(dashboard))
         .route("/api/fleet", get(fleet))
+        .route("/api/history", get(history))
+        .route("/api/status", get(status))
         .route("/events", get(events))
         .route("/api/nodes/{id}/{action}", post(node_action))
         .route("/metrics", get(metrics))
@@ -105,6 +113,82 @@ async fn dashboard() -> impl IntoResponse {
 async fn fleet(State(s): State<AppState>) -> Response {
     let view = s.views.borrow().clone();
     ([("content-type", "application/json"), ("cache-control", "no-store")], json(&view)).into_response()
+}
+
+/// `/api/history`: each pair's recent prices, `{pair: [[upstream_ms, "price"], …]}`.
+async fn history(State(s): State<AppState>) -> Response {
+    let body = s.recent.lock().map(|r| r.history_json().to_string()).unwrap_or_else(|_| "{}".into());
+    ([("content-type", "application/json"), ("cache-control", "no-store")], body).into_response()
+}
+
+/// The journal directory's size in bytes, and the newest checkpoint's modification
+/// time (Unix ms), read from the file system at request time.
+fn journal_files(dir: &std::path::Path) -> (u64, Option<i64>, usize) {
+    let (mut bytes, mut newest, mut segments) = (0u64, None::<i64>, 0usize);
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(meta) = e.metadata() else { continue };
+        bytes += meta.len();
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if drover_journal::parse_segment_name(&name).is_some() {
+            segments += 1;
+        }
+        if drover_journal::parse_checkpoint_name(&name).is_some()
+            && let Ok(m) = meta.modified()
+            && let Ok(d) = m.duration_since(std::time::UNIX_EPOCH)
+        {
+            let ms = d.as_millis() as i64;
+            newest = Some(newest.map_or(ms, |n| n.max(ms)));
+        }
+    }
+    (bytes, newest, segments)
+}
+
+/// `/api/status`: the controller's own health (journal size, last checkpoint, fsync
+/// and append latency, inputs) and the recent events, for the dashboard.
+async fn status(State(s): State<AppState>) -> Response {
+    let snap = s.snapshot.borrow().clone();
+    let dir = s.journal_dir.clone();
+    let (bytes, checkpoint_ms, segments) =
+        tokio::task::spawn_blocking(move || journal_files(&dir)).await.unwrap_or((0, None, 0));
+    let ms = |h: &drover_journal::histogram::HistogramSnapshot, q: f64| quantile_us(h, q).map(|us| us as f64 / 1000.0);
+    let events = s.recent.lock().map(|r| r.events()).unwrap_or_default();
+    let body = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "started_ms": s.started_ms,
+        "at_ms": crate::now_ms(),
+        "journal": {
+            "bytes_on_disk": bytes,
+            "segments": segments,
+            "last_checkpoint_ms": checkpoint_ms,
+            "checkpoints_written": snap.journal.checkpoints,
+            "fsync_p50_ms": ms(&snap.histograms.fsync_us, 0.5),
+            "fsync_p99_ms": ms(&snap.histograms.fsync_us, 0.99),
+            "append_p99_ms": ms(&snap.histograms.append_us, 0.99),
+            "failed": s.health.journal_failed.load(Ordering::Relaxed),
+        },
+        "inputs_applied": s.health.applied.load(Ordering::Relaxed),
+        "inputs_queued": s.health.queued.load(Ordering::Relaxed),
+        "events": events,
+    });
+    ([("content-type", "application/json"), ("cache-control", "no-store")], body.to_string()).into_response()
+}
+
+/// The upper bound of the bucket holding quantile `q` (µs), from a snapshot.
+fn quantile_us(h: &drover_journal::histogram::HistogramSnapshot, q: f64) -> Option<u64> {
+    let total: u64 = h.counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let want = ((total as f64) * q).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, c) in h.counts.iter().enumerate() {
+        seen += c;
+        if seen >= want {
+            return Some(h.bounds.get(i).copied().unwrap_or_else(|| h.bounds.last().copied().unwrap_or(0)));
+        }
+    }
+    None
 }
 
 fn json(view: &FleetView) -> String {
@@ -245,9 +329,74 @@ fn histogram(out: &mut String, name: &str, help: &str, h: &drover_journal::histo
     let _ = writeln!(out, "{name}_count {cumulative}");
 }
 
+/// The standard `process_*` metrics (as Prometheus client libraries export them), read
+/// from `/proc/self`; on a system without it they are left out.
+fn process_metrics(out: &mut String) {
+    use std::fmt::Write;
+    // /proc/<pid>/stat reports times in USER_HZ, 100 on every Linux architecture.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { return };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| f.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+    let mut gauge = |name: &str, kind: &str, help: &str, v: f64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    };
+    if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+        gauge(
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            (utime + stime) / TICKS_PER_SECOND,
+        );
+    }
+    if let Some(vsize) = field(23) {
+        gauge("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", vsize);
+    }
+    let rss_kib = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+    });
+    if let Some(kib) = rss_kib {
+        gauge("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", kib * 1024.0);
+    }
+    let boot = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse::<f64>().ok()));
+    if let (Some(start), Some(boot)) = (field(22), boot) {
+        gauge(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            boot + start / TICKS_PER_SECOND,
+        );
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        gauge("process_open_fds", "gauge", "Number of open file descriptors.", fds.count() as f64);
+    }
+    let max_fds = std::fs::read_to_string("/proc/self/limits").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|v| v.parse::<f64>().ok())
+    });
+    if let Some(m) = max_fds {
+        gauge("process_max_fds", "gauge", "Maximum number of open file descriptors.", m);
+    }
+}
+
 /// The Prometheus text exposition of a snapshot.
 pub(crate) fn render(s: &Snapshot, h: &Health) -> String {
     let mut out = String::new();
+    {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP drover_build_info The running drover's version (always 1).");
+        let _ = writeln!(out, "# TYPE drover_build_info gauge");
+        let _ = writeln!(out, "drover_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    }
+    process_metrics(&mut out);
     let c = &s.counters;
     let one = |v: u64| vec![(String::new(), v)];
     let states: Vec<(String, u64)> = ["online", "suspect", "draining", "rejoining", "gone"]
@@ -361,13 +510,6 @@ pub(crate) fn render(s: &Snapshot, h: &Health) -> String {
     );
     family(&mut out, "drover_journal_bytes_total", "counter", "Journal bytes written.", &one(j.bytes));
     family(&mut out, "drover_journal_fsyncs_total", "counter", "fdatasync calls.", &one(j.fsyncs));
-    family(
-        &mut out,
-        "drover_journal_fsync_microseconds_total",
-        "counter",
-        "Time spent in fdatasync (microseconds).",
-        &one(j.fsync_nanos / 1_000),
-    );
     family(&mut out, "drover_journal_max_batch", "gauge", "Largest batch, in inputs.", &one(j.max_batch));
     family(&mut out, "drover_journal_checkpoints_total", "counter", "Checkpoints written.", &one(j.checkpoints));
     let hs = &s.histograms;
@@ -407,6 +549,13 @@ pub(crate) fn render(s: &Snapshot, h: &Health) -> String {
         "counter",
         "Inputs applied to the core.",
         &one(h.applied.load(Ordering::Relaxed)),
+    );
+    family(
+        &mut out,
+        "drover_journal_failed",
+        "gauge",
+        "1 once a journal write failed (the controller is stopping), else 0.",
+        &one(u64::from(h.journal_failed.load(Ordering::Relaxed))),
     );
     family(
         &mut out,

@@ -21,6 +21,7 @@ mod admission;
 mod grpc;
 mod http;
 mod owner;
+mod recent;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -347,6 +348,9 @@ pub async fn run(
             sessions: service.sessions(),
             stop: stop_rx.clone(),
             stall_ms: config.health_stall_ms,
+            recent: owner.recent(),
+            journal_dir: config.journal().dir,
+            started_ms: now_ms(),
         };
         tokio::spawn(http::serve(h, state, tls));
     }

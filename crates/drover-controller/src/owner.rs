@@ -236,6 +236,8 @@ pub(crate) struct Owner {
     view: watch::Sender<Arc<drover_core::FleetView>>,
     /// Inputs were applied since the last publish.
     dirty: bool,
+    /// Price history and recent events, for the dashboard.
+    recent: crate::recent::Shared,
 }
 
 /// How often the metrics snapshot and fleet view are refreshed while inputs arrive.
@@ -247,6 +249,11 @@ impl Owner {
         self.snapshot.subscribe()
     }
 
+    /// The price history and recent events this owner records (for the dashboard).
+    pub(crate) fn recent(&self) -> crate::recent::Shared {
+        self.recent.clone()
+    }
+
     /// A receiver of the fleet views this owner publishes (for the dashboard).
     pub(crate) fn views(&self) -> watch::Receiver<Arc<drover_core::FleetView>> {
         self.view.subscribe()
@@ -256,7 +263,11 @@ impl Owner {
     /// so the run loop calls this at most every `PUBLISH_EVERY`, not per batch.
     fn publish(&mut self) {
         self.dirty = false;
-        self.view.send_replace(Arc::new(self.core.fleet_view()));
+        let view = Arc::new(self.core.fleet_view());
+        if let Ok(mut r) = self.recent.lock() {
+            r.sample(&view);
+        }
+        self.view.send_replace(view);
         let (nodes, pairs_with, pairs_without) = self.core.gauges();
         self.snapshot.send_replace(Snapshot {
             counters: self.core.counters().clone(),
@@ -298,6 +309,7 @@ impl Owner {
             replay: (0, 0),
             view: watch::channel(Arc::new(drover_core::FleetView::default())).0,
             dirty: true,
+            recent: Default::default(),
         }
     }
 
@@ -476,6 +488,9 @@ impl Owner {
                 }
                 ShellEvent::NodeClosed { node, session } => {
                     tracing::info!(%node, session, "node stream closed");
+                    if let Ok(mut r) = self.recent.lock() {
+                        r.note(now_ms(), "closed", format!("{} stream closed", self.core.node_label(&node)));
+                    }
                     closed.push(session);
                     Event::NodeDisconnected { node, session }
                 }
@@ -615,8 +630,12 @@ impl Owner {
                 Output::Assigned { pair, node, epoch, reason } => {
                     tracing::info!(%pair, %node, epoch, %reason, "streamer assigned")
                 }
+                Output::TaskEnded { task, state, detail } => tracing::info!(%task, %state, %detail, "task ended"),
                 Output::ToNode { .. } => {}
             }
+        }
+        if let Ok(mut r) = self.recent.lock() {
+            r.observe(at_ms, &out, |id| self.core.node_label(id));
         }
         self.health.applied.fetch_add(n, Ordering::Relaxed);
         self.health.last_applied_ms.store(at_ms, Ordering::Relaxed);
@@ -702,7 +721,10 @@ fn deliver(sinks: &mut HashMap<u64, Sink>, o: Output) {
             }
             return;
         }
-        Output::AdmissionVerdict { .. } | Output::EvictNode { .. } | Output::Assigned { .. } => return,
+        Output::AdmissionVerdict { .. }
+        | Output::EvictNode { .. }
+        | Output::Assigned { .. }
+        | Output::TaskEnded { .. } => return,
     };
     if full {
         // A peer that does not read is cut off rather than allowed to stall everyone.

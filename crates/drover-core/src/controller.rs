@@ -207,6 +207,8 @@ struct Scratch {
     free_index: Option<BTreeSet<(u32, String)>>,
     /// Pair → nodes that know it (`None`: rebuild).
     known_by: Option<BTreeMap<String, BTreeSet<String>>>,
+    /// `Output::TaskEnded` notices of the current input.
+    ended: Vec<Output>,
 }
 
 impl PartialEq for Scratch {
@@ -270,6 +272,16 @@ impl Controller {
         }
     }
 
+    /// A node as an operator knows it: its name and short id (`alpha (b62e77daa853)`),
+    /// or the id alone for a node the core does not know.
+    pub fn node_label(&self, id: &str) -> String {
+        let short: String = id.chars().take(12).collect();
+        match self.nodes.get(id).map(|n| n.name.as_str()).filter(|n| !n.is_empty()) {
+            Some(name) => format!("{name} ({short})"),
+            None => short,
+        }
+    }
+
     /// Whether any admin token is usable now.
     pub fn has_admin_token(&self, now_ms: i64) -> bool {
         self.tokens.values().any(|t| t.role == v1::TokenRole::Admin as i32 && t.usable(now_ms).is_ok())
@@ -304,25 +316,44 @@ impl Controller {
                     incoming: p.next.as_ref().map(|l| l.node.clone()),
                     price: p.latest.as_ref().map(|r| drover_proto::format_decimal(r.mantissa, r.scale)),
                     upstream_time_ms: p.latest.as_ref().map(|r| r.upstream_time_ms),
-                    age_ms: p.current.as_ref().map(|l| self.now_ms - l.last_update_ms.max(l.since_ms)),
+                    // Since the streamer's last update; with nobody streaming, since the
+                    // newest price's upstream time (when its age matters most).
+                    age_ms: match &p.current {
+                        Some(l) => Some(self.now_ms - l.last_update_ms.max(l.since_ms)),
+                        None => p.latest.as_ref().map(|r| (self.now_ms - r.upstream_time_ms).max(0)),
+                    },
                 }
             })
             .collect();
         let nodes = self
             .nodes
             .iter()
-            .map(|(id, n)| crate::NodeView {
-                id: id.clone(),
-                name: n.name.clone(),
-                version: n.version.clone(),
-                state: self.node_state(n).as_str(),
-                connected_since_ms: n.connected_since_ms,
-                worker: n.worker,
-                known_pairs: n.known.len(),
-                streaming: streaming.remove(id.as_str()).unwrap_or_default(),
+            .map(|(id, n)| {
+                let load = self.tasks.worker_resources(id);
+                crate::NodeView {
+                    id: id.clone(),
+                    name: n.name.clone(),
+                    version: n.version.clone(),
+                    state: self.node_state(n).as_str(),
+                    connected_since_ms: n.connected_since_ms,
+                    gone_since_ms: if n.session.is_none() { n.gone_at_ms } else { None },
+                    worker: n.worker,
+                    known_pairs: n.known.len(),
+                    known: n.known.iter().take(crate::view::MAX_KNOWN_SHOWN).cloned().collect(),
+                    streaming: streaming.remove(id.as_str()).unwrap_or_default(),
+                    cores: load.map(|l| l.0),
+                    used_cores: load.map(|l| l.1),
+                    memory_mb: load.map(|l| l.2),
+                }
             })
             .collect();
-        crate::FleetView { at_ms: self.now_ms, nodes, pairs, tasks: Some(self.tasks.gauges()) }
+        crate::FleetView {
+            at_ms: self.now_ms,
+            nodes,
+            pairs,
+            tasks: Some(self.tasks.gauges()),
+            recent_tasks: self.tasks.recent(crate::view::RECENT_TASKS),
+        }
     }
 
     /// Whether `node` is in a worker relationship with this manager.
@@ -577,6 +608,7 @@ impl Controller {
             self.scratch.quiet_until_ms = self.scratch.quiet_until_ms.min(due);
         }
         self.flush(out);
+        out.append(&mut self.scratch.ended);
     }
 
     #[allow(clippy::too_many_arguments)]

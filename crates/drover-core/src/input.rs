@@ -267,6 +267,16 @@ pub enum Output {
         /// Why the pair moved.
         reason: &'static str,
     },
+    /// A task reached its end (completed, failed or aborted), for the operator's log
+    /// and the dashboard's recent events; nothing to send.
+    TaskEnded {
+        /// The task id.
+        task: String,
+        /// completed, failed or aborted.
+        state: &'static str,
+        /// The exit code, or why it failed.
+        detail: String,
+    },
     /// End a node's stream (kick, missed keepalives).
     CloseNode {
         /// The node.

@@ -25,7 +25,7 @@ pub use controller::tasks::{TaskCounters, TaskGauges, TaskState};
 pub use controller::{Controller, Counters, NodeState};
 pub use input::{Config, Event, Input, Output, Policy};
 pub use rng::SplitMix64;
-pub use view::{FleetView, NodeView, PairView};
+pub use view::{FleetView, NodeView, PairView, TaskRow};
 
 /// Longest accepted pair name.
 pub const MAX_PAIR_LEN: usize = 32;

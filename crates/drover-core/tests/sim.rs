@@ -179,7 +179,8 @@ impl Sim {
                 Output::ToCli { .. }
                 | Output::AdmissionVerdict { .. }
                 | Output::EvictNode { .. }
-                | Output::Assigned { .. } => {}
+                | Output::Assigned { .. }
+                | Output::TaskEnded { .. } => {}
             }
         }
         for (node, session, request_id, payload) in replies {

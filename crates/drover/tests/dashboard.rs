@@ -218,6 +218,34 @@ fn the_dashboard_shows_nodes_and_live_prices_and_a_killed_node_as_gone() {
         browser.eval("return document.querySelector('[data-task=\"done\"]').textContent;") == "1"
     });
     assert!(done, "the dashboard did not count the completed task");
+    // The task table lists it, live, and a job that exits 1 shows in the recent events.
+    let ran = cli(&["task", "run", "--wait", "--", "/bin/false"]);
+    assert!(!ran.status.success(), "/bin/false exits 1");
+    let listed = wait_until(Duration::from_secs(10), || {
+        let rows = browser.eval(
+            "return [...document.querySelectorAll('#task-list tbody tr')].map(r => [r.dataset.taskId, r.dataset.state, r.textContent]);",
+        );
+        let rows = rows.as_array().cloned().unwrap_or_default();
+        rows.len() == 2
+            && rows[0][1] == "completed"
+            && rows[0][2].as_str().is_some_and(|t| t.contains("/bin/false"))
+            && rows[1][2].as_str().is_some_and(|t| t.contains("/bin/echo dashboard"))
+    });
+    assert!(listed, "the task table does not list both tasks, newest first");
+    let noted = wait_until(Duration::from_secs(10), || {
+        browser
+            .eval("return [...document.querySelectorAll('#events li')].map(l => l.textContent).join('\\n');")
+            .as_str()
+            .is_some_and(|t| t.contains("completed: exit code 1"))
+    });
+    assert!(noted, "the recent events do not show the task that exited 1");
+    let health = browser.eval("return document.querySelector('#health').textContent;");
+    assert!(
+        health
+            .as_str()
+            .is_some_and(|h| h.contains("journal") && h.contains("fsync p50 / p99") && h.contains("last checkpoint")),
+        "the controller's health line: {health}"
+    );
 
     // Prices keep updating in place (no reload: still one navigation).
     let first = pair(&page, "USDJPY").unwrap()["upstream"].as_i64().unwrap();
@@ -226,6 +254,18 @@ fn the_dashboard_shows_nodes_and_live_prices_and_a_killed_node_as_gone() {
         pair(&page, "USDJPY").and_then(|r| r["upstream"].as_i64()).is_some_and(|t| t > first)
     });
     assert!(updated, "USDJPY did not update live: {page}");
+    // Each pair has a price chart that grows as prices arrive.
+    let points = |pair: &str| -> u64 {
+        browser
+            .eval(&format!(
+                "const s = document.querySelector('#pairs tr[data-pair=\"{pair}\"] svg.spark'); return s && s.querySelector('polyline') ? Number(s.dataset.points) : 0;"
+            ))
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = points("USDJPY");
+    assert!(before >= 2, "USDJPY has a price chart with points: {before}");
+    assert!(wait_until(Duration::from_secs(10), || points("USDJPY") > before), "the chart did not grow live");
     assert_eq!(page["loads"], 1, "the page must not reload");
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     browser.screenshot(&shot);
@@ -284,9 +324,14 @@ fn the_dashboard_shows_nodes_and_live_prices_and_a_killed_node_as_gone() {
         "drover_checkpoint_seconds_count",
         "drover_replay_seconds",
         "drover_inputs_applied_total",
-        "drover_tasks{state=\"done\"} 1",
-        "drover_task_outcomes_total{outcome=\"completed\"} 1",
-        "drover_task_attempts_total{event=\"dispatched\"} 1",
+        "drover_tasks{state=\"done\"} 2",
+        "drover_task_outcomes_total{outcome=\"completed\"} 2",
+        "drover_task_attempts_total{event=\"dispatched\"} 2",
+        "drover_task_attempts_total{event=\"started\"} 2",
+        "drover_build_info{version=",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
     ] {
         assert!(metrics.contains(family), "{family} missing from /metrics:\n{metrics}");
     }

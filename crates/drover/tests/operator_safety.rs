@@ -249,3 +249,41 @@ fn tasks_no_worker_could_run_are_refused_at_once_and_abort_takes_several_ids() {
         assert!(said.contains(&format!("{id}: aborted")), "{said}");
     }
 }
+
+/// Runs promtool (Debian's `prometheus` package; `.ci/run` installs it) on `input`.
+fn promtool(args: &[&str], input: Option<&str>) -> (bool, String) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run promtool ({e}); install it: apt-get install prometheus"));
+    if let Some(text) = input {
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), text(&out))
+}
+
+#[test]
+fn metrics_and_the_shipped_alert_rules_pass_promtool() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Controller::new(dir.path(), &[]);
+    c.start();
+    let token = c.join_token();
+    let _node = c.node(dir.path(), "m1", &token, &["--pairs", "EURUSD", "--worker", "--cores", "1"]);
+    assert!(wait_until(Duration::from_secs(15), || text(&c.cli(&["nodes"])).contains("m1")));
+    let raw = http_get(c.http, "/metrics");
+    let body = &raw[raw.find("\r\n\r\n").unwrap() + 4..];
+    for family in ["drover_build_info{version=", "process_resident_memory_bytes", "drover_journal_failed 0"] {
+        assert!(body.contains(family), "{family} missing:\n{body}");
+    }
+    let (ok, said) = promtool(&["check", "metrics"], Some(body));
+    assert!(ok && said.trim().is_empty(), "promtool check metrics found problems:\n{said}");
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/prometheus/drover-alerts.yml");
+    let (ok, said) = promtool(&["check", "rules", rules], None);
+    assert!(ok && said.contains("SUCCESS"), "promtool check rules: {said}");
+}

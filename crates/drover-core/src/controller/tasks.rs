@@ -245,8 +245,10 @@ pub struct TaskGauges {
     pub running: u64,
     /// Completed (any exit code) and remembered.
     pub done: u64,
-    /// Failed or aborted and remembered.
+    /// Failed and remembered.
     pub failed: u64,
+    /// Aborted by an operator and remembered.
+    pub aborted: u64,
 }
 
 fn matches_labels(want: &BTreeMap<String, String>, have: &BTreeMap<String, String>) -> bool {
@@ -375,11 +377,56 @@ impl TaskPlane {
             match t.state {
                 State::Running => g.running += 1,
                 State::Completed => g.done += 1,
-                State::Failed | State::Aborted => g.failed += 1,
+                State::Failed => g.failed += 1,
+                State::Aborted => g.aborted += 1,
                 State::Queued => {}
             }
         }
         g
+    }
+
+    /// A worker's (cores, cores reserved, memory MiB).
+    pub(super) fn worker_resources(&self, node: &str) -> Option<(u32, u32, u64)> {
+        self.workers.get(node).map(|w| (w.cores, w.used_cores, w.memory_mb))
+    }
+
+    /// The newest `n` tasks, newest first: O(tasks · log n).
+    pub(super) fn recent(&self, n: usize) -> Vec<crate::view::TaskRow> {
+        let mut newest: std::collections::BinaryHeap<std::cmp::Reverse<(u64, &String)>> =
+            std::collections::BinaryHeap::with_capacity(n + 1);
+        for (id, t) in &self.tasks {
+            newest.push(std::cmp::Reverse((t.seq, id)));
+            if newest.len() > n {
+                newest.pop();
+            }
+        }
+        let mut ids: Vec<(u64, &String)> = newest.into_iter().map(|r| r.0).collect();
+        ids.sort_by_key(|a| std::cmp::Reverse(a.0));
+        ids.into_iter()
+            .filter_map(|(_, id)| {
+                let t = self.tasks.get(id)?;
+                let mut job = std::iter::once(t.spec.job_addr.as_str())
+                    .chain(t.spec.args.iter().map(String::as_str))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                if job.chars().count() > 80 {
+                    job = job.chars().take(79).collect::<String>() + "…";
+                }
+                let last =
+                    t.current.as_ref().map(|a| a.worker.clone()).or_else(|| t.history.last().map(|h| h.worker.clone()));
+                Some(crate::view::TaskRow {
+                    id: id.clone(),
+                    state: t.state.as_str(),
+                    job,
+                    worker: last,
+                    attempts: t.attempts,
+                    exit_code: t.outcome.as_ref().map(|o| o.exit_code),
+                    error: t.error.clone(),
+                    submitted_ms: t.submitted_ms,
+                    finished_ms: t.finished_ms,
+                })
+            })
+            .collect()
     }
 
     /// Whether `node` is a worker of this manager.
@@ -745,6 +792,16 @@ impl Controller {
     /// A finished task joins the retention queue; the oldest are forgotten and the
     /// oldest outputs dropped to stay within the limits.
     fn retire(&mut self, task: &str) {
+        if let Some(t) = self.tasks.tasks.get(task) {
+            self.scratch.ended.push(Output::TaskEnded {
+                task: task.to_owned(),
+                state: t.state.as_str(),
+                detail: match &t.outcome {
+                    Some(o) if t.state == State::Completed => format!("exit code {}", o.exit_code),
+                    _ => t.error.clone(),
+                },
+            });
+        }
         self.tasks.finished.push_back(task.to_owned());
         while self.tasks.finished.len() > self.config.task_retention.max(1) {
             if let Some(old) = self.tasks.finished.pop_front()
