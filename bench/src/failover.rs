@@ -27,7 +27,7 @@ async fn trial(b: &crate::Bench, i: usize, silent: bool) -> Duration {
     let pair = format!("F{}{i:04}", if silent { "S" } else { "K" });
     let ctx = b.ctx();
     let mut victim = std::process::Command::new(crate::drover_bin())
-        .args(["node", "--controller", &b.admission.to_string(), "--token", &b.join, "--pairs", &pair])
+        .args(["node", "--admission", &b.admission.to_string(), "--token", &b.join, "--pairs", &pair])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -32,7 +32,7 @@ pub async fn run(tasks: usize, workers: usize, cores: u32, submitters: usize) {
             std::process::Command::new(crate::drover_bin())
                 .args([
                     "node",
-                    "--controller",
+                    "--admission",
                     &b.admission.to_string(),
                     "--token",
                     &b.join,
