@@ -22,7 +22,15 @@ async fn streamer_of(ctx: &Ctx, pair: &str) -> Option<String> {
     })
 }
 
-async fn trial(b: &crate::Bench, i: usize, silent: bool) -> Duration {
+/// One trial's figures: signal → the controller applied an input (the disconnect, in
+/// all but rare trials where a heartbeat lands first), and signal → the standby has its
+/// assignment.
+struct Timing {
+    applied: Duration,
+    assigned: Duration,
+}
+
+async fn trial(b: &crate::Bench, i: usize, silent: bool) -> Timing {
     let addr = b.addr;
     let pair = format!("F{}{i:04}", if silent { "S" } else { "K" });
     let ctx = b.ctx();
@@ -80,7 +88,26 @@ async fn trial(b: &crate::Bench, i: usize, silent: bool) -> Duration {
             }
         }
     });
+    // For a SIGKILL the standby's heartbeats are paused around the signal (its 1 s
+    // timeout is far), so the first input applied after it is the victim's disconnect.
+    if !silent {
+        beat.abort();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let applied_before = b.health.applied.load(std::sync::atomic::Ordering::Relaxed);
+    let health = b.health.clone();
     let t0 = Instant::now();
+    // A thread that looks every 50 µs (a sleeping poll: spinning would take one of the
+    // two cores the controller needs), for at most 2 s.
+    let watch_applied = std::thread::spawn(move || {
+        while health.applied.load(std::sync::atomic::Ordering::Relaxed) == applied_before {
+            if t0.elapsed() > Duration::from_secs(2) {
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        Some(t0.elapsed())
+    });
     if silent {
         std::process::Command::new("kill").args(["-STOP", &victim.id().to_string()]).status().unwrap();
     } else {
@@ -94,11 +121,13 @@ async fn trial(b: &crate::Bench, i: usize, silent: bool) -> Duration {
             }
         }
     }
-    let took = t0.elapsed();
+    let assigned = t0.elapsed();
     beat.abort();
+    let applied = watch_applied.join().ok().flatten().unwrap_or(assigned).min(assigned);
+    drop(tx);
     let _ = victim.kill();
     let _ = victim.wait();
-    took
+    Timing { applied, assigned }
 }
 
 fn row(label: &str, mut ms: Vec<f64>) {
@@ -112,22 +141,37 @@ fn row(label: &str, mut ms: Vec<f64>) {
     );
 }
 
-pub async fn run(trials: usize) {
+/// `fsync: false` runs the controller with `--fsync never`: not a configuration to run,
+/// only to see how much of the latency is the journal's fdatasync.
+pub async fn run(trials: usize, fsync: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let b = crate::start_controller(dir.path(), |c| c.core.node_timeout_ms = 1_000).await;
-    let mut killed = Vec::new();
+    let b = crate::start_controller(dir.path(), |c| {
+        c.core.node_timeout_ms = 1_000;
+        if !fsync {
+            c.fsync = drover_journal::FsyncMode::Never;
+        }
+    })
+    .await;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let (mut killed, mut seen, mut released) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..trials {
-        killed.push(trial(&b, i, false).await.as_secs_f64() * 1e3);
+        let t = trial(&b, i, false).await;
+        killed.push(ms(t.assigned));
+        seen.push(ms(t.applied));
+        released.push(ms(t.assigned.saturating_sub(t.applied)));
     }
     let mut silent = Vec::new();
     for i in 0..(trials / 10).max(3) {
-        silent.push(trial(&b, i, true).await.as_secs_f64() * 1e3);
+        silent.push(ms(trial(&b, i, true).await.assigned));
     }
     println!(
-        "command: cargo build --release -p drover && cd bench && cargo run --release -- failover --trials {trials}"
+        "command: cargo build --release -p drover && cd bench && cargo run --release -- failover --trials {trials}{}",
+        if fsync { "" } else { " --fsync never" }
     );
     println!("| failure | trials | p50 | p99 | max |\n| --- | --- | --- | --- | --- |");
     row("SIGKILL of the streamer → standby has its NodeStreamModifyStateV1Req", killed);
+    row("… of which: SIGKILL → the controller applied the disconnect", seen);
+    row("… of which: applied → standby has it (journal fsync, release, send)", released);
     row("SIGSTOP of the streamer (node_timeout 1 s) → standby assigned", silent);
     let _ = b.stop.send(());
 }

@@ -31,7 +31,7 @@ async fn main() {
     let which = std::env::args().nth(1).unwrap_or_default();
     match which.as_str() {
         "ingest" => ingest::run(arg("--nodes", "64").parse().unwrap(), arg("--secs", "5").parse().unwrap()).await,
-        "failover" => failover::run(arg("--trials", "100").parse().unwrap()).await,
+        "failover" => failover::run(arg("--trials", "100").parse().unwrap(), arg("--fsync", "always") != "never").await,
         "recovery" => recovery::run(arg("--updates", "1000000").parse().unwrap()).await,
         "coordinator" => coordinator::run(arg("--window", "256").parse().unwrap()).await,
         "tasks" => {
@@ -45,7 +45,7 @@ async fn main() {
         }
         _ => {
             eprintln!(
-                "usage: drover-bench ingest|failover|recovery|tasks|coordinator [--nodes N --secs S | --trials N | --updates N | --tasks N --workers W --cores C --submitters S]"
+                "usage: drover-bench ingest|failover|recovery|tasks|coordinator [--nodes N --secs S | --trials N [--fsync never] | --updates N | --tasks N --workers W --cores C --submitters S]"
             );
             std::process::exit(2);
         }

@@ -706,13 +706,22 @@ async fn release(
 }
 
 fn deliver(sinks: &mut HashMap<u64, Sink>, o: Output) {
-    let (session, full) = match o {
+    use tokio::sync::mpsc::error::TrySendError;
+    // Full: the peer does not read. Closed: it went away (its close is on its way).
+    fn verdict<T>(r: Result<(), TrySendError<T>>) -> Option<bool> {
+        match r {
+            Ok(()) => None,
+            Err(TrySendError::Full(_)) => Some(true),
+            Err(TrySendError::Closed(_)) => Some(false),
+        }
+    }
+    let (session, failed) = match o {
         Output::ToNode { session, msg, .. } => match sinks.get(&session) {
-            Some(Sink::Node(tx)) => (session, tx.try_send(Ok(msg)).is_err()),
+            Some(Sink::Node(tx)) => (session, verdict(tx.try_send(Ok(msg)))),
             _ => return,
         },
         Output::ToCli { session, msg } => match sinks.get(&session) {
-            Some(Sink::Cli(tx)) => (session, tx.try_send(Ok(msg)).is_err()),
+            Some(Sink::Cli(tx)) => (session, verdict(tx.try_send(Ok(msg)))),
             _ => return,
         },
         Output::CloseNode { session, reason, .. } => {
@@ -726,9 +735,16 @@ fn deliver(sinks: &mut HashMap<u64, Sink>, o: Output) {
         | Output::Assigned { .. }
         | Output::TaskEnded { .. } => return,
     };
-    if full {
-        // A peer that does not read is cut off rather than allowed to stall everyone.
-        tracing::warn!(session, "stream queue full or closed; dropping the stream");
-        sinks.remove(&session);
+    match failed {
+        Some(true) => {
+            // A peer that does not read is cut off rather than allowed to stall everyone.
+            tracing::warn!(session, "stream queue full (the peer does not read); dropping the stream");
+            sinks.remove(&session);
+        }
+        Some(false) => {
+            tracing::debug!(session, "stream already closed by its peer");
+            sinks.remove(&session);
+        }
+        None => {}
     }
 }
