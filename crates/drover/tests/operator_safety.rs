@@ -287,3 +287,48 @@ fn metrics_and_the_shipped_alert_rules_pass_promtool() {
     let (ok, said) = promtool(&["check", "rules", rules], None);
     assert!(ok && said.contains("SUCCESS"), "promtool check rules: {said}");
 }
+
+#[test]
+fn nodes_of_a_controller_listening_on_every_address_are_told_a_reachable_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Controller::new(dir.path(), &[]);
+    c.bind = "0.0.0.0".into();
+    c.start();
+    let token = c.join_token();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut config =
+        drover_node::NodeConfig::new(format!("127.0.0.1:{}", c.admission), token, vec!["EURUSD".to_owned()]);
+    config.version = env!("CARGO_PKG_VERSION").into();
+    let (upstream, _ticket, _control) = runtime.block_on(drover_node::admit_session(&config)).expect("admitted");
+    assert_eq!(upstream, format!("127.0.0.1:{}", c.grpc), "not 0.0.0.0: the address the node reached");
+}
+
+#[test]
+fn a_price_watch_outlives_a_controller_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Controller::new(dir.path(), &[]);
+    c.start();
+    let token = c.join_token();
+    let _node = c.node(dir.path(), "w", &token, &["--pairs", "EURUSD"]);
+    let out = dir.path().join("watch.out");
+    let err = dir.path().join("watch.err");
+    let mut watch = cli_command(c.grpc, &c.data, &["prices", "--watch", "--json", "--duration", "40s"])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let lines = || std::fs::read_to_string(&out).unwrap_or_default().lines().count();
+    assert!(wait_until(Duration::from_secs(15), || lines() >= 3), "the watch shows prices");
+    c.kill();
+    c.start();
+    let before = lines();
+    assert!(
+        wait_until(Duration::from_secs(20), || lines() > before + 2),
+        "the watch goes on after the restart: {}",
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+    let said = std::fs::read_to_string(&err).unwrap_or_default();
+    assert!(said.contains("reconnecting") && said.contains("reconnected"), "and says so: {said}");
+    let _ = watch.kill();
+    let _ = watch.wait();
+}
