@@ -262,12 +262,13 @@ fn operators_need_a_token_and_read_tokens_cannot_change_things() {
     let c = start(dir.path(), &[]);
     let (ok, _, err) = c.cli_as(None, &["nodes"]);
     assert!(!ok && err.contains("operator token is required"), "{err}");
+    // A wrong token is named as such, not as a missing one (issue 19).
     let (ok, _, err) = c.cli_as(Some("dt1.0123456789ab.wrongwrongwrongwrong"), &["nodes"]);
-    assert!(!ok && err.contains("operator token is required"), "{err}");
+    assert!(!ok && err.contains("unknown token"), "{err}");
     let read = c.token(&["--role", "read"]);
     assert!(c.cli_as(Some(&read), &["nodes"]).0);
-    let (ok, _, err) = c.cli_as(Some(&read), &["kick", "some-node"]);
-    assert!(!ok && err.contains("needs an admin token"), "{err}");
+    let (ok, _, err) = c.cli_as(Some(&read), &["task", "abort", "t1"]);
+    assert!(!ok && err.contains("`drover task abort` needs an admin token"), "{err}");
     let (ok, _, err) = c.cli_as(Some(&read), &["token", "create", "--role", "admin"]);
     assert!(!ok && err.contains("admin token"), "{err}");
 }
