@@ -116,5 +116,10 @@ fn state_shows_what_a_restart_recovers_without_touching_the_journal() {
     assert_eq!(v["nodes"][0]["id"], "n1", "{v}");
     assert_eq!(std::fs::read(&seg).unwrap(), bytes, "state must not repair the journal itself");
     let (ok, out) = drover(&["journal", "state", tmp.path().join("missing").to_str().unwrap()]);
-    assert!(!ok && out.contains("not a journal directory"), "{out}");
+    assert!(!ok && out.contains("is not a directory"), "{out}");
+    // Said once (issue 19: a missing directory printed its error twice), by every tool.
+    for tool in ["verify", "dump", "state"] {
+        let (ok, out) = drover(&["journal", tool, tmp.path().join("missing").to_str().unwrap()]);
+        assert!(!ok && out.matches("missing").count() == 1, "{tool}: {out}");
+    }
 }
