@@ -433,6 +433,9 @@ fn jobs_no_registered_worker_could_run_are_refused_at_submission() {
     let why = refusal(&s.cli(run("/opt/job", 1))).expect("outside every worker's allowed jobs");
     assert!(why.contains("runs only jobs under /bin/, /usr/bin/"), "{why}");
     assert_eq!(refusal(&s.cli(run("/bin/echo", 2))), None, "a job a worker can run is accepted");
+    assert_eq!(refusal(&s.cli(run("https://example.test/job", 1))), None, "prefixes are for paths, not URLs");
+    let why = refusal(&s.cli(run("/bin/../opt/job", 1))).expect("`..` is refused");
+    assert!(why.contains("`..`"), "{why}");
 }
 
 #[test]

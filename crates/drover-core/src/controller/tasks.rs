@@ -78,7 +78,10 @@ impl WorkerRel {
         if !matches_labels(&spec.labels, &self.labels) {
             return Some("lacks the labels".into());
         }
-        if !self.allow_jobs.is_empty() && !self.allow_jobs.iter().any(|p| spec.job_addr.starts_with(p.as_str())) {
+        // Workers take any http(s) job (checked by its digest); prefixes are for paths.
+        let url = spec.job_addr.starts_with("http://") || spec.job_addr.starts_with("https://");
+        if !url && !self.allow_jobs.is_empty() && !self.allow_jobs.iter().any(|p| spec.job_addr.starts_with(p.as_str()))
+        {
             return Some(format!("runs only jobs under {}", self.allow_jobs.join(", ")));
         }
         None
@@ -280,6 +283,9 @@ impl Spec {
                 "the job {:?} must be an absolute path on the worker (e.g. /bin/echo) or an http(s):// URL",
                 r.job_addr
             ));
+        }
+        if r.job_addr.starts_with('/') && r.job_addr.split('/').any(|c| c == "..") {
+            return Err(format!("the job {:?} contains `..` (workers refuse it)", r.job_addr));
         }
         if r.args.len() > MAX_ARGS {
             return Err(format!("at most {MAX_ARGS} arguments"));
