@@ -42,9 +42,8 @@ pub async fn shutdown_signal() {
 /// wrong until the fleet actually grows that large, and then the cap (with its
 /// `conn:close` reason) is what protects the controller from running out of descriptors.
 pub fn fit_connections_to_fd_limit(max_connections: usize) -> usize {
-    const RESERVED: u64 = 1024; // journal, listeners, CLI and HTTP connections
     let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
-    let fits = (limit.saturating_sub(RESERVED) / 2).max(1);
+    let fits = connections_that_fit(limit) as u64;
     if (max_connections as u64) <= fits {
         return max_connections;
     }
@@ -55,6 +54,14 @@ pub fn fit_connections_to_fd_limit(max_connections: usize) -> usize {
         "the open-file limit caps admission connections (raise it with ulimit -n or LimitNOFILE= for larger fleets)"
     );
     fits as usize
+}
+
+/// Admission connections an open-file `limit` carries: two descriptors per node (its
+/// control channel and its gRPC connection), after a reserve for the journal, the
+/// listeners, CLI and HTTP connections (1,024, or a quarter of a small limit).
+fn connections_that_fit(limit: u64) -> usize {
+    let reserved = (limit / 4).min(1024);
+    (limit.saturating_sub(reserved) / 2).max(1) as usize
 }
 
 /// Raises the soft open-file limit to the hard limit for a process that needs `wanted`
@@ -70,6 +77,14 @@ pub fn raise_fd_limit(wanted: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_small_open_file_limit_still_leaves_room_for_nodes() {
+        assert_eq!(connections_that_fit(1_024), 384, "a quarter reserved, two per node");
+        assert_eq!(connections_that_fit(20_000), 9_488, "1,024 reserved");
+        assert_eq!(connections_that_fit(65_536), 32_256);
+        assert_eq!(connections_that_fit(0), 1, "never zero");
+    }
 
     #[test]
     fn durations() {
