@@ -168,7 +168,7 @@ pub async fn status(ctx: &Ctx, id: &str) -> Result<bool, CliError> {
     Ok(true)
 }
 
-/// `drover task abort ID`.
+/// `drover task abort ID…`.
 pub async fn abort(ctx: &Ctx, ids: &[String]) -> Result<bool, CliError> {
     let mut all = true;
     for id in ids {

@@ -151,7 +151,10 @@ async fn status(State(s): State<AppState>) -> Response {
     let dir = s.journal_dir.clone();
     let (bytes, checkpoint_ms, segments) =
         tokio::task::spawn_blocking(move || journal_files(&dir)).await.unwrap_or((0, None, 0));
-    let ms = |h: &drover_journal::histogram::HistogramSnapshot, q: f64| quantile_us(h, q).map(|us| us as f64 / 1000.0);
+    // A quantile past the last bucket is shown as that bound rather than hidden.
+    let ms = |h: &drover_journal::histogram::HistogramSnapshot, q: f64| {
+        h.quantile_bound(q).or_else(|| h.bounds.last().copied().filter(|_| h.count() > 0)).map(|us| us as f64 / 1000.0)
+    };
     let events = s.recent.lock().map(|r| r.events()).unwrap_or_default();
     let body = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -172,23 +175,6 @@ async fn status(State(s): State<AppState>) -> Response {
         "events": events,
     });
     ([("content-type", "application/json"), ("cache-control", "no-store")], body.to_string()).into_response()
-}
-
-/// The upper bound of the bucket holding quantile `q` (µs), from a snapshot.
-fn quantile_us(h: &drover_journal::histogram::HistogramSnapshot, q: f64) -> Option<u64> {
-    let total: u64 = h.counts.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let want = ((total as f64) * q).ceil().max(1.0) as u64;
-    let mut seen = 0;
-    for (i, c) in h.counts.iter().enumerate() {
-        seen += c;
-        if seen >= want {
-            return Some(h.bounds.get(i).copied().unwrap_or_else(|| h.bounds.last().copied().unwrap_or(0)));
-        }
-    }
-    None
 }
 
 fn json(view: &FleetView) -> String {
@@ -390,12 +376,13 @@ fn process_metrics(out: &mut String) {
 /// The Prometheus text exposition of a snapshot.
 pub(crate) fn render(s: &Snapshot, h: &Health) -> String {
     let mut out = String::new();
-    {
-        use std::fmt::Write;
-        let _ = writeln!(out, "# HELP drover_build_info The running drover's version (always 1).");
-        let _ = writeln!(out, "# TYPE drover_build_info gauge");
-        let _ = writeln!(out, "drover_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
-    }
+    family(
+        &mut out,
+        "drover_build_info",
+        "gauge",
+        "The running drover's version (always 1).",
+        &[(format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")), 1)],
+    );
     process_metrics(&mut out);
     let c = &s.counters;
     let one = |v: u64| vec![(String::new(), v)];

@@ -488,7 +488,11 @@ impl Owner {
                 }
                 ShellEvent::NodeClosed { node, session } => {
                     tracing::info!(%node, session, "node stream closed");
-                    if let Ok(mut r) = self.recent.lock() {
+                    // A close the controller made (kick, timeout, replaced) is already in
+                    // the events with its reason, from `Output::CloseNode`.
+                    if self.core.session_of(&node) == Some(session)
+                        && let Ok(mut r) = self.recent.lock()
+                    {
                         r.note(now_ms(), "closed", format!("{} stream closed", self.core.node_label(&node)));
                     }
                     closed.push(session);

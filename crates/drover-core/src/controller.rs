@@ -272,6 +272,11 @@ impl Controller {
         }
     }
 
+    /// The stream a node is connected by, if it is connected.
+    pub fn session_of(&self, node: &str) -> Option<u64> {
+        self.nodes.get(node).and_then(|n| n.session)
+    }
+
     /// A node as an operator knows it: its name and short id (`alpha (b62e77daa853)`),
     /// or the id alone for a node the core does not know.
     pub fn node_label(&self, id: &str) -> String {

@@ -391,6 +391,23 @@ impl TaskPlane {
         g
     }
 
+    /// Why no registered worker would take `spec`: each one's reason it could never run
+    /// it, those in `refused` counting as unwilling. `None` when some worker would take
+    /// it; an empty set when no worker is registered.
+    fn why_none_takes(&self, spec: &Spec, refused: &BTreeSet<String>) -> Option<BTreeSet<String>> {
+        let mut reasons = BTreeSet::new();
+        for (id, w) in &self.workers {
+            match w.cannot_run(spec) {
+                Some(why) => {
+                    reasons.insert(why);
+                }
+                None if refused.contains(id) => {}
+                None => return None,
+            }
+        }
+        Some(reasons)
+    }
+
     /// A worker's (cores, cores reserved, memory MiB).
     pub(super) fn worker_resources(&self, node: &str) -> Option<(u32, u32, u64)> {
         self.workers.get(node).map(|w| (w.cores, w.used_cores, w.memory_mb))
@@ -960,16 +977,7 @@ impl Controller {
         if self.tasks.workers.is_empty() {
             return Some("no worker is registered".into());
         }
-        let mut reasons: BTreeSet<String> = BTreeSet::new();
-        for (id, w) in &self.tasks.workers {
-            match w.cannot_run(&t.spec) {
-                Some(why) => {
-                    reasons.insert(why);
-                }
-                None if t.refused_by.contains(id) => {}
-                None => return None,
-            }
-        }
+        let mut reasons = self.tasks.why_none_takes(&t.spec, &t.refused_by)?;
         let refusal = t.history.iter().rev().find(|h| h.outcome == "refused").map(|h| h.detail.clone());
         if let Some(r) = refusal.filter(|_| !t.refused_by.is_empty()) {
             reasons.insert(format!("refused: {r}"));
@@ -1163,15 +1171,12 @@ impl Controller {
             Payload::ControllerTaskRunV1Req(r) => match Spec::from_request(r.clone()).and_then(|spec| {
                 // With workers registered, a task none of them could ever run is refused
                 // now, with why, rather than queued to wait forever.
-                let why: BTreeSet<String> =
-                    self.tasks.workers.values().map(|w| w.cannot_run(&spec)).collect::<Option<_>>().unwrap_or_default();
-                if why.is_empty() {
-                    Ok(spec)
-                } else {
-                    Err(format!(
+                match self.tasks.why_none_takes(&spec, &BTreeSet::new()) {
+                    Some(why) if !why.is_empty() => Err(format!(
                         "no registered worker could run it: {}",
                         why.into_iter().collect::<Vec<_>>().join("; ")
-                    ))
+                    )),
+                    _ => Ok(spec),
                 }
             }) {
                 Ok(spec) => {
