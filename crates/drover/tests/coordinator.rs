@@ -57,11 +57,7 @@ fn calls_are_neither_lost_nor_repeated_across_sigkills_of_coordinator_and_applic
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
 
-    let reg = Command::new(env!("CARGO_BIN_EXE_drover"))
-        .args(["coordinator", "register", "--instance", "counter", "--log-dir", d.join("logs").to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(reg.status.success(), "{}", String::from_utf8_lossy(&reg.stderr));
+    register(d, "counter");
     let (receive, send) = (free_port(), free_port());
     let target = 20_000;
     let mut coord = coordinator_for(d, "counter", receive, send);
@@ -131,6 +127,15 @@ fn calls_are_neither_lost_nor_repeated_across_sigkills_of_coordinator_and_applic
     drop(coord);
 }
 
+/// `drover coordinator register` for `instance` in `dir/logs`.
+fn register(dir: &Path, instance: &str) {
+    let reg = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["coordinator", "register", "--instance", instance, "--log-dir", dir.join("logs").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(reg.status.success(), "{}", String::from_utf8_lossy(&reg.stderr));
+}
+
 fn coordinator_for(dir: &Path, instance: &str, receive: u16, send: u16) -> Killed {
     let err = std::fs::OpenOptions::new()
         .create(true)
@@ -183,11 +188,7 @@ fn calls_between_two_coordinators_are_delivered_exactly_once_across_sigkills() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     for instance in ["server", "client"] {
-        let reg = Command::new(env!("CARGO_BIN_EXE_drover"))
-            .args(["coordinator", "register", "--instance", instance, "--log-dir", d.join("logs").to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(reg.status.success(), "{}", String::from_utf8_lossy(&reg.stderr));
+        register(d, instance);
     }
     let ports = [(free_port(), free_port()), (free_port(), free_port())];
     let target = 1500;
@@ -246,11 +247,7 @@ fn calls_between_two_coordinators_are_delivered_exactly_once_across_sigkills() {
 fn a_second_coordinator_on_the_same_instance_is_refused_naming_the_holder() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let reg = Command::new(env!("CARGO_BIN_EXE_drover"))
-        .args(["coordinator", "register", "--instance", "solo", "--log-dir", d.join("logs").to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(reg.status.success(), "{}", String::from_utf8_lossy(&reg.stderr));
+    register(d, "solo");
     let receive = free_port();
     let first = coordinator_for(d, "solo", receive, free_port());
     assert!(wait_until(Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", receive)).is_ok()));

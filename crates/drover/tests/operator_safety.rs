@@ -11,6 +11,17 @@ use std::time::{Duration, Instant};
 
 use common::{Controller, cli_command, wait_until};
 
+/// A started controller with one node named `name` (started with `extra`) that
+/// `drover nodes` already lists, and the join token it used.
+fn controller_with_node(dir: &std::path::Path, name: &str, extra: &[&str]) -> (Controller, common::Killed, String) {
+    let mut c = Controller::new(dir, &[]);
+    c.start();
+    let token = c.join_token();
+    let node = c.node(dir, name, &token, extra);
+    assert!(wait_until(Duration::from_secs(15), || text(&c.cli(&["nodes"])).contains(name)), "{name} joined");
+    (c, node, token)
+}
+
 fn text(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
@@ -191,13 +202,11 @@ fn views_agree_on_a_pair_without_streamer_and_gone_nodes_can_be_forgotten() {
 #[test]
 fn token_errors_say_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Controller::new(dir.path(), &[]);
-    c.start();
+    let (c, _node, join) = controller_with_node(dir.path(), "n1", &["--pairs", "EURUSD"]);
     let as_token = |token: &str, args: &[&str]| {
         let out = cli_command(c.grpc, &c.data, args).env("DROVER_TOKEN", token).output().unwrap();
         (out.status.success(), text(&out))
     };
-    let join = c.join_token();
     let (ok, said) = as_token(&join, &["nodes"]);
     assert!(!ok && said.contains("join token, for nodes"), "{said}");
     let (ok, said) = as_token("dt1.0123456789ab.notthesecretatall", &["nodes"]);
@@ -207,26 +216,19 @@ fn token_errors_say_what_is_wrong() {
     let read = String::from_utf8(c.cli(&["token", "create", "--role", "read"]).stdout).unwrap();
     let (ok, said) = as_token(read.trim(), &["kick", "nobody-at-all"]);
     assert!(!ok, "{said}");
-    // Node names are resolved first; kick an existing id prefix to reach the role check.
-    let node = c.node(dir.path(), "n1", &join, &["--pairs", "EURUSD"]);
-    assert!(wait_until(Duration::from_secs(15), || text(&c.cli(&["nodes"])).contains("n1")));
+    // Node names are resolved first; kick an existing node to reach the role check.
     let (ok, said) = as_token(read.trim(), &["kick", "n1"]);
     assert!(!ok && said.contains("`drover kick` needs an admin token"), "{said}");
     assert!(!said.contains("V1Req"), "no internal message names: {said}");
     // --uses is for join tokens (admissions); an operator token would never count down.
     let uses = c.cli(&["token", "create", "--role", "read", "--uses", "3"]);
     assert!(!uses.status.success() && text(&uses).contains("--uses"), "{}", text(&uses));
-    drop(node);
 }
 
 #[test]
 fn tasks_no_worker_could_run_are_refused_at_once_and_abort_takes_several_ids() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Controller::new(dir.path(), &[]);
-    c.start();
-    let token = c.join_token();
-    let _worker = c.node(dir.path(), "w1", &token, &["--pairs", "EURUSD", "--worker", "--cores", "1"]);
-    assert!(wait_until(Duration::from_secs(15), || text(&c.cli(&["nodes"])).contains("w1")));
+    let (c, _worker, _) = controller_with_node(dir.path(), "w1", &["--pairs", "EURUSD", "--worker", "--cores", "1"]);
     // The worker subscribes right after joining.
     std::thread::sleep(Duration::from_millis(500));
     let started = Instant::now();
@@ -271,11 +273,7 @@ fn promtool(args: &[&str], input: Option<&str>) -> (bool, String) {
 #[test]
 fn metrics_and_the_shipped_alert_rules_pass_promtool() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Controller::new(dir.path(), &[]);
-    c.start();
-    let token = c.join_token();
-    let _node = c.node(dir.path(), "m1", &token, &["--pairs", "EURUSD", "--worker", "--cores", "1"]);
-    assert!(wait_until(Duration::from_secs(15), || text(&c.cli(&["nodes"])).contains("m1")));
+    let (c, _node, _) = controller_with_node(dir.path(), "m1", &["--pairs", "EURUSD", "--worker", "--cores", "1"]);
     let raw = http_get(c.http, "/metrics");
     let body = &raw[raw.find("\r\n\r\n").unwrap() + 4..];
     for family in ["drover_build_info{version=", "process_resident_memory_bytes", "drover_journal_failed 0"] {
