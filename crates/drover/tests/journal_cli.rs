@@ -123,3 +123,73 @@ fn state_shows_what_a_restart_recovers_without_touching_the_journal() {
         assert!(!ok && out.matches("missing").count() == 1, "{tool}: {out}");
     }
 }
+
+/// The data directory layout of this release (issue 19: task and worker state, the
+/// unplaceable setting), committed as `tests/golden/issue19/`: a checkpoint covering a
+/// worker and a queued task, then records after it. Until the versioned format (issue
+/// 14) every change to the state's encoding breaks this test, which is the point: it is
+/// where such a change is seen, and where issue 14 starts reading old directories.
+/// `DROVER_WRITE_GOLDEN=1` writes the directory anew (only for a deliberate change).
+#[test]
+fn the_golden_data_directory_of_this_release_recovers() {
+    use drover_core::{Config, Controller, Event, Input};
+    use drover_journal::StateMachine;
+    use drover_proto::{Payload, v1};
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/issue19");
+    if std::env::var_os("DROVER_WRITE_GOLDEN").is_some() {
+        let _ = std::fs::remove_dir_all(&golden);
+        let (j, _) = Journal::open(JournalConfig::new(golden.join("journal")), Arc::new(FsStorage)).unwrap();
+        let config = Config { unplaceable_after_ms: 90_000, ..Config::default() };
+        let node = |at_ms: i64, rid: &str, p: Payload| Input { at_ms, event: Event::node_message("w1", 1, rid, p) };
+        let hello = v1::NodeKnownCurrenciesV1Notify {
+            pairs: vec!["EURUSD".into()],
+            name: "w1".into(),
+            version: "0.1.0".into(),
+            worker: true,
+        };
+        let subscribe = v1::ManagerV1Req {
+            cores: 2,
+            memory_mb: 512,
+            labels: Default::default(),
+            manager_id: "controller".into(),
+            allow_jobs: vec!["/bin/".into()],
+        };
+        let task = v1::ControllerTaskRunV1Req {
+            job_addr: "/bin/true".into(),
+            timeout_ms: 1_000,
+            cores: 1,
+            max_attempts: 1,
+            ..Default::default()
+        };
+        let before = [
+            Input { at_ms: 1_000, event: Event::ControllerStarted { config } },
+            Input { at_ms: 20_000, event: Event::NodeConnected { node: "w1".into(), session: 1 } },
+            node(20_001, "", hello.into()),
+            node(20_002, "sub", subscribe.into()),
+        ];
+        let after = [
+            Input { at_ms: 20_100, event: Event::CliConnected { session: 9, admin: true } },
+            Input { at_ms: 20_101, event: Event::cli_message(9, "s1", "cli", vec![], task) },
+        ];
+        let mut core = Controller::new(Config::default());
+        let mut out = Vec::new();
+        for input in &before {
+            j.append_blocking(drover_journal::machine::encode_input::<Controller>(input)).unwrap().wait().unwrap();
+            core.apply(input.clone(), &mut out);
+        }
+        j.checkpoint_blocking(core.checkpoint()).unwrap();
+        for input in &after {
+            j.append_blocking(drover_journal::machine::encode_input::<Controller>(input)).unwrap().wait().unwrap();
+        }
+        j.close_blocking();
+    }
+    assert!(golden.join("journal").is_dir(), "the golden directory is committed: {}", golden.display());
+    let (ok, out) = drover(&["journal", "state", "--json", golden.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["nodes"][0]["id"], "w1", "{v}");
+    assert_eq!(v["nodes"][0]["cores"], 2, "the worker's resources come back from the checkpoint: {v}");
+    assert_eq!(v["tasks"]["running"], 1, "the task submitted after the checkpoint replays, placed: {v}");
+    assert_eq!(v["recent_tasks"][0]["job"], "/bin/true", "{v}");
+    assert_eq!(v["recent_tasks"][0]["worker"], "w1", "{v}");
+}
