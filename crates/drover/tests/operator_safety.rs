@@ -186,8 +186,14 @@ fn views_agree_on_a_pair_without_streamer_and_gone_nodes_can_be_forgotten() {
         let body = r[r.find("\r\n\r\n").unwrap() + 4..].trim().to_owned();
         serde_json::from_str::<serde_json::Value>(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
     };
-    assert!(wait_until(Duration::from_secs(2), || fleet()["pairs"][0]["streamer"].is_null()), "{}", fleet());
-    assert_eq!(fleet()["pairs"][0]["epoch"], prices[0]["epoch"], "both name the last epoch issued");
+    // The same view is judged throughout: EURUSD listed, with no streamer.
+    let mut view = serde_json::Value::Null;
+    let agreed = wait_until(Duration::from_secs(5), || {
+        view = fleet();
+        view["pairs"][0]["pair"] == "EURUSD" && view["pairs"][0]["streamer"].is_null()
+    });
+    assert!(agreed, "{view}");
+    assert_eq!(view["pairs"][0]["epoch"], prices[0]["epoch"], "both name the last epoch issued: {view}");
 
     // The gone node is listed as gone, with when; forget removes it; a typo is an error.
     let nodes = text(&c.cli(&["nodes"]));
