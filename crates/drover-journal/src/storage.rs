@@ -57,9 +57,40 @@ impl AppendFile for FsFile {
     }
 }
 
+/// Journal directories are created owner-only (0700) and files 0600: inputs hold task
+/// environments, task output and token metadata. A directory an earlier release made
+/// with wider permissions is narrowed when the journal opens it.
+pub(crate) const DIR_MODE: u32 = 0o700;
+/// See [`DIR_MODE`].
+pub(crate) const FILE_MODE: u32 = 0o600;
+
+/// Creates `dir` and its missing parents with mode 0700; with `narrow`, also narrows
+/// `dir` itself to 0700 if it already existed wider (for directories drover owns, such
+/// as `journal/`, never for a data directory an operator named, which may be any
+/// directory of theirs).
+pub fn create_private_dir(dir: &Path, narrow: bool) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)?;
+    let meta = fs::metadata(dir)?;
+    if narrow && meta.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))?;
+    }
+    Ok(())
+}
+
 impl Storage for FsStorage {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        fs::create_dir_all(dir)
+        create_private_dir(dir, true)?;
+        // Files an earlier release wrote 0644 are narrowed too.
+        use std::os::unix::fs::PermissionsExt;
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+                fs::set_permissions(entry.path(), fs::Permissions::from_mode(FILE_MODE))?;
+            }
+        }
+        Ok(())
     }
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
         let mut names = Vec::new();
@@ -76,12 +107,14 @@ impl Storage for FsStorage {
         fs::read(path)
     }
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
-        Ok(Box::new(FsFile(OpenOptions::new().create(true).append(true).open(path)?)))
+        use std::os::unix::fs::OpenOptionsExt;
+        Ok(Box::new(FsFile(OpenOptions::new().create(true).append(true).mode(FILE_MODE).open(path)?)))
     }
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
         let tmp = path.with_extension("tmp");
         {
-            let mut f = File::create(&tmp)?;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = OpenOptions::new().create(true).write(true).truncate(true).mode(FILE_MODE).open(&tmp)?;
             f.write_all(bytes)?;
             f.sync_all()?;
         }

@@ -200,6 +200,12 @@ impl Journal {
         Ok((Journal { tx, shared, committer_id: recovery.committer_id, max_entry, thread: Some(thread) }, recovery))
     }
 
+    /// The most bytes one `append_batch` may carry: a caller splits larger batches and
+    /// refuses a single entry over it before it reaches the journal.
+    pub fn max_entry(&self) -> usize {
+        self.max_entry
+    }
+
     fn check_size(&self, messages: &[Bytes]) -> Result<(), JournalError> {
         let size: usize = messages.iter().map(Bytes::len).sum();
         if size > self.max_entry {
