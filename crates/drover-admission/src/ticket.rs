@@ -1,9 +1,14 @@
 //! Session tickets: what `auth:ack` hands a node and what `NodeCommandStream` checks
 //! (gRPC metadata `authorization: Bearer <ticket>`).
 //!
-//! A ticket is `dk1.<node id, base64url>.<expiry, Unix ms>.<HMAC-SHA256, base64url>`,
-//! signed with a 32-byte key kept in the controller's data directory. It binds the node
-//! id and an expiry; the MAC is checked in constant time.
+//! A ticket is `dk2.<node id, base64url>.<generation>.<expiry, Unix ms>.<HMAC-SHA256,
+//! base64url>`, signed with a 32-byte key kept in the controller's data directory. It
+//! binds the node id, the node's admission generation and an expiry; the MAC is checked
+//! in constant time. The signature only proves the controller issued it: whether the
+//! generation is still the node's current one (not evicted, not revoked, not admitted
+//! again since) is the core's to judge when the stream opens, so the expiry is a
+//! ceiling, not the only guard. (`dk1` tickets, without a generation, are no longer
+//! accepted: their holders pass admission again.)
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -64,35 +69,48 @@ impl TicketKey {
         mac
     }
 
-    /// A ticket for `node_id` valid until `expires_ms`.
-    pub fn issue(&self, node_id: &str, expires_ms: i64) -> String {
-        let body = format!("dk1.{}.{expires_ms}", URL_SAFE_NO_PAD.encode(node_id));
+    /// A ticket for `node_id` at admission `generation`, valid until `expires_ms`.
+    pub fn issue(&self, node_id: &str, generation: u64, expires_ms: i64) -> String {
+        let body = format!("dk2.{}.{generation}.{expires_ms}", URL_SAFE_NO_PAD.encode(node_id));
         let tag = self.mac(&body).finalize().into_bytes();
         format!("{body}.{}", URL_SAFE_NO_PAD.encode(tag))
     }
 
-    /// Checks a ticket at time `now_ms` and returns the node id it was issued to.
-    pub fn verify(&self, ticket: &str, now_ms: i64) -> Result<String, TicketError> {
+    /// Checks a ticket's signature and expiry at time `now_ms`; returns what it claims.
+    pub fn verify(&self, ticket: &str, now_ms: i64) -> Result<Claims, TicketError> {
         let (body, tag) = ticket.rsplit_once('.').ok_or(TicketError::Malformed)?;
         let mut parts = body.split('.');
-        let (Some("dk1"), Some(node), Some(expiry), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some("dk2"), Some(node), Some(generation), Some(expiry), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(TicketError::Malformed);
         };
         let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| TicketError::Malformed)?;
         self.mac(body).verify_slice(&tag).map_err(|_| TicketError::BadSignature)?;
         let expiry: i64 = expiry.parse().map_err(|_| TicketError::Malformed)?;
+        let generation: u64 = generation.parse().map_err(|_| TicketError::Malformed)?;
         if now_ms >= expiry {
             return Err(TicketError::Expired);
         }
         let node = URL_SAFE_NO_PAD.decode(node).map_err(|_| TicketError::Malformed)?;
-        String::from_utf8(node).map_err(|_| TicketError::Malformed)
+        let node = String::from_utf8(node).map_err(|_| TicketError::Malformed)?;
+        Ok(Claims { node, generation })
     }
 
-    /// Checks a ticket and that it was issued to `node_id`.
-    pub fn verify_for(&self, ticket: &str, node_id: &str, now_ms: i64) -> Result<(), TicketError> {
-        if self.verify(ticket, now_ms)? == node_id { Ok(()) } else { Err(TicketError::WrongNode) }
+    /// Checks a ticket and that it was issued to `node_id`; returns its generation.
+    pub fn verify_for(&self, ticket: &str, node_id: &str, now_ms: i64) -> Result<u64, TicketError> {
+        let c = self.verify(ticket, now_ms)?;
+        if c.node == node_id { Ok(c.generation) } else { Err(TicketError::WrongNode) }
     }
+}
+
+/// What a valid ticket says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claims {
+    /// The node it was issued to.
+    pub node: String,
+    /// The node's admission generation when it was issued.
+    pub generation: u64,
 }
 
 #[cfg(test)]
@@ -102,21 +120,31 @@ mod tests {
     #[test]
     fn issue_verify_expire_tamper() {
         let k = TicketKey::from_bytes([7; 32]);
-        let t = k.issue("node-1", 1_000);
-        assert_eq!(k.verify(&t, 999), Ok("node-1".into()));
+        let t = k.issue("node-1", 3, 1_000);
+        assert_eq!(k.verify(&t, 999), Ok(Claims { node: "node-1".into(), generation: 3 }));
         assert_eq!(k.verify(&t, 1_000), Err(TicketError::Expired));
         assert_eq!(k.verify_for(&t, "node-2", 10), Err(TicketError::WrongNode));
+        assert_eq!(k.verify_for(&t, "node-1", 10), Ok(3));
         // Another key's ticket, or a changed byte anywhere, is refused.
         let other = TicketKey::from_bytes([8; 32]);
         assert_eq!(other.verify(&t, 10), Err(TicketError::BadSignature));
         let forged = t.replace(".1000.", ".9999999999999.");
         assert_eq!(k.verify(&forged, 10), Err(TicketError::BadSignature));
-        let renamed =
-            k.issue("node-1", 1_000).replacen(&URL_SAFE_NO_PAD.encode("node-1"), &URL_SAFE_NO_PAD.encode("node-2"), 1);
+        let regenerated = t.replace(".3.", ".4.");
+        assert_eq!(k.verify(&regenerated, 10), Err(TicketError::BadSignature), "the generation is signed");
+        let renamed = k.issue("node-1", 3, 1_000).replacen(
+            &URL_SAFE_NO_PAD.encode("node-1"),
+            &URL_SAFE_NO_PAD.encode("node-2"),
+            1,
+        );
         assert_eq!(k.verify(&renamed, 10), Err(TicketError::BadSignature));
-        for bad in ["", "dk1", "dk1.a.b", "dk1.a.b.c.d", "xx1.bm9kZQ.1000.AAAA"] {
+        for bad in ["", "dk2", "dk2.a.b", "dk2.a.1.b.c.d", "xx2.bm9kZQ.1.1000.AAAA"] {
             assert!(k.verify(bad, 10).is_err(), "{bad}");
         }
+        // A dk1 ticket (no generation) from an earlier release is refused as malformed.
+        let body = format!("dk1.{}.1000", URL_SAFE_NO_PAD.encode("node-1"));
+        let dk1 = format!("{body}.{}", URL_SAFE_NO_PAD.encode(k.mac(&body).finalize().into_bytes()));
+        assert_eq!(k.verify(&dk1, 10), Err(TicketError::Malformed));
     }
 
     proptest::proptest! {

@@ -11,10 +11,11 @@ use drover_journal::{DecodeError, StateMachine};
 use drover_proto::{Any, Payload, v1};
 use serde::{Deserialize, Serialize};
 
-use crate::input::{Config, Event, Input, Output, Policy};
+use crate::input::{Config, Credential, Event, Input, Output, Policy};
 use crate::rng::SplitMix64;
 use crate::{MAX_ID_LEN, MAX_PAIR_LEN, MAX_PAIRS_PER_NODE};
 
+pub(crate) mod identity;
 pub(crate) mod tasks;
 
 /// How a node looks to an operator.
@@ -180,6 +181,10 @@ pub struct Controller {
     counters: Counters,
     /// The task plane (seed 2: this controller is the manager).
     tasks: tasks::TaskPlane,
+    /// Which credential each node id belongs to, and its ticket generation. Written to
+    /// checkpoints after the rest (see `checkpoint`), so older checkpoints still load.
+    #[serde(skip)]
+    ids: identity::Identities,
     /// Working memory of the current input; empty (or merely a cache) between inputs,
     /// so it is neither checkpointed nor compared.
     #[serde(skip)]
@@ -249,8 +254,31 @@ impl Controller {
             tokens: BTreeMap::new(),
             counters: Counters::default(),
             tasks: tasks::TaskPlane::default(),
+            ids: identity::Identities::default(),
             scratch: Scratch::default(),
         }
+    }
+
+    /// Admissions refused because the node id belongs to another credential, and node
+    /// streams refused because their ticket's generation was no longer current.
+    pub fn identity_counters(&self) -> (u64, u64) {
+        (self.ids.refused, self.ids.stale_tickets)
+    }
+
+    /// Whether `request_id` from `node` answers a command a CLI fanned out to it (its
+    /// reply is relayed to the CLI unread).
+    pub fn is_pending_reply(&self, node: &str, request_id: &str) -> bool {
+        self.pending.get(request_id).is_some_and(|p| p.node == node)
+    }
+
+    /// Whether CLI `session` holds an admin token.
+    pub fn cli_is_admin(&self, session: u64) -> bool {
+        self.clis.get(&session).is_some_and(|c| c.admin)
+    }
+
+    /// What a node id is bound to (`token <id>` or `certificate`), if it is.
+    pub fn node_credential(&self, node: &str) -> Option<&str> {
+        self.ids.credential_of(node)
     }
 
     /// Whether an operator token is valid now: `Ok(true)` admin, `Ok(false)` read only,
@@ -513,7 +541,14 @@ impl Controller {
         // Admission verdicts and token creation touch only the tokens.
         let routine = matches!(&input.event, Event::NodeMessage { type_url, .. }
             if type_url.ends_with(".NodePriceUpdateV1Notify") || type_url.ends_with(".NodeHeartbeatV1Notify"))
-            || matches!(&input.event, Event::AdmissionAttempt { .. } | Event::TokenCreate { .. });
+            || matches!(
+                &input.event,
+                Event::AdmissionAttempt { .. }
+                    | Event::Admission { .. }
+                    | Event::TokenCreate { .. }
+                    | Event::NodeRefused { .. }
+                    | Event::CliRefused { .. }
+            );
         // Task reports and task commands touch only the task plane: they need its
         // settle (placement, task deadlines), not the fleet's.
         let task_input = match &input.event {
@@ -541,7 +576,9 @@ impl Controller {
         // pairs' settle would change nothing (it runs whenever something is due), and
         // the picks happen in the same order (a pick with no candidate draws nothing).
         let targeted: Option<(String, BTreeSet<String>)> = match &input.event {
-            Event::NodeConnected { node, .. } | Event::NodeDisconnected { node, .. } => Some(node.clone()),
+            Event::NodeConnected { node, .. }
+            | Event::NodeOpened { node, .. }
+            | Event::NodeDisconnected { node, .. } => Some(node.clone()),
             Event::NodeMessage { node, type_url, .. } if type_url.ends_with(".NodeKnownCurrenciesV1Notify") => {
                 Some(node.clone())
             }
@@ -579,13 +616,38 @@ impl Controller {
             Event::TokenCreate { session, stream_id, id, secret_hash, role, ttl_ms, uses, description } => {
                 self.token_create(session, &stream_id, id, secret_hash, role, ttl_ms, uses, description, out)
             }
-            Event::AdmissionAttempt { attempt, node: _, token_id, secret_hash } => {
-                let result = self.admit(&token_id, &secret_hash);
-                match &result {
-                    Ok(()) => self.counters.admissions += 1,
-                    Err(_) => self.counters.admission_refusals += 1,
+            Event::AdmissionAttempt { attempt, node, token_id: id, secret_hash } => {
+                self.admission(attempt, &node, Credential::Token { id, secret_hash }, out)
+            }
+            Event::Admission { attempt, node, credential } => self.admission(attempt, &node, credential, out),
+            Event::NodeOpened { node, session, generation } => {
+                if self.ids.current(&node, generation) {
+                    self.node_connected(node, session, out);
+                } else {
+                    self.ids.stale_tickets += 1;
+                    self.counters.refused += 1;
+                    let reason = "session ticket no longer valid (the node was evicted, its token revoked, it was forgotten, or it was admitted again since): pass admission again";
+                    out.push(Output::CloseNode { node, session, reason: reason.into() });
                 }
-                out.push(Output::AdmissionVerdict { attempt, result });
+            }
+            Event::NodeRefused { node, session, request_id, type_url, reason } => {
+                self.counters.refused += 1;
+                if self.nodes.get(&node).is_some_and(|n| n.session == Some(session)) {
+                    out.push(self.reply_to_node(
+                        &node,
+                        session,
+                        request_id,
+                        v1::UnknownCommandV1Notify { type_url, reason },
+                    ));
+                }
+            }
+            Event::CliRefused { session, stream_id, type_url, reason } => {
+                self.counters.refused += 1;
+                if self.clis.contains_key(&session) {
+                    self.counters.cli_commands += 1;
+                    out.push(Self::count(session, &stream_id, 1, Vec::new()));
+                    out.push(Self::to_cli(session, &stream_id, None, v1::UnknownCommandV1Notify { type_url, reason }));
+                }
             }
         }
         let due = self.now_ms >= self.scratch.quiet_until_ms || std::mem::take(&mut self.scratch.force_settle);
@@ -697,15 +759,31 @@ impl Controller {
         t.usable(now_ms).map_err(str::to_owned)
     }
 
-    fn admit(&mut self, token_id: &str, secret_hash: &[u8; 32]) -> Result<(), String> {
-        self.join_credential_valid(token_id, secret_hash, self.now_ms)?;
-        let Some(t) = self.tokens.get_mut(token_id) else {
-            return Err("unknown token".into());
-        };
-        if let Some(u) = &mut t.uses_left {
+    /// Judges an admission: the credential (a token is checked here; a certificate was
+    /// checked by the shell), then the node id's binding. A use of a token is consumed
+    /// only by an admission that succeeds.
+    fn admission(&mut self, attempt: u64, node: &str, credential: Credential, out: &mut Vec<Output>) {
+        let result = self.admit(node, credential);
+        match &result {
+            Ok(_) => self.counters.admissions += 1,
+            Err(_) => self.counters.admission_refusals += 1,
+        }
+        out.push(Output::AdmissionVerdict { attempt, result });
+    }
+
+    fn admit(&mut self, node: &str, credential: Credential) -> Result<u64, String> {
+        if let Credential::Token { id, secret_hash } = &credential {
+            self.join_credential_valid(id, secret_hash, self.now_ms)?;
+        }
+        let known = self.nodes.contains_key(node);
+        let generation =
+            self.ids.admit(node, credential.binding(), self.now_ms, known, self.config.gone_retention_ms)?;
+        if let Credential::Token { id, .. } = &credential
+            && let Some(u) = self.tokens.get_mut(id).and_then(|t| t.uses_left.as_mut())
+        {
             *u -= 1;
         }
-        Ok(())
+        Ok(generation)
     }
 
     fn started(&mut self, config: Config) {
@@ -849,10 +927,17 @@ impl Controller {
         session: u64,
         request_id: String,
     ) {
-        if k.pairs.len() > MAX_PAIRS_PER_NODE || k.pairs.iter().any(|p| !valid_pair(p)) {
+        // Control characters (ESC, CR, LF …) in what operators are shown could forge
+        // rows or drive their terminal.
+        let printable = |s: &str| !s.chars().any(char::is_control);
+        if k.pairs.len() > MAX_PAIRS_PER_NODE
+            || k.pairs.iter().any(|p| !valid_pair(p))
+            || !printable(&k.name)
+            || !printable(&k.version)
+        {
             self.counters.refused += 1;
             let reason = format!(
-                "known pairs refused: at most {MAX_PAIRS_PER_NODE} names of 1..={MAX_PAIR_LEN} letters, digits or /_-."
+                "known pairs refused: at most {MAX_PAIRS_PER_NODE} names of 1..={MAX_PAIR_LEN} letters, digits or /_-., and a name and version without control characters"
             );
             out.push(self.reply_to_node(
                 node,
@@ -1284,6 +1369,7 @@ impl Controller {
     /// the task plane, and every lease it still holds (those pairs are then free for
     /// the next capable node at the next settle).
     fn forget_node(&mut self, id: &str) {
+        self.ids.forget(id);
         let Some(n) = self.nodes.remove(id) else { return };
         if let Some(index) = self.scratch.known_by.as_mut() {
             for p in &n.known {
@@ -1415,6 +1501,11 @@ impl Controller {
                     match self.tokens.get_mut(&id) {
                         Some(t) => {
                             t.revoked = true;
+                            // Tickets issued under it die now; open streams stay (a
+                            // node then cannot reconnect without a valid credential).
+                            self.ids.invalidate_credential(
+                                &Credential::Token { id: id.clone(), secret_hash: [0; 32] }.binding(),
+                            );
                             revoked.push(id);
                         }
                         None => missing.push(id),
@@ -1461,7 +1552,9 @@ impl Controller {
                         missing.push(id);
                         continue;
                     };
-                    // conn:close on the control channel first, then the stream ends.
+                    // conn:close on the control channel first, then the stream ends; the
+                    // tickets it holds die with it (it must pass admission again).
+                    self.ids.invalidate(&id);
                     out.push(Output::EvictNode { node: id.clone(), reason: reason.clone() });
                     if let Some(s) = n.session.take() {
                         self.scratch.task_due_ms = 0;
@@ -1540,8 +1633,9 @@ impl Controller {
             Payload::NodeStatusV1Req(_) | Payload::NodeShutdownV1Req(_) if !node_uuids.is_empty() => {
                 self.fan_out(session, &stream_id, node_uuids, any, out);
             }
-            Payload::Unknown { .. } if !node_uuids.is_empty() => {
-                // Nodes answer what they do not know themselves.
+            Payload::Unknown { .. } if !node_uuids.is_empty() && admin => {
+                // Nodes answer what they do not know themselves. Only for admins: a
+                // command the controller cannot read may change a node's state.
                 self.fan_out(session, &stream_id, node_uuids, any, out);
             }
             other => {
@@ -1654,11 +1748,22 @@ impl StateMachine for Controller {
         postcard::from_bytes(bytes).map_err(|e| DecodeError(e.to_string()))
     }
 
+    /// The state, then the node identities as a trailing section (added after the
+    /// first release: a checkpoint without it restores with no bindings).
     fn checkpoint(&self) -> Vec<u8> {
-        postcard::to_stdvec(self).unwrap_or_default()
+        let mut bytes = postcard::to_stdvec(self).unwrap_or_default();
+        if let Ok(ids) = postcard::to_stdvec(&self.ids) {
+            bytes.extend_from_slice(&ids);
+        }
+        bytes
     }
 
     fn restore(bytes: &[u8]) -> Result<Self, DecodeError> {
-        postcard::from_bytes(bytes).map_err(|e| DecodeError(e.to_string()))
+        let (mut c, rest): (Controller, &[u8]) =
+            postcard::take_from_bytes(bytes).map_err(|e| DecodeError(e.to_string()))?;
+        if !rest.is_empty() {
+            c.ids = postcard::from_bytes(rest).map_err(|e| DecodeError(format!("node identities: {e}")))?;
+        }
+        Ok(c)
     }
 }

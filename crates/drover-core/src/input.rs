@@ -179,6 +179,79 @@ pub enum Event {
         /// SHA-256 of the presented secret.
         secret_hash: [u8; 32],
     },
+    // Variants below were added after the first release: new variants go at the end,
+    // so inputs journaled by an earlier release still decode.
+    /// A node presented a credential at admission (supersedes `AdmissionAttempt`, which
+    /// is still read from older journals).
+    Admission {
+        /// The shell's id for the attempt.
+        attempt: u64,
+        /// The node id from `conn:establish`.
+        node: String,
+        /// What it presented.
+        credential: Credential,
+    },
+    /// A node stream opened with a valid ticket of `generation` (supersedes
+    /// `NodeConnected`, which is still read from older journals: it has no generation
+    /// to check).
+    NodeOpened {
+        /// The node id (the ticket's).
+        node: String,
+        /// The shell's id for the connection.
+        session: u64,
+        /// The admission generation the ticket carries.
+        generation: u64,
+    },
+    /// A node's message the shell could not decode (an unknown type or bad bytes): only
+    /// a bounded digest is journaled, so the core can answer and count it.
+    NodeRefused {
+        /// The node.
+        node: String,
+        /// Its connection.
+        session: u64,
+        /// The message's request id (truncated).
+        request_id: String,
+        /// Its type URL (truncated).
+        type_url: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// A CLI command the shell could not decode: a bounded digest, as for `NodeRefused`.
+    CliRefused {
+        /// The CLI's connection.
+        session: u64,
+        /// The stream id the answer goes back on (truncated).
+        stream_id: String,
+        /// The command's type URL (truncated).
+        type_url: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+/// What a node presented at admission.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Credential {
+    /// A join token (checked by the core).
+    Token {
+        /// The token's public id.
+        id: String,
+        /// SHA-256 of the presented secret.
+        secret_hash: [u8; 32],
+    },
+    /// A client certificate naming the node id, chained to the cluster CA and proven by
+    /// the TLS handshake (checked by the shell, which holds the TLS session).
+    Certificate,
+}
+
+impl Credential {
+    /// What a node id is bound to when this credential admits it.
+    pub fn binding(&self) -> String {
+        match self {
+            Credential::Token { id, .. } => format!("token {id}"),
+            Credential::Certificate => "certificate".into(),
+        }
+    }
 }
 
 impl Event {
@@ -246,8 +319,9 @@ pub enum Output {
     AdmissionVerdict {
         /// The attempt.
         attempt: u64,
-        /// `Ok`, or why the credential was refused.
-        result: Result<(), String>,
+        /// `Ok` with the node's new admission generation (for its ticket), or why the
+        /// credential was refused.
+        result: Result<u64, String>,
     },
     /// Evict a node: `conn:close` on its admission control channel.
     EvictNode {

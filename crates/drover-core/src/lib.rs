@@ -23,7 +23,7 @@ mod view;
 
 pub use controller::tasks::{TaskCounters, TaskGauges, TaskState};
 pub use controller::{Controller, Counters, NodeState};
-pub use input::{Config, Event, Input, Output, Policy};
+pub use input::{Config, Credential, Event, Input, Output, Policy};
 pub use rng::SplitMix64;
 pub use view::{FleetView, NodeView, PairView, TaskRow};
 
@@ -33,3 +33,7 @@ pub const MAX_PAIR_LEN: usize = 32;
 pub const MAX_PAIRS_PER_NODE: usize = 1024;
 /// Longest accepted node id, name, or version string.
 pub const MAX_ID_LEN: usize = 128;
+
+/// How a task environment value sealed by the shell starts (`--secret-env`): the core
+/// keeps it as it is, shows its name only, and the shell opens it to dispatch the task.
+pub const SEALED_PREFIX: &str = "drover-sealed:v1:";

@@ -83,6 +83,11 @@ macro_rules! payloads {
                     Payload::Unknown { type_url } => type_url,
                 }
             }
+
+            /// Whether the table has an entry for `type_url` (without decoding anything).
+            pub fn knows(type_url: &str) -> bool {
+                matches!(full_name(type_url), $( concat!("drover.v1.", stringify!($variant)) )|*)
+            }
         }
 
         $(

@@ -290,6 +290,11 @@ impl Spec {
         if r.args.len() > MAX_ARGS {
             return Err(format!("at most {MAX_ARGS} arguments"));
         }
+        // The shell seals secrets into `env` before the request is journaled; one that
+        // reaches the core unsealed is refused rather than kept in clear.
+        if !r.secret_env.is_empty() {
+            return Err("secret environment values must be sealed by the controller".into());
+        }
         let size = r.job_addr.len()
             + r.args.iter().map(String::len).sum::<usize>()
             + r.env.iter().chain(r.labels.iter()).map(|(k, v)| k.len() + v.len()).sum::<usize>();
@@ -318,11 +323,15 @@ impl Spec {
         })
     }
 
+    /// The task as it was asked for, with sealed (secret) values shown by name only:
+    /// they are listed in `secret_env` with empty values.
     fn to_request(&self) -> v1::ControllerTaskRunV1Req {
+        let (secret, env): (Vec<_>, Vec<_>) = self.env.iter().partition(|(_, v)| v.starts_with(crate::SEALED_PREFIX));
         v1::ControllerTaskRunV1Req {
             job_addr: self.job_addr.clone(),
             args: self.args.clone(),
-            env: self.env.clone().into_iter().collect(),
+            env: env.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            secret_env: secret.into_iter().map(|(k, _)| (k.clone(), String::new())).collect(),
             timeout_ms: self.timeout_ms,
             cores: self.cores,
             memory_mb: self.memory_mb,
