@@ -15,6 +15,10 @@ pub fn decimal(d: &v1::Decimal) -> String {
 }
 
 pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    // Every cell may hold what a peer sent (names, versions, ids, descriptions).
+    let rows: Vec<Vec<String>> =
+        rows.iter().map(|r| r.iter().map(|c| crate::printable(c).into_owned()).collect()).collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -40,7 +44,7 @@ pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 fn short(id: &str) -> String {
-    id.chars().take(12).collect()
+    crate::printable(&id.chars().take(12).collect::<String>()).into_owned()
 }
 
 fn streaming(s: &[v1::StreamAssignment]) -> String {
@@ -118,7 +122,7 @@ pub async fn resolve(ctx: &Ctx, args: &[String]) -> Result<Vec<String>, CliError
 
 fn print_incomplete(out: &Outcome) {
     for m in &out.missing {
-        eprintln!("missing: {m} (offline or unknown)");
+        eprintln!("missing: {} (offline or unknown)", crate::printable(m));
     }
     if out.timed_out {
         let got: Vec<&str> = out.replies.iter().filter_map(|r| r.node.as_deref()).collect();
@@ -205,7 +209,7 @@ pub(crate) async fn controller_reply<T>(
 fn print_unknown_or(out: &Outcome) -> bool {
     for r in &out.replies {
         if let Payload::UnknownCommandV1Notify(u) = &r.payload {
-            eprintln!("refused: {}", u.reason);
+            eprintln!("refused: {}", crate::printable(&u.reason));
             return false;
         }
     }
@@ -306,7 +310,7 @@ pub async fn status(ctx: &Ctx, args: &[String], all: bool) -> Result<bool, CliEr
         println!("{}", table(&["ID", "NAME", "STREAMING", "UPTIME", "UPDATES"], &rows));
         print_incomplete(&out);
         for s in &silent {
-            eprintln!("no reply: {s}");
+            eprintln!("no reply: {}", crate::printable(s));
         }
     }
     Ok(out.complete())
@@ -326,7 +330,7 @@ pub async fn shutdown(ctx: &Ctx, args: &[String]) -> Result<bool, CliError> {
         println!("{}", json!({"shut_down": done, "missing": out.missing, "timed_out": out.timed_out}));
     } else {
         for d in &done {
-            println!("shutting down: {d}");
+            println!("shutting down: {}", crate::printable(d));
         }
         print_incomplete(&out);
     }
@@ -353,7 +357,7 @@ pub async fn stream(ctx: &Ctx, node: &str, pairs: Vec<String>, unpin: bool) -> R
         );
     } else {
         if !r.error.is_empty() {
-            eprintln!("error: {}", r.error);
+            eprintln!("error: {}", crate::printable(&r.error));
         }
         for a in &r.assigned {
             println!(

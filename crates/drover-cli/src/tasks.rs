@@ -18,6 +18,8 @@ fn info_json(t: &v1::TaskInfo) -> serde_json::Value {
         "state": t.state,
         "job": spec.job_addr,
         "args": spec.args,
+        "env": spec.env,
+        "secret_env": spec.secret_env.keys().collect::<Vec<_>>(),
         "attempts": t.attempts,
         "max_attempts": spec.max_attempts,
         "worker": t.worker,
@@ -77,7 +79,7 @@ pub async fn run(ctx: &Ctx, req: v1::ControllerTaskRunV1Req, wait: bool) -> Resu
             _ => format!("{id}: {}", t.state),
         };
         if line != last {
-            eprintln!("{line}");
+            eprintln!("{}", crate::printable(&line));
             last = line;
         }
         if terminal(&t.state) {
@@ -149,13 +151,18 @@ pub async fn status(ctx: &Ctx, id: &str) -> Result<bool, CliError> {
     let spec = t.spec.clone().unwrap_or_default();
     println!("task      {}", t.id);
     println!("state     {}", t.state);
-    println!("job       {} {}", spec.job_addr, spec.args.join(" "));
+    println!("job       {}", crate::printable(&format!("{} {}", spec.job_addr, spec.args.join(" "))));
+    if !spec.env.is_empty() || !spec.secret_env.is_empty() {
+        let plain = spec.env.iter().map(|(k, v)| format!("{k}={v}"));
+        let secret = spec.secret_env.keys().map(|k| format!("{k}=(secret)"));
+        println!("env       {}", crate::printable(&plain.chain(secret).collect::<Vec<_>>().join(" ")));
+    }
     println!("attempts  {}/{}", t.attempts, spec.max_attempts);
     if let Some(c) = t.exit_code {
         println!("exit code {c}");
     }
     if !t.error.is_empty() {
-        println!("error     {}", t.error);
+        println!("error     {}", crate::printable(&t.error));
     }
     let rows: Vec<Vec<String>> = t
         .history

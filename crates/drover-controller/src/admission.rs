@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::owner::{Inbox, ShellEvent};
+use crate::ratelog::LogLimiter;
 
 /// Keepalive interval on the control channel.
 const ALIVE_EVERY: Duration = Duration::from_secs(5);
@@ -47,22 +48,35 @@ pub(crate) async fn serve(
     tls: Option<tokio_rustls::TlsAcceptor>,
     events: Inbox,
     mut stop: watch::Receiver<bool>,
+    logs: Arc<LogLimiter>,
 ) {
     let settings = Arc::new(settings);
     let slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
+    let mut backoff = Duration::from_millis(10);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff = Duration::from_millis(10);
+                    a
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "admission accept failed");
+                    // Out of descriptors, above all: wait before trying again (the
+                    // error repeats at once otherwise) and say so once per interval.
+                    if let Some(count) = logs.admit("admission accept failed", None, now_ms()) {
+                        tracing::warn!(error = %e, count, backoff_ms = backoff.as_millis() as u64, "admission accept failed; backing off (count: since the last such line)");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             },
             _ = stop.changed() => return,
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, limit = settings.max_connections, "admission refused: too many connections");
+            if let Some(count) = logs.admit("admission over capacity", None, now_ms()) {
+                tracing::warn!(%peer, limit = settings.max_connections, count, "admission refused: too many connections (count: since the last such line)");
+            }
             // Tell the peer why (best effort, without waiting: the socket buffer takes
             // it), over plain TCP only: a TLS peer cannot read it before its handshake.
             if tls.is_none() {
@@ -260,27 +274,34 @@ async fn control_loop<S: AsyncRead + AsyncWrite + Unpin>(
                             let _ = events.send(ShellEvent::ControlOpened { node, id: control_id, evict }).await;
                         }
                     }
-                    Action::Verify { node, version: _, credential } if credential.starts_with("-----BEGIN") => {
-                        let verdict = certificate_verdict(&credential, &node, client_cert)
-                            .map(|()| (settings.upstream.clone(), key.issue(&node, now_ms() + settings.ticket_ttl_ms)));
-                        match &verdict {
-                            Ok(_) => tracing::info!(%node, %peer, "admitted by client certificate"),
-                            Err(reason) => tracing::warn!(%node, %peer, %reason, "certificate credential refused"),
-                        }
-                        next.extend(conn.on_verdict(verdict));
-                    }
                     Action::Verify { node, version: _, credential } => {
-                        let presented = drover_admission::token::parse(&credential)
-                            .map_err(|_| "credential is not a drover join token".to_owned());
+                        // A certificate is checked here (this task holds the TLS session
+                        // it was proven in); the core then checks the id's binding, as
+                        // it checks a token and the binding together.
+                        let presented = if credential.starts_with("-----BEGIN") {
+                            match certificate_verdict(&credential, &node, client_cert) {
+                                Ok(()) => Ok(drover_core::Credential::Certificate),
+                                Err(reason) => {
+                                    tracing::warn!(%node, %peer, %reason, "certificate credential refused");
+                                    next.extend(conn.on_verdict(Err(reason)));
+                                    continue;
+                                }
+                            }
+                        } else {
+                            drover_admission::token::parse(&credential)
+                                .map(|p| drover_core::Credential::Token { id: p.id, secret_hash: p.secret_hash })
+                                .map_err(|_| "credential is not a drover join token".to_owned())
+                        };
                         let (reply, verdict) = tokio::sync::oneshot::channel();
                         let ask = ShellEvent::Admission { node: node.clone(), presented, peer: peer.ip(), reply };
                         if events.send(ask).await.is_err() {
                             return Ok(());
                         }
                         let verdict = match verdict.await {
-                            Ok(Ok(())) => {
-                                Ok((settings.upstream.clone(), key.issue(&node, now_ms() + settings.ticket_ttl_ms)))
-                            }
+                            Ok(Ok(generation)) => Ok((
+                                settings.upstream.clone(),
+                                key.issue(&node, generation, now_ms() + settings.ticket_ttl_ms),
+                            )),
                             Ok(Err(reason)) => Err(reason),
                             Err(_) => return Ok(()),
                         };

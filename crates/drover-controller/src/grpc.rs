@@ -11,9 +11,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::owner::{Inbox, ShellEvent};
+use crate::ratelog::LogLimiter;
 
 /// Longest node id accepted.
-const MAX_NODE_ID: usize = 128;
+const MAX_NODE_ID: usize = crate::MAX_NODE_ID_BYTES;
 
 /// Messages queued on a CLI stream before it counts as not reading.
 const CLI_QUEUE: usize = 65_536;
@@ -24,6 +25,30 @@ pub(crate) struct Service {
     sessions: Arc<AtomicU64>,
     queue: usize,
     key: drover_admission::ticket::TicketKey,
+    /// Peer-caused lines are written at most once per interval per peer and kind.
+    logs: Arc<LogLimiter>,
+    /// The largest message accepted, for the refusal of a larger one.
+    max_message_bytes: usize,
+}
+
+/// The status a stream's read error ends it with: a message over the size limit gets
+/// `RESOURCE_EXHAUSTED` naming the limit (tonic reports it as `OUT_OF_RANGE`); other
+/// errors (the peer reset or broke the stream) need no answer.
+fn read_error(e: &Status, max_message_bytes: usize) -> Option<Status> {
+    (e.code() == tonic::Code::OutOfRange && e.message().contains("too large")).then(|| {
+        Status::resource_exhausted(format!(
+            "message over the controller's limit of {max_message_bytes} bytes (--max-message-bytes): {}",
+            e.message()
+        ))
+    })
+}
+
+/// The connection a request arrived on (peer and activity), over TCP or TLS.
+fn conn_info<T>(request: &Request<T>) -> Option<crate::conns::ConnInfo> {
+    let ext = request.extensions();
+    ext.get::<crate::conns::ConnInfo>().cloned().or_else(|| {
+        ext.get::<tonic::transport::server::TlsConnectInfo<crate::conns::ConnInfo>>().map(|t| t.get_ref().clone())
+    })
 }
 
 /// The bearer credential of a request, if it has one.
@@ -33,14 +58,20 @@ fn bearer<T>(request: &Request<T>) -> Option<String> {
 }
 
 impl Service {
-    pub(crate) fn new(events: Inbox, queue: usize, key: drover_admission::ticket::TicketKey) -> Self {
+    pub(crate) fn new(
+        events: Inbox,
+        queue: usize,
+        key: drover_admission::ticket::TicketKey,
+        logs: Arc<LogLimiter>,
+        max_message_bytes: usize,
+    ) -> Self {
         // Session ids only need to differ from those of earlier runs that the journal
         // remembers; starting from the clock does that.
         let start = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(1);
-        Service { events, sessions: Arc::new(AtomicU64::new(start)), queue, key }
+        Service { events, sessions: Arc::new(AtomicU64::new(start)), queue, key, logs, max_message_bytes }
     }
 
     /// The session counter, shared with the dashboard's admin actions.
@@ -50,6 +81,25 @@ impl Service {
 
     fn session(&self) -> u64 {
         self.sessions.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A refused node stream: one WARN line per peer per interval, with the count.
+    fn refused(&self, peer: Option<std::net::SocketAddr>, why: &str) {
+        if let Some(count) = self.logs.admit("node stream refused", peer.map(|p| p.ip()), now_ms()) {
+            tracing::warn!(
+                ?peer,
+                count,
+                reason = why,
+                "node stream refused (count: since the last such line from this address)"
+            );
+        }
+    }
+}
+
+/// Logs a message refused for its size: one WARN line per peer per interval.
+fn oversized(logs: &LogLimiter, peer: Option<std::net::SocketAddr>, status: &Status) {
+    if let Some(count) = logs.admit("message too large", peer.map(|p| p.ip()), now_ms()) {
+        tracing::warn!(?peer, count, error = %status.message(), "message refused: over the gRPC size limit");
     }
 }
 
@@ -62,23 +112,33 @@ impl v1::controller_server::Controller for Service {
         &self,
         request: Request<Streaming<v1::StreamFromNode>>,
     ) -> Result<Response<Self::NodeCommandStreamStream>, Status> {
-        let peer = request.remote_addr();
+        let conn = conn_info(&request);
+        let peer = conn.as_ref().map(|c| c.peer);
         // Only admitted nodes: a valid ticket, and later the matching node id.
         let ticket = bearer(&request).ok_or_else(|| {
-            tracing::warn!(?peer, "node stream refused: no ticket");
+            self.refused(peer, "no ticket");
             Status::unauthenticated(
                 "a session ticket is required: pass admission first (authorization: Bearer <ticket>)",
             )
         })?;
-        let ticket_node = self.key.verify(&ticket, now_ms()).map_err(|e| {
-            tracing::warn!(?peer, error = %e, "node stream refused");
+        let claims = self.key.verify(&ticket, now_ms()).map_err(|e| {
+            self.refused(peer, &e.to_string());
             Status::unauthenticated(format!("{e}: pass admission again"))
         })?;
+        let ticket_node = claims.node;
+        let generation = claims.generation;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(self.queue);
         let events = self.events.clone();
         let session = self.session();
+        let this = self.clone();
+        // The connection counts as busy (not idle) while this stream is open.
+        let open = conn.map(|c| c.activity.stream());
         tokio::spawn(async move {
+            let _open = open;
+            // Kept to end the stream with a status of our own (a refused message) after
+            // the owner holds the sink.
+            let status_tx = tx.downgrade();
             let mut sink = Some(tx);
             let mut node: Option<String> = None;
             loop {
@@ -86,14 +146,22 @@ impl v1::controller_server::Controller for Service {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::debug!(session, error = %e, "node stream error");
+                        match read_error(&e, this.max_message_bytes) {
+                            Some(status) => {
+                                oversized(&this.logs, peer, &status);
+                                if let Some(tx) = status_tx.upgrade() {
+                                    let _ = tx.try_send(Err(status));
+                                }
+                            }
+                            None => tracing::debug!(session, error = %e, "node stream error"),
+                        }
                         break;
                     }
                 };
                 match &node {
                     None => {
                         if msg.node_uuid.is_empty() || msg.node_uuid.len() > MAX_NODE_ID {
-                            tracing::warn!(?peer, "node stream refused: first message without a valid node_uuid");
+                            this.refused(peer, "first message without a valid node_uuid");
                             if let Some(tx) = sink.take() {
                                 let _ = tx
                                     .send(Err(Status::invalid_argument(format!(
@@ -104,7 +172,7 @@ impl v1::controller_server::Controller for Service {
                             return;
                         }
                         if msg.node_uuid != ticket_node {
-                            tracing::warn!(?peer, node = %msg.node_uuid, ticket = %ticket_node, "node stream refused: ticket is for another node");
+                            this.refused(peer, "the ticket is for another node");
                             if let Some(tx) = sink.take() {
                                 let _ = tx
                                     .send(Err(Status::permission_denied("the ticket was issued to another node")))
@@ -114,7 +182,8 @@ impl v1::controller_server::Controller for Service {
                         }
                         node = Some(msg.node_uuid.clone());
                         let Some(tx) = sink.take() else { return };
-                        let opened = ShellEvent::NodeOpened { node: msg.node_uuid.clone(), session, sink: tx };
+                        let opened =
+                            ShellEvent::NodeOpened { node: msg.node_uuid.clone(), session, generation, sink: tx };
                         if events.send(opened).await.is_err() {
                             return;
                         }
@@ -141,6 +210,8 @@ impl v1::controller_server::Controller for Service {
         &self,
         request: Request<Streaming<v1::StreamFromCli>>,
     ) -> Result<Response<Self::CliCommandStreamStream>, Status> {
+        let conn = conn_info(&request);
+        let request_peer = conn.as_ref().map(|c| c.peer);
         let token = bearer(&request).ok_or_else(|| {
             Status::unauthenticated(
                 "an operator token is required: pass --token or set DROVER_TOKEN (see admin.token in the data directory)",
@@ -151,23 +222,48 @@ impl v1::controller_server::Controller for Service {
                 "the token passed is not a drover token (dt1.<id>.<secret>): check --token or DROVER_TOKEN",
             )
         })?;
-        let admin = crate::owner::operator_role(&self.events, presented)
+        let ip = request_peer.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+        let admin = crate::owner::operator_role(&self.events, presented, ip)
             .await
             .map_err(|_| Status::unavailable("controller is stopping"))?
-            .map_err(Status::unauthenticated)?;
+            .map_err(|reason| {
+                if let Some(count) = self.logs.admit("operator token refused", Some(ip), now_ms()) {
+                    tracing::warn!(peer = %ip, count, %reason, "CLI stream refused: bad operator token (count: since the last such line from this address)");
+                }
+                Status::unauthenticated(reason)
+            })?;
         let mut inbound = request.into_inner();
         // A fan-out to every node answers in bursts of up to one reply per node: a CLI
         // stream may hold that many (the queue's memory is only used when filled).
         let (tx, rx) = mpsc::channel(self.queue.max(CLI_QUEUE));
+        let status_tx = tx.downgrade();
         let session = self.session();
         let events = self.events.clone();
         if events.send(ShellEvent::CliOpened { session, admin, sink: tx }).await.is_err() {
             return Err(Status::unavailable("controller is stopping"));
         }
+        let (logs, max) = (self.logs.clone(), self.max_message_bytes);
+        let peer = request_peer;
+        let open = conn.map(|c| c.activity.stream());
         tokio::spawn(async move {
-            while let Ok(Some(msg)) = inbound.message().await {
-                if events.send(ShellEvent::CliMessage { session, msg }).await.is_err() {
-                    return;
+            let _open = open;
+            loop {
+                match inbound.message().await {
+                    Ok(Some(msg)) => {
+                        if events.send(ShellEvent::CliMessage { session, msg }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        if let Some(status) = read_error(&e, max) {
+                            oversized(&logs, peer, &status);
+                            if let Some(tx) = status_tx.upgrade() {
+                                let _ = tx.try_send(Err(status));
+                            }
+                        }
+                        break;
+                    }
                 }
             }
             let _ = events.send(ShellEvent::CliClosed { session }).await;

@@ -44,9 +44,20 @@ pub(crate) struct AppState {
     pub(crate) journal_dir: std::path::PathBuf,
     /// When this process started serving (Unix ms).
     pub(crate) started_ms: i64,
+    /// Slots for `/events` subscribers.
+    pub(crate) subscribers: Arc<tokio::sync::Semaphore>,
 }
 
-pub(crate) async fn serve(listener: TcpListener, state: AppState, tls: Option<tokio_rustls::TlsAcceptor>) {
+/// How long one event may wait for a subscriber that does not read before it is dropped.
+const SSE_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub(crate) async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: crate::conns::Limits,
+    logs: Arc<crate::ratelog::LogLimiter>,
+) {
     let mut stop = state.stop.clone();
     let app = Router::new()
         .route("/", get(dashboard))
@@ -59,39 +70,51 @@ pub(crate) async fn serve(listener: TcpListener, state: AppState, tls: Option<to
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state);
-    if let Some(acceptor) = tls {
-        // HTTPS: each connection is a TLS handshake, then HTTP/1.1 or h2 over it.
-        loop {
-            let (tcp, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(_) => continue,
-                },
-                _ = stop.changed() => return,
-            };
-            let (acceptor, app) = (acceptor.clone(), app.clone());
-            tokio::spawn(async move {
-                let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    _ => {
-                        tracing::debug!(%peer, "HTTPS handshake failed");
-                        return;
-                    }
-                };
-                let service = hyper_util::service::TowerToHyperService::new(app);
-                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    }
-    let shutdown = async move {
-        let _ = stop.changed().await;
-    };
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-        tracing::error!(error = %e, "HTTP endpoint failed");
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    loop {
+        let (tcp, peer, permit) = tokio::select! {
+            a = crate::conns::accept(&listener, &slots, &logs, "http", limits.max_connections) => a,
+            _ = stop.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        crate::conns::small_send_buffer(&tcp);
+        let (acceptor, app) = (tls.clone(), app.clone().layer(axum::Extension(PeerAddr(peer))));
+        tokio::spawn(async move {
+            let guarded = crate::conns::Guarded::new(tcp, peer, permit, limits);
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .max_concurrent_streams(MAX_HTTP2_STREAMS);
+            match acceptor {
+                Some(acceptor) => {
+                    let tls = match tokio::time::timeout(limits.header_timeout, acceptor.accept(guarded)).await {
+                        Ok(Ok(tls)) => tls,
+                        _ => {
+                            tracing::debug!(%peer, "HTTPS handshake failed");
+                            return;
+                        }
+                    };
+                    let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service).await;
+                }
+                None => {
+                    let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(guarded), service).await;
+                }
+            }
+        });
     }
 }
+
+/// Streams one HTTP/2 connection may have open at once.
+const MAX_HTTP2_STREAMS: u32 = 100;
+
+/// The peer of an HTTP connection (a request extension).
+#[derive(Clone, Copy, Debug)]
+struct PeerAddr(std::net::SocketAddr);
 
 async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
     let h = &s.health;
@@ -183,14 +206,22 @@ fn json(view: &FleetView) -> String {
 
 /// Server-sent events: the fleet view now, then each time it changes (at most as
 /// often as the owner publishes). The stream ends when the controller stops.
-async fn events(State(s): State<AppState>) -> impl IntoResponse {
+async fn events(State(s): State<AppState>) -> Response {
+    // A bounded number of subscribers; one that stops reading is dropped after
+    // `SSE_SEND_TIMEOUT` (and its connection by the socket's send timeout).
+    let Ok(slot) = s.subscribers.clone().try_acquire_owned() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many /events subscribers; retry later\n").into_response();
+    };
     let (tx, rx) = mpsc::channel::<Result<SseEvent, std::convert::Infallible>>(4);
     let mut views = s.views.clone();
     let mut stop = s.stop.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         loop {
             let data = json(&views.borrow_and_update().clone());
-            if tx.send(Ok(SseEvent::default().event("fleet").data(data))).await.is_err() {
+            let sent =
+                tokio::time::timeout(SSE_SEND_TIMEOUT, tx.send(Ok(SseEvent::default().event("fleet").data(data))));
+            if !matches!(sent.await, Ok(Ok(()))) {
                 return;
             }
             tokio::select! {
@@ -200,7 +231,7 @@ async fn events(State(s): State<AppState>) -> impl IntoResponse {
             }
         }
     });
-    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx)).keep_alive(KeepAlive::default())
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx)).keep_alive(KeepAlive::default()).into_response()
 }
 
 /// `POST /api/nodes/{id}/drain|kick` with `Authorization: Bearer <admin token>`: the
@@ -208,8 +239,10 @@ async fn events(State(s): State<AppState>) -> impl IntoResponse {
 async fn node_action(
     State(s): State<AppState>,
     Path((id, action)): Path<(String, String)>,
+    peer: Option<axum::Extension<PeerAddr>>,
     headers: HeaderMap,
 ) -> Response {
+    let ip = peer.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |p| p.0.0.ip());
     let payload: Payload = match action.as_str() {
         "drain" => v1::ControllerDrainNodesV1Req { node_uuids: vec![id.clone()], undo: false }.into(),
         "kick" => v1::ControllerKickNodesV1Req { node_uuids: vec![id.clone()] }.into(),
@@ -224,7 +257,7 @@ async fn node_action(
         return (StatusCode::UNAUTHORIZED, "an admin token is required (Authorization: Bearer <token>)\n")
             .into_response();
     };
-    match crate::owner::operator_role(&s.events, presented).await {
+    match crate::owner::operator_role(&s.events, presented, ip).await {
         Err(_) => return (StatusCode::SERVICE_UNAVAILABLE, "controller is stopping\n").into_response(),
         Ok(Ok(true)) => {}
         Ok(Ok(false)) => {
@@ -435,10 +468,32 @@ pub(crate) fn render(s: &Snapshot, h: &Health) -> String {
         "counter",
         "Admissions refused, by reason.",
         &[
-            ("{reason=\"credential\"}".into(), c.admission_refusals),
+            ("{reason=\"credential\"}".into(), c.admission_refusals.saturating_sub(s.identity_refusals)),
+            ("{reason=\"identity\"}".into(), s.identity_refusals),
             ("{reason=\"malformed\"}".into(), s.malformed_credentials),
             ("{reason=\"rate_limited\"}".into(), s.rate_limited),
         ],
+    );
+    family(
+        &mut out,
+        "drover_stale_tickets_total",
+        "counter",
+        "Node streams refused: their ticket's generation was no longer current (evicted, revoked, forgotten or admitted again).",
+        &one(s.stale_tickets),
+    );
+    family(
+        &mut out,
+        "drover_operator_token_refusals_total",
+        "counter",
+        "Operator tokens refused on the gRPC and HTTP ports (unknown, expired, revoked, or rate-limited).",
+        &one(s.operator_refusals),
+    );
+    family(
+        &mut out,
+        "drover_undecodable_messages_total",
+        "counter",
+        "Messages of an unknown type or with bytes that are not their type, journaled as a digest only.",
+        &one(s.undecodable),
     );
     let t = &s.tasks;
     let g = &s.task_gauges;

@@ -18,10 +18,13 @@
 //! channel, so an output can never overtake the registration of its session.
 
 mod admission;
+mod conns;
 mod grpc;
 mod http;
 mod owner;
+mod ratelog;
 mod recent;
+mod secrets;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -60,6 +63,19 @@ pub struct ControllerConfig {
     pub max_failed_admissions: usize,
     /// Most admission connections open at once (each connected node holds one).
     pub max_connections: usize,
+    /// Most gRPC connections open at once beyond one per admission slot (CLIs).
+    pub max_cli_connections: usize,
+    /// Most HTTP connections open at once.
+    pub max_http_connections: usize,
+    /// Most `/events` (dashboard) subscribers at once.
+    pub max_event_subscribers: usize,
+    /// A gRPC or HTTP connection must send its first bytes within this.
+    pub header_timeout_ms: i64,
+    /// A gRPC connection without an open stream, or an HTTP connection without a byte
+    /// either way, is closed after this.
+    pub idle_timeout_ms: i64,
+    /// A gRPC or HTTP connection whose peer does not read for this long is closed.
+    pub send_timeout_ms: i64,
     /// TLS identity (certificate chain and key, PEM) for the gRPC and admission ports.
     pub tls: Option<TlsIdentity>,
     /// The cluster CA (PEM) that node client certificates must chain to; enables
@@ -82,6 +98,8 @@ pub struct JournalTuning {
     pub checkpoint_every_records: u64,
     /// Checkpoints kept (older segments are removed).
     pub keep_checkpoints: usize,
+    /// Also take a checkpoint after this many journal bytes (whatever the record count).
+    pub checkpoint_every_bytes: u64,
 }
 
 impl Default for JournalTuning {
@@ -92,6 +110,7 @@ impl Default for JournalTuning {
             max_batch_delay: j.max_batch_delay,
             checkpoint_every_records: j.checkpoint_every_records,
             keep_checkpoints: j.keep_checkpoints,
+            checkpoint_every_bytes: 64 << 20,
         }
     }
 }
@@ -166,10 +185,32 @@ impl ControllerConfig {
             handshake_deadline_ms: 10_000,
             max_failed_admissions: 10,
             max_connections: 20_000,
+            max_cli_connections: 256,
+            max_http_connections: 256,
+            max_event_subscribers: 64,
+            header_timeout_ms: 10_000,
+            idle_timeout_ms: 120_000,
+            send_timeout_ms: 30_000,
             tls: None,
             client_ca: None,
             health_stall_ms: 5_000,
             journal: JournalTuning::default(),
+        }
+    }
+
+    /// The limits of the gRPC (`grpc: true`) or HTTP port.
+    fn conn_limits(&self, grpc: bool) -> conns::Limits {
+        let ms = |v: i64| std::time::Duration::from_millis(v.max(1) as u64);
+        conns::Limits {
+            max_connections: if grpc {
+                self.max_connections.saturating_add(self.max_cli_connections)
+            } else {
+                self.max_http_connections
+            },
+            header_timeout: ms(self.header_timeout_ms),
+            idle_timeout: ms(self.idle_timeout_ms),
+            send_timeout: ms(self.send_timeout_ms),
+            count_streams: grpc,
         }
     }
 
@@ -181,8 +222,39 @@ impl ControllerConfig {
         j.max_batch_delay = self.journal.max_batch_delay;
         j.checkpoint_every_records = self.journal.checkpoint_every_records;
         j.keep_checkpoints = self.journal.keep_checkpoints;
+        j.checkpoint_every_bytes = self.journal.checkpoint_every_bytes;
+        j.max_batch_bytes = JOURNAL_ENTRY_BYTES;
         j
     }
+
+    /// Checks that every size a peer controls stays below the internal limits it feeds:
+    /// the largest gRPC message, wrapped as a journal input, must fit in one journal
+    /// entry with at least half of it to spare.
+    pub fn check_limits(&self) -> Result<(), ShellError> {
+        let worst = largest_input_bytes(self.max_message_bytes);
+        if worst > JOURNAL_ENTRY_BYTES / 2 {
+            return Err(ShellError::Config(format!(
+                "--max-message-bytes {} is too large: its largest input ({worst} bytes in the journal) must fit twice in one journal entry ({JOURNAL_ENTRY_BYTES} bytes); the most allowed is {}",
+                self.max_message_bytes,
+                JOURNAL_ENTRY_BYTES / 2 - owner::INPUT_OVERHEAD - MAX_NODE_ID_BYTES
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The most bytes one journal append of the controller may hold (inputs are grouped
+/// into appends up to this; one input is never larger, see [`ControllerConfig::check_limits`]).
+pub const JOURNAL_ENTRY_BYTES: usize = 16 << 20;
+
+/// The longest node id a gRPC stream may name (the admission limit is lower).
+pub(crate) const MAX_NODE_ID_BYTES: usize = 128;
+
+/// An upper bound on the journal bytes of the input made from one gRPC message of
+/// `max_message_bytes`: the message's own fields (they are all bounded by its size),
+/// the node id the shell adds, and the fixed overhead.
+pub fn largest_input_bytes(max_message_bytes: usize) -> usize {
+    max_message_bytes + MAX_NODE_ID_BYTES + owner::INPUT_OVERHEAD
 }
 
 /// Why the controller stopped abnormally.
@@ -233,19 +305,18 @@ pub(crate) fn write_secret(path: &std::path::Path, bytes: &[u8]) -> std::io::Res
     std::fs::rename(&tmp, path)
 }
 
-fn ticket_key(dir: &std::path::Path) -> Result<drover_admission::ticket::TicketKey, ShellError> {
-    let path = dir.join(TICKET_KEY_FILE);
+/// The 32-byte key in `dir/name`, made (from the OS's secure randomness, mode 0600) at
+/// first start.
+fn key_file(dir: &std::path::Path, name: &str) -> Result<[u8; 32], ShellError> {
+    let path = dir.join(name);
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let key: [u8; 32] = bytes
-                .try_into()
-                .map_err(|_| ShellError::Config(format!("{} must hold exactly 32 bytes", path.display())))?;
-            Ok(drover_admission::ticket::TicketKey::from_bytes(key))
+            bytes.try_into().map_err(|_| ShellError::Config(format!("{} must hold exactly 32 bytes", path.display())))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = drover_admission::ticket::TicketKey::generate()
-                .map_err(|e| ShellError::Config(format!("no secure randomness: {e}")))?;
-            write_secret(&path, key.bytes())?;
+            let mut key = [0u8; 32];
+            getrandom::fill(&mut key).map_err(|e| ShellError::Config(format!("no secure randomness: {e}")))?;
+            write_secret(&path, &key)?;
             Ok(key)
         }
         Err(e) => Err(e.into()),
@@ -274,10 +345,12 @@ pub async fn run(
 ) -> Result<(), ShellError> {
     let listener = listeners.grpc;
     let addr = listener.local_addr()?;
+    config.check_limits()?;
     // Before anything in the directory is read or written: a second process on the same
     // data directory would trim the segments this one appends to.
     let _lock = tokio::task::block_in_place(|| drover_journal::DirLock::acquire(&config.data_dir))?;
-    let key = ticket_key(&config.data_dir)?;
+    let key = drover_admission::ticket::TicketKey::from_bytes(key_file(&config.data_dir, TICKET_KEY_FILE)?);
+    let sealer = Arc::new(secrets::Sealer::new(key_file(&config.data_dir, secrets::SECRET_KEY_FILE)?));
     let version = drover_admission::version::Version::parse(&config.core.version)
         .ok_or_else(|| ShellError::Config(format!("controller version {:?} is not x.y.z", config.core.version)))?;
     let min_node = drover_admission::version::Version::parse(&config.min_node_version)
@@ -303,7 +376,9 @@ pub async fn run(
     let (events_tx, events_rx) = owner::Inbox::new(65_536);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let health = Arc::new(Health::default());
-    let service = grpc::Service::new(events_tx.clone(), config.stream_queue, key.clone());
+    let logs = Arc::new(ratelog::LogLimiter::default());
+    let service =
+        grpc::Service::new(events_tx.clone(), config.stream_queue, key.clone(), logs.clone(), config.max_message_bytes);
     let admission_addr = match listeners.admission {
         Some(l) => {
             let a = l.local_addr()?;
@@ -320,13 +395,21 @@ pub async fn run(
                 Some(id) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(id.rustls(config.client_ca.as_deref())?))),
                 None => None,
             };
-            tokio::spawn(admission::serve(l, settings, key.clone(), tls, events_tx.clone(), stop_rx.clone()));
+            tokio::spawn(admission::serve(
+                l,
+                settings,
+                key.clone(),
+                tls,
+                events_tx.clone(),
+                stop_rx.clone(),
+                logs.clone(),
+            ));
             tracing::info!(addr = %a, "serving admission");
             Some(a)
         }
         None => None,
     };
-    let mut owner = owner::Owner::new(config.clone(), core, journal, health.clone());
+    let mut owner = owner::Owner::new(config.clone(), core, journal, health.clone(), sealer);
     owner.set_replay(replay_us, stats.inputs);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let http_addr = listeners.http.as_ref().map(|h| h.local_addr()).transpose()?;
@@ -351,8 +434,9 @@ pub async fn run(
             recent: owner.recent(),
             journal_dir: config.journal().dir,
             started_ms: now_ms(),
+            subscribers: Arc::new(tokio::sync::Semaphore::new(config.max_event_subscribers.max(1))),
         };
-        tokio::spawn(http::serve(h, state, tls));
+        tokio::spawn(http::serve(h, state, tls, config.conn_limits(false), logs.clone()));
     }
     let owner_task = tokio::spawn(owner.run(events_rx, stop_rx.clone(), ready_tx));
 
@@ -365,7 +449,13 @@ pub async fn run(
         .max_encoding_message_size(config.max_message_bytes);
     tracing::info!(%addr, "serving gRPC");
     let mut server_stop = stop_rx.clone();
-    let mut builder = tonic::transport::Server::builder();
+    // HTTP/2 limits: streams per connection, and pings that find dead peers (a live
+    // peer's answers do not keep a connection without streams open: see `conns`).
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_GRPC_STREAMS)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .http2_max_header_list_size(64 << 10);
     if let Some(id) = &config.tls {
         let identity = tonic::transport::Identity::from_pem(&id.cert_pem, &id.key_pem);
         builder = builder
@@ -375,12 +465,27 @@ pub async fn run(
     // `Server::builder().tcp_nodelay` only applies to listeners tonic binds itself, not
     // to an incoming stream like this one: set it on each accepted connection, or small
     // writes (a failover's assignment) can wait for a delayed ACK (measured: 40 ms tail).
-    use tokio_stream::StreamExt;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        })
-    });
+    // Connections are accepted here, not by tonic: capped, with backoff when accepting
+    // fails, and each behind the timeouts of `conns::Guarded`.
+    let limits = config.conn_limits(true);
+    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel::<std::io::Result<conns::Guarded<tokio::net::TcpStream>>>(64);
+    {
+        let (logs, mut stop) = (logs.clone(), stop_rx.clone());
+        let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer, permit) = tokio::select! {
+                    a = conns::accept(&listener, &slots, &logs, "grpc", limits.max_connections) => a,
+                    _ = stop.changed() => return,
+                };
+                let _ = tcp.set_nodelay(true);
+                if conn_tx.send(Ok(conns::Guarded::new(tcp, peer, permit, limits))).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
     let server = builder.add_service(grpc).add_service(reflection).serve_with_incoming_shutdown(incoming, async move {
         let _ = server_stop.wait_for(|s| *s).await;
     });
@@ -419,6 +524,10 @@ pub async fn run(
         Err(e) => Err(ShellError::Io(std::io::Error::other(format!("owner task failed: {e}")))),
     }
 }
+
+/// Streams one gRPC connection may have open at once (a node uses one, a CLI one per
+/// command it runs).
+const MAX_GRPC_STREAMS: u32 = 128;
 
 /// How long a stopping controller lets the gRPC server finish open streams.
 const SERVER_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);

@@ -32,6 +32,8 @@ pub(crate) enum ShellEvent {
     NodeOpened {
         node: String,
         session: u64,
+        /// The admission generation of the ticket it opened with.
+        generation: u64,
         sink: mpsc::Sender<Result<v1::StreamToNode, tonic::Status>>,
     },
     NodeMessage {
@@ -59,6 +61,7 @@ pub(crate) enum ShellEvent {
     CliAuth {
         id: String,
         secret_hash: [u8; 32],
+        peer: std::net::IpAddr,
         reply: tokio::sync::oneshot::Sender<Result<bool, &'static str>>,
     },
     /// An admission connection finished its handshake: its control channel.
@@ -72,12 +75,13 @@ pub(crate) enum ShellEvent {
         node: String,
         id: u64,
     },
-    /// A node presented a credential at admission.
+    /// A node presented a credential at admission (a certificate already checked by
+    /// the admission task, or a token for the core to check; `Err`: not a credential).
     Admission {
         node: String,
-        presented: Result<drover_admission::token::Presented, String>,
+        presented: Result<drover_core::Credential, String>,
         peer: std::net::IpAddr,
-        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+        reply: tokio::sync::oneshot::Sender<Result<u64, String>>,
     },
 }
 
@@ -112,9 +116,10 @@ impl Inbox {
 pub(crate) async fn operator_role(
     events: &Inbox,
     presented: drover_admission::token::Presented,
+    peer: std::net::IpAddr,
 ) -> Result<Result<bool, &'static str>, Stopping> {
     let (reply, verdict) = tokio::sync::oneshot::channel();
-    let auth = ShellEvent::CliAuth { id: presented.id, secret_hash: presented.secret_hash, reply };
+    let auth = ShellEvent::CliAuth { id: presented.id, secret_hash: presented.secret_hash, peer, reply };
     events.send(auth).await?;
     verdict.await.map_err(|_| Stopping)
 }
@@ -124,9 +129,11 @@ enum Release {
     Register(u64, Sink),
     /// A node's admission control channel (id, eviction sender).
     Control(String, u64, Option<mpsc::Sender<String>>),
-    /// Where the verdict on an admission attempt goes.
-    Admission(u64, tokio::sync::oneshot::Sender<Result<(), String>>),
+    /// Where the verdict on an admission attempt goes (`Ok`: the ticket generation).
+    Admission(u64, tokio::sync::oneshot::Sender<Result<u64, String>>),
     Unregister(u64),
+    /// End a stream with this status (its message was refused before the journal).
+    Refuse(u64, tonic::Status),
     /// The ticket of a batch of inputs, how many, and all their outputs.
     Outputs(Ticket, u64, Vec<Output>),
 }
@@ -137,19 +144,32 @@ const MAX_BATCH: usize = 4096;
 /// batch over its record limit).
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
+/// Fixed part of an input's journal entry, above the bytes of its strings: the entry
+/// framing, the time, the session, and a length prefix (at most 10 bytes) per string.
+pub(crate) const INPUT_OVERHEAD: usize = 256;
+
 impl ShellEvent {
-    /// Roughly how many bytes the event's input will take in the journal.
+    /// An upper bound on the bytes the event's input takes in the journal: every
+    /// string and byte field it carries plus [`INPUT_OVERHEAD`] (strings in a list add
+    /// their own length prefix, at most 5 bytes for any string a message can hold).
     fn size_hint(&self) -> usize {
-        64 + match self {
-            ShellEvent::NodeMessage { msg, .. } => {
-                msg.response.as_ref().map_or(0, |a| a.type_url.len() + a.value.len())
+        INPUT_OVERHEAD
+            + match self {
+                ShellEvent::NodeMessage { node, msg, .. } => {
+                    node.len()
+                        + msg.request_id.len()
+                        + msg.from_uuid.as_ref().map_or(0, String::len)
+                        + msg.response.as_ref().map_or(0, |a| a.type_url.len() + a.value.len())
+                }
+                ShellEvent::CliMessage { msg, .. } => {
+                    msg.stream_id.len()
+                        + msg.request_id.len()
+                        + msg.cli_uuid.len()
+                        + msg.command.as_ref().map_or(0, |a| a.type_url.len() + a.value.len())
+                        + msg.node_uuids.iter().map(|u| u.len() + 5).sum::<usize>()
+                }
+                _ => 0,
             }
-            ShellEvent::CliMessage { msg, .. } => {
-                msg.command.as_ref().map_or(0, |a| a.type_url.len() + a.value.len())
-                    + msg.node_uuids.iter().map(String::len).sum::<usize>()
-            }
-            _ => 0,
-        }
     }
 }
 
@@ -180,6 +200,14 @@ pub struct Snapshot {
     pub rate_limited: u64,
     /// Credentials that were not tokens at all (never journaled).
     pub malformed_credentials: u64,
+    /// Admissions refused because the node id belongs to another credential.
+    pub identity_refusals: u64,
+    /// Node streams refused because their ticket's generation was no longer current.
+    pub stale_tickets: u64,
+    /// Operator tokens refused on gRPC and HTTP (bad, or rate-limited).
+    pub operator_refusals: u64,
+    /// Messages the shell could not decode (journaled as a digest only).
+    pub undecodable: u64,
 }
 
 /// Liveness and progress, for `/healthz` and `/readyz`.
@@ -197,6 +225,43 @@ pub struct Health {
     pub durable: AtomicU64,
     /// Set when the journal failed: the controller is broken.
     pub journal_failed: AtomicBool,
+}
+
+/// Longest string field kept in the digest of an undecodable message.
+const DIGEST_FIELD: usize = 256;
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// Why a message cannot be decoded (an unknown type, or bytes that are not its type),
+/// or `None` when it can. Only such messages are replaced by a digest: what the core
+/// cannot decode changes no state, so journaling its bytes in full would only let a
+/// low-privilege peer fill the disk. Small messages of a known type (prices,
+/// heartbeats) skip the trial decode: they are cheap to journal whatever they hold.
+/// `relayed`: an unknown type is passed on unread (a node's reply to a CLI, an admin's
+/// command to nodes), so only bytes that are not their known type count.
+fn undecodable(type_url: &str, value: &[u8], relayed: bool) -> Option<String> {
+    const SMALL: usize = 1024;
+    if value.len() <= SMALL && drover_proto::Payload::knows(type_url) {
+        return None;
+    }
+    let any = drover_proto::Any { type_url: type_url.to_owned(), value: value.to_vec() };
+    match drover_proto::Payload::from_any(&any) {
+        Err(e) => Some(truncate(e.to_string(), DIGEST_FIELD)),
+        Ok(drover_proto::Payload::Unknown { .. }) if !relayed => {
+            Some(format!("unknown message type {}", truncate(type_url.to_owned(), DIGEST_FIELD)))
+        }
+        Ok(_) => None,
+    }
 }
 
 /// Whether a CLI message asks for a new token.
@@ -220,6 +285,14 @@ pub(crate) struct Owner {
     health: Arc<Health>,
     last_ms: i64,
     limiter: drover_admission::limiter::FailureLimiter,
+    /// Seals secret task environments before they are journaled; the releaser opens them.
+    sealer: Arc<crate::secrets::Sealer>,
+    /// Failed operator tokens per address and token id.
+    operator_limiter: drover_admission::limiter::FailureLimiter,
+    /// Operator tokens refused (never journaled).
+    operator_refusals: u64,
+    /// Messages the shell could not decode, journaled as a digest only.
+    undecodable: u64,
     attempts: u64,
     /// Admission attempts in flight: peer, node and the token id presented.
     peers: HashMap<u64, (std::net::IpAddr, String, String)>,
@@ -282,6 +355,10 @@ impl Owner {
             replayed_inputs: self.replay.1,
             rate_limited: self.rate_limited,
             malformed_credentials: self.malformed,
+            identity_refusals: self.core.identity_counters().0,
+            stale_tickets: self.core.identity_counters().1,
+            operator_refusals: self.operator_refusals,
+            undecodable: self.undecodable,
         });
     }
 
@@ -290,8 +367,15 @@ impl Owner {
         self.replay = (micros, inputs);
     }
 
-    pub(crate) fn new(config: ControllerConfig, core: Controller, journal: Journal, health: Arc<Health>) -> Self {
+    pub(crate) fn new(
+        config: ControllerConfig,
+        core: Controller,
+        journal: Journal,
+        health: Arc<Health>,
+        sealer: Arc<crate::secrets::Sealer>,
+    ) -> Self {
         let limiter = drover_admission::limiter::FailureLimiter::new(config.max_failed_admissions, 60_000);
+        let operator_limiter = drover_admission::limiter::FailureLimiter::new(config.max_failed_admissions, 60_000);
         Owner {
             config,
             core,
@@ -299,6 +383,10 @@ impl Owner {
             health,
             last_ms: 0,
             limiter,
+            sealer,
+            operator_limiter,
+            operator_refusals: 0,
+            undecodable: 0,
             attempts: 0,
             peers: HashMap::new(),
             rate_limited_unlogged: 0,
@@ -325,7 +413,7 @@ impl Owner {
         // tells the owner here, which stops the controller rather than leave it up
         // with nothing durable and no outputs.
         let (fatal_tx, mut fatal) = tokio::sync::oneshot::channel::<drover_journal::JournalError>();
-        let releaser = tokio::spawn(release(release_rx, health, fatal_tx));
+        let releaser = tokio::spawn(release(release_rx, health, fatal_tx, self.sealer.clone()));
         let config = self.config.core.clone();
         self.inputs(vec![Event::ControllerStarted { config }], &release_tx).await?;
         self.bootstrap_admin(&release_tx).await?;
@@ -412,6 +500,28 @@ impl Owner {
         let mut closed = Vec::new();
         let mut secrets: Vec<(u64, String, String)> = Vec::new();
         for (received_ms, ev) in batch {
+            // A single input the journal could never hold is refused to its peer here,
+            // never passed on (the gRPC limit keeps every message below this with
+            // headroom: this is the guard should the two ever drift apart).
+            let hint = ev.size_hint();
+            if hint > self.journal.max_entry() {
+                let session = match &ev {
+                    ShellEvent::NodeMessage { session, .. } | ShellEvent::CliMessage { session, .. } => *session,
+                    _ => 0,
+                };
+                tracing::warn!(
+                    session,
+                    bytes = hint,
+                    limit = self.journal.max_entry(),
+                    "message refused: too large for one journal entry"
+                );
+                let status = tonic::Status::resource_exhausted(format!(
+                    "message of about {hint} bytes is over the controller's journal entry limit of {} bytes",
+                    self.journal.max_entry()
+                ));
+                let _ = release.send(Release::Refuse(session, status));
+                continue;
+            }
             let event = match ev {
                 ShellEvent::ControlOpened { node, id, evict } => {
                     let _ = release.send(Release::Control(node, id, Some(evict)));
@@ -421,19 +531,47 @@ impl Owner {
                     let _ = release.send(Release::Control(node, id, None));
                     continue;
                 }
-                ShellEvent::CliAuth { id, secret_hash, reply } => {
-                    let _ = reply.send(self.core.operator_role(&id, &secret_hash, now_ms()));
+                ShellEvent::CliAuth { id, secret_hash, peer, reply } => {
+                    // Failed operator tokens are limited per address and token id like
+                    // admissions; a valid token always passes.
+                    let now = now_ms();
+                    let verdict = self.core.operator_role(&id, &secret_hash, now);
+                    let key = (peer, id);
+                    let verdict = match verdict {
+                        Ok(admin) => Ok(admin),
+                        Err(_) if !self.operator_limiter.allowed(&key, now) => {
+                            self.operator_refusals += 1;
+                            Err("too many failed attempts with this token from this address; retry later")
+                        }
+                        Err(reason) => {
+                            self.operator_limiter.failed(key, now);
+                            self.operator_refusals += 1;
+                            Err(reason)
+                        }
+                    };
+                    let _ = reply.send(verdict);
                     continue;
                 }
                 ShellEvent::Admission { node, presented, peer, reply } => {
                     let now = now_ms();
-                    let key = (peer, presented.as_ref().map_or_else(|_| "malformed".to_owned(), |p| p.id.clone()));
+                    let key = (
+                        peer,
+                        match &presented {
+                            Ok(drover_core::Credential::Token { id, .. }) => id.clone(),
+                            Ok(drover_core::Credential::Certificate) => "certificate".to_owned(),
+                            Err(_) => "malformed".to_owned(),
+                        },
+                    );
                     // Past the limit only a valid credential goes on (checked read-only,
                     // so the refusals stay cheap and unjournaled): one node's bad token
                     // must not lock out good ones behind the same address.
-                    let valid = presented
-                        .as_ref()
-                        .is_ok_and(|p| self.core.join_credential_valid(&p.id, &p.secret_hash, now).is_ok());
+                    let valid = match &presented {
+                        Ok(drover_core::Credential::Token { id, secret_hash }) => {
+                            self.core.join_credential_valid(id, secret_hash, now).is_ok()
+                        }
+                        Ok(drover_core::Credential::Certificate) => true,
+                        Err(_) => false,
+                    };
                     if !valid && !self.limiter.allowed(&key, now) {
                         self.rate_limited += 1;
                         // One line per interval, not one per attempt.
@@ -462,28 +600,35 @@ impl Owner {
                     self.attempts += 1;
                     let attempt = self.attempts;
                     let _ = release.send(Release::Admission(attempt, reply));
-                    self.peers.insert(attempt, (peer, node.clone(), presented.id.clone()));
-                    Event::AdmissionAttempt {
-                        attempt,
-                        node,
-                        token_id: presented.id,
-                        secret_hash: presented.secret_hash,
-                    }
+                    self.peers.insert(attempt, (peer, node.clone(), key.1));
+                    Event::Admission { attempt, node, credential: presented }
                 }
-                ShellEvent::NodeOpened { node, session, sink } => {
+                ShellEvent::NodeOpened { node, session, generation, sink } => {
                     let _ = release.send(Release::Register(session, Sink::Node(sink)));
                     tracing::info!(%node, session, "node stream opened");
-                    Event::NodeConnected { node, session }
+                    Event::NodeOpened { node, session, generation }
                 }
                 ShellEvent::NodeMessage { node, session, msg } => {
                     let (type_url, value) = msg.response.map(|a| (a.type_url, a.value)).unwrap_or_default();
-                    Event::NodeMessage {
-                        node,
-                        session,
-                        request_id: msg.request_id,
-                        from_uuid: msg.from_uuid,
-                        type_url,
-                        value,
+                    let relayed = self.core.is_pending_reply(&node, &msg.request_id);
+                    if let Some(reason) = undecodable(&type_url, &value, relayed) {
+                        self.undecodable += 1;
+                        Event::NodeRefused {
+                            node,
+                            session,
+                            request_id: truncate(msg.request_id, DIGEST_FIELD),
+                            type_url: truncate(type_url, DIGEST_FIELD),
+                            reason,
+                        }
+                    } else {
+                        Event::NodeMessage {
+                            node,
+                            session,
+                            request_id: msg.request_id,
+                            from_uuid: msg.from_uuid,
+                            type_url,
+                            value,
+                        }
                     }
                 }
                 ShellEvent::NodeClosed { node, session } => {
@@ -525,8 +670,34 @@ impl Owner {
                         description: req.description,
                     }
                 }
-                ShellEvent::CliMessage { session, msg } => {
+                ShellEvent::CliMessage { session, mut msg } => {
+                    if let Err(reason) = self.seal_secrets(&mut msg) {
+                        inputs.push((
+                            received_ms,
+                            Event::CliRefused {
+                                session,
+                                stream_id: truncate(msg.stream_id, DIGEST_FIELD),
+                                type_url: drover_proto::type_url::<v1::ControllerTaskRunV1Req>(),
+                                reason,
+                            },
+                        ));
+                        continue;
+                    }
                     let (type_url, value) = msg.command.map(|a| (a.type_url, a.value)).unwrap_or_default();
+                    let relayed = !msg.node_uuids.is_empty() && self.core.cli_is_admin(session);
+                    if let Some(reason) = undecodable(&type_url, &value, relayed) {
+                        self.undecodable += 1;
+                        inputs.push((
+                            received_ms,
+                            Event::CliRefused {
+                                session,
+                                stream_id: truncate(msg.stream_id, DIGEST_FIELD),
+                                type_url: truncate(type_url, DIGEST_FIELD),
+                                reason,
+                            },
+                        ));
+                        continue;
+                    }
                     Event::CliMessage {
                         session,
                         stream_id: msg.stream_id,
@@ -548,6 +719,24 @@ impl Owner {
         for session in closed {
             let _ = release.send(Release::Unregister(session));
         }
+        Ok(())
+    }
+
+    /// Seals the secret environment of a task request in place, before it is journaled.
+    fn seal_secrets(&self, msg: &mut v1::StreamFromCli) -> Result<(), String> {
+        let Some(any) = &msg.command else { return Ok(()) };
+        if !any.type_url.ends_with(".ControllerTaskRunV1Req") {
+            return Ok(());
+        }
+        let Ok(drover_proto::Payload::ControllerTaskRunV1Req(mut req)) = drover_proto::Payload::from_any(any) else {
+            return Ok(());
+        };
+        let plain_looks_sealed = req.env.values().any(|v| v.starts_with(drover_core::SEALED_PREFIX));
+        if req.secret_env.is_empty() && !plain_looks_sealed {
+            return Ok(());
+        }
+        self.sealer.seal_request(&mut req).map_err(|e| e.to_string())?;
+        msg.command = Some(drover_proto::Payload::from(req).to_any());
         Ok(())
     }
 
@@ -600,8 +789,14 @@ impl Owner {
             })
             .collect();
         let at_ms = now_ms();
-        let encoded = inputs.iter().map(encode_input::<Controller>).collect();
-        let ticket = self.journal.append_batch(encoded).await?;
+        // One append per run of inputs that fits in a journal entry; the last ticket
+        // covers them all (the journal makes appends durable in order).
+        let encoded: Vec<bytes::Bytes> = inputs.iter().map(encode_input::<Controller>).collect();
+        let mut ticket = None;
+        for chunk in split_by_size(encoded, self.journal.max_entry()) {
+            ticket = Some(self.journal.append_batch(chunk).await?);
+        }
+        let Some(ticket) = ticket else { return Ok(()) };
         let mut out = Vec::new();
         let n = inputs.len() as u64;
         for input in inputs {
@@ -616,7 +811,7 @@ impl Owner {
                         .remove(attempt)
                         .unwrap_or_else(|| (std::net::IpAddr::from([0, 0, 0, 0]), String::new(), String::new()));
                     match result {
-                        Ok(()) => tracing::info!(%node, %peer, "node admitted"),
+                        Ok(generation) => tracing::info!(%node, %peer, generation, "node admitted"),
                         Err(reason) => {
                             self.limiter.failed((peer, token_id), at_ms);
                             tracing::warn!(%node, %peer, %reason, "admission refused");
@@ -653,14 +848,36 @@ impl Owner {
     }
 }
 
+/// Splits encoded inputs into runs of at most `limit` bytes, in order. (An input over
+/// `limit` on its own goes alone and the journal refuses it; the owner refuses such
+/// inputs to their peers before they get here.)
+fn split_by_size(encoded: Vec<bytes::Bytes>, limit: usize) -> Vec<Vec<bytes::Bytes>> {
+    let mut chunks: Vec<Vec<bytes::Bytes>> = Vec::new();
+    let mut size = 0;
+    for e in encoded {
+        match chunks.last_mut() {
+            Some(last) if size + e.len() <= limit => {
+                size += e.len();
+                last.push(e);
+            }
+            _ => {
+                size = e.len();
+                chunks.push(vec![e]);
+            }
+        }
+    }
+    chunks
+}
+
 /// Sends outputs once their input is durable, in order.
 async fn release(
     mut rx: mpsc::UnboundedReceiver<Release>,
     health: Arc<Health>,
     fatal: tokio::sync::oneshot::Sender<drover_journal::JournalError>,
+    sealer: Arc<crate::secrets::Sealer>,
 ) {
     let mut sinks: HashMap<u64, Sink> = HashMap::new();
-    let mut verdicts: HashMap<u64, tokio::sync::oneshot::Sender<Result<(), String>>> = HashMap::new();
+    let mut verdicts: HashMap<u64, tokio::sync::oneshot::Sender<Result<u64, String>>> = HashMap::new();
     let mut controls: HashMap<String, (u64, mpsc::Sender<String>)> = HashMap::new();
     while let Some(r) = rx.recv().await {
         match r {
@@ -670,6 +887,15 @@ async fn release(
             Release::Unregister(session) => {
                 sinks.remove(&session);
             }
+            Release::Refuse(session, status) => match sinks.remove(&session) {
+                Some(Sink::Node(tx)) => {
+                    let _ = tx.try_send(Err(status));
+                }
+                Some(Sink::Cli(tx)) => {
+                    let _ = tx.try_send(Err(status));
+                }
+                None => {}
+            },
             Release::Admission(attempt, reply) => {
                 verdicts.insert(attempt, reply);
             }
@@ -701,6 +927,13 @@ async fn release(
                             let _ = reply.send(result);
                         }
                         continue;
+                    }
+                    let mut o = o;
+                    if let Output::ToNode { node, msg, .. } = &mut o
+                        && let Err(e) = sealer.open_dispatch(msg)
+                    {
+                        // The task runs without it and fails visibly on its worker.
+                        tracing::error!(%node, error = %e, "a secret of a dispatched task could not be opened");
                     }
                     deliver(&mut sinks, o);
                 }
@@ -750,5 +983,91 @@ fn deliver(sinks: &mut HashMap<u64, Sink>, o: Output) {
             sinks.remove(&session);
         }
         None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    /// The worst case of each kind of message a peer sends: every field the gRPC layer
+    /// lets it fill, at exactly the message limit.
+    fn worst_inputs(limit: usize) -> Vec<Input> {
+        let node = "n".repeat(crate::MAX_NODE_ID_BYTES);
+        let pad = |fixed: usize| vec![0xff_u8; limit - fixed];
+        // A node message: the value takes whatever the other fields leave.
+        let mut msg = v1::StreamFromNode {
+            node_uuid: node.clone(),
+            from_uuid: Some("u".repeat(64)),
+            response: Some(drover_proto::Any { type_url: "t".repeat(256), value: Vec::new() }),
+            request_id: "r".repeat(64),
+        };
+        // Longer values take longer length prefixes: settle on the largest that fits.
+        let mut fixed = msg.encoded_len();
+        loop {
+            msg.response.as_mut().unwrap().value = pad(fixed);
+            if msg.encoded_len() <= limit {
+                break;
+            }
+            fixed += msg.encoded_len() - limit;
+        }
+        assert!(msg.encoded_len() > limit - 8, "the message is the largest accepted");
+        let (type_url, value) = msg.response.map(|a| (a.type_url, a.value)).unwrap();
+        let from_node = Event::NodeMessage {
+            node,
+            session: u64::MAX,
+            request_id: msg.request_id,
+            from_uuid: msg.from_uuid,
+            type_url,
+            value,
+        };
+        // A CLI message: many short node ids cost the most framing per byte.
+        let cli = v1::StreamFromCli {
+            stream_id: "s".repeat(64),
+            cli_uuid: "c".repeat(64),
+            node_uuids: vec![String::new(); (limit - 1024) / 2],
+            request_id: "r".repeat(64),
+            command: None,
+        };
+        assert!(cli.encoded_len() <= limit);
+        let from_cli = Event::CliMessage {
+            session: u64::MAX,
+            stream_id: cli.stream_id,
+            cli_uuid: cli.cli_uuid,
+            node_uuids: cli.node_uuids,
+            request_id: cli.request_id,
+            type_url: String::new(),
+            value: Vec::new(),
+        };
+        [from_node, from_cli].into_iter().map(|event| Input { at_ms: i64::MAX, event }).collect()
+    }
+
+    #[test]
+    fn the_largest_message_the_grpc_layer_accepts_fits_one_journal_entry_with_headroom() {
+        let limit = crate::ControllerConfig::new("unused").max_message_bytes;
+        for input in worst_inputs(limit) {
+            let entry = encode_input::<Controller>(&input).len();
+            assert!(
+                entry <= crate::largest_input_bytes(limit),
+                "a {limit}-byte message became a {entry}-byte entry, over the bound {}",
+                crate::largest_input_bytes(limit)
+            );
+            assert!(entry <= crate::JOURNAL_ENTRY_BYTES / 2, "{entry} bytes leave no headroom");
+        }
+        assert!(crate::ControllerConfig::new("unused").check_limits().is_ok());
+        let mut too_big = crate::ControllerConfig::new("unused");
+        too_big.max_message_bytes = crate::JOURNAL_ENTRY_BYTES / 2;
+        assert!(too_big.check_limits().is_err(), "a message limit that could not fit twice is refused");
+    }
+
+    #[test]
+    fn batches_are_split_so_no_append_crosses_the_entry_limit() {
+        let sizes = [5, 5, 3, 9, 1, 10, 2];
+        let encoded: Vec<bytes::Bytes> = sizes.iter().map(|&n| bytes::Bytes::from(vec![0u8; n])).collect();
+        let chunks = split_by_size(encoded, 10);
+        let lens: Vec<Vec<usize>> = chunks.iter().map(|c| c.iter().map(bytes::Bytes::len).collect()).collect();
+        assert_eq!(lens, vec![vec![5, 5], vec![3], vec![9, 1], vec![10], vec![2]]);
+        assert!(split_by_size(Vec::new(), 10).is_empty());
     }
 }

@@ -173,17 +173,28 @@ async fn run_link(
     }
 }
 
+/// Most bytes a link may send before its `AttachTo` (which holds only a name).
+const HELLO_LIMIT: usize = 4096;
+
 /// Serves one incoming link until it ends.
 pub async fn incoming(mut s: TcpStream, events: mpsc::UnboundedSender<PeerEvent>) {
     let _ = s.set_nodelay(true);
-    // The hello: AttachTo with the sender's name.
-    let mut reader = MessageReader::new(Direction::ToCoordinator, Limits::default());
+    // The hello: AttachTo with the sender's name. Until it has said who it is, a peer
+    // gets a small budget (one short message), not the 64 MiB of a logged call.
+    let hello = Limits { max_message: HELLO_LIMIT, max_record: HELLO_LIMIT, ..Limits::default() };
+    let mut reader = MessageReader::new(Direction::ToCoordinator, hello);
     let mut buf = vec![0u8; 64 * 1024];
+    let mut hello_bytes = 0usize;
     let source = loop {
         let n = match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => n,
             _ => return,
         };
+        hello_bytes += n;
+        if hello_bytes > HELLO_LIMIT {
+            tracing::warn!("a link sent more than {HELLO_LIMIT} bytes before its AttachTo; closing it");
+            return;
+        }
         reader.feed(&buf[..n]);
         match reader.next_frame() {
             Ok(Some(Frame::Message(Message::AttachTo { destination }))) => break destination,
@@ -195,7 +206,13 @@ pub async fn incoming(mut s: TcpStream, events: mpsc::UnboundedSender<PeerEvent>
     if events.send(PeerEvent::InboundOpened { source: source.clone(), writer }).is_err() {
         return;
     }
-    let mut records = RecordReader::new(Limits::default());
+    // A linked peer's records carry calls, each at most MAX_CALL.
+    let calls = Limits {
+        max_record: crate::server::MAX_CALL + drover_wire::ambrosia::HEADER_LEN + 64,
+        max_message: crate::server::MAX_CALL,
+        ..Limits::default()
+    };
+    let mut records = RecordReader::new(calls);
     if !reader.at_boundary() {
         return;
     }

@@ -25,6 +25,9 @@ use crate::session::{Action, Session};
 /// Largest message an application may send (a call with its arguments).
 pub const MAX_CALL: usize = 32 << 20;
 
+/// Most links (incoming and outgoing) one instance keeps open.
+const MAX_LINKS: usize = 256;
+
 /// Settings of a coordinator.
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
@@ -402,11 +405,21 @@ async fn serve(
                     Some(Err(why)) => return Ok(why),
                     None => return Ok("the application's connection ended".into()),
                 },
-                accepted = peer.accept() => {
-                    if let Ok((s, _)) = accepted {
-                        links.tasks.push(tokio::spawn(crate::link::incoming(s, links.events.clone())));
+                accepted = peer.accept() => match accepted {
+                    Ok((s, from)) => {
+                        links.tasks.retain(|t| !t.is_finished());
+                        if links.tasks.len() >= MAX_LINKS {
+                            tracing::warn!(%from, limit = MAX_LINKS, "peer link refused: too many open links");
+                        } else {
+                            links.tasks.push(tokio::spawn(crate::link::incoming(s, links.events.clone())));
+                        }
                     }
-                }
+                    // Out of descriptors: do not spin on the error.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "peer accept failed; pausing 100 ms");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
                 ev = events.recv() => match ev {
                     Some(PeerEvent::InboundOpened { source, writer }) => {
                         let _ = writer.send(crate::link::greeting(session.next_from(&source)));

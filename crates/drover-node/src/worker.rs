@@ -74,6 +74,9 @@ impl WorkerConfig {
 
 /// What the worker's I/O must do.
 #[derive(Clone, Debug, PartialEq)]
+// `Send` is as large as the largest message (a task request); actions live briefly in
+// short vectors, so boxing it would cost an allocation per message for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Action {
     /// Send on the node stream.
     Send {

@@ -90,6 +90,11 @@ enum TaskCommand {
         /// An environment variable for the job, KEY=value (repeatable).
         #[arg(long = "env", value_parser = parse_kv)]
         env: Vec<(String, String)>,
+        /// A secret environment variable, KEY=value, or KEY alone to take the value from
+        /// this shell's environment (keeps it out of shell history). The controller
+        /// never journals it in clear and `task status` shows its name only (repeatable).
+        #[arg(long = "secret-env", value_parser = parse_secret_kv)]
+        secret_env: Vec<(String, String)>,
         /// Attempts before it counts as failed (errors, lost workers, timeouts).
         #[arg(long, default_value_t = 3)]
         attempts: u32,
@@ -147,6 +152,17 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
         return Err(format!("{s:?} has an empty key"));
     }
     Ok((k.to_owned(), v.to_owned()))
+}
+
+/// `KEY=value`, or `KEY` alone: the value of `KEY` in this process's environment.
+fn parse_secret_kv(s: &str) -> Result<(String, String), String> {
+    if s.contains('=') {
+        return parse_kv(s);
+    }
+    if s.is_empty() {
+        return Err("--secret-env needs KEY=value or KEY".into());
+    }
+    std::env::var(s).map(|v| (s.to_owned(), v)).map_err(|_| format!("--secret-env {s}: no {s} in this environment"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -328,6 +344,7 @@ async fn task(cmd: TaskCommand) -> anyhow::Result<std::process::ExitCode> {
             task_timeout,
             labels,
             env,
+            secret_env,
             attempts,
             priority,
             sha256,
@@ -346,6 +363,7 @@ async fn task(cmd: TaskCommand) -> anyhow::Result<std::process::ExitCode> {
                 max_attempts: attempts,
                 priority,
                 sha256,
+                secret_env: secret_env.into_iter().collect(),
             };
             let code = t::run(&cli.ctx(), req, wait).await?;
             Ok(std::process::ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1)))

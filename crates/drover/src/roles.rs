@@ -90,6 +90,26 @@ pub struct ControllerArgs {
     /// control channel), so this caps the fleet; past it a node is told `conn:close`.
     #[arg(long, env = "DROVER_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
+    /// Most gRPC connections open at once beyond one per node (CLIs, scripts).
+    #[arg(long, env = "DROVER_MAX_CLI_CONNECTIONS", default_value_t = 256)]
+    pub max_cli_connections: usize,
+    /// Most HTTP (dashboard, metrics) connections open at once.
+    #[arg(long, env = "DROVER_MAX_HTTP_CONNECTIONS", default_value_t = 256)]
+    pub max_http_connections: usize,
+    /// Most dashboard event streams (`/events`) open at once.
+    #[arg(long, env = "DROVER_MAX_EVENT_SUBSCRIBERS", default_value_t = 64)]
+    pub max_event_subscribers: usize,
+    /// A gRPC or HTTP connection that sends nothing for this long after connecting is
+    /// closed.
+    #[arg(long, env = "DROVER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// A gRPC connection with no open stream, or an HTTP connection with no traffic,
+    /// is closed after this long.
+    #[arg(long, env = "DROVER_IDLE_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// A gRPC or HTTP connection whose peer stops reading is closed after this long.
+    #[arg(long, env = "DROVER_SEND_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub send_timeout: Duration,
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "DROVER_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
     pub max_message_bytes: usize,
@@ -108,6 +128,10 @@ pub struct ControllerArgs {
     /// Take a checkpoint after this many journal records.
     #[arg(long, env = "DROVER_CHECKPOINT_EVERY", default_value_t = JournalTuning::default().checkpoint_every_records)]
     pub checkpoint_every: u64,
+    /// Also take a checkpoint after this many journal bytes, so large inputs cannot
+    /// grow the journal without bound between record-count checkpoints.
+    #[arg(long, env = "DROVER_CHECKPOINT_EVERY_BYTES", default_value_t = JournalTuning::default().checkpoint_every_bytes)]
+    pub checkpoint_every_bytes: u64,
     /// The manager id workers address (and allow with --manager).
     #[arg(long, env = "DROVER_MANAGER_ID", default_value = "controller")]
     pub manager_id: String,
@@ -156,6 +180,12 @@ impl ControllerArgs {
         c.max_failed_admissions = self.max_failed_admissions;
         c.max_connections = self.max_connections.max(1);
         c.max_message_bytes = self.max_message_bytes;
+        c.max_cli_connections = self.max_cli_connections.max(1);
+        c.max_http_connections = self.max_http_connections.max(1);
+        c.max_event_subscribers = self.max_event_subscribers.max(1);
+        c.header_timeout_ms = self.header_timeout.as_millis().max(1) as i64;
+        c.idle_timeout_ms = self.idle_timeout.as_millis().max(1) as i64;
+        c.send_timeout_ms = self.send_timeout.as_millis().max(1) as i64;
         c.stream_queue = self.stream_queue.max(1);
         c.health_stall_ms = self.health_stall.as_millis() as i64;
         c.journal = JournalTuning {
@@ -163,6 +193,7 @@ impl ControllerArgs {
             max_batch_delay: self.batch_delay,
             checkpoint_every_records: self.checkpoint_every.max(1),
             keep_checkpoints: self.keep_checkpoints.max(1),
+            checkpoint_every_bytes: self.checkpoint_every_bytes.max(1 << 20),
         };
         c
     }
@@ -171,7 +202,7 @@ impl ControllerArgs {
 pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let mut config = args.config();
     // Per node: the control channel and (shared or not) a gRPC connection.
-    config.max_connections = crate::util::fit_connections_to_fd_limit(config.max_connections);
+    crate::util::fit_connections_to_fd_limit(&mut config);
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let cert_pem = std::fs::read(cert).with_context(|| format!("cannot read --tls-cert {}", cert.display()))?;
         let key_pem = std::fs::read(key).with_context(|| format!("cannot read --tls-key {}", key.display()))?;

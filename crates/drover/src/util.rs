@@ -36,32 +36,47 @@ pub async fn shutdown_signal() {
 }
 
 /// Raises the soft open-file limit to the hard limit (as servers commonly do: a
-/// controller holds two sockets per connected node) and returns the admission
-/// connection cap that limit can carry: `max_connections`, or less when the limit is
-/// lower. Lowering is said once at INFO, not warned on every default start: nothing is
-/// wrong until the fleet actually grows that large, and then the cap (with its
-/// `conn:close` reason) is what protects the controller from running out of descriptors.
-pub fn fit_connections_to_fd_limit(max_connections: usize) -> usize {
+/// controller holds two sockets per connected node) and fits the connection caps of the
+/// three ports into it, keeping a reserve for the journal (segments, checkpoints), the
+/// listeners and the process itself, so a flood of connections can never leave a
+/// checkpoint without a descriptor. Lowering is said once at INFO, not warned on every
+/// default start: nothing is wrong until the fleet actually grows that large, and then
+/// the caps (with their refusals) are what protect the controller.
+pub fn fit_connections_to_fd_limit(config: &mut drover_controller::ControllerConfig) {
     let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
-    let fits = connections_that_fit(limit) as u64;
-    if (max_connections as u64) <= fits {
-        return max_connections;
+    let fit = connections_that_fit(limit);
+    let wanted = (config.max_connections, config.max_cli_connections, config.max_http_connections);
+    config.max_connections = config.max_connections.min(fit.nodes);
+    config.max_cli_connections = config.max_cli_connections.min(fit.others);
+    config.max_http_connections = config.max_http_connections.min(fit.others);
+    let got = (config.max_connections, config.max_cli_connections, config.max_http_connections);
+    if got != wanted {
+        tracing::info!(
+            limit,
+            nodes = got.0,
+            cli_connections = got.1,
+            http_connections = got.2,
+            "the open-file limit caps connections (raise it with ulimit -n or LimitNOFILE= for larger fleets)"
+        );
     }
-    tracing::info!(
-        limit,
-        max_connections,
-        cap = fits,
-        "the open-file limit caps admission connections (raise it with ulimit -n or LimitNOFILE= for larger fleets)"
-    );
-    fits as usize
 }
 
-/// Admission connections an open-file `limit` carries: two descriptors per node (its
-/// control channel and its gRPC connection), after a reserve for the journal, the
-/// listeners, CLI and HTTP connections (1,024, or a quarter of a small limit).
-fn connections_that_fit(limit: u64) -> usize {
+/// The connection caps an open-file limit carries.
+#[derive(Debug, PartialEq, Eq)]
+struct Fit {
+    /// Admission connections: two descriptors per node (its control channel and its
+    /// gRPC connection).
+    nodes: usize,
+    /// gRPC connections beyond the nodes' (CLIs), and HTTP connections: each.
+    others: usize,
+}
+
+/// How `limit` descriptors are shared: a reserve (1,024, or a quarter of a small limit)
+/// of which a quarter each goes to CLI and HTTP connections and the other half stays
+/// free for the journal, the listeners and the process; the rest, two per node.
+fn connections_that_fit(limit: u64) -> Fit {
     let reserved = (limit / 4).min(1024);
-    (limit.saturating_sub(reserved) / 2).max(1) as usize
+    Fit { nodes: (limit.saturating_sub(reserved) / 2).max(1) as usize, others: (reserved / 4).max(1) as usize }
 }
 
 /// Raises the soft open-file limit to the hard limit for a process that needs `wanted`
@@ -80,10 +95,10 @@ mod tests {
 
     #[test]
     fn a_small_open_file_limit_still_leaves_room_for_nodes() {
-        assert_eq!(connections_that_fit(1_024), 384, "a quarter reserved, two per node");
-        assert_eq!(connections_that_fit(20_000), 9_488, "1,024 reserved");
-        assert_eq!(connections_that_fit(65_536), 32_256);
-        assert_eq!(connections_that_fit(0), 1, "never zero");
+        assert_eq!(connections_that_fit(1_024), Fit { nodes: 384, others: 64 }, "a quarter reserved, two per node");
+        assert_eq!(connections_that_fit(20_000), Fit { nodes: 9_488, others: 256 }, "1,024 reserved");
+        assert_eq!(connections_that_fit(65_536), Fit { nodes: 32_256, others: 256 });
+        assert_eq!(connections_that_fit(0), Fit { nodes: 1, others: 1 }, "never zero");
     }
 
     #[test]
