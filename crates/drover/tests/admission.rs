@@ -184,7 +184,7 @@ fn raw_socket_handshake_with_split_and_pipelined_packets() {
     let json: serde_json::Value =
         serde_json::from_str(ack.trim_start_matches("auth:ack;;").trim_end_matches("<EOF>")).unwrap();
     assert_eq!(json["upstream"], format!("127.0.0.1:{}", c.grpc));
-    assert!(json["ticket"].as_str().unwrap().starts_with("dk1."));
+    assert!(json["ticket"].as_str().unwrap().starts_with("dk2."));
     // The node's auth:ack and a keepalive in one write: both are taken, the channel stays open.
     s.write_all(b"auth:ack;;{}<EOF>conn:alive;;{}<EOF>").unwrap();
     s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
@@ -314,7 +314,7 @@ fn node_streams_need_a_valid_ticket_for_that_node() {
     assert_eq!(status(Some(ticket.clone()), "raw-node"), tonic::Code::Ok, "the right node with its ticket");
     assert_eq!(status(None, "raw-node"), tonic::Code::Unauthenticated, "no ticket");
     assert_eq!(status(Some(ticket.clone()), "someone-else"), tonic::Code::PermissionDenied, "ticket for another node");
-    let tampered = ticket.replacen("dk1.", "dk1.A", 1);
+    let tampered = ticket.replacen("dk2.", "dk2.A", 1);
     assert_eq!(status(Some(tampered), "raw-node"), tonic::Code::Unauthenticated, "tampered ticket");
     std::thread::sleep(Duration::from_millis(1100));
     assert_eq!(status(Some(ticket), "raw-node"), tonic::Code::Unauthenticated, "expired ticket");

@@ -129,16 +129,14 @@ fn state_shows_what_a_restart_recovers_without_touching_the_journal() {
 /// worker and a queued task, then records after it. Until the versioned format (issue
 /// 14) every change to the state's encoding breaks this test, which is the point: it is
 /// where such a change is seen, and where issue 14 starts reading old directories.
-/// `DROVER_WRITE_GOLDEN=1` writes the directory anew (only for a deliberate change).
+/// `DROVER_WRITE_GOLDEN=issue19` writes the directory anew (only for a deliberate
+/// change: a release's golden directory is its bytes, never rewritten by a later one).
 #[test]
 fn the_golden_data_directory_of_this_release_recovers() {
-    use drover_core::{Config, Controller, Event, Input};
-    use drover_journal::StateMachine;
+    use drover_core::{Config, Event, Input};
     use drover_proto::{Payload, v1};
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/issue19");
-    if std::env::var_os("DROVER_WRITE_GOLDEN").is_some() {
-        let _ = std::fs::remove_dir_all(&golden);
-        let (j, _) = Journal::open(JournalConfig::new(golden.join("journal")), Arc::new(FsStorage)).unwrap();
+    if write_golden("issue19") {
         let config = Config { unplaceable_after_ms: 90_000, ..Config::default() };
         let node = |at_ms: i64, rid: &str, p: Payload| Input { at_ms, event: Event::node_message("w1", 1, rid, p) };
         let hello = v1::NodeKnownCurrenciesV1Notify {
@@ -171,17 +169,7 @@ fn the_golden_data_directory_of_this_release_recovers() {
             Input { at_ms: 20_100, event: Event::CliConnected { session: 9, admin: true } },
             Input { at_ms: 20_101, event: Event::cli_message(9, "s1", "cli", vec![], task) },
         ];
-        let mut core = Controller::new(Config::default());
-        let mut out = Vec::new();
-        for input in &before {
-            j.append_blocking(drover_journal::machine::encode_input::<Controller>(input)).unwrap().wait().unwrap();
-            core.apply(input.clone(), &mut out);
-        }
-        j.checkpoint_blocking(core.checkpoint()).unwrap();
-        for input in &after {
-            j.append_blocking(drover_journal::machine::encode_input::<Controller>(input)).unwrap().wait().unwrap();
-        }
-        j.close_blocking();
+        write_golden_journal(&golden, &before, &after);
     }
     assert!(golden.join("journal").is_dir(), "the golden directory is committed: {}", golden.display());
     let (ok, out) = drover(&["journal", "state", "--json", golden.to_str().unwrap()]);
@@ -192,4 +180,120 @@ fn the_golden_data_directory_of_this_release_recovers() {
     assert_eq!(v["tasks"]["running"], 1, "the task submitted after the checkpoint replays, placed: {v}");
     assert_eq!(v["recent_tasks"][0]["job"], "/bin/true", "{v}");
     assert_eq!(v["recent_tasks"][0]["worker"], "w1", "{v}");
+}
+
+/// The data directory layout of the hardening release (issue 20): the node identities
+/// are a section after the rest of the checkpoint, and the new inputs (admission with a
+/// credential, a stream opened at a ticket generation, digests of undecodable messages,
+/// an eviction that kills tickets) follow it. It must keep recovering with every later
+/// release. `DROVER_WRITE_GOLDEN=issue20` writes it anew (only for a deliberate change).
+#[test]
+fn the_golden_data_directory_of_the_hardening_release_recovers() {
+    use drover_core::{Config, Controller, Credential, Event, Input};
+    use drover_proto::v1;
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/issue20");
+    if write_golden("issue20") {
+        let hello = |name: &str| v1::NodeKnownCurrenciesV1Notify {
+            pairs: vec!["EURUSD".into()],
+            name: name.into(),
+            version: "0.1.0".into(),
+            worker: false,
+        };
+        let join = |attempt: u64, node: &str| Event::Admission {
+            attempt,
+            node: node.into(),
+            credential: Credential::Token { id: "0123456789ab".into(), secret_hash: [7; 32] },
+        };
+        let token = Event::TokenCreate {
+            session: 0,
+            stream_id: String::new(),
+            id: "0123456789ab".into(),
+            secret_hash: [7; 32],
+            role: v1::TokenRole::Join as i32,
+            ttl_ms: 0,
+            uses: 0,
+            description: "golden".into(),
+        };
+        let before = [
+            Input { at_ms: 1_000, event: Event::ControllerStarted { config: Config::default() } },
+            Input { at_ms: 1_001, event: token },
+            Input { at_ms: 2_000, event: join(1, "n1") },
+            Input { at_ms: 2_001, event: Event::NodeOpened { node: "n1".into(), session: 1, generation: 1 } },
+            Input { at_ms: 2_002, event: Event::node_message("n1", 1, "", hello("n1")) },
+            Input { at_ms: 2_003, event: join(2, "n2") },
+            Input { at_ms: 2_004, event: Event::NodeOpened { node: "n2".into(), session: 2, generation: 2 } },
+            Input { at_ms: 2_005, event: Event::node_message("n2", 2, "", hello("n2")) },
+        ];
+        let evict = v1::ControllerEvictNodesV1Req { node_uuids: vec!["n2".into()], reason: "golden".into() };
+        let after = [
+            Input { at_ms: 3_000, event: Event::CliConnected { session: 9, admin: true } },
+            Input { at_ms: 3_001, event: Event::cli_message(9, "s1", "cli", vec![], evict) },
+            Input {
+                at_ms: 3_002,
+                event: Event::CliRefused {
+                    session: 9,
+                    stream_id: "s2".into(),
+                    type_url: "type.googleapis.com/evil.Fill".into(),
+                    reason: "unknown message type".into(),
+                },
+            },
+            Input {
+                at_ms: 3_003,
+                event: Event::NodeRefused {
+                    node: "n1".into(),
+                    session: 1,
+                    request_id: "r1".into(),
+                    type_url: "type.googleapis.com/evil.Fill".into(),
+                    reason: "unknown message type".into(),
+                },
+            },
+            // A stale ticket (n2 was evicted) is refused on replay too.
+            Input { at_ms: 3_004, event: Event::NodeOpened { node: "n2".into(), session: 3, generation: 2 } },
+        ];
+        write_golden_journal(&golden, &before, &after);
+    }
+    assert!(golden.join("journal").is_dir(), "the golden directory is committed: {}", golden.display());
+    let (ok, out) = drover(&["journal", "verify", golden.join("journal").to_str().unwrap()]);
+    assert!(ok, "{out}");
+    // Recover it as a controller would (from a copy: recovery may narrow modes).
+    let copy = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(golden.join("journal")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), copy.path().join(e.file_name())).unwrap();
+    }
+    let storage: Arc<dyn drover_journal::Storage> = Arc::new(FsStorage);
+    let recovery = drover_journal::recovery::recover(&JournalConfig::new(copy.path()), &storage).unwrap();
+    assert!(recovery.checkpoint.is_some(), "the golden directory has a checkpoint");
+    let (core, stats) = drover_journal::replay(&recovery, || Controller::new(Config::default())).unwrap();
+    assert_eq!(stats.inputs, 5, "the inputs after the checkpoint replay");
+    assert_eq!(core.node_credential("n1"), Some("token 0123456789ab"), "bindings come back from the checkpoint");
+    assert_eq!(core.identity_counters(), (0, 1), "the stale ticket after the eviction was refused on replay");
+    let view = core.fleet_view();
+    let n1 = view.nodes.iter().find(|n| n.id == "n1").expect("n1");
+    assert_eq!(n1.state, "online", "{view:?}");
+}
+
+/// Whether `DROVER_WRITE_GOLDEN` asks for the golden directory `name` to be written.
+fn write_golden(name: &str) -> bool {
+    std::env::var("DROVER_WRITE_GOLDEN").is_ok_and(|v| v == name)
+}
+
+/// Writes `golden/journal`: `before` applied and checkpointed, then `after` journaled
+/// behind the checkpoint (so recovery both restores and replays).
+fn write_golden_journal(golden: &Path, before: &[drover_core::Input], after: &[drover_core::Input]) {
+    use drover_core::{Config, Controller};
+    use drover_journal::StateMachine;
+    let _ = std::fs::remove_dir_all(golden);
+    let (j, _) = Journal::open(JournalConfig::new(golden.join("journal")), Arc::new(FsStorage)).unwrap();
+    let mut core = Controller::new(Config::default());
+    let mut out = Vec::new();
+    for input in before {
+        j.append_blocking(drover_journal::machine::encode_input::<Controller>(input)).unwrap().wait().unwrap();
+        core.apply(input.clone(), &mut out);
+    }
+    j.checkpoint_blocking(core.checkpoint()).unwrap();
+    for input in after {
+        j.append_blocking(drover_journal::machine::encode_input::<Controller>(input)).unwrap().wait().unwrap();
+    }
+    j.close_blocking();
 }

@@ -9,7 +9,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Controller, cli_command, wait_until};
+use common::{Controller, cli_command, http_get, wait_until};
 
 /// A started controller with one node named `name` (started with `extra`) that
 /// `drover nodes` already lists, and the join token it used.
@@ -42,7 +42,7 @@ fn a_second_controller_on_a_live_data_directory_is_refused_and_acknowledged_writ
         format!("127.0.0.1:{}", second.http),
     );
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_drover"))
+    let out = Command::new(common::drover_bin())
         .args(["controller", "--listen", &g, "--admission", &a, "--http", &h, "--data-dir"])
         .arg(&first.data)
         .stdin(Stdio::null())
@@ -59,8 +59,7 @@ fn a_second_controller_on_a_live_data_directory_is_refused_and_acknowledged_writ
     assert!(token.status.success(), "{}", text(&token));
 
     // The read-only tools read without the lock and say a live process holds it.
-    let verify =
-        Command::new(env!("CARGO_BIN_EXE_drover")).args(["journal", "verify"]).arg(&first.data).output().unwrap();
+    let verify = Command::new(common::drover_bin()).args(["journal", "verify"]).arg(&first.data).output().unwrap();
     let said = text(&verify);
     assert!(verify.status.success(), "{said}");
     assert!(said.contains("in use by a running process") && said.contains(&format!("pid {pid}")), "{said}");
@@ -127,7 +126,7 @@ fn a_node_pointed_at_the_grpc_port_says_which_port_it_wants() {
 #[test]
 fn output_piped_into_a_closed_reader_ends_quietly() {
     // `drover completions bash | head -1`: the reader goes away after one line.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_drover"))
+    let mut child = Command::new(common::drover_bin())
         .args(["completions", "bash"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -145,16 +144,6 @@ fn output_piped_into_a_closed_reader_ends_quietly() {
         "ends like any Unix tool (exit 0 or SIGPIPE), not exit 101: {:?}",
         out.status
     );
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
 }
 
 fn json(out: &std::process::Output) -> serde_json::Value {

@@ -47,17 +47,27 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The `drover` binary under test: this build's, or `DROVER_TEST_BIN` (to run a test
+/// against another release, e.g. to show that a fixed bug was there before).
+pub fn drover_bin() -> PathBuf {
+    std::env::var_os("DROVER_TEST_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_drover")), PathBuf::from)
+}
+
+/// `GET path` over HTTP/1.1 on 127.0.0.1:`port`: the whole response, head and body.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
 /// Runs `drover ARGS`, stderr appended to `log`.
 pub fn spawn(args: &[&str], log: &Path) -> Killed {
     let err = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Killed(
-        Command::new(env!("CARGO_BIN_EXE_drover"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .expect("spawn drover"),
-    )
+    Killed(Command::new(drover_bin()).args(args).stdout(Stdio::null()).stderr(err).spawn().expect("spawn drover"))
 }
 
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -161,7 +171,7 @@ impl Controller {
 /// A CLI command against the controller on gRPC port `grpc`, as the first admin of
 /// `data` (for callers that spawn it themselves or run it from another thread).
 pub fn cli_command(grpc: u16, data: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_drover"));
+    let mut cmd = Command::new(drover_bin());
     cmd.args(args)
         .env("DROVER_CONTROLLER", format!("127.0.0.1:{grpc}"))
         .env("DROVER_DATA_DIR", data)
