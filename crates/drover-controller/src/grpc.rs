@@ -43,6 +43,25 @@ fn read_error(e: &Status, max_message_bytes: usize) -> Option<Status> {
     })
 }
 
+/// A response stream that marks its connection busy until tonic drops it (the RPC
+/// ended either way): a client that half-closes its side while it still reads (a
+/// quiet watch) keeps its connection.
+pub(crate) struct Held<S> {
+    inner: S,
+    _open: Option<crate::conns::StreamGuard>,
+}
+
+impl<S: tokio_stream::Stream + Unpin> tokio_stream::Stream for Held<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        std::pin::Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
 /// The connection a request arrived on (peer and activity), over TCP or TLS.
 fn conn_info<T>(request: &Request<T>) -> Option<crate::conns::ConnInfo> {
     let ext = request.extensions();
@@ -105,8 +124,8 @@ fn oversized(logs: &LogLimiter, peer: Option<std::net::SocketAddr>, status: &Sta
 
 #[tonic::async_trait]
 impl v1::controller_server::Controller for Service {
-    type NodeCommandStreamStream = ReceiverStream<Result<v1::StreamToNode, Status>>;
-    type CliCommandStreamStream = ReceiverStream<Result<v1::StreamToCli, Status>>;
+    type NodeCommandStreamStream = Held<ReceiverStream<Result<v1::StreamToNode, Status>>>;
+    type CliCommandStreamStream = Held<ReceiverStream<Result<v1::StreamToCli, Status>>>;
 
     async fn node_command_stream(
         &self,
@@ -132,10 +151,9 @@ impl v1::controller_server::Controller for Service {
         let events = self.events.clone();
         let session = self.session();
         let this = self.clone();
-        // The connection counts as busy (not idle) while this stream is open.
+        // The connection counts as busy (not idle) while this stream's answers flow.
         let open = conn.map(|c| c.activity.stream());
         tokio::spawn(async move {
-            let _open = open;
             // Kept to end the stream with a status of our own (a refused message) after
             // the owner holds the sink.
             let status_tx = tx.downgrade();
@@ -203,7 +221,7 @@ impl v1::controller_server::Controller for Service {
                 let _ = events.send(ShellEvent::NodeClosed { node, session }).await;
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Held { inner: ReceiverStream::new(rx), _open: open }))
     }
 
     async fn cli_command_stream(
@@ -246,7 +264,6 @@ impl v1::controller_server::Controller for Service {
         let peer = request_peer;
         let open = conn.map(|c| c.activity.stream());
         tokio::spawn(async move {
-            let _open = open;
             loop {
                 match inbound.message().await {
                     Ok(Some(msg)) => {
@@ -268,6 +285,6 @@ impl v1::controller_server::Controller for Service {
             }
             let _ = events.send(ShellEvent::CliClosed { session }).await;
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Held { inner: ReceiverStream::new(rx), _open: open }))
     }
 }

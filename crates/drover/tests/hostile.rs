@@ -44,6 +44,7 @@ fn assert_healthy(c: &mut Controller) {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap();
     assert!(rss < RSS_LIMIT_KB, "RSS {rss} kB over {RSS_LIMIT_KB} kB");
+    eprintln!("controller RSS after the test: {rss} kB (bound {RSS_LIMIT_KB} kB)");
     let journal = c.data.join("journal");
     let out = std::process::Command::new(common::drover_bin())
         .args(["journal", "verify", journal.to_str().unwrap()])
@@ -320,6 +321,26 @@ fn silent_connections_are_closed_and_capped_and_the_floods_are_logged_once() {
     // One line per interval, not one per refused connection.
     let lines = log_lines(&c, "too many open connections");
     assert!((1..=4).contains(&lines), "{lines} lines about the cap:\n{}", log(&c));
+
+    // A quiet watch (no prices, so no bytes) is not idle: its stream is open.
+    runtime().block_on(async {
+        let admin = std::fs::read_to_string(c.data.join("admin.token")).unwrap();
+        let (tx, inbound) = cli_stream(c.grpc, admin.trim()).await;
+        let mut inbound = inbound.unwrap();
+        let watch = v1::ControllerPricesV1Req { pairs: vec![], watch: true };
+        let msg = v1::StreamFromCli {
+            stream_id: "w".into(),
+            command: Some(Payload::from(watch).to_any()),
+            ..Default::default()
+        };
+        tx.send(msg).await.unwrap();
+        let quiet = tokio::time::timeout(Duration::from_secs(5), async {
+            // The first answers (count, the current prices), then nothing.
+            while let Ok(Some(_)) = inbound.message().await {}
+        });
+        assert!(quiet.await.is_err(), "the watch's connection was closed as idle (idle timeout 2 s)");
+        drop(tx);
+    });
 
     // An unauthenticated peer opening node streams without a ticket: refused, and
     // logged once per interval (it was one WARN line per stream).
