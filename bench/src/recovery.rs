@@ -40,7 +40,7 @@ pub async fn run(updates: u64) {
     ];
     let mut tickets = Vec::new();
     for input in inputs.drain(..) {
-        tickets.push(journal.append(encode_input::<Controller>(&input)).await.unwrap());
+        tickets.push(journal.append(encode_input::<Controller>(&input).unwrap()).await.unwrap());
     }
     for seq in 1..=updates {
         let at = t0 + seq as i64;
@@ -51,7 +51,7 @@ pub async fn run(updates: u64) {
             seq,
             epoch: 1,
         };
-        tickets.push(journal.append(encode_input::<Controller>(&node_msg(at, u.into()))).await.unwrap());
+        tickets.push(journal.append(encode_input::<Controller>(&node_msg(at, u.into())).unwrap()).await.unwrap());
         if tickets.len() >= 8192 {
             for t in tickets.drain(..) {
                 t.await.unwrap();

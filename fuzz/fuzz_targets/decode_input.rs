@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
         rest = tail.get(2..).unwrap_or(&[]);
         let Ok(input) = Controller::decode_input(bytes) else { continue };
         let mut encoded = Vec::new();
-        Controller::encode_input(&input, &mut encoded);
+        Controller::encode_input(&input, &mut encoded).expect("a decoded input encodes");
         let again = Controller::decode_input(&encoded).expect("an encoded input decodes");
         assert_eq!(again, input);
         core.apply(input, &mut out);

@@ -11,7 +11,7 @@ use drover_wire::admission::{Code, Packet, PacketError};
 use crate::version::VersionPolicy;
 
 /// Longest node id accepted.
-pub const MAX_NODE_ID: usize = 128;
+pub const MAX_NODE_ID: usize = drover_proto::MAX_NODE_ID;
 /// Longest credential accepted (a PEM chain fits).
 pub const MAX_CREDENTIAL: usize = 16 * 1024;
 

@@ -13,8 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::owner::{Inbox, ShellEvent};
 use crate::ratelog::LogLimiter;
 
-/// Longest node id accepted.
-const MAX_NODE_ID: usize = crate::MAX_NODE_ID_BYTES;
+use drover_proto::MAX_NODE_ID;
 
 /// Messages queued on a CLI stream before it counts as not reading.
 const CLI_QUEUE: usize = 65_536;

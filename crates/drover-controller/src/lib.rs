@@ -236,7 +236,7 @@ impl ControllerConfig {
             return Err(ShellError::Config(format!(
                 "--max-message-bytes {} is too large: its largest input ({worst} bytes in the journal) must fit twice in one journal entry ({JOURNAL_ENTRY_BYTES} bytes); the most allowed is {}",
                 self.max_message_bytes,
-                JOURNAL_ENTRY_BYTES / 2 - owner::INPUT_OVERHEAD - MAX_NODE_ID_BYTES
+                JOURNAL_ENTRY_BYTES / 2 - owner::INPUT_OVERHEAD - drover_proto::MAX_NODE_ID
             )));
         }
         Ok(())
@@ -247,14 +247,11 @@ impl ControllerConfig {
 /// into appends up to this; one input is never larger, see [`ControllerConfig::check_limits`]).
 pub const JOURNAL_ENTRY_BYTES: usize = 16 << 20;
 
-/// The longest node id a gRPC stream may name (the admission limit is lower).
-pub(crate) const MAX_NODE_ID_BYTES: usize = 128;
-
 /// An upper bound on the journal bytes of the input made from one gRPC message of
 /// `max_message_bytes`: the message's own fields (they are all bounded by its size),
 /// the node id the shell adds, and the fixed overhead.
 pub fn largest_input_bytes(max_message_bytes: usize) -> usize {
-    max_message_bytes + MAX_NODE_ID_BYTES + owner::INPUT_OVERHEAD
+    max_message_bytes + drover_proto::MAX_NODE_ID + owner::INPUT_OVERHEAD
 }
 
 /// Why the controller stopped abnormally.
@@ -272,6 +269,9 @@ pub enum ShellError {
     /// A setting is unusable.
     #[error("{0}")]
     Config(String),
+    /// The state or an input could not be encoded for the journal.
+    #[error("encoding for the journal: {0}")]
+    Encode(#[from] drover_journal::EncodeError),
     /// Another process holds the data directory.
     #[error(transparent)]
     Lock(#[from] drover_journal::LockError),

@@ -479,7 +479,7 @@ impl Owner {
         if result.is_ok() {
             // Graceful stop: everything appended becomes durable, then a final checkpoint.
             self.journal.flush().await?;
-            let covered = self.journal.checkpoint(self.core.checkpoint()).await?;
+            let covered = self.journal.checkpoint(self.core.checkpoint()?).await?;
             tracing::info!(covered, "final checkpoint written");
         } else {
             self.health.journal_failed.store(true, Ordering::SeqCst);
@@ -791,7 +791,9 @@ impl Owner {
         let at_ms = now_ms();
         // One append per run of inputs that fits in a journal entry; the last ticket
         // covers them all (the journal makes appends durable in order).
-        let encoded: Vec<bytes::Bytes> = inputs.iter().map(encode_input::<Controller>).collect();
+        // An input that cannot be encoded stops the controller before it is applied:
+        // nothing it would cause is released, nothing is skipped silently.
+        let encoded = inputs.iter().map(encode_input::<Controller>).collect::<Result<Vec<_>, _>>()?;
         let mut ticket = None;
         for chunk in split_by_size(encoded, self.journal.max_entry()) {
             ticket = Some(self.journal.append_batch(chunk).await?);
@@ -841,7 +843,7 @@ impl Owner {
         let _ = release.send(Release::Outputs(ticket, n, out));
         self.dirty = true;
         if self.journal.checkpoint_due() {
-            let covered = self.journal.checkpoint(self.core.checkpoint()).await?;
+            let covered = self.journal.checkpoint(self.core.checkpoint()?).await?;
             tracing::info!(covered, "checkpoint written");
         }
         Ok(())
@@ -994,7 +996,7 @@ mod tests {
     /// The worst case of each kind of message a peer sends: every field the gRPC layer
     /// lets it fill, at exactly the message limit.
     fn worst_inputs(limit: usize) -> Vec<Input> {
-        let node = "n".repeat(crate::MAX_NODE_ID_BYTES);
+        let node = "n".repeat(drover_proto::MAX_NODE_ID);
         let pad = |fixed: usize| vec![0xff_u8; limit - fixed];
         // A node message: the value takes whatever the other fields leave.
         let mut msg = v1::StreamFromNode {
@@ -1047,7 +1049,7 @@ mod tests {
     fn the_largest_message_the_grpc_layer_accepts_fits_one_journal_entry_with_headroom() {
         let limit = crate::ControllerConfig::new("unused").max_message_bytes;
         for input in worst_inputs(limit) {
-            let entry = encode_input::<Controller>(&input).len();
+            let entry = encode_input::<Controller>(&input).unwrap().len();
             assert!(
                 entry <= crate::largest_input_bytes(limit),
                 "a {limit}-byte message became a {entry}-byte entry, over the bound {}",

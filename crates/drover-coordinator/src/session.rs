@@ -144,7 +144,8 @@ impl CheckpointHeader {
         let short = || format!("checkpoint of {} bytes is shorter than its header", stored.len());
         let len = stored.get(..8).ok_or_else(short)?;
         let len = usize::try_from(u64::from_le_bytes(len.try_into().map_err(|_| short())?)).map_err(|_| short())?;
-        let h = stored.get(8..8 + len).ok_or_else(short)?;
+        // The length is read from disk: an absurd one must not overflow the range.
+        let h = 8usize.checked_add(len).and_then(|end| stored.get(8..end)).ok_or_else(short)?;
         let mut c = Cursor(h);
         let self_calls = c.long()? as u64;
         let pending = c.long()? as u64;
@@ -695,5 +696,22 @@ impl Session {
         }
         out.extend(self.flush());
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_header_length_from_disk_cannot_overflow() {
+        // The first 8 bytes are the header's length, read from disk: the largest one
+        // used to overflow `8 + len` (a panic in debug builds).
+        for len in [u64::MAX, u64::MAX - 7, 1 << 40] {
+            let mut stored = len.to_le_bytes().to_vec();
+            stored.extend_from_slice(&[0; 16]);
+            let err = CheckpointHeader::decode(&Bytes::from(stored)).unwrap_err();
+            assert!(err.contains("shorter than its header"), "{err}");
+        }
     }
 }

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use drover_journal::{DecodeError, StateMachine};
+use drover_machine::{DecodeError, EncodeError, StateMachine};
 use drover_proto::{Any, Payload, v1};
 use serde::{Deserialize, Serialize};
 
@@ -1737,11 +1737,10 @@ impl StateMachine for Controller {
         self.handle(input, out);
     }
 
-    fn encode_input(input: &Input, buf: &mut Vec<u8>) {
-        // Serializing plain data into a Vec cannot fail.
-        if let Ok(bytes) = postcard::to_stdvec(input) {
-            buf.extend_from_slice(&bytes);
-        }
+    fn encode_input(input: &Input, buf: &mut Vec<u8>) -> Result<(), EncodeError> {
+        let bytes = postcard::to_stdvec(input).map_err(|e| EncodeError(format!("input: {e}")))?;
+        buf.extend_from_slice(&bytes);
+        Ok(())
     }
 
     fn decode_input(bytes: &[u8]) -> Result<Input, DecodeError> {
@@ -1750,12 +1749,11 @@ impl StateMachine for Controller {
 
     /// The state, then the node identities as a trailing section (added after the
     /// first release: a checkpoint without it restores with no bindings).
-    fn checkpoint(&self) -> Vec<u8> {
-        let mut bytes = postcard::to_stdvec(self).unwrap_or_default();
-        if let Ok(ids) = postcard::to_stdvec(&self.ids) {
-            bytes.extend_from_slice(&ids);
-        }
-        bytes
+    fn checkpoint(&self) -> Result<Vec<u8>, EncodeError> {
+        let mut bytes = postcard::to_stdvec(self).map_err(|e| EncodeError(format!("state: {e}")))?;
+        let ids = postcard::to_stdvec(&self.ids).map_err(|e| EncodeError(format!("node identities: {e}")))?;
+        bytes.extend_from_slice(&ids);
+        Ok(bytes)
     }
 
     fn restore(bytes: &[u8]) -> Result<Self, DecodeError> {

@@ -32,7 +32,7 @@ pub const MAX_PAIR_LEN: usize = 32;
 /// Most pairs a node may announce.
 pub const MAX_PAIRS_PER_NODE: usize = 1024;
 /// Longest accepted node id, name, or version string.
-pub const MAX_ID_LEN: usize = 128;
+pub const MAX_ID_LEN: usize = drover_proto::MAX_NODE_ID;
 
 /// How a task environment value sealed by the shell starts (`--secret-env`): the core
 /// keeps it as it is, shows its name only, and the shell opens it to dispatch the task.

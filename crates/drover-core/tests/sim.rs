@@ -98,7 +98,7 @@ impl Sim {
         let input = Input { at_ms: self.now, event };
         // Inputs must survive the journal encoding unchanged.
         let mut buf = Vec::new();
-        Controller::encode_input(&input, &mut buf);
+        Controller::encode_input(&input, &mut buf).expect("inputs encode");
         let decoded = Controller::decode_input(&buf).expect("input decodes");
         assert_eq!(decoded, input);
         self.log.push(input.clone());
@@ -342,7 +342,7 @@ impl Sim {
                 }
             }
             78..=80 => {
-                self.checkpoint = Some((self.log.len(), self.core.checkpoint()));
+                self.checkpoint = Some((self.log.len(), self.core.checkpoint().expect("the state encodes")));
             }
             83..=86 => {
                 let req = v1::ControllerTaskRunV1Req {

@@ -334,7 +334,7 @@ fn after_a_restart_returning_workers_are_pinged_and_nothing_runs_twice() {
     let (t2, out) = s.submit("/bin/two", 3);
     let (_, _, n2) = executes(&out, "a")[0].clone();
     // Crash: the state comes back from a checkpoint; the new process starts.
-    let bytes = s.core.checkpoint();
+    let bytes = s.core.checkpoint().unwrap();
     s.core = Controller::restore(&bytes).unwrap();
     s.now += 2_000;
     let config = Config { manager_id: "ctl".into(), ..Config::default() };

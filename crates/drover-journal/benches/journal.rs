@@ -113,17 +113,18 @@ impl StateMachine for Counter {
         self.n += 1;
         self.sum = self.sum.wrapping_add(u64::from(input[0]));
     }
-    fn encode_input(input: &[u8; 56], buf: &mut Vec<u8>) {
+    fn encode_input(input: &[u8; 56], buf: &mut Vec<u8>) -> Result<(), drover_journal::EncodeError> {
         buf.extend_from_slice(input);
+        Ok(())
     }
     fn decode_input(bytes: &[u8]) -> Result<[u8; 56], DecodeError> {
         bytes.try_into().map_err(|_| DecodeError("size".into()))
     }
-    fn checkpoint(&self) -> Vec<u8> {
+    fn checkpoint(&self) -> Result<Vec<u8>, drover_journal::EncodeError> {
         let mut v = self.n.to_le_bytes().to_vec();
         v.extend_from_slice(&self.sum.to_le_bytes());
         v.resize(1 << 20, 0); // a 1 MiB state, as a stand-in for a real fleet
-        v
+        Ok(v)
     }
     fn restore(bytes: &[u8]) -> Result<Self, DecodeError> {
         let n = u64::from_le_bytes(bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or(DecodeError("n".into()))?);
@@ -139,10 +140,10 @@ fn build_log(dir: &Path, n: u64, with_checkpoint: bool) -> u64 {
     config.max_batch_bytes = 64 << 10;
     let (journal, _) = Journal::open(config, Arc::new(FsStorage)).unwrap();
     if with_checkpoint {
-        journal.checkpoint_blocking(Counter { n: 0, sum: 0 }.checkpoint()).unwrap();
+        journal.checkpoint_blocking(Counter { n: 0, sum: 0 }.checkpoint().unwrap()).unwrap();
     }
     let input = [1u8; 56];
-    let entry = encode_input::<Counter>(&input);
+    let entry = encode_input::<Counter>(&input).unwrap();
     let mut tickets = Vec::with_capacity(4096);
     for _ in 0..n {
         tickets.push(journal.append_blocking(entry.clone()).unwrap());

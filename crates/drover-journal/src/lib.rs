@@ -33,7 +33,7 @@ use std::time::Duration;
 
 pub use drover_wire::ambrosia::Limits;
 pub use lock::{DirLock, LockError};
-pub use machine::{DecodeError, StateMachine, encode_entry, replay};
+pub use machine::{DecodeError, EncodeError, StateMachine, encode_entry, replay};
 pub use recovery::{Recovery, RecoveryReport, ReplayEntry};
 pub use storage::{Faults, FaultyStorage, FsStorage, MemStorage, Storage};
 pub use writer::{Journal, JournalHistograms, JournalStats, Position, Ticket};

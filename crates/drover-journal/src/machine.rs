@@ -1,4 +1,6 @@
-//! The interface between the journal and a deterministic state machine.
+//! The interface between the journal and a deterministic state machine (the trait
+//! itself lives in `drover-machine`, so the core implements it without linking the
+//! journal).
 //!
 //! A [`StateMachine`] applies inputs and produces outputs, serializes itself to a
 //! checkpoint and restores from one. Its inputs are journaled as AMBROSIA RPC messages
@@ -15,29 +17,7 @@ use crate::{JournalError, Recovery};
 /// The method id under which state machine inputs are logged.
 pub const INPUT_METHOD: i32 = 1;
 
-/// A checkpoint or logged input that does not decode.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct DecodeError(pub String);
-
-/// A deterministic state machine driven by journaled inputs.
-pub trait StateMachine: Sized {
-    /// What drives the machine.
-    type Input;
-    /// What the machine asks the outside world to do.
-    type Output;
-
-    /// Applies one input, appending the outputs it causes to `out`.
-    fn apply(&mut self, input: Self::Input, out: &mut Vec<Self::Output>);
-    /// Appends the input's encoding to `buf`.
-    fn encode_input(input: &Self::Input, buf: &mut Vec<u8>);
-    /// Decodes an input encoded by `encode_input`.
-    fn decode_input(bytes: &[u8]) -> Result<Self::Input, DecodeError>;
-    /// Serializes the whole state.
-    fn checkpoint(&self) -> Vec<u8>;
-    /// Rebuilds the state from `checkpoint`'s bytes.
-    fn restore(bytes: &[u8]) -> Result<Self, DecodeError>;
-}
+pub use drover_machine::{DecodeError, EncodeError, StateMachine};
 
 /// Encodes `args` as a logged RPC message (size, type 0, body) with the given method.
 pub fn encode_entry(method_id: i32, args: &[u8]) -> Bytes {
@@ -54,10 +34,10 @@ pub fn encode_entry(method_id: i32, args: &[u8]) -> Bytes {
 }
 
 /// Encodes a state machine input as a journal entry.
-pub fn encode_input<M: StateMachine>(input: &M::Input) -> Bytes {
+pub fn encode_input<M: StateMachine>(input: &M::Input) -> Result<Bytes, EncodeError> {
     let mut args = Vec::new();
-    M::encode_input(input, &mut args);
-    encode_entry(INPUT_METHOD, &args)
+    M::encode_input(input, &mut args)?;
+    Ok(encode_entry(INPUT_METHOD, &args))
 }
 
 /// Counts from a replay.

@@ -16,7 +16,7 @@ use drover_journal::{
 };
 
 fn entry(v: u64) -> bytes::Bytes {
-    encode_input::<Seen>(&v)
+    encode_input::<Seen>(&v).unwrap()
 }
 
 fn open(config: &JournalConfig, storage: &Arc<dyn Storage>) -> (Journal, Seen) {
@@ -94,7 +94,7 @@ fn checkpoint_then_replay_only_what_follows_and_trim() {
             let values: Vec<u64> = (round * 100..round * 100 + 100).collect();
             append_all(&j, values.clone());
             model.0.extend(values);
-            let covered = j.checkpoint_blocking(drover_journal::StateMachine::checkpoint(&model)).unwrap();
+            let covered = j.checkpoint_blocking(drover_journal::StateMachine::checkpoint(&model).unwrap()).unwrap();
             assert!(covered > 0);
         }
         append_all(&j, 300..310);
@@ -117,9 +117,10 @@ fn damaged_newest_checkpoint_falls_back_to_the_previous_one() {
     both(|config, storage| {
         let (j, _) = open(&config, &storage);
         append_all(&j, 0..10);
-        j.checkpoint_blocking(drover_journal::StateMachine::checkpoint(&Seen((0..10).collect()))).unwrap();
+        j.checkpoint_blocking(drover_journal::StateMachine::checkpoint(&Seen((0..10).collect())).unwrap()).unwrap();
         append_all(&j, 10..20);
-        let newest = j.checkpoint_blocking(drover_journal::StateMachine::checkpoint(&Seen((0..20).collect()))).unwrap();
+        let newest =
+            j.checkpoint_blocking(drover_journal::StateMachine::checkpoint(&Seen((0..20).collect())).unwrap()).unwrap();
         append_all(&j, 20..25);
         j.close_blocking();
         let path = config.dir.join(drover_journal::checkpoint_name(newest));

@@ -95,7 +95,7 @@ fn state_shows_what_a_restart_recovers_without_touching_the_journal() {
         msg(20_600, price.into()),
     ];
     for input in &inputs {
-        j.append_blocking(drover_journal::machine::encode_input::<Controller>(input)).unwrap().wait().unwrap();
+        j.append_blocking(drover_journal::machine::encode_input::<Controller>(input).unwrap()).unwrap().wait().unwrap();
     }
     j.close_blocking();
     // A torn record after them.
@@ -288,12 +288,12 @@ fn write_golden_journal(golden: &Path, before: &[drover_core::Input], after: &[d
     let mut core = Controller::new(Config::default());
     let mut out = Vec::new();
     for input in before {
-        j.append_blocking(drover_journal::machine::encode_input::<Controller>(input)).unwrap().wait().unwrap();
+        j.append_blocking(drover_journal::machine::encode_input::<Controller>(input).unwrap()).unwrap().wait().unwrap();
         core.apply(input.clone(), &mut out);
     }
-    j.checkpoint_blocking(core.checkpoint()).unwrap();
+    j.checkpoint_blocking(core.checkpoint().unwrap()).unwrap();
     for input in after {
-        j.append_blocking(drover_journal::machine::encode_input::<Controller>(input)).unwrap().wait().unwrap();
+        j.append_blocking(drover_journal::machine::encode_input::<Controller>(input).unwrap()).unwrap().wait().unwrap();
     }
     j.close_blocking();
 }

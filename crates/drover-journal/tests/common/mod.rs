@@ -17,14 +17,15 @@ impl StateMachine for Seen {
         self.0.push(input);
         out.push(input);
     }
-    fn encode_input(input: &u64, buf: &mut Vec<u8>) {
+    fn encode_input(input: &u64, buf: &mut Vec<u8>) -> Result<(), drover_journal::EncodeError> {
         buf.extend_from_slice(&input.to_le_bytes());
+        Ok(())
     }
     fn decode_input(bytes: &[u8]) -> Result<u64, DecodeError> {
         bytes.try_into().map(u64::from_le_bytes).map_err(|_| DecodeError(format!("{} bytes", bytes.len())))
     }
-    fn checkpoint(&self) -> Vec<u8> {
-        self.0.iter().flat_map(|v| v.to_le_bytes()).collect()
+    fn checkpoint(&self) -> Result<Vec<u8>, drover_journal::EncodeError> {
+        Ok(self.0.iter().flat_map(|v| v.to_le_bytes()).collect())
     }
     fn restore(bytes: &[u8]) -> Result<Self, DecodeError> {
         if !bytes.len().is_multiple_of(8) {
