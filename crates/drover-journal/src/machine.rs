@@ -14,7 +14,9 @@ use drover_wire::ambrosia::{MessageType, RpcBody, RpcKind, RpcType, varint};
 
 use crate::{JournalError, Recovery};
 
-/// The method id under which state machine inputs are logged.
+/// The method id under which state machine inputs are logged. It doubles as the
+/// inputs' format version: a later format is logged under another method id, which
+/// this binary's `replay` refuses by name instead of skipping.
 pub const INPUT_METHOD: i32 = 1;
 
 pub use drover_machine::{DecodeError, EncodeError, StateMachine};
@@ -45,7 +47,7 @@ pub fn encode_input<M: StateMachine>(input: &M::Input) -> Result<Bytes, EncodeEr
 pub struct ReplayStats {
     /// Inputs applied.
     pub inputs: u64,
-    /// Logged messages that were not inputs (other methods or types) and were skipped.
+    /// Logged messages that were not RPC calls (other message types) and were skipped.
     pub skipped: u64,
 }
 
@@ -73,9 +75,17 @@ pub fn replay<M: StateMachine>(
         }
         let body = RpcBody::parse(entry.message.slice(1..1 + body.len()))
             .map_err(|e| fail(format!("record {}", entry.seq), format!("bad RPC: {e}")))?;
+        // The method id is the input's format. One this binary does not know was
+        // written by a newer release: replaying around it would misread the log, so
+        // recovery refuses, naming both formats.
         if body.method_id() != INPUT_METHOD {
-            stats.skipped += 1;
-            continue;
+            return Err(fail(
+                format!("record {}", entry.seq),
+                format!(
+                    "input format {} (journal method id) is not this binary's format {INPUT_METHOD}: the data directory was written by another release; use that release (or a newer one) to read it",
+                    body.method_id()
+                ),
+            ));
         }
         let input = M::decode_input(body.args())
             .map_err(|e| fail(format!("record {}", entry.seq), format!("input does not decode: {e}")))?;

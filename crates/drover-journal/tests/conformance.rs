@@ -56,6 +56,21 @@ fn appends_survive_reopen_in_order() {
 }
 
 #[test]
+fn an_input_of_a_format_this_binary_does_not_know_is_refused_by_name_not_skipped() {
+    both(|config, storage| {
+        let (j, _) = open(&config, &storage);
+        append_all(&j, 0..3);
+        // What a later release would write: its inputs under the next method id.
+        let newer = drover_journal::encode_entry(drover_journal::machine::INPUT_METHOD + 1, &7u64.to_le_bytes());
+        j.append_blocking(newer).unwrap().wait().unwrap();
+        j.close_blocking();
+        let (_, rec) = Journal::open(config.clone(), storage.clone()).expect("open");
+        let err = replay(&rec, Seen::default).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("at record") && err.contains("input format 2") && err.contains("format 1"), "{err}");
+    });
+}
+
+#[test]
 fn concurrent_appends_are_group_committed() {
     both(|config, storage| {
         let (j, _) = open(&config, &storage);
