@@ -567,7 +567,7 @@ impl Controller {
         };
         // A node's reply to a command a CLI fanned out is only passed on to the CLI.
         let cli_reply = matches!(&input.event, Event::NodeMessage { node, request_id, .. }
-            if self.pending.get(request_id).is_some_and(|p| p.node == *node));
+            if self.is_pending_reply(node, request_id));
         let routine = routine || task_input || cli_reply;
         // A node connecting, leaving or saying what it knows can change only the pairs
         // it knows (before or after; a node's leases are on pairs it knows), so when no
@@ -702,7 +702,7 @@ impl Controller {
             let now = self.now_ms;
             self.tokens.retain(|_, t| t.usable(now).is_ok());
         }
-        if session != 0 && !self.clis.get(&session).is_some_and(|c| c.admin) {
+        if session != 0 && !self.cli_is_admin(session) {
             self.counters.refused += 1;
             let type_url = drover_proto::type_url::<v1::ControllerTokenCreateV1Req>();
             return reply(
@@ -869,7 +869,7 @@ impl Controller {
         };
         n.last_seen_ms = self.now_ms;
         // A reply to a command a CLI fanned out goes back to that CLI.
-        if self.pending.get(&request_id).is_some_and(|p| p.node == node)
+        if self.is_pending_reply(node, &request_id)
             && let Some(p) = self.pending.remove(&request_id)
         {
             if self.clis.contains_key(&p.cli_session) {
@@ -1503,9 +1503,7 @@ impl Controller {
                             t.revoked = true;
                             // Tickets issued under it die now; open streams stay (a
                             // node then cannot reconnect without a valid credential).
-                            self.ids.invalidate_credential(
-                                &Credential::Token { id: id.clone(), secret_hash: [0; 32] }.binding(),
-                            );
+                            self.ids.invalidate_credential(&Credential::token_binding(&id));
                             revoked.push(id);
                         }
                         None => missing.push(id),

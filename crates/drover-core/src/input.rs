@@ -248,9 +248,14 @@ impl Credential {
     /// What a node id is bound to when this credential admits it.
     pub fn binding(&self) -> String {
         match self {
-            Credential::Token { id, .. } => format!("token {id}"),
+            Credential::Token { id, .. } => Credential::token_binding(id),
             Credential::Certificate => "certificate".into(),
         }
+    }
+
+    /// What the join token `id` binds node ids to.
+    pub fn token_binding(id: &str) -> String {
+        format!("token {id}")
     }
 }
 
