@@ -52,25 +52,9 @@ pub(crate) async fn serve(
 ) {
     let settings = Arc::new(settings);
     let slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
-    let mut backoff = Duration::from_millis(10);
     loop {
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => {
-                    backoff = Duration::from_millis(10);
-                    a
-                }
-                Err(e) => {
-                    // Out of descriptors, above all: wait before trying again (the
-                    // error repeats at once otherwise) and say so once per interval.
-                    if let Some(count) = logs.admit("admission accept failed", None, now_ms()) {
-                        tracing::warn!(error = %e, count, backoff_ms = backoff.as_millis() as u64, "admission accept failed; backing off (count: since the last such line)");
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
+            accepted = crate::conns::accept_with_backoff(&listener, &logs, "admission accept failed", "admission") => accepted,
             _ = stop.changed() => return,
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {

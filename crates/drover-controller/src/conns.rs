@@ -72,9 +72,32 @@ impl Drop for StreamGuard {
     }
 }
 
-/// Accepts the next connection on `listener` that gets a slot. A failed accept (out of
-/// descriptors, above all) waits before the next try, doubling from 10 ms up to 1 s,
-/// and is logged once per interval; a connection over the cap is closed at once.
+/// Accepts the next connection on `listener`. A failed accept (out of descriptors,
+/// above all) would repeat at once: it waits before the next try, doubling from 10 ms
+/// up to 1 s, and is logged (as `kind`) once per interval.
+pub(crate) async fn accept_with_backoff(
+    listener: &TcpListener,
+    logs: &LogLimiter,
+    kind: &'static str,
+    port: &'static str,
+) -> (TcpStream, SocketAddr) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                if let Some(count) = logs.admit(kind, None, now_ms()) {
+                    tracing::warn!(port, error = %e, count, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off (count: since the last such line)");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Accepts the next connection on `listener` that gets a slot ([`accept_with_backoff`]);
+/// a connection over the cap is closed at once, logged once per interval.
 pub(crate) async fn accept(
     listener: &TcpListener,
     slots: &Arc<Semaphore>,
@@ -82,27 +105,15 @@ pub(crate) async fn accept(
     port: &'static str,
     limit: usize,
 ) -> (TcpStream, SocketAddr, OwnedSemaphorePermit) {
-    let mut backoff = Duration::from_millis(10);
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                backoff = Duration::from_millis(10);
-                match slots.clone().try_acquire_owned() {
-                    Ok(permit) => return (stream, peer, permit),
-                    Err(_) => {
-                        if let Some(count) = logs.admit(port, None, now_ms()) {
-                            tracing::warn!(port, limit, count, %peer, "connection refused: too many open connections on this port (count: since the last such line)");
-                        }
-                        drop(stream);
-                    }
+        let (stream, peer) = accept_with_backoff(listener, logs, "accept failed", port).await;
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => return (stream, peer, permit),
+            Err(_) => {
+                if let Some(count) = logs.admit(port, None, now_ms()) {
+                    tracing::warn!(port, limit, count, %peer, "connection refused: too many open connections on this port (count: since the last such line)");
                 }
-            }
-            Err(e) => {
-                if let Some(count) = logs.admit("accept failed", None, now_ms()) {
-                    tracing::warn!(port, error = %e, count, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off (count: since the last such line)");
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                drop(stream);
             }
         }
     }

@@ -114,11 +114,25 @@ impl Service {
     }
 }
 
-/// Logs a message refused for its size: one WARN line per peer per interval.
-fn oversized(logs: &LogLimiter, peer: Option<std::net::SocketAddr>, status: &Status) {
+/// Ends a stream whose read failed because a message was over the size limit: the
+/// peer gets `RESOURCE_EXHAUSTED` (see [`read_error`]) on `tx`, if the stream still
+/// exists, and one WARN line per peer per interval is written. Returns whether it was
+/// such an error (other read errors need no answer).
+fn refuse_oversized<T>(
+    e: &Status,
+    max_message_bytes: usize,
+    logs: &LogLimiter,
+    peer: Option<std::net::SocketAddr>,
+    tx: &mpsc::WeakSender<Result<T, Status>>,
+) -> bool {
+    let Some(status) = read_error(e, max_message_bytes) else { return false };
     if let Some(count) = logs.admit("message too large", peer.map(|p| p.ip()), now_ms()) {
         tracing::warn!(?peer, count, error = %status.message(), "message refused: over the gRPC size limit");
     }
+    if let Some(tx) = tx.upgrade() {
+        let _ = tx.try_send(Err(status));
+    }
+    true
 }
 
 #[tonic::async_trait]
@@ -163,14 +177,8 @@ impl v1::controller_server::Controller for Service {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(e) => {
-                        match read_error(&e, this.max_message_bytes) {
-                            Some(status) => {
-                                oversized(&this.logs, peer, &status);
-                                if let Some(tx) = status_tx.upgrade() {
-                                    let _ = tx.try_send(Err(status));
-                                }
-                            }
-                            None => tracing::debug!(session, error = %e, "node stream error"),
+                        if !refuse_oversized(&e, this.max_message_bytes, &this.logs, peer, &status_tx) {
+                            tracing::debug!(session, error = %e, "node stream error");
                         }
                         break;
                     }
@@ -272,12 +280,7 @@ impl v1::controller_server::Controller for Service {
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        if let Some(status) = read_error(&e, max) {
-                            oversized(&logs, peer, &status);
-                            if let Some(tx) = status_tx.upgrade() {
-                                let _ = tx.try_send(Err(status));
-                            }
-                        }
+                        refuse_oversized(&e, max, &logs, peer, &status_tx);
                         break;
                     }
                 }

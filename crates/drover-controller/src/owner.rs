@@ -249,16 +249,18 @@ fn truncate(mut s: String, max: usize) -> String {
 /// heartbeats) skip the trial decode: they are cheap to journal whatever they hold.
 /// `relayed`: an unknown type is passed on unread (a node's reply to a CLI, an admin's
 /// command to nodes), so only bytes that are not their known type count.
-fn undecodable(type_url: &str, value: &[u8], relayed: bool) -> Option<String> {
+/// (A message without a payload is an empty Any, as the core sees it.)
+fn undecodable(any: Option<&drover_proto::Any>, relayed: bool) -> Option<String> {
     const SMALL: usize = 1024;
-    if value.len() <= SMALL && drover_proto::Payload::knows(type_url) {
+    let empty = drover_proto::Any::default();
+    let any = any.unwrap_or(&empty);
+    if any.value.len() <= SMALL && drover_proto::Payload::knows(&any.type_url) {
         return None;
     }
-    let any = drover_proto::Any { type_url: type_url.to_owned(), value: value.to_vec() };
-    match drover_proto::Payload::from_any(&any) {
+    match drover_proto::Payload::from_any(any) {
         Err(e) => Some(truncate(e.to_string(), DIGEST_FIELD)),
         Ok(drover_proto::Payload::Unknown { .. }) if !relayed => {
-            Some(format!("unknown message type {}", truncate(type_url.to_owned(), DIGEST_FIELD)))
+            Some(format!("unknown message type {}", truncate(any.type_url.clone(), DIGEST_FIELD)))
         }
         Ok(_) => None,
     }
@@ -342,6 +344,7 @@ impl Owner {
         }
         self.view.send_replace(view);
         let (nodes, pairs_with, pairs_without) = self.core.gauges();
+        let (identity_refusals, stale_tickets) = self.core.identity_counters();
         self.snapshot.send_replace(Snapshot {
             counters: self.core.counters().clone(),
             tasks: self.core.task_counters().clone(),
@@ -355,8 +358,8 @@ impl Owner {
             replayed_inputs: self.replay.1,
             rate_limited: self.rate_limited,
             malformed_credentials: self.malformed,
-            identity_refusals: self.core.identity_counters().0,
-            stale_tickets: self.core.identity_counters().1,
+            identity_refusals,
+            stale_tickets,
             operator_refusals: self.operator_refusals,
             undecodable: self.undecodable,
         });
@@ -609,9 +612,10 @@ impl Owner {
                     Event::NodeOpened { node, session, generation }
                 }
                 ShellEvent::NodeMessage { node, session, msg } => {
-                    let (type_url, value) = msg.response.map(|a| (a.type_url, a.value)).unwrap_or_default();
                     let relayed = self.core.is_pending_reply(&node, &msg.request_id);
-                    if let Some(reason) = undecodable(&type_url, &value, relayed) {
+                    let refused = undecodable(msg.response.as_ref(), relayed);
+                    let (type_url, value) = msg.response.map(|a| (a.type_url, a.value)).unwrap_or_default();
+                    if let Some(reason) = refused {
                         self.undecodable += 1;
                         Event::NodeRefused {
                             node,
@@ -683,9 +687,10 @@ impl Owner {
                         ));
                         continue;
                     }
-                    let (type_url, value) = msg.command.map(|a| (a.type_url, a.value)).unwrap_or_default();
                     let relayed = !msg.node_uuids.is_empty() && self.core.cli_is_admin(session);
-                    if let Some(reason) = undecodable(&type_url, &value, relayed) {
+                    let refused = undecodable(msg.command.as_ref(), relayed);
+                    let (type_url, value) = msg.command.map(|a| (a.type_url, a.value)).unwrap_or_default();
+                    if let Some(reason) = refused {
                         self.undecodable += 1;
                         inputs.push((
                             received_ms,
