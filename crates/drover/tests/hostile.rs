@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{Controller, wait_until};
+use common::{Controller, text, wait_until};
 use drover_proto::v1::controller_client::ControllerClient;
 use drover_proto::{Any, Payload, v1};
 use prost::Message;
@@ -21,10 +21,6 @@ use prost::Message;
 /// The resident memory bound every test checks. Measured after each test: 26 MiB at
 /// rest, 45 MiB after the 24 MiB batch of the 4 MiB test; the bound leaves 3× room.
 const RSS_LIMIT_KB: u64 = 160 * 1024;
-
-fn text(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
@@ -69,12 +65,6 @@ fn log(c: &Controller) -> String {
 
 fn log_lines(c: &Controller, needle: &str) -> usize {
     log(c).lines().filter(|l| l.contains(needle)).count()
-}
-
-fn token(c: &Controller, role: &str) -> String {
-    let out = c.cli(&["token", "create", "--role", role]);
-    assert!(out.status.success(), "{}", text(&out));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 /// A CLI stream with `token`: what to send on it, and what comes back.
@@ -151,7 +141,7 @@ fn a_message_at_the_grpc_limit_cannot_stop_the_controller_and_one_over_it_is_ref
     let dir = tempfile::tempdir().unwrap();
     let mut c = Controller::new(dir.path(), &[]);
     c.start();
-    let read = token(&c, "read");
+    let read = c.token("read");
     let limit = 4 << 20;
     runtime().block_on(async {
         // Six messages of exactly the gRPC limit, sent together: each became a journal
@@ -392,7 +382,7 @@ fn what_low_privilege_peers_send_cannot_fill_the_disk() {
     let journal_bytes = || -> u64 {
         std::fs::read_dir(c.data.join("journal")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
     };
-    let read = token(&c, "read");
+    let read = c.token("read");
     let join = c.join_token();
     let before = journal_bytes();
     let fill = |i: usize| Any { type_url: format!("type.googleapis.com/evil.Fill{i}"), value: vec![0x41; 2 << 20] };

@@ -9,7 +9,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Controller, cli_command, http_get, wait_until};
+use common::{Controller, cli_command, http_get, text, wait_until};
 
 /// A started controller with one node named `name` (started with `extra`) that
 /// `drover nodes` already lists, and the join token it used.
@@ -20,10 +20,6 @@ fn controller_with_node(dir: &std::path::Path, name: &str, extra: &[&str]) -> (C
     let node = c.node(dir, name, &token, extra);
     assert!(wait_until(Duration::from_secs(15), || text(&c.cli(&["nodes"])).contains(name)), "{name} joined");
     (c, node, token)
-}
-
-fn text(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
 #[test]

@@ -64,6 +64,11 @@ pub fn http_get(port: u16, path: &str) -> String {
     out
 }
 
+/// A finished command's stdout then stderr, as text (for assertions and their messages).
+pub fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
 /// Runs `drover ARGS`, stderr appended to `log`.
 pub fn spawn(args: &[&str], log: &Path) -> Killed {
     let err = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
@@ -154,7 +159,12 @@ impl Controller {
     }
 
     pub fn join_token(&self) -> String {
-        let out = self.cli(&["token", "create", "--role", "join"]);
+        self.token("join")
+    }
+
+    /// A new token of `role` (join, read, admin), created by the first admin.
+    pub fn token(&self, role: &str) -> String {
+        let out = self.cli(&["token", "create", "--role", role]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
