@@ -372,7 +372,22 @@ pub async fn run(
         "recovered"
     );
     let replay_us = started.elapsed().as_micros() as u64;
+    // A directory of an earlier format is migrated at once: a checkpoint in this
+    // release's format covers everything recovered, so from here on only this release
+    // (or a later one) reads it, and an older binary refuses it instead of misreading.
+    // (Replay restored the checkpoint, so its format was read: `ok()` loses nothing.)
+    let found = recovery.checkpoint.as_deref().and_then(|b| drover_core::checkpoint_format(b).ok());
     drop(recovery);
+    if let Some(old) = found.filter(|&f| f < drover_core::CHECKPOINT_FORMAT) {
+        use drover_journal::StateMachine;
+        let covered = journal.checkpoint(core.checkpoint()?).await?;
+        tracing::info!(
+            from = old,
+            to = drover_core::CHECKPOINT_FORMAT,
+            covered,
+            "data directory migrated: checkpoint written in this release's format"
+        );
+    }
     let (events_tx, events_rx) = owner::Inbox::new(65_536);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let health = Arc::new(Health::default());

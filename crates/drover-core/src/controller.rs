@@ -7,7 +7,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use drover_machine::{DecodeError, EncodeError, StateMachine};
 use drover_proto::{Any, Payload, v1};
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +14,7 @@ use crate::input::{Config, Credential, Event, Input, Output, Policy};
 use crate::rng::SplitMix64;
 use crate::{MAX_ID_LEN, MAX_PAIR_LEN, MAX_PAIRS_PER_NODE};
 
+pub(crate) mod durable;
 pub(crate) mod identity;
 pub(crate) mod tasks;
 
@@ -1720,46 +1720,5 @@ impl Controller {
             })
             .collect();
         (assigned, refused, String::new())
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Journal integration
-// ---------------------------------------------------------------------------
-
-impl StateMachine for Controller {
-    type Input = Input;
-    type Output = Output;
-
-    fn apply(&mut self, input: Input, out: &mut Vec<Output>) {
-        self.handle(input, out);
-    }
-
-    fn encode_input(input: &Input, buf: &mut Vec<u8>) -> Result<(), EncodeError> {
-        let bytes = postcard::to_stdvec(input).map_err(|e| EncodeError(format!("input: {e}")))?;
-        buf.extend_from_slice(&bytes);
-        Ok(())
-    }
-
-    fn decode_input(bytes: &[u8]) -> Result<Input, DecodeError> {
-        postcard::from_bytes(bytes).map_err(|e| DecodeError(e.to_string()))
-    }
-
-    /// The state, then the node identities as a trailing section (added after the
-    /// first release: a checkpoint without it restores with no bindings).
-    fn checkpoint(&self) -> Result<Vec<u8>, EncodeError> {
-        let mut bytes = postcard::to_stdvec(self).map_err(|e| EncodeError(format!("state: {e}")))?;
-        let ids = postcard::to_stdvec(&self.ids).map_err(|e| EncodeError(format!("node identities: {e}")))?;
-        bytes.extend_from_slice(&ids);
-        Ok(bytes)
-    }
-
-    fn restore(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let (mut c, rest): (Controller, &[u8]) =
-            postcard::take_from_bytes(bytes).map_err(|e| DecodeError(e.to_string()))?;
-        if !rest.is_empty() {
-            c.ids = postcard::from_bytes(rest).map_err(|e| DecodeError(format!("node identities: {e}")))?;
-        }
-        Ok(c)
     }
 }

@@ -21,6 +21,7 @@ mod input;
 mod rng;
 mod view;
 
+pub use controller::durable::{CHECKPOINT_FORMAT, INPUT_FORMAT, checkpoint_format};
 pub use controller::tasks::{TaskCounters, TaskGauges, TaskState};
 pub use controller::{Controller, Counters, NodeState};
 pub use input::{Config, Credential, Event, Input, Output, Policy};

@@ -4,7 +4,9 @@
 //!
 //! A [`StateMachine`] applies inputs and produces outputs, serializes itself to a
 //! checkpoint and restores from one. Its inputs are journaled as AMBROSIA RPC messages
-//! (method [`INPUT_METHOD`], fire-and-forget, the encoded input as arguments).
+//! (fire-and-forget, the encoded input as arguments), under the machine's
+//! [`StateMachine::INPUT_FORMAT`] as the method id: the method id is the input's
+//! format version.
 //! [`replay`] rebuilds a machine from a [`Recovery`]: restore the checkpoint, apply
 //! every logged input in order, and discard the outputs, which were already emitted
 //! before the crash.
@@ -12,14 +14,9 @@
 use bytes::Bytes;
 use drover_wire::ambrosia::{MessageType, RpcBody, RpcKind, RpcType, varint};
 
-use crate::{JournalError, Recovery};
+use crate::{JournalError, Recovery, ReplayEntry};
 
-/// The method id under which state machine inputs are logged. It doubles as the
-/// inputs' format version: a later format is logged under another method id, which
-/// this binary's `replay` refuses by name instead of skipping.
-pub const INPUT_METHOD: i32 = 1;
-
-pub use drover_machine::{DecodeError, EncodeError, StateMachine};
+pub use drover_machine::{DecodeError, Divergence, EncodeError, StateMachine};
 
 /// Encodes `args` as a logged RPC message (size, type 0, body) with the given method.
 pub fn encode_entry(method_id: i32, args: &[u8]) -> Bytes {
@@ -39,7 +36,8 @@ pub fn encode_entry(method_id: i32, args: &[u8]) -> Bytes {
 pub fn encode_input<M: StateMachine>(input: &M::Input) -> Result<Bytes, EncodeError> {
     let mut args = Vec::new();
     M::encode_input(input, &mut args)?;
-    Ok(encode_entry(INPUT_METHOD, &args))
+    let format = i32::try_from(M::INPUT_FORMAT).map_err(|_| EncodeError("input format over i32".into()))?;
+    Ok(encode_entry(format, &args))
 }
 
 /// Counts from a replay.
@@ -68,30 +66,29 @@ pub fn replay<M: StateMachine>(
     let mut out = Vec::new();
     for entry in recovery.entries() {
         let entry = entry?;
-        let Some((&ty, body)) = entry.message.split_first() else { continue };
-        if ty != MessageType::Rpc as u8 {
+        let Some(input) = decode_entry::<M>(&entry)? else {
             stats.skipped += 1;
             continue;
-        }
-        let body = RpcBody::parse(entry.message.slice(1..1 + body.len()))
-            .map_err(|e| fail(format!("record {}", entry.seq), format!("bad RPC: {e}")))?;
-        // The method id is the input's format. One this binary does not know was
-        // written by a newer release: replaying around it would misread the log, so
-        // recovery refuses, naming both formats.
-        if body.method_id() != INPUT_METHOD {
-            return Err(fail(
-                format!("record {}", entry.seq),
-                format!(
-                    "input format {} (journal method id) is not this binary's format {INPUT_METHOD}: the data directory was written by another release; use that release (or a newer one) to read it",
-                    body.method_id()
-                ),
-            ));
-        }
-        let input = M::decode_input(body.args())
-            .map_err(|e| fail(format!("record {}", entry.seq), format!("input does not decode: {e}")))?;
+        };
         machine.apply(input, &mut out);
         out.clear();
         stats.inputs += 1;
     }
     Ok((machine, stats))
+}
+
+/// Decodes one logged message as the machine's input: `None` for a message that is not
+/// an RPC call (skipped by replay), an error naming the record for a bad one. The
+/// method id is the input's format; the machine decodes each format it knows and
+/// refuses a newer one, so a later release's inputs are never misread.
+pub fn decode_entry<M: StateMachine>(entry: &ReplayEntry) -> Result<Option<M::Input>, JournalError> {
+    let fail = |reason: String| JournalError::Replay { at: format!("record {}", entry.seq), reason };
+    let Some((&ty, body)) = entry.message.split_first() else { return Ok(None) };
+    if ty != MessageType::Rpc as u8 {
+        return Ok(None);
+    }
+    let body = RpcBody::parse(entry.message.slice(1..1 + body.len())).map_err(|e| fail(format!("bad RPC: {e}")))?;
+    let format = u32::try_from(body.method_id())
+        .map_err(|_| fail(format!("input format {} (journal method id) is negative", body.method_id())))?;
+    M::decode_logged_input(format, body.args()).map(Some).map_err(|e| fail(format!("input does not decode: {e}")))
 }

@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering;
 use common::Seen;
 use drover_journal::machine::encode_input;
 use drover_journal::{
-    Faults, FaultyStorage, FsStorage, Journal, JournalConfig, JournalError, MemStorage, RecoveryMode, Storage, replay,
-    segment_name,
+    Faults, FaultyStorage, FsStorage, Journal, JournalConfig, JournalError, MemStorage, RecoveryMode, StateMachine,
+    Storage, replay, segment_name,
 };
 
 fn entry(v: u64) -> bytes::Bytes {
@@ -61,7 +61,7 @@ fn an_input_of_a_format_this_binary_does_not_know_is_refused_by_name_not_skipped
         let (j, _) = open(&config, &storage);
         append_all(&j, 0..3);
         // What a later release would write: its inputs under the next method id.
-        let newer = drover_journal::encode_entry(drover_journal::machine::INPUT_METHOD + 1, &7u64.to_le_bytes());
+        let newer = drover_journal::encode_entry(<Seen as StateMachine>::INPUT_FORMAT as i32 + 1, &7u64.to_le_bytes());
         j.append_blocking(newer).unwrap().wait().unwrap();
         j.close_blocking();
         let (_, rec) = Journal::open(config.clone(), storage.clone()).expect("open");

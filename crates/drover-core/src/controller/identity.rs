@@ -47,6 +47,15 @@ pub(crate) struct Identities {
 }
 
 impl Identities {
+    /// The first binding or counter that differs from `other`'s.
+    pub(crate) fn first_difference(&self, other: &Identities) -> Option<String> {
+        use super::durable::{differs, map_differs};
+        map_differs("node identity", &self.by_node, &other.by_node)
+            .or_else(|| differs("last ticket generation", &self.last_generation, &other.last_generation))
+            .or_else(|| differs("identity refusals", &self.refused, &other.refused))
+            .or_else(|| differs("stale tickets", &self.stale_tickets, &other.stale_tickets))
+    }
+
     fn next(&mut self) -> u64 {
         self.last_generation += 1;
         self.last_generation

@@ -385,6 +385,20 @@ impl Task {
 }
 
 impl TaskPlane {
+    /// The first task, worker or task counter that differs from `other`'s.
+    pub(super) fn first_difference(&self, other: &TaskPlane) -> Option<String> {
+        use super::durable::{differs, map_differs};
+        map_differs("task", &self.tasks, &other.tasks)
+            .or_else(|| map_differs("worker", &self.workers, &other.workers))
+            .or_else(|| differs("task queue", &self.queue, &other.queue))
+            .or_else(|| differs("finished tasks", &self.finished, &other.finished))
+            .or_else(|| differs("task output bytes", &self.output_bytes, &other.output_bytes))
+            .or_else(|| differs("next task id", &self.next_task, &other.next_task))
+            .or_else(|| map_differs("task request", &self.requests, &other.requests))
+            .or_else(|| differs("task counters", &self.counters, &other.counters))
+            .or_else(|| differs("controller start", &self.restarted_at_ms, &other.restarted_at_ms))
+    }
+
     /// Queue depth and tasks by state.
     pub(super) fn gauges(&self) -> TaskGauges {
         let mut g = TaskGauges { queued: self.queue.len() as u64, ..TaskGauges::default() };
