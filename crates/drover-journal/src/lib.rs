@@ -24,6 +24,7 @@ pub mod machine;
 pub mod recovery;
 pub mod scan;
 pub mod storage;
+pub mod whatif;
 pub mod writer;
 
 use std::io;
@@ -33,7 +34,7 @@ use std::time::Duration;
 
 pub use drover_wire::ambrosia::Limits;
 pub use lock::{DirLock, LockError};
-pub use machine::{DecodeError, EncodeError, StateMachine, encode_entry, replay};
+pub use machine::{DecodeError, Divergence, EncodeError, StateMachine, encode_entry, replay};
 pub use recovery::{Recovery, RecoveryReport, ReplayEntry};
 pub use storage::{Faults, FaultyStorage, FsStorage, MemStorage, Storage};
 pub use writer::{Journal, JournalHistograms, JournalStats, Position, Ticket};

@@ -183,6 +183,26 @@ fn read_committer(storage: &dyn Storage, dir: &Path, exists: bool, has_files: bo
 
 /// Recovers the journal in `config.dir`, repairing a torn tail.
 pub fn recover(config: &JournalConfig, storage: &Arc<dyn Storage>) -> Result<Recovery, JournalError> {
+    recover_from(config, storage, Start::NewestCheckpoint)
+}
+
+/// Which checkpoint recovery starts from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// The newest valid one (what a restart does).
+    NewestCheckpoint,
+    /// The oldest valid one, so every later checkpoint can be compared with a replay
+    /// (an upgrade what-if run).
+    OldestCheckpoint,
+}
+
+/// Recovers the journal in `config.dir` from the checkpoint `start` names, repairing
+/// a torn tail.
+pub fn recover_from(
+    config: &JournalConfig,
+    storage: &Arc<dyn Storage>,
+    start: Start,
+) -> Result<Recovery, JournalError> {
     let dir = &config.dir;
     storage.create_dir_all(dir).map_err(|e| JournalError::io("create", dir, e))?;
     let names = storage.list(dir).map_err(|e| JournalError::io("list", dir, e))?;
@@ -190,6 +210,9 @@ pub fn recover(config: &JournalConfig, storage: &Arc<dyn Storage>) -> Result<Rec
     segment_seqs.sort_unstable();
     let mut checkpoint_seqs: Vec<i64> = names.iter().filter_map(|n| parse_checkpoint_name(n)).collect();
     checkpoint_seqs.sort_unstable_by(|a, b| b.cmp(a));
+    if start == Start::OldestCheckpoint {
+        checkpoint_seqs.reverse();
+    }
     let has_files = !segment_seqs.is_empty() || !checkpoint_seqs.is_empty();
     let committer_id = read_committer(storage.as_ref(), dir, names.iter().any(|n| n == COMMITTER_FILE), has_files)?;
 

@@ -1,7 +1,10 @@
-//! `drover journal verify|dump|state`: read-only operator tools over a journal
+//! `drover journal verify|dump|state|what-if`: read-only operator tools over a journal
 //! directory. `verify` exits non-zero on any damage and prints where it is; `dump`
 //! lists the records with their sequence ids, message types and sizes (`--json` for
-//! scripts); `state` shows what a restarted controller would recover to.
+//! scripts); `state` shows what a restarted controller would recover to; `what-if`
+//! replays the journal with this binary's rules and compares every retained
+//! checkpoint (exit 1 at the first that differs), the check to run on a copy of
+//! production data before an upgrade.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -30,6 +33,20 @@ pub enum JournalCommand {
         #[arg(env = "DROVER_DATA_DIR", default_value = "./drover-data")]
         dir: PathBuf,
         /// Print as JSON (the dashboard's `/api/fleet` shape).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Upgrade what-if: replay the journal with this binary's rules from the oldest
+    /// retained checkpoint and compare the state at every later checkpoint with the one
+    /// recorded there. Exits 1 at the first difference, naming the records and the part
+    /// of the state (a node, a pair, a token, a task); 0 when every stretch matches.
+    /// Works on a copy: the directory is never written. Keep more checkpoints
+    /// (`--keep-checkpoints`) for a longer and finer check.
+    WhatIf {
+        /// A data directory (holding `journal/`) or a journal directory.
+        #[arg(env = "DROVER_DATA_DIR", default_value = "./drover-data")]
+        dir: PathBuf,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -77,8 +94,9 @@ fn type_name(t: u8) -> &'static str {
     }
 }
 
-/// Recovers the controller core from a copy of the journal in `dir`.
-fn recovered_state(dir: &Path) -> anyhow::Result<drover_core::FleetView> {
+/// A private copy of the journal in `dir` (recovery may repair a torn tail: the
+/// tools never write the directory they are given).
+fn copy_journal(dir: &Path) -> anyhow::Result<tempfile::TempDir> {
     let dir = journal_dir(dir);
     anyhow::ensure!(dir.is_dir(), "{} is not a journal directory", dir.display());
     let copy = tempfile::tempdir()?;
@@ -89,6 +107,12 @@ fn recovered_state(dir: &Path) -> anyhow::Result<drover_core::FleetView> {
                 .with_context(|| format!("cannot copy {}", entry.path().display()))?;
         }
     }
+    Ok(copy)
+}
+
+/// Recovers the controller core from a copy of the journal in `dir`.
+fn recovered_state(dir: &Path) -> anyhow::Result<drover_core::FleetView> {
+    let copy = copy_journal(dir)?;
     let config = drover_journal::JournalConfig::new(copy.path());
     let storage: std::sync::Arc<dyn drover_journal::Storage> = std::sync::Arc::new(FsStorage);
     let recovery = drover_journal::recovery::recover(&config, &storage).context("recovery failed")?;
@@ -114,8 +138,10 @@ fn note_live(dir: &Path) {
 }
 
 pub fn run(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
-    let (JournalCommand::Verify { dir, .. } | JournalCommand::State { dir, .. } | JournalCommand::Dump { dir, .. }) =
-        &cmd;
+    let (JournalCommand::Verify { dir, .. }
+    | JournalCommand::State { dir, .. }
+    | JournalCommand::Dump { dir, .. }
+    | JournalCommand::WhatIf { dir, .. }) = &cmd;
     anyhow::ensure!(
         dir.is_dir(),
         "{} is not a directory (pass a data directory or a journal directory)",
@@ -142,6 +168,7 @@ pub fn run(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        JournalCommand::WhatIf { dir, json } => what_if(&dir, json),
         JournalCommand::Verify { dir, json } => {
             let ins = load(&dir)?;
             if json {
@@ -208,6 +235,58 @@ pub fn run(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn what_if(dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let copy = copy_journal(dir)?;
+    let config = drover_journal::JournalConfig::new(copy.path());
+    let storage: std::sync::Arc<dyn drover_journal::Storage> = std::sync::Arc::new(FsStorage);
+    let report = drover_journal::whatif::what_if(&config, &storage, || {
+        drover_core::Controller::new(drover_core::Config::default())
+    })
+    .context("what-if replay failed")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("replaying from the checkpoint covering records before {}", report.start_seq);
+        for i in &report.matched {
+            println!(
+                "records {} to {}: {} inputs, same state as the checkpoint at {}",
+                i.first_seq,
+                i.checkpoint_seq - 1,
+                i.inputs,
+                i.checkpoint_seq
+            );
+        }
+        for (seq, why) in &report.skipped_checkpoints {
+            println!("checkpoint at {seq} not compared: {why}");
+        }
+        match &report.diverged {
+            Some(d) => println!(
+                "DIVERGED in records {} to {} ({} inputs; the divergence starts at record {} or later): at the checkpoint at {}, {}",
+                d.interval.first_seq,
+                d.interval.checkpoint_seq - 1,
+                d.interval.inputs,
+                d.interval.first_seq,
+                d.interval.checkpoint_seq,
+                d.part
+            ),
+            None => {
+                if report.unchecked_inputs > 0 {
+                    println!(
+                        "{} inputs after the newest checkpoint replayed, with nothing to compare",
+                        report.unchecked_inputs
+                    );
+                }
+                if report.matched.is_empty() {
+                    println!("no later checkpoint to compare with: keep more (--keep-checkpoints) for a what-if run");
+                } else {
+                    println!("same state at every checkpoint ({} compared)", report.matched.len());
+                }
+            }
+        }
+    }
+    Ok(if report.diverged.is_some() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 fn print_summary(ins: &Inspection) {
