@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod histogram;
 pub mod inspect;
 pub mod lock;
+pub mod log;
 pub mod machine;
 pub mod recovery;
 pub mod scan;
@@ -34,6 +35,7 @@ use std::time::Duration;
 
 pub use drover_wire::ambrosia::Limits;
 pub use lock::{DirLock, LockError};
+pub use log::Log;
 pub use machine::{DecodeError, Divergence, EncodeError, StateMachine, encode_entry, replay};
 pub use recovery::{Recovery, RecoveryReport, ReplayEntry};
 pub use storage::{Faults, FaultyStorage, FsStorage, MemStorage, Storage};
@@ -146,6 +148,17 @@ pub enum JournalError {
     /// The journal was closed.
     #[error("journal is closed")]
     Closed,
+    /// A read, truncation or purge named records the log does not hold (purged, or
+    /// past its end).
+    #[error("record {seq} is outside the log (it holds records {first} to {next} exclusive)")]
+    OutOfRange {
+        /// The sequence id asked for.
+        seq: i64,
+        /// The first record still held.
+        first: i64,
+        /// The sequence id the next record will get.
+        next: i64,
+    },
 }
 
 impl JournalError {

@@ -121,11 +121,12 @@ impl Recovery {
     }
 }
 
-struct Messages<'a> {
-    seg: &'a Segment,
-    rec: &'a ScannedRecord,
-    at: usize,
-    failed: bool,
+/// The messages of one record, in order.
+pub(crate) struct Messages<'a> {
+    pub(crate) seg: &'a Segment,
+    pub(crate) rec: &'a ScannedRecord,
+    pub(crate) at: usize,
+    pub(crate) failed: bool,
 }
 
 impl Iterator for Messages<'_> {

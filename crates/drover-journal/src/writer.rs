@@ -22,10 +22,12 @@ use drover_wire::ambrosia::{HEADER_LEN, RecordHeader, check_bytes};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::histogram::{Histogram, HistogramSnapshot, LATENCY_BOUNDS_US, SIZE_BOUNDS};
-use crate::recovery::{Recovery, recover};
+use crate::recovery::{Messages, Recovery, Segment, recover};
+use crate::scan::scan_segment;
 use crate::storage::{AppendFile, Storage};
 use crate::{
-    FsyncMode, JournalConfig, JournalError, checkpoint, parse_checkpoint_name, parse_segment_name, segment_name,
+    FsyncMode, JournalConfig, JournalError, ReplayEntry, checkpoint, parse_checkpoint_name, parse_segment_name,
+    segment_name,
 };
 
 /// Where an entry landed: its record's sequence id and its index in that record.
@@ -67,6 +69,18 @@ enum Cmd {
         done: oneshot::Sender<Result<i64, JournalError>>,
     },
     Flush {
+        done: oneshot::Sender<Result<i64, JournalError>>,
+    },
+    Read {
+        from: i64,
+        done: oneshot::Sender<Result<Vec<ReplayEntry>, JournalError>>,
+    },
+    Truncate {
+        from: i64,
+        done: oneshot::Sender<Result<(), JournalError>>,
+    },
+    Purge {
+        seq: i64,
         done: oneshot::Sender<Result<i64, JournalError>>,
     },
 }
@@ -265,6 +279,15 @@ impl Journal {
         rx.await.unwrap_or(Err(JournalError::Closed))
     }
 
+    async fn ask<T>(
+        &self,
+        cmd: impl FnOnce(oneshot::Sender<Result<T, JournalError>>) -> Cmd,
+    ) -> Result<T, JournalError> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(cmd(done)).await.map_err(|_| JournalError::Closed)?;
+        rx.await.unwrap_or(Err(JournalError::Closed))
+    }
+
     /// Whether enough log has accumulated since the last checkpoint that one is due.
     pub fn checkpoint_due(&self) -> bool {
         self.shared.checkpoint_due.load(Ordering::Relaxed)
@@ -310,6 +333,32 @@ impl Journal {
         if let Some(t) = thread {
             let _ = t.join();
         }
+    }
+}
+
+impl crate::Log for Journal {
+    async fn append(&self, entries: Vec<Bytes>) -> Result<Ticket, JournalError> {
+        self.append_batch(entries).await
+    }
+
+    async fn read_from(&self, from: i64) -> Result<Vec<ReplayEntry>, JournalError> {
+        self.ask(|done| Cmd::Read { from, done }).await
+    }
+
+    async fn truncate_from(&self, from: i64) -> Result<(), JournalError> {
+        self.ask(|done| Cmd::Truncate { from, done }).await
+    }
+
+    async fn checkpoint(&self, state: Vec<u8>) -> Result<i64, JournalError> {
+        Journal::checkpoint(self, state).await
+    }
+
+    async fn purge_before(&self, seq: i64) -> Result<i64, JournalError> {
+        self.ask(|done| Cmd::Purge { seq, done }).await
+    }
+
+    fn durable_seq(&self) -> i64 {
+        self.shared.durable_seq.load(Ordering::SeqCst)
     }
 }
 
@@ -360,6 +409,22 @@ impl Writer {
                         Some(p) => Err(JournalError::Poisoned(p.clone())),
                         None => Ok(self.next_seq),
                     });
+                }
+                Cmd::Read { from, done } => {
+                    let _ = done.send(self.read_from(from));
+                }
+                Cmd::Truncate { from, done } => {
+                    let result = self.truncate_from(from);
+                    if let Err(e) = &result
+                        && !matches!(e, JournalError::OutOfRange { .. } | JournalError::Poisoned(_))
+                    {
+                        // Half a truncation leaves the files in doubt, like a failed write.
+                        self.poison(e);
+                    }
+                    let _ = done.send(result);
+                }
+                Cmd::Purge { seq, done } => {
+                    let _ = done.send(self.purge_before(seq));
                 }
             }
         }
@@ -509,26 +574,129 @@ impl Writer {
     /// Keeps the newest `keep_checkpoints` checkpoints and removes segments that only
     /// hold records the oldest kept checkpoint covers.
     fn trim(&mut self) -> Result<(), JournalError> {
+        let mut checkpoints = self.checkpoints()?;
+        checkpoints.reverse();
+        let keep = self.config.keep_checkpoints.max(1);
+        let Some(&oldest_kept) = checkpoints.get(keep.min(checkpoints.len()).wrapping_sub(1)) else { return Ok(()) };
+        self.purge_before(oldest_kept).map(drop)
+    }
+
+    /// The sequence ids the checkpoints cover up to, oldest first.
+    fn checkpoints(&self) -> Result<Vec<i64>, JournalError> {
         let dir = &self.config.dir;
         let names = self.storage.list(dir).map_err(|e| JournalError::io("list", dir, e))?;
         let mut checkpoints: Vec<i64> = names.iter().filter_map(|n| parse_checkpoint_name(n)).collect();
-        checkpoints.sort_unstable_by(|a, b| b.cmp(a));
-        let keep = self.config.keep_checkpoints.max(1);
-        for &old in checkpoints.iter().skip(keep) {
+        checkpoints.sort_unstable();
+        Ok(checkpoints)
+    }
+
+    /// The first sequence ids of the segments, in order.
+    fn segments(&self) -> Result<Vec<i64>, JournalError> {
+        let dir = &self.config.dir;
+        let names = self.storage.list(dir).map_err(|e| JournalError::io("list", dir, e))?;
+        let mut segments: Vec<i64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
+        segments.sort_unstable();
+        Ok(segments)
+    }
+
+    /// Drops the checkpoints before the one covering up to `seq` and the segments that
+    /// only hold records it covers. Returns the first sequence id still held.
+    fn purge_before(&mut self, seq: i64) -> Result<i64, JournalError> {
+        let dir = self.config.dir.clone();
+        let checkpoints = self.checkpoints()?;
+        let segments = self.segments()?;
+        let first = segments.first().copied().unwrap_or(self.next_seq);
+        if !checkpoints.contains(&seq) {
+            return Err(JournalError::OutOfRange { seq, first, next: self.next_seq });
+        }
+        for &old in checkpoints.iter().filter(|&&c| c < seq) {
             let p = dir.join(crate::checkpoint_name(old));
             self.storage.remove(&p).map_err(|e| JournalError::io("remove", &p, e))?;
         }
-        let Some(&oldest_kept) = checkpoints.get(keep.min(checkpoints.len()).wrapping_sub(1)) else { return Ok(()) };
-        let mut segments: Vec<i64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
-        segments.sort_unstable();
+        let mut first_kept = first;
         for pair in segments.windows(2) {
             let (this, next) = (pair[0], pair[1]);
-            if next <= oldest_kept && this != self.file_first_seq {
+            if next <= seq && this != self.file_first_seq {
                 let p = dir.join(segment_name(this));
                 self.storage.remove(&p).map_err(|e| JournalError::io("remove", &p, e))?;
+                first_kept = next;
             }
         }
-        self.storage.sync_dir(dir).map_err(|e| JournalError::io("sync", dir, e))
+        self.storage.sync_dir(&dir).map_err(|e| JournalError::io("sync", &dir, e))?;
+        Ok(first_kept)
+    }
+
+    /// Reads one segment and its whole records.
+    fn load_segment(&self, first: i64) -> Result<Segment, JournalError> {
+        let path = self.config.dir.join(segment_name(first));
+        let data = Bytes::from(self.storage.read(&path).map_err(|e| JournalError::io("read", &path, e))?);
+        let scan = scan_segment(&data, self.committer_id, first, &self.config.limits);
+        if let Some(found) = scan.damage {
+            return Err(JournalError::Corrupt {
+                file: path,
+                offset: found.offset as u64,
+                damage: found.damage.to_string(),
+            });
+        }
+        Ok(Segment { path, data, records: scan.records })
+    }
+
+    /// The range of records held: (first, next).
+    fn held(&self) -> Result<(Vec<i64>, i64), JournalError> {
+        let segments = self.segments()?;
+        let first = segments.first().copied().unwrap_or(self.next_seq).min(self.next_seq);
+        Ok((segments, first))
+    }
+
+    fn read_from(&self, from: i64) -> Result<Vec<ReplayEntry>, JournalError> {
+        let (segments, first) = self.held()?;
+        if from < first || from > self.next_seq {
+            return Err(JournalError::OutOfRange { seq: from, first, next: self.next_seq });
+        }
+        let start = segments.iter().rposition(|&s| s <= from).unwrap_or(0);
+        let mut out = Vec::new();
+        for &s in &segments[start..] {
+            let seg = self.load_segment(s)?;
+            for rec in seg.records.iter().filter(|r| r.seq >= from) {
+                for m in (Messages { seg: &seg, rec, at: rec.payload.start, failed: false }) {
+                    out.push(m?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn truncate_from(&mut self, from: i64) -> Result<(), JournalError> {
+        if let Some(p) = &self.poisoned {
+            return Err(JournalError::Poisoned(p.clone()));
+        }
+        let (segments, first) = self.held()?;
+        if from < first || from > self.next_seq {
+            return Err(JournalError::OutOfRange { seq: from, first, next: self.next_seq });
+        }
+        if from == self.next_seq {
+            return Ok(());
+        }
+        let dir = self.config.dir.clone();
+        for c in self.checkpoints()?.into_iter().filter(|&c| c > from) {
+            let p = dir.join(crate::checkpoint_name(c));
+            self.storage.remove(&p).map_err(|e| JournalError::io("remove", &p, e))?;
+        }
+        let at = segments.iter().rposition(|&s| s <= from).unwrap_or(0);
+        for &s in &segments[at + 1..] {
+            let p = dir.join(segment_name(s));
+            self.storage.remove(&p).map_err(|e| JournalError::io("remove", &p, e))?;
+        }
+        let seg = self.load_segment(segments[at])?;
+        let offset = seg.records.iter().find(|r| r.seq == from).map_or(seg.data.len(), |r| r.offset);
+        self.storage.truncate(&seg.path, offset as u64).map_err(|e| JournalError::io("truncate", &seg.path, e))?;
+        self.storage.sync_dir(&dir).map_err(|e| JournalError::io("sync", &dir, e))?;
+        self.file = self.storage.open_append(&seg.path).map_err(|e| JournalError::io("open", &seg.path, e))?;
+        self.file_len = offset as u64;
+        self.file_first_seq = segments[at];
+        self.next_seq = from;
+        self.shared.durable_seq.store(from, Ordering::SeqCst);
+        Ok(())
     }
 }
 
