@@ -209,15 +209,10 @@ struct Scratch {
     force_settle: bool,
     /// `Output::Assigned` notices of the current input.
     assigned: Vec<Output>,
-    /// No task time rule (overdue or lost attempt, end of a backoff) can fire before
-    /// this (a cache, lowered whenever a deadline may have come earlier; 0 = unknown).
-    task_due_ms: i64,
-    /// Workers with free cores by (free cores, id), for placement (`None`: rebuild).
-    free_index: Option<BTreeSet<(u32, String)>>,
     /// Pair → nodes that know it (`None`: rebuild).
     known_by: Option<BTreeMap<String, BTreeSet<String>>>,
-    /// `Output::TaskEnded` notices of the current input.
-    ended: Vec<Output>,
+    /// The task plane's working memory.
+    tasks: tasks::TaskScratch,
 }
 
 impl PartialEq for Scratch {
@@ -396,7 +391,7 @@ impl Controller {
             Step::Other(Event::NodeDisconnected { node, session }) => {
                 if let Some(n) = self.nodes.get_mut(&node).filter(|n| n.session == Some(session)) {
                     n.session = None;
-                    self.scratch.task_due_ms = 0;
+                    self.scratch.tasks.rescan();
                     n.gone_at_ms = Some(self.now_ms);
                 }
             }
@@ -436,7 +431,7 @@ impl Controller {
             Step::Other(Event::NodeRefused { node, session, request_id, type_url, reason }) => {
                 self.counters.refused += 1;
                 if self.nodes.get(&node).is_some_and(|n| n.session == Some(session)) {
-                    out.push(self.reply_to_node(
+                    out.push(Self::reply_to_node(
                         &node,
                         session,
                         request_id,
@@ -466,18 +461,18 @@ impl Controller {
                     self.settle_pair(&name);
                 }
             }
-            self.settle_tasks(out);
+            self.work().settle_tasks(out);
             // New deadlines: this node's keepalive or retention, new leases going stale,
             // tasks. An early bound is safe (a settle with nothing due is a no-op).
             let soonest = self.config.node_timeout_ms.min(self.config.stale_after_ms) + 1;
-            let due = self.task_deadline().unwrap_or(i64::MAX).min(self.now_ms + soonest);
+            let due = self.scratch.tasks.deadline().unwrap_or(i64::MAX).min(self.now_ms + soonest);
             self.scratch.quiet_until_ms = self.scratch.quiet_until_ms.min(due);
         } else if task_input {
-            self.settle_tasks(out);
-            let due = self.task_deadline().unwrap_or(i64::MAX);
+            self.work().settle_tasks(out);
+            let due = self.scratch.tasks.deadline().unwrap_or(i64::MAX);
             self.scratch.quiet_until_ms = self.scratch.quiet_until_ms.min(due);
         }
         self.flush(out);
-        out.append(&mut self.scratch.ended);
+        out.append(&mut self.scratch.tasks.ended);
     }
 }

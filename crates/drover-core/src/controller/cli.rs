@@ -72,7 +72,7 @@ impl Controller {
                 p.next = None;
             }
         }
-        self.forget_worker(id);
+        self.work().forget_worker(id);
     }
 
     pub(super) fn node_info(&self, id: &str, n: &Node, streaming: Vec<v1::StreamAssignment>) -> v1::NodeInfo {
@@ -148,12 +148,12 @@ impl Controller {
                 format!("`drover {command}` needs an admin token; this one is read-only"),
             );
         }
-        if let Some(answer) = self.task_command(&payload) {
+        if let Some(answer) = self.work().task_command(&payload) {
             return reply(out, answer);
         }
         match payload {
             Payload::ControllerTaskAbortV1Req(a) => {
-                let answer = self.task_abort(&a.id, out);
+                let answer = self.work().task_abort(&a.id, out);
                 reply(out, answer.into());
             }
             Payload::ControllerListNodesV1Req(_) => {
@@ -209,7 +209,7 @@ impl Controller {
             Payload::ControllerKickNodesV1Req(k) => {
                 let (mut kicked, mut missing) = (Vec::new(), Vec::new());
                 for id in k.node_uuids {
-                    self.scratch.task_due_ms = 0; // a worker may go offline: rescan its attempts
+                    self.scratch.tasks.rescan(); // a worker may go offline: rescan its attempts
                     match self.nodes.get_mut(&id).and_then(|n| n.session.take().map(|s| (n, s))) {
                         Some((n, s)) => {
                             n.gone_at_ms = Some(self.now_ms);
@@ -242,7 +242,7 @@ impl Controller {
                     self.ids.invalidate(&id);
                     out.push(Output::EvictNode { node: id.clone(), reason: reason.clone() });
                     if let Some(s) = n.session.take() {
-                        self.scratch.task_due_ms = 0;
+                        self.scratch.tasks.rescan();
                         n.gone_at_ms = Some(self.now_ms);
                         out.push(Output::CloseNode { node: id.clone(), session: s, reason: reason.clone() });
                     }

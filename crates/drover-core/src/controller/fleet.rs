@@ -12,7 +12,7 @@ impl Controller {
         let streaming: BTreeSet<String> =
             self.pairs.values().flat_map(|p| p.current.iter().chain(p.next.iter())).map(|l| l.node.clone()).collect();
         for (id, n) in &mut self.nodes {
-            self.scratch.task_due_ms = 0;
+            self.scratch.tasks.rescan();
             if n.session.take().is_some() {
                 n.gone_at_ms = Some(self.now_ms);
             }
@@ -55,7 +55,7 @@ impl Controller {
             rejoining: false,
         });
         // An attempt's deadline depends on whether its worker is online: rescan.
-        self.scratch.task_due_ms = 0;
+        self.scratch.tasks.rescan();
         if let Some(old) = n.session.replace(session) {
             // A second stream for the same node replaces the first.
             out.push(Output::CloseNode { node: node.clone(), session: old, reason: "replaced by a new stream".into() });
@@ -69,13 +69,7 @@ impl Controller {
         // knows (`known_currencies`).
     }
 
-    pub(super) fn reply_to_node(
-        &self,
-        node: &str,
-        session: u64,
-        request_id: String,
-        payload: impl Into<Payload>,
-    ) -> Output {
+    pub(super) fn reply_to_node(node: &str, session: u64, request_id: String, payload: impl Into<Payload>) -> Output {
         Output::ToNode {
             node: node.to_owned(),
             session,
@@ -124,7 +118,7 @@ impl Controller {
             NodeMsg::Message { type_url, payload } => (type_url, payload),
         };
         if let Ok(p) = &payload
-            && self.task_message(node, session, request_id.clone(), p, out)
+            && self.work().task_message(node, session, request_id.clone(), p, out)
         {
             return;
         }
@@ -137,7 +131,7 @@ impl Controller {
             Ok(other) => {
                 self.counters.refused += 1;
                 let reason = format!("the controller does not handle {} from a node", other.name());
-                out.push(self.reply_to_node(
+                out.push(Self::reply_to_node(
                     node,
                     session,
                     request_id,
@@ -146,7 +140,7 @@ impl Controller {
             }
             Err(reason) => {
                 self.counters.refused += 1;
-                out.push(self.reply_to_node(
+                out.push(Self::reply_to_node(
                     node,
                     session,
                     request_id,
@@ -176,7 +170,7 @@ impl Controller {
             let reason = format!(
                 "known pairs refused: at most {MAX_PAIRS_PER_NODE} names of 1..={MAX_PAIR_LEN} letters, digits or /_-., and a name and version without control characters"
             );
-            out.push(self.reply_to_node(
+            out.push(Self::reply_to_node(
                 node,
                 session,
                 request_id,
@@ -302,7 +296,7 @@ impl Controller {
                 && now - n.last_seen_ms > timeout
             {
                 n.session = None;
-                self.scratch.task_due_ms = 0;
+                self.scratch.tasks.rescan();
                 n.gone_at_ms = Some(now);
                 self.counters.timeouts += 1;
                 out.push(Output::CloseNode {
@@ -343,7 +337,7 @@ impl Controller {
         for name in names {
             self.settle_pair(&name);
         }
-        self.settle_tasks(out);
+        self.work().settle_tasks(out);
     }
 
     /// Whether `settle_pair` would leave `pair` unchanged, decided without touching it.

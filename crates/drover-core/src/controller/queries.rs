@@ -235,7 +235,7 @@ impl Controller {
         {
             at(g);
         }
-        if let Some(t) = self.task_deadline() {
+        if let Some(t) = self.scratch.tasks.deadline() {
             at(t);
         }
         d
