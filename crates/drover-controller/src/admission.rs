@@ -262,15 +262,11 @@ async fn control_loop<S: AsyncRead + AsyncWrite + Unpin>(
                         // A certificate is checked here (this task holds the TLS session
                         // it was proven in); the core then checks the id's binding, as
                         // it checks a token and the binding together.
+                        // A certificate that does not hold goes to the owner as a
+                        // malformed credential: counted, limited and logged there.
                         let presented = if credential.starts_with("-----BEGIN") {
-                            match certificate_verdict(&credential, &node, client_cert) {
-                                Ok(()) => Ok(drover_core::Credential::Certificate),
-                                Err(reason) => {
-                                    tracing::warn!(%node, %peer, %reason, "certificate credential refused");
-                                    next.extend(conn.on_verdict(Err(reason)));
-                                    continue;
-                                }
-                            }
+                            certificate_verdict(&credential, &node, client_cert)
+                                .map(|()| drover_core::Credential::Certificate)
                         } else {
                             drover_admission::token::parse(&credential)
                                 .map(|p| drover_core::Credential::Token { id: p.id, secret_hash: p.secret_hash })
@@ -286,7 +282,7 @@ async fn control_loop<S: AsyncRead + AsyncWrite + Unpin>(
                                 settings.upstream.clone(),
                                 key.issue(&node, generation, now_ms() + settings.ticket_ttl_ms),
                             )),
-                            Ok(Err(reason)) => Err(reason),
+                            Ok(Err(refusal)) => Err(refusal.to_string()),
                             Err(_) => return Ok(()),
                         };
                         next.extend(conn.on_verdict(verdict));

@@ -248,7 +248,7 @@ impl v1::controller_server::Controller for Service {
             )
         })?;
         let ip = request_peer.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-        let admin = crate::owner::operator_role(&self.events, presented, ip)
+        let role = crate::owner::operator_role(&self.events, presented, ip)
             .await
             .map_err(|_| Status::unavailable("controller is stopping"))?
             .map_err(|reason| {
@@ -264,7 +264,7 @@ impl v1::controller_server::Controller for Service {
         let status_tx = tx.downgrade();
         let session = self.session();
         let events = self.events.clone();
-        if events.send(ShellEvent::CliOpened { session, admin, sink: tx }).await.is_err() {
+        if events.send(ShellEvent::CliOpened { session, role, sink: tx }).await.is_err() {
             return Err(Status::unavailable("controller is stopping"));
         }
         let (logs, max) = (self.logs.clone(), self.max_message_bytes);

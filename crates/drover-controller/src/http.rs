@@ -259,8 +259,8 @@ async fn node_action(
     };
     match crate::owner::operator_role(&s.events, presented, ip).await {
         Err(_) => return (StatusCode::SERVICE_UNAVAILABLE, "controller is stopping\n").into_response(),
-        Ok(Ok(true)) => {}
-        Ok(Ok(false)) => {
+        Ok(Ok(drover_core::OperatorRole::Admin)) => {}
+        Ok(Ok(drover_core::OperatorRole::Read)) => {
             return (StatusCode::FORBIDDEN, "this token is read-only; an admin token is required\n").into_response();
         }
         Ok(Err(reason)) => return (StatusCode::UNAUTHORIZED, format!("{reason}\n")).into_response(),
@@ -275,7 +275,7 @@ async fn node_action(
         ..Default::default()
     };
     let sent = async {
-        s.events.send(ShellEvent::CliOpened { session, admin: true, sink }).await?;
+        s.events.send(ShellEvent::CliOpened { session, role: drover_core::OperatorRole::Admin, sink }).await?;
         s.events.send(ShellEvent::CliMessage { session, msg }).await
     };
     if sent.await.is_err() {
@@ -466,13 +466,11 @@ pub(crate) fn render(s: &Snapshot, h: &Health) -> String {
         &mut out,
         "drover_admission_refusals_total",
         "counter",
-        "Admissions refused, by reason.",
-        &[
-            ("{reason=\"credential\"}".into(), c.admission_refusals.saturating_sub(s.identity_refusals)),
-            ("{reason=\"identity\"}".into(), s.identity_refusals),
-            ("{reason=\"malformed\"}".into(), s.malformed_credentials),
-            ("{reason=\"rate_limited\"}".into(), s.rate_limited),
-        ],
+        "Admissions refused since the controller started, by reason.",
+        &drover_core::AdmissionRefusal::REASONS
+            .iter()
+            .map(|r| (format!("{{reason=\"{r}\"}}"), s.admission_refusals.get(r).copied().unwrap_or(0)))
+            .collect::<Vec<_>>(),
     );
     family(
         &mut out,

@@ -5,7 +5,7 @@
 //! to the releaser, which sends them once the ticket says the input is durable.
 
 use crate::now_ms;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
@@ -47,7 +47,7 @@ pub(crate) enum ShellEvent {
     },
     CliOpened {
         session: u64,
-        admin: bool,
+        role: drover_core::OperatorRole,
         sink: mpsc::Sender<Result<v1::StreamToCli, tonic::Status>>,
     },
     CliMessage {
@@ -57,12 +57,12 @@ pub(crate) enum ShellEvent {
     CliClosed {
         session: u64,
     },
-    /// Is this operator token valid, and is it admin? (A read: nothing is journaled.)
+    /// Is this operator token valid, and what may it do? (A read: nothing is journaled.)
     CliAuth {
         id: String,
         secret_hash: [u8; 32],
         peer: std::net::IpAddr,
-        reply: tokio::sync::oneshot::Sender<Result<bool, &'static str>>,
+        reply: tokio::sync::oneshot::Sender<Result<drover_core::OperatorRole, &'static str>>,
     },
     /// An admission connection finished its handshake: its control channel.
     ControlOpened {
@@ -81,7 +81,7 @@ pub(crate) enum ShellEvent {
         node: String,
         presented: Result<drover_core::Credential, String>,
         peer: std::net::IpAddr,
-        reply: tokio::sync::oneshot::Sender<Result<u64, String>>,
+        reply: tokio::sync::oneshot::Sender<Result<u64, drover_core::AdmissionRefusal>>,
     },
 }
 
@@ -110,14 +110,13 @@ impl Inbox {
     }
 }
 
-/// Asks the owner about an operator token (a read: nothing is journaled): `Ok(true)`
-/// admin, `Ok(false)` read-only, `Err` why it is refused (unknown, expired, revoked,
-/// a join token).
+/// Asks the owner about an operator token (a read: nothing is journaled): its role,
+/// or why it is refused (unknown, expired, revoked, a join token).
 pub(crate) async fn operator_role(
     events: &Inbox,
     presented: drover_admission::token::Presented,
     peer: std::net::IpAddr,
-) -> Result<Result<bool, &'static str>, Stopping> {
+) -> Result<Result<drover_core::OperatorRole, &'static str>, Stopping> {
     let (reply, verdict) = tokio::sync::oneshot::channel();
     let auth = ShellEvent::CliAuth { id: presented.id, secret_hash: presented.secret_hash, peer, reply };
     events.send(auth).await?;
@@ -130,7 +129,7 @@ enum Release {
     /// A node's admission control channel (id, eviction sender).
     Control(String, u64, Option<mpsc::Sender<String>>),
     /// Where the verdict on an admission attempt goes (`Ok`: the ticket generation).
-    Admission(u64, tokio::sync::oneshot::Sender<Result<u64, String>>),
+    Admission(u64, tokio::sync::oneshot::Sender<Result<u64, drover_core::AdmissionRefusal>>),
     Unregister(u64),
     /// End a stream with this status (its message was refused before the journal).
     Refuse(u64, tonic::Status),
@@ -196,12 +195,10 @@ pub struct Snapshot {
     pub replay_us: u64,
     /// Inputs replayed at start.
     pub replayed_inputs: u64,
-    /// Admissions refused by the failure limiter (never journaled).
-    pub rate_limited: u64,
-    /// Credentials that were not tokens at all (never journaled).
-    pub malformed_credentials: u64,
-    /// Admissions refused because the node id belongs to another credential.
-    pub identity_refusals: u64,
+    /// Admissions refused since this process started, by `AdmissionRefusal::reason`
+    /// (the core's verdicts, and the shell's own: malformed credentials and the
+    /// failure limiter, which never reach the journal).
+    pub admission_refusals: BTreeMap<&'static str, u64>,
     /// Node streams refused because their ticket's generation was no longer current.
     pub stale_tickets: u64,
     /// Operator tokens refused on gRPC and HTTP (bad, or rate-limited).
@@ -303,8 +300,8 @@ pub(crate) struct Owner {
     rate_limit_logged_ms: i64,
     /// Where `/metrics` reads from.
     snapshot: watch::Sender<Snapshot>,
-    rate_limited: u64,
-    malformed: u64,
+    /// Admissions refused, by reason (see `Stats::admission_refusals`).
+    refusals: BTreeMap<&'static str, u64>,
     /// Recovery time (µs) and inputs replayed, for `/metrics`.
     replay: (u64, u64),
     /// Where the dashboard reads from.
@@ -344,7 +341,7 @@ impl Owner {
         }
         self.view.send_replace(view);
         let (nodes, pairs_with, pairs_without) = self.core.gauges();
-        let (identity_refusals, stale_tickets) = self.core.identity_counters();
+        let (_, stale_tickets) = self.core.identity_counters();
         self.snapshot.send_replace(Snapshot {
             counters: self.core.counters().clone(),
             tasks: self.core.task_counters().clone(),
@@ -356,13 +353,16 @@ impl Owner {
             histograms: self.journal.histograms(),
             replay_us: self.replay.0,
             replayed_inputs: self.replay.1,
-            rate_limited: self.rate_limited,
-            malformed_credentials: self.malformed,
-            identity_refusals,
+            admission_refusals: self.refusals.clone(),
             stale_tickets,
             operator_refusals: self.operator_refusals,
             undecodable: self.undecodable,
         });
+    }
+
+    /// Counts an admission refused by the shell itself (never journaled).
+    fn refused(&mut self, refusal: &drover_core::AdmissionRefusal) {
+        *self.refusals.entry(refusal.reason()).or_default() += 1;
     }
 
     /// Records how long recovery took, for `/metrics`.
@@ -395,8 +395,7 @@ impl Owner {
             rate_limited_unlogged: 0,
             rate_limit_logged_ms: i64::MIN / 2,
             snapshot: watch::channel(Snapshot::default()).0,
-            rate_limited: 0,
-            malformed: 0,
+            refusals: BTreeMap::new(),
             replay: (0, 0),
             view: watch::channel(Arc::new(drover_core::FleetView::default())).0,
             dirty: true,
@@ -541,7 +540,7 @@ impl Owner {
                     let verdict = self.core.operator_role(&id, &secret_hash, now);
                     let key = (peer, id);
                     let verdict = match verdict {
-                        Ok(admin) => Ok(admin),
+                        Ok(role) => Ok(role),
                         Err(_) if !self.operator_limiter.allowed(&key, now) => {
                             self.operator_refusals += 1;
                             Err("too many failed attempts with this token from this address; retry later")
@@ -576,7 +575,7 @@ impl Owner {
                         Err(_) => false,
                     };
                     if !valid && !self.limiter.allowed(&key, now) {
-                        self.rate_limited += 1;
+                        self.refused(&drover_core::AdmissionRefusal::RateLimited);
                         // One line per interval, not one per attempt.
                         self.rate_limited_unlogged += 1;
                         if now - self.rate_limit_logged_ms >= RATE_LIMIT_LOG_EVERY_MS {
@@ -585,18 +584,17 @@ impl Owner {
                             self.rate_limit_logged_ms = now;
                             self.rate_limited_unlogged = 0;
                         }
-                        let _ = reply.send(Err(
-                            "too many failed attempts with this credential from this address; retry later".into(),
-                        ));
+                        let _ = reply.send(Err(drover_core::AdmissionRefusal::RateLimited));
                         continue;
                     }
                     let presented = match presented {
                         Ok(p) => p,
                         Err(reason) => {
-                            self.malformed += 1;
+                            let refusal = drover_core::AdmissionRefusal::Malformed(reason);
+                            self.refused(&refusal);
                             self.limiter.failed(key, now);
-                            tracing::warn!(%node, %peer, %reason, "admission refused");
-                            let _ = reply.send(Err(reason));
+                            tracing::warn!(%node, %peer, reason = %refusal, "admission refused");
+                            let _ = reply.send(Err(refusal));
                             continue;
                         }
                     };
@@ -647,9 +645,9 @@ impl Owner {
                     closed.push(session);
                     Event::NodeDisconnected { node, session }
                 }
-                ShellEvent::CliOpened { session, admin, sink } => {
+                ShellEvent::CliOpened { session, role, sink } => {
                     let _ = release.send(Release::Register(session, Sink::Cli(sink)));
-                    Event::CliConnected { session, admin }
+                    Event::CliConnected { session, role }
                 }
                 ShellEvent::CliMessage { session, msg } if is_token_create(&msg) => {
                     // The secret is made here, never in the core and never journaled.
@@ -820,8 +818,9 @@ impl Owner {
                     match result {
                         Ok(generation) => tracing::info!(%node, %peer, generation, "node admitted"),
                         Err(reason) => {
+                            *self.refusals.entry(reason.reason()).or_default() += 1;
                             self.limiter.failed((peer, token_id), at_ms);
-                            tracing::warn!(%node, %peer, %reason, "admission refused");
+                            tracing::warn!(%node, %peer, %reason, kind = reason.reason(), "admission refused");
                         }
                     }
                 }
@@ -884,7 +883,8 @@ async fn release(
     sealer: Arc<crate::secrets::Sealer>,
 ) {
     let mut sinks: HashMap<u64, Sink> = HashMap::new();
-    let mut verdicts: HashMap<u64, tokio::sync::oneshot::Sender<Result<u64, String>>> = HashMap::new();
+    let mut verdicts: HashMap<u64, tokio::sync::oneshot::Sender<Result<u64, drover_core::AdmissionRefusal>>> =
+        HashMap::new();
     let mut controls: HashMap<String, (u64, mpsc::Sender<String>)> = HashMap::new();
     while let Some(r) = rx.recv().await {
         match r {

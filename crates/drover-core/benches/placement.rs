@@ -37,7 +37,7 @@ fn main() {
         core.handle(Input { at_ms: now, event }, out);
     };
     apply(&mut core, Event::ControllerStarted { config }, &mut out);
-    apply(&mut core, Event::CliConnected { session: 1, admin: true }, &mut out);
+    apply(&mut core, Event::CliConnected { session: 1, role: drover_core::OperatorRole::Admin }, &mut out);
     for w in 0..workers {
         let node = format!("w{w:04}");
         let s = w as u64 + 10;

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use drover_proto::{Any, Payload, v1};
 use serde::{Deserialize, Serialize};
 
-use crate::input::{Config, Credential, Event, Input, Output, Policy};
+use crate::input::{AdmissionRefusal, Config, Credential, Event, Input, OperatorRole, Output, Policy};
 use crate::rng::SplitMix64;
 use crate::{MAX_ID_LEN, MAX_PAIR_LEN, MAX_PAIRS_PER_NODE};
 
@@ -97,7 +97,8 @@ struct Pair {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Cli {
-    admin: bool,
+    /// Checkpointed as the byte `admin: bool` was (read 0, admin 1).
+    role: OperatorRole,
     /// Price watches: stream id → pairs (empty: all).
     watches: BTreeMap<String, BTreeSet<String>>,
 }
@@ -116,15 +117,15 @@ struct Token {
 }
 
 impl Token {
-    fn usable(&self, now_ms: i64) -> Result<(), &'static str> {
+    fn usable(&self, now_ms: i64) -> Result<(), AdmissionRefusal> {
         if self.revoked {
-            return Err("token revoked");
+            return Err(AdmissionRefusal::Revoked);
         }
         if self.expires_ms != 0 && now_ms >= self.expires_ms {
-            return Err("token expired");
+            return Err(AdmissionRefusal::Expired);
         }
         if self.uses_left == Some(0) {
-            return Err("token has no uses left");
+            return Err(AdmissionRefusal::UsedUp);
         }
         Ok(())
     }
@@ -395,8 +396,8 @@ impl Controller {
                     n.gone_at_ms = Some(self.now_ms);
                 }
             }
-            Step::Other(Event::CliConnected { session, admin }) => {
-                self.clis.insert(session, Cli { admin, watches: BTreeMap::new() });
+            Step::Other(Event::CliConnected { session, role }) => {
+                self.clis.insert(session, Cli { role, watches: BTreeMap::new() });
             }
             Step::Other(Event::CliDisconnected { session }) => {
                 self.clis.remove(&session);

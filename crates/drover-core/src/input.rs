@@ -123,8 +123,9 @@ pub enum Event {
     CliConnected {
         /// The connection.
         session: u64,
-        /// Whether the operator may change things (admin token).
-        admin: bool,
+        /// What the operator's token allows (journaled as the byte `admin: bool` was:
+        /// read 0, admin 1).
+        role: OperatorRole,
     },
     /// A message on a CLI stream.
     CliMessage {
@@ -229,6 +230,109 @@ pub enum Event {
     },
 }
 
+/// What an operator's token allows on a CLI stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OperatorRole {
+    /// Lists, status, prices: nothing that changes the fleet or reveals tokens.
+    Read,
+    /// Everything.
+    Admin,
+}
+
+/// Why an admission was refused: decided by the core (the token, the node id's
+/// binding) or by the shell before the core (a malformed credential, the rate limit).
+/// Carried to the node's admission connection (as its text) and to
+/// `drover_admission_refusals_total{reason}` (as [`reason`](Self::reason)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdmissionRefusal {
+    /// No such token, or the secret does not match (the two are not told apart).
+    UnknownToken,
+    /// A read or admin token was presented for a node.
+    NotJoinToken,
+    /// The token was revoked.
+    Revoked,
+    /// The token expired.
+    Expired,
+    /// The token's uses are spent.
+    UsedUp,
+    /// The node id belongs to another credential.
+    IdTaken {
+        /// The node id.
+        node: String,
+        /// What it is bound to.
+        holder: String,
+    },
+    /// The table of node identities is full.
+    TooManyIdentities,
+    /// What was presented is not a credential (token syntax, certificate), per the shell.
+    Malformed(String),
+    /// Too many failed attempts with this credential from this address.
+    RateLimited,
+}
+
+impl AdmissionRefusal {
+    /// Every [`reason`](Self::reason), for metrics that list each (zeros included).
+    pub const REASONS: [&'static str; 9] = [
+        "unknown_token",
+        "not_join_token",
+        "revoked",
+        "expired",
+        "used_up",
+        "identity",
+        "identity_limit",
+        "malformed",
+        "rate_limited",
+    ];
+
+    /// The metric label of this refusal.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AdmissionRefusal::UnknownToken => "unknown_token",
+            AdmissionRefusal::NotJoinToken => "not_join_token",
+            AdmissionRefusal::Revoked => "revoked",
+            AdmissionRefusal::Expired => "expired",
+            AdmissionRefusal::UsedUp => "used_up",
+            AdmissionRefusal::IdTaken { .. } => "identity",
+            AdmissionRefusal::TooManyIdentities => "identity_limit",
+            AdmissionRefusal::Malformed(_) => "malformed",
+            AdmissionRefusal::RateLimited => "rate_limited",
+        }
+    }
+
+    /// The text of a refusal that carries no data (for callers that need a
+    /// `&'static str`); the others give a general phrase.
+    pub fn text(&self) -> &'static str {
+        match self {
+            AdmissionRefusal::UnknownToken => "unknown token",
+            AdmissionRefusal::NotJoinToken => "not a join token",
+            AdmissionRefusal::Revoked => "token revoked",
+            AdmissionRefusal::Expired => "token expired",
+            AdmissionRefusal::UsedUp => "token has no uses left",
+            AdmissionRefusal::IdTaken { .. } => "node id belongs to another credential",
+            AdmissionRefusal::TooManyIdentities => "too many node identities: forget gone nodes first",
+            AdmissionRefusal::Malformed(_) => "malformed credential",
+            AdmissionRefusal::RateLimited => {
+                "too many failed attempts with this credential from this address; retry later"
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for AdmissionRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdmissionRefusal::IdTaken { node, holder } => write!(
+                f,
+                "node id {node} belongs to another credential ({holder}): an operator frees it with `drover forget {node}` once that node is gone"
+            ),
+            AdmissionRefusal::Malformed(why) => f.write_str(why),
+            other => f.write_str(other.text()),
+        }
+    }
+}
+
+impl std::error::Error for AdmissionRefusal {}
+
 /// What a node presented at admission.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Credential {
@@ -326,7 +430,7 @@ pub enum Output {
         attempt: u64,
         /// `Ok` with the node's new admission generation (for its ticket), or why the
         /// credential was refused.
-        result: Result<u64, String>,
+        result: Result<u64, AdmissionRefusal>,
     },
     /// Evict a node: `conn:close` on its admission control channel.
     EvictNode {

@@ -68,7 +68,7 @@ fn inputs() -> Vec<Input> {
             type_url: "type.googleapis.com/x.Y".into(),
             reason: "unknown message type".into(),
         },
-        Event::CliConnected { session: 9, admin: true },
+        Event::CliConnected { session: 9, role: drover_core::OperatorRole::Admin },
         Event::cli_message(9, "s1", "cli", vec!["w1".into()], task),
         Event::CliRefused {
             session: 9,

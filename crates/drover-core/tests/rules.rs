@@ -63,7 +63,7 @@ impl Script {
     }
 
     fn cli(&mut self, nodes: &[&str], p: impl Into<Payload>) -> Vec<Output> {
-        self.run(Event::CliConnected { session: 900, admin: true });
+        self.run(Event::CliConnected { session: 900, role: drover_core::OperatorRole::Admin });
         self.run(Event::cli_message(900, "s1", "cli", nodes.iter().map(|n| n.to_string()).collect(), p))
     }
 }
@@ -245,7 +245,7 @@ fn fan_out_counts_replies_and_names_missing_nodes() {
 #[test]
 fn unknown_any_from_a_cli_gets_unknown_command_and_nothing_breaks() {
     let mut s = Script::new(Policy::Random);
-    s.run(Event::CliConnected { session: 900, admin: false });
+    s.run(Event::CliConnected { session: 900, role: drover_core::OperatorRole::Read });
     let out = s.run(Event::CliMessage {
         session: 900,
         stream_id: "x".into(),
@@ -293,4 +293,55 @@ fn stale_streamer_without_alternative_leaves_no_past_deadline() {
     s.join("b", 2, &["EURUSD"]);
     assert_eq!(s.core.streamer("EURUSD"), Some(("b", 2)));
     assert_eq!(s.core.counters().stale_reassignments, 1);
+}
+
+/// Every admission refusal the core decides is typed, with the reason its metric
+/// label names, and the text the node is told.
+#[test]
+fn admission_refusals_are_typed() {
+    use drover_core::{AdmissionRefusal, Credential};
+    let mut s = Script::new(Policy::Random);
+    let token = |s: &mut Script, id: &str, role: v1::TokenRole, ttl_ms: u64, uses: u32| {
+        s.run(Event::TokenCreate {
+            session: 0,
+            stream_id: String::new(),
+            id: id.into(),
+            secret_hash: [1; 32],
+            role: role as i32,
+            ttl_ms,
+            uses,
+            description: String::new(),
+        });
+    };
+    token(&mut s, "join00000000", v1::TokenRole::Join, 0, 0);
+    token(&mut s, "read00000000", v1::TokenRole::Read, 0, 0);
+    token(&mut s, "once00000000", v1::TokenRole::Join, 0, 1);
+    token(&mut s, "brief0000000", v1::TokenRole::Join, 1_000, 0);
+    let mut attempt = 0;
+    let mut admit = |s: &mut Script, node: &str, id: &str, secret: u8| {
+        attempt += 1;
+        let credential = Credential::Token { id: id.into(), secret_hash: [secret; 32] };
+        let out = s.run(Event::Admission { attempt, node: node.into(), credential });
+        out.into_iter()
+            .find_map(|o| match o {
+                Output::AdmissionVerdict { result, .. } => Some(result),
+                _ => None,
+            })
+            .expect("a verdict")
+    };
+    assert_eq!(admit(&mut s, "n1", "nosuchtoken0", 1), Err(AdmissionRefusal::UnknownToken));
+    assert_eq!(admit(&mut s, "n1", "join00000000", 2), Err(AdmissionRefusal::UnknownToken), "wrong secret");
+    assert_eq!(admit(&mut s, "n1", "read00000000", 1), Err(AdmissionRefusal::NotJoinToken));
+    assert!(admit(&mut s, "n1", "once00000000", 1).is_ok());
+    assert_eq!(admit(&mut s, "n2", "once00000000", 1), Err(AdmissionRefusal::UsedUp));
+    let taken = admit(&mut s, "n1", "join00000000", 1).unwrap_err();
+    assert_eq!(taken.reason(), "identity");
+    assert!(taken.to_string().contains("belongs to another credential (token once00000000)"), "{taken}");
+    s.now += 2_000;
+    assert_eq!(admit(&mut s, "n3", "brief0000000", 1), Err(AdmissionRefusal::Expired));
+    s.cli(&[], v1::ControllerTokenRevokeV1Req { ids: vec!["join00000000".into()] });
+    assert_eq!(admit(&mut s, "n4", "join00000000", 1), Err(AdmissionRefusal::Revoked));
+    for r in [AdmissionRefusal::UnknownToken, AdmissionRefusal::Revoked, AdmissionRefusal::RateLimited] {
+        assert!(AdmissionRefusal::REASONS.contains(&r.reason()));
+    }
 }

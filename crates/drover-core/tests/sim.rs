@@ -198,7 +198,7 @@ impl Sim {
             None => {
                 let s = self.next_session;
                 self.next_session += 1;
-                self.input(Event::CliConnected { session: s, admin: true });
+                self.input(Event::CliConnected { session: s, role: drover_core::OperatorRole::Admin });
                 self.cli = Some(s);
                 s
             }

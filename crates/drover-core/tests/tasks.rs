@@ -96,7 +96,7 @@ impl Script {
     }
 
     fn cli(&mut self, p: impl Into<Payload>) -> Vec<Output> {
-        self.run(Event::CliConnected { session: 900, admin: true });
+        self.run(Event::CliConnected { session: 900, role: drover_core::OperatorRole::Admin });
         self.run(Event::cli_message(900, "s1", "cli", vec![], p))
     }
 

@@ -370,7 +370,7 @@ fn brute_force_from_one_address_is_rate_limited() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(metrics.contains("drover_admission_refusals_total{reason=\"credential\"} 10"), "{metrics}");
+    assert!(metrics.contains("drover_admission_refusals_total{reason=\"unknown_token\"} 10"), "{metrics}");
     assert!(metrics.contains("drover_admission_refusals_total{reason=\"rate_limited\"} 20"), "{metrics}");
     assert!(http_get(http, "/healthz").starts_with("HTTP/1.1 200"));
     assert!(http_get(http, "/readyz").starts_with("HTTP/1.1 200"));
@@ -407,9 +407,9 @@ fn a_node_with_a_bad_token_backs_off_and_does_not_lock_out_its_neighbours() {
     let metrics = http_get(http, "/metrics");
     let refused: u64 = metrics
         .lines()
-        .find_map(|l| l.strip_prefix("drover_admission_refusals_total{reason=\"credential\"} "))
+        .find_map(|l| l.strip_prefix("drover_admission_refusals_total{reason=\"unknown_token\"} "))
         .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no credential refusals on /metrics: {metrics}"));
+        .unwrap_or_else(|| panic!("no unknown-token refusals on /metrics: {metrics}"));
     assert!((2..=5).contains(&refused), "about four tries in 8 s with backoff, not a hundred: {refused}");
     // A good node on the same address is admitted although the bad one keeps trying.
     let join = c.token(&["--role", "join"]);

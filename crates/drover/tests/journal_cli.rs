@@ -166,7 +166,7 @@ fn the_golden_data_directory_of_this_release_recovers() {
             node(20_002, "sub", subscribe.into()),
         ];
         let after = [
-            Input { at_ms: 20_100, event: Event::CliConnected { session: 9, admin: true } },
+            Input { at_ms: 20_100, event: Event::CliConnected { session: 9, role: drover_core::OperatorRole::Admin } },
             Input { at_ms: 20_101, event: Event::cli_message(9, "s1", "cli", vec![], task) },
         ];
         write_golden_journal(&golden, &before, &after);
@@ -226,7 +226,7 @@ fn the_golden_data_directory_of_the_hardening_release_recovers() {
         ];
         let evict = v1::ControllerEvictNodesV1Req { node_uuids: vec!["n2".into()], reason: "golden".into() };
         let after = [
-            Input { at_ms: 3_000, event: Event::CliConnected { session: 9, admin: true } },
+            Input { at_ms: 3_000, event: Event::CliConnected { session: 9, role: drover_core::OperatorRole::Admin } },
             Input { at_ms: 3_001, event: Event::cli_message(9, "s1", "cli", vec![], evict) },
             Input {
                 at_ms: 3_002,

@@ -72,18 +72,21 @@ impl Controller {
     /// Whether a join credential would be admitted at `now_ms`, without using it up: the
     /// shell asks this (read-only, not journaled) before letting an attempt through a
     /// rate limit, so a valid credential is never locked out by someone else's failures.
-    pub fn join_credential_valid(&self, token_id: &str, secret_hash: &[u8; 32], now_ms: i64) -> Result<(), String> {
-        let Some(t) = self.tokens.get(token_id) else {
-            return Err("unknown token".into());
-        };
+    pub fn join_credential_valid(
+        &self,
+        token_id: &str,
+        secret_hash: &[u8; 32],
+        now_ms: i64,
+    ) -> Result<(), AdmissionRefusal> {
+        let t = self.tokens.get(token_id).ok_or(AdmissionRefusal::UnknownToken)?;
         // The secret is compared before anything about the token is revealed.
         if !bool::from(subtle_eq(&t.secret_hash, secret_hash)) {
-            return Err("unknown token".into());
+            return Err(AdmissionRefusal::UnknownToken);
         }
         if t.role != v1::TokenRole::Join as i32 {
-            return Err("not a join token".into());
+            return Err(AdmissionRefusal::NotJoinToken);
         }
-        t.usable(now_ms).map_err(str::to_owned)
+        t.usable(now_ms)
     }
 
     /// Judges an admission: the credential (a token is checked here; a certificate was
@@ -98,7 +101,7 @@ impl Controller {
         out.push(Output::AdmissionVerdict { attempt, result });
     }
 
-    pub(super) fn admit(&mut self, node: &str, credential: Credential) -> Result<u64, String> {
+    pub(super) fn admit(&mut self, node: &str, credential: Credential) -> Result<u64, AdmissionRefusal> {
         if let Credential::Token { id, secret_hash } = &credential {
             self.join_credential_valid(id, secret_hash, self.now_ms)?;
         }
@@ -113,19 +116,19 @@ impl Controller {
         Ok(generation)
     }
 
-    /// Whether an operator token is valid now: `Ok(true)` admin, `Ok(false)` read only,
-    /// or why it is refused. Read-only (nothing is consumed), so it needs no journaling.
-    /// Nothing about a token is revealed before its secret matches.
-    pub fn operator_role(&self, id: &str, secret_hash: &[u8; 32], now_ms: i64) -> Result<bool, &'static str> {
+    /// What an operator token allows now, or why it is refused. Read-only (nothing is
+    /// consumed), so it needs no journaling. Nothing about a token is revealed before
+    /// its secret matches.
+    pub fn operator_role(&self, id: &str, secret_hash: &[u8; 32], now_ms: i64) -> Result<OperatorRole, &'static str> {
         const UNKNOWN: &str = "unknown token (a wrong secret, or a token of another controller's data directory)";
         let t = self.tokens.get(id).ok_or(UNKNOWN)?;
         if !bool::from(subtle_eq(&t.secret_hash, secret_hash)) {
             return Err(UNKNOWN);
         }
-        t.usable(now_ms)?;
+        t.usable(now_ms).map_err(|r| r.text())?;
         match t.role {
-            r if r == v1::TokenRole::Admin as i32 => Ok(true),
-            r if r == v1::TokenRole::Read as i32 => Ok(false),
+            r if r == v1::TokenRole::Admin as i32 => Ok(OperatorRole::Admin),
+            r if r == v1::TokenRole::Read as i32 => Ok(OperatorRole::Read),
             _ => Err(
                 "this is a join token, for nodes; CLI commands need a read or admin token (drover token create --role read|admin)",
             ),

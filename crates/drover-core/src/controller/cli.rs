@@ -98,7 +98,7 @@ impl Controller {
         payload: Result<Payload, String>,
         out: &mut Vec<Output>,
     ) {
-        let Some(admin) = self.clis.get(&session).map(|c| c.admin) else { return };
+        let Some(admin) = self.clis.get(&session).map(|c| c.role == OperatorRole::Admin) else { return };
         self.counters.cli_commands += 1;
         let sid = stream_id.as_str();
         let reply = |out: &mut Vec<Output>, p: Payload| {

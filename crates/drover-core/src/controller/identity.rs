@@ -19,6 +19,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::input::AdmissionRefusal;
+
 /// Most bindings kept; past it, expired ones are pruned first.
 pub const MAX_IDENTITIES: usize = 100_000;
 
@@ -71,22 +73,19 @@ impl Identities {
         now_ms: i64,
         known: bool,
         retention_ms: i64,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, AdmissionRefusal> {
         if let Some(id) = self.by_node.get(node)
             && id.credential != credential
             && (known || now_ms - id.admitted_ms <= retention_ms)
         {
             self.refused += 1;
-            return Err(format!(
-                "node id {node} belongs to another credential ({}): an operator frees it with `drover forget {node}` once that node is gone",
-                id.credential
-            ));
+            return Err(AdmissionRefusal::IdTaken { node: node.to_owned(), holder: id.credential.clone() });
         }
         if self.by_node.len() >= MAX_IDENTITIES && !self.by_node.contains_key(node) {
             self.by_node.retain(|_, id| now_ms - id.admitted_ms <= retention_ms);
             if self.by_node.len() >= MAX_IDENTITIES {
                 self.refused += 1;
-                return Err("too many node identities: forget gone nodes first".into());
+                return Err(AdmissionRefusal::TooManyIdentities);
             }
         }
         let generation = self.next();
@@ -140,7 +139,7 @@ mod tests {
     fn the_first_credential_holds_the_id_until_it_is_forgotten() {
         let mut ids = Identities::default();
         let g1 = ids.admit("n1", "token a".into(), 0, false, 1000).unwrap();
-        assert!(ids.admit("n1", "token b".into(), 10, true, 1000).unwrap_err().contains("token a"));
+        assert!(ids.admit("n1", "token b".into(), 10, true, 1000).unwrap_err().to_string().contains("token a"));
         assert_eq!(ids.refused, 1);
         // The same credential may admit it again; the old ticket's generation dies.
         let g2 = ids.admit("n1", "token a".into(), 20, true, 1000).unwrap();

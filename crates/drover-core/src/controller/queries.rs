@@ -18,7 +18,7 @@ impl Controller {
 
     /// Whether CLI `session` holds an admin token.
     pub fn cli_is_admin(&self, session: u64) -> bool {
-        self.clis.get(&session).is_some_and(|c| c.admin)
+        self.clis.get(&session).is_some_and(|c| c.role == OperatorRole::Admin)
     }
 
     /// What a node id is bound to (`token <id>` or `certificate`), if it is.
