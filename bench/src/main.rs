@@ -97,6 +97,7 @@ pub async fn start_controller(
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(drover_controller::run(
         config,
+        std::sync::Arc::new(drover_controller::FsStorage),
         drover_controller::Listeners { grpc: listener, admission: Some(admission), http: None },
         async {
             let _ = stop_rx.await;

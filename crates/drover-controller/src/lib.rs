@@ -31,7 +31,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use drover_core::{Config as CoreConfig, Policy};
-use drover_journal::{FsStorage, FsyncMode, JournalConfig, RecoveryMode};
+pub use drover_journal::{Faults, FaultyStorage, FsStorage, Storage};
+use drover_journal::{FsyncMode, JournalConfig, RecoveryMode};
 pub use owner::{Health, Snapshot};
 use tokio::net::TcpListener;
 
@@ -336,9 +337,12 @@ pub struct Running {
 }
 
 /// Runs a controller on `listener` until `shutdown` resolves, then stops gracefully
-/// (final checkpoint). `on_ready` is called once recovery is done and it serves.
+/// (final checkpoint). `on_ready` is called once recovery is done and it serves. The
+/// journal lives in `config.data_dir` on `storage` (`FsStorage` in production; a test
+/// passes the journal's fault-injecting storage).
 pub async fn run(
     config: ControllerConfig,
+    storage: Arc<dyn drover_journal::Storage>,
     listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(Running) + Send,
@@ -355,7 +359,6 @@ pub async fn run(
         .ok_or_else(|| ShellError::Config(format!("controller version {:?} is not x.y.z", config.core.version)))?;
     let min_node = drover_admission::version::Version::parse(&config.min_node_version)
         .ok_or_else(|| ShellError::Config(format!("min node version {:?} is not x.y.z", config.min_node_version)))?;
-    let storage: Arc<dyn drover_journal::Storage> = Arc::new(FsStorage);
     let (journal, recovery) = tokio::task::block_in_place(|| drover_journal::Journal::open(config.journal(), storage))?;
     let started = std::time::Instant::now();
     let (core, stats) = drover_journal::replay(&recovery, || {

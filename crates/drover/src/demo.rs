@@ -66,6 +66,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let controller = tokio::spawn(drover_controller::run(
         config,
+        std::sync::Arc::new(drover_controller::FsStorage),
         drover_controller::Listeners { grpc: listener, admission: Some(admission), http: Some(http) },
         async {
             let _ = stop_rx.await;

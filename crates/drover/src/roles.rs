@@ -224,17 +224,23 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let listeners = drover_controller::Listeners { grpc, admission: Some(admission), http: Some(http) };
     let token_file = args.data_dir.join(drover_controller::ADMIN_TOKEN_FILE);
     let tls = config.tls.is_some();
-    drover_controller::run(config, listeners, shutdown_signal(), move |r| {
-        let or_none = |a: Option<std::net::SocketAddr>| a.map_or("off".to_owned(), |a| a.to_string());
-        let scheme = if tls { "https" } else { "http" };
-        tracing::info!(
-            grpc = %r.addr,
-            admission = %or_none(r.admission),
-            dashboard = %r.http.map_or("off".to_owned(), |a| format!("{scheme}://{a}/")),
-            admin_token_file = %token_file.display(),
-            "controller ready"
-        );
-    })
+    drover_controller::run(
+        config,
+        std::sync::Arc::new(drover_controller::FsStorage),
+        listeners,
+        shutdown_signal(),
+        move |r| {
+            let or_none = |a: Option<std::net::SocketAddr>| a.map_or("off".to_owned(), |a| a.to_string());
+            let scheme = if tls { "https" } else { "http" };
+            tracing::info!(
+                grpc = %r.addr,
+                admission = %or_none(r.admission),
+                dashboard = %r.http.map_or("off".to_owned(), |a| format!("{scheme}://{a}/")),
+                admin_token_file = %token_file.display(),
+                "controller ready"
+            );
+        },
+    )
     .await
     .context("controller stopped")?;
     Ok(ExitCode::SUCCESS)
