@@ -53,8 +53,7 @@ fn streaming(s: &[v1::StreamAssignment]) -> String {
 
 /// A moment as a UTC date and how far it is from now: `2026-12-03 19:05 UTC (in 23h)`.
 fn when(ms: i64) -> String {
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let now = drover_wire::unix_ms();
     let date = match time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)) {
         Ok(t) => format!("{}-{:02}-{:02} {:02}:{:02} UTC", t.year(), t.month() as u8, t.day(), t.hour(), t.minute()),
         Err(_) => format!("{ms} ms"),
@@ -70,8 +69,7 @@ fn when(ms: i64) -> String {
 }
 
 fn ago(ms: i64) -> String {
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let now = drover_wire::unix_ms();
     let s = (now - ms).max(0) / 1000;
     if s < 120 {
         format!("{s}s ago")

@@ -552,9 +552,7 @@ const SERVER_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The wall clock in Unix milliseconds: the time the shell stamps on inputs and
 /// compares tickets and deadlines with.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+pub(crate) use drover_wire::unix_ms as now_ms;
 
 fn fresh_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};

@@ -65,9 +65,7 @@ pub struct Instance {
     pub peer: Option<String>,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+use drover_wire::unix_ms as now_ms;
 
 /// The instance's directory.
 pub fn dir(log_dir: &Path, name: &str) -> PathBuf {

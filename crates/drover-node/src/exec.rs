@@ -25,9 +25,7 @@ pub const MAX_DOWNLOAD: u64 = 256 << 20;
 /// Why an attempt did not complete.
 pub type Failure = (v1::TaskErrorKind, String);
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+use drover_wire::unix_ms as now_ms;
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

@@ -134,9 +134,7 @@ const REFUSED_BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// The longest wait between attempts with a refused credential.
 const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+use drover_wire::unix_ms as now_ms;
 
 /// Runs a node until the controller shuts it down or `shutdown` resolves.
 pub async fn run(

@@ -11,3 +11,11 @@
 
 pub mod admission;
 pub mod ambrosia;
+
+/// The wall clock in Unix milliseconds (0 if the clock is before 1970): the one
+/// reading every shell uses for the times it puts on the wire and in the journal
+/// (input stamps, tickets, task reports, coordinator timestamps). The codecs never
+/// call it; the shells around them do.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}

@@ -174,7 +174,7 @@ async fn session(
                 }
             }
             _ = prices.tick(), if !streaming.is_empty() => {
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+                let now = drover_wire::unix_ms();
                 for (pair, epoch) in &streaming {
                     seq += 1;
                     let u = v1::NodePriceUpdateV1Notify {

@@ -240,6 +240,7 @@ fn every_refusal_gets_its_documented_answer() {
     assert!(c.cli(&["token", "revoke", &id]).0);
     assert_eq!(dec_reason(&attempt(&c, &revoked)), "token revoked");
     let expiring = c.token(&["--role", "join", "--ttl", "300ms"]);
+    // (Waiting for time itself: the token's lifetime must pass.)
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(dec_reason(&attempt(&c, &expiring)), "token expired");
     let once = c.token(&["--role", "join", "--uses", "1"]);
@@ -316,6 +317,7 @@ fn node_streams_need_a_valid_ticket_for_that_node() {
     assert_eq!(status(Some(ticket.clone()), "someone-else"), tonic::Code::PermissionDenied, "ticket for another node");
     let tampered = ticket.replacen("dk2.", "dk2.A", 1);
     assert_eq!(status(Some(tampered), "raw-node"), tonic::Code::Unauthenticated, "tampered ticket");
+    // (Waiting for time itself: the ticket's lifetime must pass.)
     std::thread::sleep(Duration::from_millis(1100));
     assert_eq!(status(Some(ticket), "raw-node"), tonic::Code::Unauthenticated, "expired ticket");
 }
@@ -399,8 +401,9 @@ fn a_node_with_a_bad_token_backs_off_and_does_not_lock_out_its_neighbours() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    // An observation window, not a wait for a condition: the backoff is judged by how
+    // many tries fall in it. Exponential from 1 s: tries at about 0, 1, 3 and 7 s.
     std::thread::sleep(Duration::from_secs(8));
-    // Exponential backoff from 1 s: tries at about 0, 1, 3 and 7 s.
     let text = std::fs::read_to_string(&log).unwrap();
     let warned = text.matches("not admitted").count();
     assert_eq!(warned, 1, "the refusal is said once at WARN, not per try:\n{text}");
@@ -511,10 +514,9 @@ fn certificate_credentials_need_the_key_and_must_name_the_node() {
     }
     // The same certificate and key claiming another id is refused.
     let mut liar = node("node-8");
-    std::thread::sleep(Duration::from_millis(1500));
+    let log = || std::fs::read_to_string(dir.path().join("controller.log")).unwrap();
+    assert!(common::wait_until(Duration::from_secs(10), || log().contains("does not name node node-8")), "{}", log());
     assert!(!nodes().contains("node-8"), "a certificate naming node-7 admitted node-8");
-    let log = std::fs::read_to_string(dir.path().join("controller.log")).unwrap();
-    assert!(log.contains("does not name node node-8"), "{log}");
     // The certificate alone, without the key (no client certificate in TLS), proves nothing.
     let pem = std::fs::read_to_string(p("node-7.pem")).unwrap();
     let start = serde_json::json!({"cert": pem}).to_string();

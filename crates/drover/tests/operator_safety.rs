@@ -221,7 +221,7 @@ fn tasks_no_worker_could_run_are_refused_at_once_and_abort_takes_several_ids() {
     let dir = tempfile::tempdir().unwrap();
     let (c, _worker, _) = controller_with_node(dir.path(), "w1", &["--pairs", "EURUSD", "--worker", "--cores", "1"]);
     // The worker subscribes right after joining.
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(wait_until(Duration::from_secs(10), || common::worker_ready(c.http, "w1")), "w1 subscribes");
     let started = Instant::now();
     let out = c.cli(&["task", "run", "--wait", "--", "echo", "hi"]);
     assert!(!out.status.success(), "{}", text(&out));

@@ -201,7 +201,7 @@ fn a_sigkilled_worker_s_attempt_is_retried_on_another_worker() {
     // A second worker joins; the first dies mid-task.
     let token = c.join_token();
     let _w2 = c.node(dir.path(), "w2", &token, &["--worker", "--cores", "1"]);
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(wait_until(Duration::from_secs(10), || common::worker_ready(c.http, "w2")), "w2 subscribes");
     workers[0].kill();
     let s = wait_state(&c, &id, "completed", Duration::from_secs(30));
     let history = s["history"].as_array().unwrap();

@@ -64,6 +64,21 @@ pub fn http_get(port: u16, path: &str) -> String {
     out
 }
 
+/// The dashboard's `/api/fleet` view of the controller with HTTP on `port`.
+pub fn fleet_view(port: u16) -> serde_json::Value {
+    let r = http_get(port, "/api/fleet");
+    let body = r.find("\r\n\r\n").map_or("", |i| r[i + 4..].trim());
+    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+}
+
+/// Whether the node named `name` is a subscribed worker (the controller knows its
+/// cores), as the fleet view on HTTP `port` shows it.
+pub fn worker_ready(port: u16, name: &str) -> bool {
+    fleet_view(port)["nodes"]
+        .as_array()
+        .is_some_and(|nodes| nodes.iter().any(|n| n["name"] == name && n["cores"].is_u64()))
+}
+
 /// A finished command's stdout then stderr, as text (for assertions and their messages).
 pub fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
