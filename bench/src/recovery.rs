@@ -1,6 +1,11 @@
 //! Recovery: a data directory whose journal holds N price updates after its last
 //! checkpoint (none here: the whole history is replayed); the figure is the time from
 //! starting `drover controller` until it answers `ControllerAppVersionV1Req`.
+//!
+//! In the same run, before the process is started, the same replay is done in this
+//! process phase by phase, to show where the time goes: reading and verifying the
+//! segments (`recover`), decoding the entries into inputs, and applying them to the
+//! core, each with the heap allocations it made (a counting global allocator).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,6 +69,7 @@ pub async fn run(updates: u64) {
     let bytes = journal.stats().bytes;
     drop(journal);
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let phases = phases(&dir.path().join("journal"));
 
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let listen = format!("127.0.0.1:{port}");
@@ -109,4 +115,54 @@ pub async fn run(updates: u64) {
         "| journaled updates since the last checkpoint | journal bytes | start → serves `version` |\n| --- | --- | --- |"
     );
     println!("| {updates} | {:.0} MB | {:.0} ms |", bytes as f64 / 1e6, serving.as_secs_f64() * 1e3);
+    println!("\nThe same replay in process, by phase:\n");
+    println!("| phase | time | allocations | allocated |\n| --- | --- | --- | --- |");
+    for (name, took, allocs, alloc_bytes) in phases {
+        println!(
+            "| {name} | {:.0} ms | {allocs} ({:.2} per input) | {:.0} MB |",
+            took.as_secs_f64() * 1e3,
+            allocs as f64 / updates as f64,
+            alloc_bytes as f64 / 1e6
+        );
+    }
+}
+
+/// Recover, decode and apply, timed apart, with the allocations of each.
+fn phases(journal: &std::path::Path) -> Vec<(&'static str, Duration, u64, u64)> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = Vec::new();
+    let mut phase = |name, f: &mut dyn FnMut()| {
+        let (a0, b0) = (crate::ALLOCS.load(Relaxed), crate::ALLOC_BYTES.load(Relaxed));
+        let t = Instant::now();
+        f();
+        out.push((name, t.elapsed(), crate::ALLOCS.load(Relaxed) - a0, crate::ALLOC_BYTES.load(Relaxed) - b0));
+    };
+    let storage: Arc<dyn drover_journal::Storage> = Arc::new(FsStorage);
+    let mut recovery = None;
+    phase("read + verify segments (`recover`)", &mut || {
+        recovery = Some(drover_journal::recovery::recover(&JournalConfig::new(journal), &storage).unwrap());
+    });
+    let recovery = recovery.unwrap();
+    phase("replay: decode + apply, one input at a time (as the controller does)", &mut || {
+        let (core, _) = drover_journal::replay(&recovery, || Controller::new(Config::default())).unwrap();
+        std::hint::black_box(core);
+    });
+    let mut inputs = Vec::new();
+    phase("of which: decode entries into inputs (all kept)", &mut || {
+        for entry in recovery.entries() {
+            if let Some(input) = drover_journal::machine::decode_entry::<Controller>(&entry.unwrap()).unwrap() {
+                inputs.push(input);
+            }
+        }
+    });
+    let mut core = Controller::new(Config::default());
+    phase("of which: apply the decoded inputs to the core", &mut || {
+        let mut out = Vec::new();
+        for input in inputs.drain(..) {
+            drover_journal::StateMachine::apply(&mut core, input, &mut out);
+            out.clear();
+        }
+    });
+    std::hint::black_box(&core);
+    out
 }

@@ -245,13 +245,19 @@ impl Controller {
             self.counters.prices_stale += 1;
             return;
         }
+        // The streamer's id is kept from the previous price when it is the same node
+        // (the common case): no allocation per accepted update.
+        let streamer = match pair.latest.take() {
+            Some(p) if p.streamer == node => p.streamer,
+            _ => node.to_owned(),
+        };
         pair.latest = Some(PriceRec {
             mantissa: price.mantissa,
             scale: price.scale,
             upstream_time_ms: u.upstream_time_ms,
             seq: u.seq,
             epoch: u.epoch,
-            streamer: node.to_owned(),
+            streamer,
         });
         self.counters.prices_accepted += 1;
         self.publish(&u.pair);
