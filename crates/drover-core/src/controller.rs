@@ -224,26 +224,32 @@ impl PartialEq for Scratch {
 
 impl Eq for Scratch {}
 
-/// An input with its message decoded once, at the top of `handle`.
-#[allow(clippy::large_enum_variant)]
+/// An input with its message decoded once, at the top of `handle`. Small: a decoded
+/// `Payload` is 400 bytes, so all but the hot price update are boxed, and the step is
+/// moved cheaply through the dispatch.
 enum Step {
     /// A message on a node's stream.
     Node { node: String, session: u64, request_id: String, msg: NodeMsg },
     /// A command on a CLI stream: the Any as received (forwarded as is when fanned out)
     /// and its decoded payload.
-    Cli { session: u64, stream_id: String, node_uuids: Vec<String>, any: Any, payload: Result<Payload, String> },
+    Cli { session: u64, stream_id: String, node_uuids: Vec<String>, any: Any, payload: Result<Box<Payload>, String> },
     /// Every other event, as it came.
     Other(Event),
 }
 
-/// What a node's message is. (Held on the stack for one input: boxing the decoded
-/// payload would cost an allocation per price update.)
-#[allow(clippy::large_enum_variant)]
+/// What a node's message is.
 pub(super) enum NodeMsg {
     /// A reply to a command a CLI fanned out to the node: passed on unread.
     Reply(Any),
+    /// A price update (most inputs), unboxed.
+    Price(v1::NodePriceUpdateV1Notify),
     /// Anything else, decoded (its type URL kept for refusals and fencing).
-    Message { type_url: String, payload: Result<Payload, String> },
+    Message { type_url: String, payload: Result<Box<Payload>, String> },
+}
+
+/// A decoded payload, boxed (see `Step`), or why it did not decode.
+fn boxed(p: Result<Payload, drover_proto::PayloadError>) -> Result<Box<Payload>, String> {
+    p.map(Box::new).map_err(|e| e.to_string())
 }
 
 impl Controller {
@@ -256,14 +262,16 @@ impl Controller {
                 let msg = if self.is_pending_reply(&node, &request_id) {
                     NodeMsg::Reply(any)
                 } else {
-                    let payload = Payload::from_any(&any).map_err(|e| e.to_string());
-                    NodeMsg::Message { type_url: any.type_url, payload }
+                    match Payload::from_any(&any) {
+                        Ok(Payload::NodePriceUpdateV1Notify(u)) => NodeMsg::Price(u),
+                        other => NodeMsg::Message { type_url: any.type_url, payload: boxed(other) },
+                    }
                 };
                 Step::Node { node, session, request_id, msg }
             }
             Event::CliMessage { session, stream_id, cli_uuid: _, node_uuids, request_id: _, type_url, value } => {
                 let any = Any { type_url, value };
-                let payload = Payload::from_any(&any).map_err(|e| e.to_string());
+                let payload = boxed(Payload::from_any(&any));
                 Step::Cli { session, stream_id, node_uuids, any, payload }
             }
             other => Step::Other(other),
@@ -319,9 +327,9 @@ impl Controller {
         // Admission verdicts and token creation touch only the tokens; a node's reply
         // to a command a CLI fanned out is only passed on to the CLI.
         let routine = match &step {
-            Step::Node { msg: NodeMsg::Reply(_), .. } => true,
+            Step::Node { msg: NodeMsg::Reply(_) | NodeMsg::Price(_), .. } => true,
             Step::Node { msg: NodeMsg::Message { payload, .. }, .. } => {
-                matches!(payload, Ok(Payload::NodePriceUpdateV1Notify(_) | Payload::NodeHeartbeatV1Notify(_)))
+                matches!(payload.as_deref(), Ok(Payload::NodeHeartbeatV1Notify(_)))
             }
             Step::Cli { .. } => false,
             Step::Other(e) => matches!(
@@ -337,7 +345,7 @@ impl Controller {
         // settle (placement, task deadlines), not the fleet's.
         let task_input = match &step {
             Step::Node { msg: NodeMsg::Message { payload: Ok(p), .. }, .. } => matches!(
-                p,
+                **p,
                 Payload::TaskStartedV1Req(_)
                     | Payload::TaskErrorV1Req(_)
                     | Payload::TaskCompletedV1Req(_)
@@ -346,7 +354,7 @@ impl Controller {
                     | Payload::TasksRefusedV1Reply(_)
             ),
             Step::Cli { payload: Ok(p), .. } => matches!(
-                p,
+                **p,
                 Payload::ControllerTaskRunV1Req(_)
                     | Payload::ControllerTaskListV1Req(_)
                     | Payload::ControllerTaskStatusV1Req(_)
@@ -367,12 +375,12 @@ impl Controller {
                 Event::NodeConnected { node, .. }
                 | Event::NodeOpened { node, .. }
                 | Event::NodeDisconnected { node, .. },
-            )
-            | Step::Node {
-                node,
-                msg: NodeMsg::Message { payload: Ok(Payload::NodeKnownCurrenciesV1Notify(_)), .. },
-                ..
-            } => Some(node.clone()),
+            ) => Some(node.clone()),
+            Step::Node { node, msg: NodeMsg::Message { payload: Ok(p), .. }, .. }
+                if matches!(**p, Payload::NodeKnownCurrenciesV1Notify(_)) =>
+            {
+                Some(node.clone())
+            }
             _ => None,
         }
         .map(|node| {

@@ -95,7 +95,7 @@ impl Controller {
         stream_id: String,
         node_uuids: Vec<String>,
         any: Any,
-        payload: Result<Payload, String>,
+        payload: Result<Box<Payload>, String>,
         out: &mut Vec<Output>,
     ) {
         let Some(admin) = self.clis.get(&session).map(|c| c.role == OperatorRole::Admin) else { return };
@@ -115,7 +115,7 @@ impl Controller {
             ));
         };
         let payload = match payload {
-            Ok(p) => p,
+            Ok(p) => *p,
             Err(reason) => {
                 self.counters.refused += 1;
                 return refuse(out, &any.type_url, reason);

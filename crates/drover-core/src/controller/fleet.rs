@@ -89,9 +89,12 @@ impl Controller {
             // A message from a connection that is no longer current. A price on it is
             // fenced like one under an old epoch (a streamer cut off and replaced,
             // whose queued updates arrive after the partition heals).
-            if let NodeMsg::Message { type_url, .. } = &msg
-                && type_url.ends_with(".NodePriceUpdateV1Notify")
-            {
+            let price = match &msg {
+                NodeMsg::Price(_) => true,
+                NodeMsg::Message { type_url, .. } => type_url.ends_with(".NodePriceUpdateV1Notify"),
+                NodeMsg::Reply(_) => false,
+            };
+            if price {
                 self.counters.prices_fenced += 1;
             }
             return;
@@ -115,7 +118,8 @@ impl Controller {
                 }
                 return;
             }
-            NodeMsg::Message { type_url, payload } => (type_url, payload),
+            NodeMsg::Price(u) => return self.price_update(node, u),
+            NodeMsg::Message { type_url, payload } => (type_url, payload.map(|p| *p)),
         };
         if let Ok(p) = &payload
             && self.work().task_message(node, session, request_id.clone(), p, out)
