@@ -296,6 +296,7 @@ fn valid_pair(p: &str) -> bool {
 impl Controller {
     /// A fresh state.
     pub fn new(config: Config) -> Self {
+        let config = config.bounded();
         Controller {
             rng: SplitMix64(config.seed),
             config,
@@ -317,7 +318,7 @@ impl Controller {
     /// Applies one input: its message (if it carries one) is decoded once, here, and
     /// everything below dispatches on the decoded value.
     pub fn handle(&mut self, input: Input, out: &mut Vec<Output>) {
-        self.now_ms = self.now_ms.max(input.at_ms);
+        self.now_ms = self.now_ms.max(input.at_ms.clamp(0, crate::input::MAX_TIME_MS));
         let step = self.decode(input.event);
         // Price updates and heartbeats only move deadlines later and, unless one
         // completes a handover (`force_settle`), do not change who streams what, so

@@ -50,6 +50,31 @@ pub struct Config {
     pub unplaceable_after_ms: i64,
 }
 
+/// Longest duration a setting may hold once applied (100 years): a journal that says
+/// more (damaged, or written by hand) cannot make the core's time arithmetic overflow.
+pub const MAX_SETTING_MS: i64 = 100 * 365 * 86_400_000;
+/// Latest time the core accepts as "now" (the end of year 9999, Unix ms); a later
+/// input time counts as this.
+pub const MAX_TIME_MS: i64 = 253_402_300_799_999;
+
+impl Config {
+    /// The settings with every duration within `0..=MAX_SETTING_MS` (a no-op for any
+    /// value the shell accepts).
+    pub fn bounded(self) -> Config {
+        let b = |ms: i64| ms.clamp(0, MAX_SETTING_MS);
+        Config {
+            node_timeout_ms: b(self.node_timeout_ms),
+            stale_after_ms: b(self.stale_after_ms),
+            rejoin_grace_ms: b(self.rejoin_grace_ms),
+            gone_retention_ms: b(self.gone_retention_ms),
+            task_grace_ms: b(self.task_grace_ms),
+            worker_grace_ms: b(self.worker_grace_ms),
+            unplaceable_after_ms: b(self.unplaceable_after_ms),
+            ..self
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {

@@ -24,7 +24,9 @@ mod view;
 pub use controller::durable::{CHECKPOINT_FORMAT, INPUT_FORMAT, checkpoint_format};
 pub use controller::tasks::{TaskCounters, TaskGauges, TaskState};
 pub use controller::{Controller, Counters, NodeState};
-pub use input::{AdmissionRefusal, Config, Credential, Event, Input, OperatorRole, Output, Policy};
+pub use input::{
+    AdmissionRefusal, Config, Credential, Event, Input, MAX_SETTING_MS, MAX_TIME_MS, OperatorRole, Output, Policy,
+};
 pub use rng::SplitMix64;
 pub use view::{FleetView, NodeView, PairView, TaskRow};
 

@@ -345,3 +345,28 @@ fn admission_refusals_are_typed() {
         assert!(AdmissionRefusal::REASONS.contains(&r.reason()));
     }
 }
+
+/// Settings and times from a journal are bounded before the core computes with them:
+/// a damaged or hand-written journal (here the input the `decode_input` fuzz target
+/// found: a far-future time and a rejoin grace near `i64::MAX`) cannot overflow.
+#[test]
+fn absurd_times_and_settings_from_a_journal_do_not_overflow() {
+    use drover_machine::StateMachine;
+    let found: &[u8] = &[
+        254, 255, 255, 255, 255, 255, 255, 255, 1, 0, 0, 0, 138, 220, 255, 255, 255, 255, 250, 255, 255, 1, 0, 1, 0, 0,
+        0, 0, 59, 0, 1, 43, 1,
+    ];
+    let input = Controller::decode_input(found).expect("it decodes");
+    let mut core = Controller::new(Config::default());
+    let mut out = Vec::new();
+    core.apply(input, &mut out);
+    let huge = Config { rejoin_grace_ms: i64::MAX, node_timeout_ms: i64::MAX, stale_after_ms: -5, ..Config::default() };
+    for at_ms in [i64::MAX, i64::MIN, 0] {
+        core.apply(Input { at_ms, event: Event::ControllerStarted { config: huge.clone() } }, &mut out);
+        core.apply(Input { at_ms, event: Event::NodeConnected { node: "n1".into(), session: 1 } }, &mut out);
+        core.apply(Input { at_ms, event: Event::Tick }, &mut out);
+    }
+    assert!(core.config().rejoin_grace_ms <= drover_core::MAX_SETTING_MS);
+    assert_eq!(core.config().stale_after_ms, 0);
+    assert!(core.now_ms() <= drover_core::MAX_TIME_MS);
+}

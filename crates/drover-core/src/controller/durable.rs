@@ -79,6 +79,7 @@ impl StateMachine for Controller {
                 let (mut c, ids): (Controller, super::identity::Identities) =
                     postcard::from_bytes(body).map_err(|e| DecodeError(format!("checkpoint format 2: {e}")))?;
                 c.ids = ids;
+                c.config = c.config.bounded();
                 Ok(c)
             }
             v => Err(DecodeError::unknown_format("checkpoint", v, CHECKPOINT_FORMAT)),
@@ -95,6 +96,7 @@ fn restore_format1(bytes: &[u8]) -> Result<Controller, DecodeError> {
     if !rest.is_empty() {
         c.ids = postcard::from_bytes(rest).map_err(|e| DecodeError(format!("checkpoint format 1, identities: {e}")))?;
     }
+    c.config = c.config.bounded();
     Ok(c)
 }
 

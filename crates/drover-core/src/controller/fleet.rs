@@ -7,7 +7,7 @@ use super::*;
 
 impl Controller {
     pub(super) fn started(&mut self, config: Config) {
-        self.config = Config { seed: self.config.seed, ..config };
+        self.config = Config { seed: self.config.seed, ..config }.bounded();
         // Every connection died with the previous process.
         let streaming: BTreeSet<String> =
             self.pairs.values().flat_map(|p| p.current.iter().chain(p.next.iter())).map(|l| l.node.clone()).collect();
