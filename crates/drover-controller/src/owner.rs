@@ -360,7 +360,7 @@ impl Owner {
         });
     }
 
-    /// Counts an admission refused by the shell itself (never journaled).
+    /// Counts an admission refusal, by reason (the core's verdicts and the shell's own).
     fn refused(&mut self, refusal: &drover_core::AdmissionRefusal) {
         *self.refusals.entry(refusal.reason()).or_default() += 1;
     }
@@ -818,7 +818,7 @@ impl Owner {
                     match result {
                         Ok(generation) => tracing::info!(%node, %peer, generation, "node admitted"),
                         Err(reason) => {
-                            *self.refusals.entry(reason.reason()).or_default() += 1;
+                            self.refused(reason);
                             self.limiter.failed((peer, token_id), at_ms);
                             tracing::warn!(%node, %peer, %reason, kind = reason.reason(), "admission refused");
                         }

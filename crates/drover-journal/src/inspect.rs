@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::scan::scan_segment;
 use crate::storage::Storage;
-use crate::{COMMITTER_FILE, JournalError, checkpoint, parse_checkpoint_name, parse_segment_name};
+use crate::{COMMITTER_FILE, JournalError, Listing, checkpoint};
 
 /// One message inside a record.
 #[derive(Clone, Debug, Serialize)]
@@ -113,16 +113,15 @@ fn messages(payload: &[u8]) -> Vec<MessageInfo> {
 
 /// Inspects the journal in `dir` without changing it.
 pub fn inspect(dir: &Path, storage: &dyn Storage, limits: &Limits) -> Result<Inspection, JournalError> {
-    let names = storage.list(dir).map_err(|e| JournalError::io("list", dir, e))?;
+    let listing = Listing::read(storage, dir)?;
     let committer_path = dir.join(COMMITTER_FILE);
     let raw = storage.read(&committer_path).map_err(|e| JournalError::io("read", &committer_path, e))?;
     let committer_id: i32 = std::str::from_utf8(&raw).ok().and_then(|s| s.trim().parse().ok()).ok_or_else(|| {
         JournalError::Corrupt { file: committer_path.clone(), offset: 0, damage: "committer id is not a number".into() }
     })?;
 
-    let mut cps: Vec<i64> = names.iter().filter_map(|n| parse_checkpoint_name(n)).collect();
-    cps.sort_unstable();
-    let checkpoints = cps
+    let checkpoints = listing
+        .checkpoints
         .into_iter()
         .map(|covers| {
             let file = dir.join(crate::checkpoint_name(covers));
@@ -135,8 +134,7 @@ pub fn inspect(dir: &Path, storage: &dyn Storage, limits: &Limits) -> Result<Ins
         })
         .collect();
 
-    let mut segs: Vec<i64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
-    segs.sort_unstable();
+    let segs = listing.segments;
     let mut segments = Vec::new();
     let mut gaps = Vec::new();
     let mut expect: Option<i64> = None;

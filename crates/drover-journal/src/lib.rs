@@ -192,6 +192,34 @@ pub fn parse_checkpoint_name(name: &str) -> Option<i64> {
     (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok()).flatten()
 }
 
+/// What a journal directory holds, from one listing of it: the first sequence id of
+/// each segment and the covered sequence id of each checkpoint, both ascending, and
+/// whether the committer id file is there.
+#[derive(Debug, Default)]
+pub(crate) struct Listing {
+    pub(crate) segments: Vec<i64>,
+    pub(crate) checkpoints: Vec<i64>,
+    pub(crate) committer: bool,
+}
+
+impl Listing {
+    /// Lists `dir`.
+    pub(crate) fn read(storage: &dyn Storage, dir: &Path) -> Result<Listing, JournalError> {
+        let names = storage.list(dir).map_err(|e| JournalError::io("list", dir, e))?;
+        let mut l = Listing { committer: names.iter().any(|n| n == COMMITTER_FILE), ..Listing::default() };
+        for name in &names {
+            if let Some(seq) = parse_segment_name(name) {
+                l.segments.push(seq);
+            } else if let Some(seq) = parse_checkpoint_name(name) {
+                l.checkpoints.push(seq);
+            }
+        }
+        l.segments.sort_unstable();
+        l.checkpoints.sort_unstable();
+        Ok(l)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

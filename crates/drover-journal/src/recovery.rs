@@ -18,10 +18,7 @@ use drover_wire::ambrosia::varint;
 
 use crate::scan::{ScannedRecord, scan_segment};
 use crate::storage::Storage;
-use crate::{
-    COMMITTER_FILE, JournalConfig, JournalError, RecoveryMode, checkpoint, parse_checkpoint_name, parse_segment_name,
-    segment_name,
-};
+use crate::{COMMITTER_FILE, JournalConfig, JournalError, Listing, RecoveryMode, checkpoint, segment_name};
 
 /// One logged message to replay: its record's sequence id and the message's type byte
 /// and data (the size prefix stripped).
@@ -206,16 +203,14 @@ pub fn recover_from(
 ) -> Result<Recovery, JournalError> {
     let dir = &config.dir;
     storage.create_dir_all(dir).map_err(|e| JournalError::io("create", dir, e))?;
-    let names = storage.list(dir).map_err(|e| JournalError::io("list", dir, e))?;
-    let mut segment_seqs: Vec<i64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
-    segment_seqs.sort_unstable();
-    let mut checkpoint_seqs: Vec<i64> = names.iter().filter_map(|n| parse_checkpoint_name(n)).collect();
-    checkpoint_seqs.sort_unstable_by(|a, b| b.cmp(a));
-    if start == Start::OldestCheckpoint {
+    let Listing { segments: segment_seqs, checkpoints: mut checkpoint_seqs, committer } =
+        Listing::read(storage.as_ref(), dir)?;
+    // Tried in this order: newest first, unless asked for the oldest.
+    if start == Start::NewestCheckpoint {
         checkpoint_seqs.reverse();
     }
     let has_files = !segment_seqs.is_empty() || !checkpoint_seqs.is_empty();
-    let committer_id = read_committer(storage.as_ref(), dir, names.iter().any(|n| n == COMMITTER_FILE), has_files)?;
+    let committer_id = read_committer(storage.as_ref(), dir, committer, has_files)?;
 
     let mut report = RecoveryReport::default();
     let mut loaded = None;

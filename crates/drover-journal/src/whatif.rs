@@ -70,10 +70,11 @@ pub fn what_if<M: StateMachine + Divergence>(
         None => fresh(),
     };
     let dir = &config.dir;
-    let names = storage.list(dir).map_err(|e| JournalError::io("list", dir, e))?;
-    let mut later: Vec<i64> =
-        names.iter().filter_map(|n| crate::parse_checkpoint_name(n)).filter(|&s| s > recovery.checkpoint_seq).collect();
-    later.sort_unstable();
+    let later: Vec<i64> = crate::Listing::read(storage.as_ref(), dir)?
+        .checkpoints
+        .into_iter()
+        .filter(|&s| s > recovery.checkpoint_seq)
+        .collect();
     let mut report = WhatIf { start_seq: recovery.checkpoint_seq, ..WhatIf::default() };
     let mut current = Interval { first_seq: recovery.checkpoint_seq, checkpoint_seq: 0, inputs: 0 };
     let mut next = later.into_iter().peekable();

@@ -26,8 +26,7 @@ use crate::recovery::{Messages, Recovery, Segment, recover};
 use crate::scan::scan_segment;
 use crate::storage::{AppendFile, Storage};
 use crate::{
-    FsyncMode, JournalConfig, JournalError, ReplayEntry, checkpoint, parse_checkpoint_name, parse_segment_name,
-    segment_name,
+    FsyncMode, JournalConfig, JournalError, Listing, ReplayEntry, checkpoint, parse_segment_name, segment_name,
 };
 
 /// Where an entry landed: its record's sequence id and its index in that record.
@@ -574,47 +573,42 @@ impl Writer {
     /// Keeps the newest `keep_checkpoints` checkpoints and removes segments that only
     /// hold records the oldest kept checkpoint covers.
     fn trim(&mut self) -> Result<(), JournalError> {
-        let mut checkpoints = self.checkpoints()?;
-        checkpoints.reverse();
-        let keep = self.config.keep_checkpoints.max(1);
-        let Some(&oldest_kept) = checkpoints.get(keep.min(checkpoints.len()).wrapping_sub(1)) else { return Ok(()) };
-        self.purge_before(oldest_kept).map(drop)
+        let listing = self.listing()?;
+        let keep = self.config.keep_checkpoints.max(1).min(listing.checkpoints.len());
+        let Some(&oldest_kept) = listing.checkpoints.get(listing.checkpoints.len() - keep) else { return Ok(()) };
+        self.purge(&listing, oldest_kept).map(drop)
     }
 
-    /// The sequence ids the checkpoints cover up to, oldest first.
-    fn checkpoints(&self) -> Result<Vec<i64>, JournalError> {
-        let dir = &self.config.dir;
-        let names = self.storage.list(dir).map_err(|e| JournalError::io("list", dir, e))?;
-        let mut checkpoints: Vec<i64> = names.iter().filter_map(|n| parse_checkpoint_name(n)).collect();
-        checkpoints.sort_unstable();
-        Ok(checkpoints)
+    /// The journal directory's segments and checkpoints.
+    fn listing(&self) -> Result<Listing, JournalError> {
+        Listing::read(self.storage.as_ref(), &self.config.dir)
     }
 
-    /// The first sequence ids of the segments, in order.
-    fn segments(&self) -> Result<Vec<i64>, JournalError> {
-        let dir = &self.config.dir;
-        let names = self.storage.list(dir).map_err(|e| JournalError::io("list", dir, e))?;
-        let mut segments: Vec<i64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
-        segments.sort_unstable();
-        Ok(segments)
+    /// The first sequence id held (`next_seq` when no record is).
+    fn first_held(&self, listing: &Listing) -> i64 {
+        listing.segments.first().copied().unwrap_or(self.next_seq).min(self.next_seq)
     }
 
     /// Drops the checkpoints before the one covering up to `seq` and the segments that
     /// only hold records it covers. Returns the first sequence id still held.
     fn purge_before(&mut self, seq: i64) -> Result<i64, JournalError> {
+        let listing = self.listing()?;
+        self.purge(&listing, seq)
+    }
+
+    /// [`Writer::purge_before`] on a listing just read.
+    fn purge(&mut self, listing: &Listing, seq: i64) -> Result<i64, JournalError> {
         let dir = self.config.dir.clone();
-        let checkpoints = self.checkpoints()?;
-        let segments = self.segments()?;
-        let first = segments.first().copied().unwrap_or(self.next_seq);
-        if !checkpoints.contains(&seq) {
+        let first = self.first_held(listing);
+        if !listing.checkpoints.contains(&seq) {
             return Err(JournalError::OutOfRange { seq, first, next: self.next_seq });
         }
-        for &old in checkpoints.iter().filter(|&&c| c < seq) {
+        for &old in listing.checkpoints.iter().filter(|&&c| c < seq) {
             let p = dir.join(crate::checkpoint_name(old));
             self.storage.remove(&p).map_err(|e| JournalError::io("remove", &p, e))?;
         }
         let mut first_kept = first;
-        for pair in segments.windows(2) {
+        for pair in listing.segments.windows(2) {
             let (this, next) = (pair[0], pair[1]);
             if next <= seq && this != self.file_first_seq {
                 let p = dir.join(segment_name(this));
@@ -641,15 +635,10 @@ impl Writer {
         Ok(Segment { path, data, records: scan.records })
     }
 
-    /// The range of records held: (first, next).
-    fn held(&self) -> Result<(Vec<i64>, i64), JournalError> {
-        let segments = self.segments()?;
-        let first = segments.first().copied().unwrap_or(self.next_seq).min(self.next_seq);
-        Ok((segments, first))
-    }
-
     fn read_from(&self, from: i64) -> Result<Vec<ReplayEntry>, JournalError> {
-        let (segments, first) = self.held()?;
+        let listing = self.listing()?;
+        let first = self.first_held(&listing);
+        let segments = listing.segments;
         if from < first || from > self.next_seq {
             return Err(JournalError::OutOfRange { seq: from, first, next: self.next_seq });
         }
@@ -670,7 +659,8 @@ impl Writer {
         if let Some(p) = &self.poisoned {
             return Err(JournalError::Poisoned(p.clone()));
         }
-        let (segments, first) = self.held()?;
+        let listing = self.listing()?;
+        let first = self.first_held(&listing);
         if from < first || from > self.next_seq {
             return Err(JournalError::OutOfRange { seq: from, first, next: self.next_seq });
         }
@@ -678,10 +668,11 @@ impl Writer {
             return Ok(());
         }
         let dir = self.config.dir.clone();
-        for c in self.checkpoints()?.into_iter().filter(|&c| c > from) {
+        for &c in listing.checkpoints.iter().filter(|&&c| c > from) {
             let p = dir.join(crate::checkpoint_name(c));
             self.storage.remove(&p).map_err(|e| JournalError::io("remove", &p, e))?;
         }
+        let segments = &listing.segments;
         let at = segments.iter().rposition(|&s| s <= from).unwrap_or(0);
         for &s in &segments[at + 1..] {
             let p = dir.join(segment_name(s));

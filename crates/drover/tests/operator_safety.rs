@@ -166,11 +166,7 @@ fn views_agree_on_a_pair_without_streamer_and_gone_nodes_can_be_forgotten() {
     let table = text(&c.cli(&["prices"]));
     assert!(table.lines().any(|l| l.starts_with("EURUSD") && l.contains(" - ")), "no streamer shown as -: {table}");
     // The dashboard's view is republished at most every 250 ms.
-    let fleet = || {
-        let r = http_get(c.http, "/api/fleet");
-        let body = r[r.find("\r\n\r\n").unwrap() + 4..].trim().to_owned();
-        serde_json::from_str::<serde_json::Value>(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
-    };
+    let fleet = || common::fleet_view(c.http);
     // The same view is judged throughout: EURUSD listed, with no streamer.
     let mut view = serde_json::Value::Null;
     let agreed = wait_until(Duration::from_secs(5), || {

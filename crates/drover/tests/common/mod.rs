@@ -68,7 +68,7 @@ pub fn http_get(port: u16, path: &str) -> String {
 pub fn fleet_view(port: u16) -> serde_json::Value {
     let r = http_get(port, "/api/fleet");
     let body = r.find("\r\n\r\n").map_or("", |i| r[i + 4..].trim());
-    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("/api/fleet is not JSON ({e}): {r}"))
 }
 
 /// Whether the node named `name` is a subscribed worker (the controller knows its
