@@ -249,6 +249,15 @@ fn first_message(payload: &[u8]) -> Option<Message> {
 
 /// Delivers every call in a logged record.
 fn dispatch<S: Service>(service: &mut S, payload: &[u8], out: &mut Outbox) -> Result<(), ClientError> {
+    dispatch_level(service, payload, out, false)
+}
+
+fn dispatch_level<S: Service>(
+    service: &mut S,
+    payload: &[u8],
+    out: &mut Outbox,
+    in_initial: bool,
+) -> Result<(), ClientError> {
     let mut r =
         drover_wire::ambrosia::MessageReader::new(drover_wire::ambrosia::Direction::ToApplication, Limits::default());
     r.feed(payload);
@@ -257,6 +266,15 @@ fn dispatch<S: Service>(service: &mut S, payload: &[u8], out: &mut Outbox) -> Re
         let calls = match m {
             Message::Rpc(rpc) => vec![rpc],
             Message::RpcBatch(rpcs) | Message::CountReplayableRpcBatch { rpcs, .. } => rpcs,
+            // Record 0 at first start (and in a replay from checkpoint 0): the whole
+            // InitialMessage, whose data is the initial call this client sent.
+            Message::InitialMessage(data) if !in_initial => {
+                dispatch_level(service, &data, out, true)?;
+                continue;
+            }
+            Message::InitialMessage(_) => {
+                return Err(ClientError::Protocol("an InitialMessage nested in an InitialMessage".into()));
+            }
             _ => continue,
         };
         for rpc in calls {

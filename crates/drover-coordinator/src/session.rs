@@ -7,7 +7,10 @@
 //!
 //! - **First start**: send record [-1] `TakeBecomingPrimaryCheckpoint`; take the
 //!   application's `InitialMessage`, then its `Checkpoint`; write checkpoint 1, then log
-//!   the InitialMessage's data verbatim as record 0 and deliver it.
+//!   the whole InitialMessage (size, type 9, data) as record 0 and deliver it, as
+//!   AMBROSIA's coordinator does (the bindings dispatch on that type 9). Logs written
+//!   before this rule hold only the data in record 0; their checkpoint header says so
+//!   ([`InitialNext::DataOnly`]) and recovery delivers the whole message all the same.
 //! - **Recovery**: send [-2] with the checkpoint, replay the records after it with their
 //!   sequence ids (impulse RPCs dropped), send [-1] `TakeBecomingPrimaryCheckpoint` (or
 //!   `UpgradeTakeCheckpoint` when upgrading) and take the application's checkpoint.
@@ -70,13 +73,54 @@ pub struct CheckpointHeader {
     /// Of those, how many were still waiting to be logged (they are logged after the
     /// checkpoint, so recovery finds them among the records it replays).
     pub pending: u64,
-    /// The next record is the InitialMessage (first start), not a self-call.
-    pub initial_next: bool,
+    /// Whether the next record is the InitialMessage (first start), not a self-call,
+    /// and in which form it was logged.
+    pub initial_next: InitialNext,
     /// Per source instance: the last call sequence number logged from it.
     pub received: BTreeMap<String, i64>,
     /// Per destination instance: calls made to it so far, and those it has not
     /// committed yet (sequence number, message), which replay will not regenerate.
     pub sent: BTreeMap<String, (i64, Vec<(i64, Bytes)>)>,
+}
+
+/// What a checkpoint says about the record after it (one byte in the header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum InitialNext {
+    /// An ordinary record (byte 0).
+    #[default]
+    No,
+    /// Record 0 holding only the InitialMessage's data (byte 1): written by releases
+    /// before the record-0 fix; delivered wrapped as the whole message.
+    DataOnly,
+    /// Record 0 holding the whole InitialMessage (byte 2), delivered as logged.
+    WholeMessage,
+}
+
+impl InitialNext {
+    fn byte(self) -> u8 {
+        match self {
+            InitialNext::No => 0,
+            InitialNext::DataOnly => 1,
+            InitialNext::WholeMessage => 2,
+        }
+    }
+
+    fn from_byte(b: u8) -> Result<Self, String> {
+        match b {
+            0 => Ok(InitialNext::No),
+            1 => Ok(InitialNext::DataOnly),
+            2 => Ok(InitialNext::WholeMessage),
+            other => Err(format!("checkpoint header: unknown record-0 form {other} (written by a newer release?)")),
+        }
+    }
+
+    /// Record 0 as the application must see it: the whole InitialMessage.
+    pub fn deliverable(self, logged: &Bytes) -> Bytes {
+        match self {
+            InitialNext::DataOnly => Message::InitialMessage(logged.clone()).to_bytes().into(),
+            InitialNext::No | InitialNext::WholeMessage => logged.clone(),
+        }
+    }
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -115,7 +159,7 @@ impl CheckpointHeader {
         let mut h = Vec::new();
         varint::put_long(&mut h, self.self_calls as i64);
         varint::put_long(&mut h, self.pending as i64);
-        h.push(u8::from(self.initial_next));
+        h.push(self.initial_next.byte());
         varint::put_long(&mut h, self.received.len() as i64);
         for (name, seq) in &self.received {
             put_str(&mut h, name);
@@ -167,7 +211,8 @@ impl CheckpointHeader {
             }
             sent.insert(name, (count, outbox));
         }
-        let header = CheckpointHeader { self_calls, pending, initial_next: flag == 1, received, sent };
+        let initial_next = InitialNext::from_byte(flag)?;
+        let header = CheckpointHeader { self_calls, pending, initial_next, received, sent };
         Ok((header, stored.slice(8 + len..)))
     }
 }
@@ -307,7 +352,7 @@ fn replay_view_untagged(payload: &Bytes) -> (u64, Option<Bytes>) {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum After {
-    /// First start: then log the InitialMessage.
+    /// First start: then log the whole InitialMessage (these bytes).
     FirstStart(Bytes),
     /// After recovery (`upgrade`: move to the new version).
     Recovered { upgrade: bool },
@@ -412,10 +457,11 @@ impl Session {
             s.outbox.insert(name.clone(), outbox.iter().cloned().collect());
         }
         for (seq, payload) in records {
-            if initial_next {
-                // The InitialMessage record: delivered as logged, not a self-call.
-                initial_next = false;
-                out.push(Action::Send(record(committer_id, seq, &payload).into()));
+            if initial_next != InitialNext::No {
+                // The InitialMessage record: the whole message, not a self-call.
+                let whole = initial_next.deliverable(&payload);
+                initial_next = InitialNext::No;
+                out.push(Action::Send(record(committer_id, seq, &whole).into()));
                 continue;
             }
             for (source, last, _) in strip_tags(&payload).1 {
@@ -462,7 +508,11 @@ impl Session {
         let header = CheckpointHeader {
             self_calls: self.self_calls,
             pending: (self.pending.iter().filter(|(_, r)| *r).count() as u64).saturating_sub(remote_pending),
-            initial_next: matches!(after, After::FirstStart(_)),
+            initial_next: if matches!(after, After::FirstStart(_)) {
+                InitialNext::WholeMessage
+            } else {
+                InitialNext::No
+            },
             received: self.received.clone(),
             sent: self
                 .sent
@@ -505,7 +555,8 @@ impl Session {
             }
             Message::InitialMessage(data) => match self.phase {
                 Phase::AwaitInitial => {
-                    self.phase = Phase::AwaitCheckpoint(After::FirstStart(data));
+                    let whole = Message::InitialMessage(data).to_bytes().into();
+                    self.phase = Phase::AwaitCheckpoint(After::FirstStart(whole));
                     Vec::new()
                 }
                 _ => self.close("an InitialMessage outside the first start"),

@@ -78,7 +78,7 @@ async fn first_start(c: &Coordinator) -> (TcpStream, TcpStream) {
     to.write_all(&[0x06, 0x09, b'h', b'i']).await.unwrap();
     to.write_all(&[0x04, 0x08, 0x00]).await.unwrap();
     let (_, _, seq, payload) = read_record(&mut from).await;
-    assert_eq!((seq, payload.as_slice()), (0, &b"hi"[..]));
+    assert_eq!((seq, payload.as_slice()), (0, &[0x06, 0x09, b'h', b'i'][..]));
     (to, from)
 }
 
@@ -109,12 +109,12 @@ async fn first_start_exchange_byte_for_byte_in_both_checkpoint_forms() {
             to.write_all(&[0x04, 0x08, 0x06]).await.unwrap(); // size 2, type 8, zigzag long 3
         }
         to.write_all(&[7, 7, 7]).await.unwrap();
-        // Record seq 0: the InitialMessage's data, verbatim, with its check bytes.
+        // Record seq 0: the whole InitialMessage, as sent, with its check bytes.
         let (cid, check, seq, payload) = read_record(&mut from).await;
         assert_eq!(cid.to_le_bytes(), committer);
         assert_eq!(seq, 0);
-        assert_eq!(payload, b"hello");
-        assert_eq!(check, xxh64(b"hello"));
+        assert_eq!(payload, b"\x0C\x09hello");
+        assert_eq!(check, xxh64(b"\x0C\x09hello"));
         // The test vector: a self RPC comes back as record 1 without its destination.
         to.write_all(&[0x10, 0x00, 0x00, 0x00, 0x40, 0x01, 0x05, 0x04, 0x03]).await.unwrap();
         let (_, check, seq, payload) = read_record(&mut from).await;
@@ -174,7 +174,7 @@ async fn recovery_replays_after_the_checkpoint_and_drops_regenerated_calls() {
         seqs.push((seq, payload));
     }
     assert_eq!(seqs.len(), 3, "initial message and the two calls; the impulse is not replayed: {seqs:?}");
-    assert_eq!(seqs[0], (0, b"hello".to_vec()));
+    assert_eq!(seqs[0], (0, b"\x0C\x09hello".to_vec()));
     assert_eq!(seqs[2].1.last(), Some(&2));
     // While replaying, the app regenerates its two self calls: they are already logged.
     for arg in [1u8, 2] {
@@ -260,7 +260,7 @@ async fn misbehaving_applications_are_closed_and_the_log_stays_intact() {
     assert_eq!(i64::from_le_bytes(head[16..24].try_into().unwrap()), -2);
     read_exact(&mut from, i32::from_le_bytes(head[4..8].try_into().unwrap()) as usize - 24).await;
     let (_, _, seq, payload) = read_record(&mut from).await;
-    assert_eq!((seq, payload.as_slice()), (0, &b"hi"[..]));
+    assert_eq!((seq, payload.as_slice()), (0, &[0x06, 0x09, b'h', b'i'][..]));
     c.stop().await;
 }
 
@@ -320,4 +320,145 @@ async fn a_torn_log_tail_is_cut_at_the_last_whole_record_and_logging_goes_on_in_
         .filter(|p| p.extension().is_some_and(|e| e == "log") && !segments.contains(p))
         .collect();
     assert_eq!(after.len(), 1, "record 2 went to a fresh log file: {after:?}");
+}
+
+/// Copies a directory tree (golden data directories are used on copies).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+fn golden(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
+}
+
+/// The C client's InitialMessage (AMBROSIA-WIRE.md "Start-up sequences"): a whole
+/// incoming self-call in the data.
+const C_INITIAL: [u8; 10] = [0x12, 0x09, 0x0E, 0x00, 0x00, 0x40, 0x01, 0x05, 0x04, 0x03];
+/// The JavaScript client's InitialMessage: its version string "2.0.1".
+const JS_INITIAL: [u8; 7] = [0x0C, 0x09, 0x32, 0x2E, 0x30, 0x2E, 0x31];
+
+/// `tests/golden/record0-v1` was written by the release before the record-0 fix (it
+/// logged only the InitialMessage's data as record 0): a first start with the C
+/// client's InitialMessage, a 2-byte checkpoint, two self calls. Recreate (with that
+/// release only) by `DROVER_WRITE_GOLDEN=record0-v1 cargo test -p drover-coordinator
+/// --test conformance golden`.
+#[tokio::test]
+async fn golden_record0_v1_directory_recovers_with_record_0_as_the_whole_initial_message() {
+    if std::env::var("DROVER_WRITE_GOLDEN").as_deref() == Ok("record0-v1") {
+        let dir = tempfile::tempdir().unwrap();
+        instance::register(dir.path(), "app", 0).unwrap();
+        let c = Coordinator::start(dir.path(), false, 0, None).await;
+        let (mut to, mut from) = connect(&c).await;
+        read_exact(&mut from, 26).await;
+        to.write_all(&C_INITIAL).await.unwrap();
+        to.write_all(&[0x04, 0x08, 0x04, 0xC0, 0xDE]).await.unwrap();
+        read_record(&mut from).await;
+        for arg in [1u8, 2] {
+            to.write_all(&[0x0C, 0x00, 0x00, 0x00, 0x40, 0x01, arg]).await.unwrap();
+            read_record(&mut from).await;
+        }
+        drop((to, from));
+        c.stop().await;
+        let target = golden("record0-v1");
+        let _ = std::fs::remove_dir_all(&target);
+        copy_dir(dir.path(), &target);
+        std::fs::remove_file(target.join("app/LOCK")).ok();
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&golden("record0-v1"), dir.path());
+    let c = Coordinator::start(dir.path(), false, 0, None).await;
+    let (mut to, mut from) = connect(&c).await;
+    let head = read_exact(&mut from, 24).await;
+    assert_eq!(i64::from_le_bytes(head[16..24].try_into().unwrap()), -2);
+    let announce = read_exact(&mut from, i32::from_le_bytes(head[4..8].try_into().unwrap()) as usize - 24).await;
+    assert_eq!(announce, [0x04, 0x08, 0x04]);
+    assert_eq!(read_exact(&mut from, 2).await, [0xC0, 0xDE]);
+    let (_, check, seq, payload) = read_record(&mut from).await;
+    assert_eq!((seq, payload.as_slice()), (0, &C_INITIAL[..]), "an old record 0 is delivered as the whole message");
+    assert_eq!(check, xxh64(&C_INITIAL));
+    for (want, arg) in [(1, 1u8), (2, 2)] {
+        let (_, _, seq, payload) = read_record(&mut from).await;
+        assert_eq!((seq, payload.as_slice()), (want, &[0x0A, 0x00, 0x00, 0x40, 0x01, arg][..]));
+    }
+    let (_, _, seq, payload) = read_record(&mut from).await;
+    assert_eq!((seq, payload.as_slice()), (-1, &[0x02, 0x0B][..]));
+    // The application regenerates its two calls (dropped), checkpoints, goes on.
+    for arg in [1u8, 2] {
+        to.write_all(&[0x0C, 0x00, 0x00, 0x00, 0x40, 0x01, arg]).await.unwrap();
+    }
+    to.write_all(&[0x04, 0x08, 0x00]).await.unwrap();
+    to.write_all(&[0x0C, 0x00, 0x00, 0x00, 0x40, 0x01, 0x03]).await.unwrap();
+    let (_, _, seq, _) = read_record(&mut from).await;
+    assert_eq!(seq, 3);
+    drop((to, from));
+    c.stop().await;
+}
+
+/// Connects as either generation: (app → coordinator, coordinator → app).
+async fn connect_as(c: &Coordinator, app_listener: Option<&TcpListener>) -> (TcpStream, TcpStream) {
+    match app_listener {
+        None => connect(c).await,
+        Some(l) => {
+            let to = TcpStream::connect(("127.0.0.1", c.receive)).await.unwrap();
+            let (from, _) = tokio::time::timeout(Duration::from_secs(10), l.accept()).await.unwrap().unwrap();
+            (to, from)
+        }
+    }
+}
+
+/// Reads a [-2] announcement and the checkpoint bytes after it.
+async fn read_checkpoint(from: &mut TcpStream) -> Vec<u8> {
+    let head = read_exact(from, 24).await;
+    assert_eq!(i64::from_le_bytes(head[16..24].try_into().unwrap()), -2);
+    let announce = read_exact(from, i32::from_le_bytes(head[4..8].try_into().unwrap()) as usize - 24).await;
+    let (len, _) = drover_wire::ambrosia::varint::get_long(&announce[2..]).unwrap().unwrap();
+    read_exact(from, len as usize).await
+}
+
+#[tokio::test]
+async fn record_0_is_the_whole_initial_message_in_c_and_js_forms_for_both_generations_and_after_recovery() {
+    for (form, initial) in [("C", &C_INITIAL[..]), ("JavaScript", &JS_INITIAL[..])] {
+        for older in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            instance::register(dir.path(), "app", 0).unwrap();
+            let app_listener = if older { Some(TcpListener::bind("127.0.0.1:0").await.unwrap()) } else { None };
+            let send_port = app_listener.as_ref().map_or(0, |l| l.local_addr().unwrap().port());
+            let c = Coordinator::start(dir.path(), older, send_port, None).await;
+            let (mut to, mut from) = connect_as(&c, app_listener.as_ref()).await;
+            let first = read_exact(&mut from, 26).await;
+            assert_eq!(&first[16..], &[0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x02, 0x0B]);
+            to.write_all(initial).await.unwrap();
+            to.write_all(&[0x04, 0x08, 0x02, 0x11]).await.unwrap();
+            let (_, check, seq, payload) = read_record(&mut from).await;
+            assert_eq!((seq, payload.as_slice()), (0, initial), "{form}, older generation {older}");
+            assert_eq!(check, xxh64(initial));
+            // The application dispatches record 0 on its type byte: 9.
+            assert_eq!(payload[1], 9);
+            drop((to, from));
+            // Recovery replays record 0 exactly as it was delivered live.
+            let (mut to, mut from) = connect_as(&c, app_listener.as_ref()).await;
+            assert_eq!(read_checkpoint(&mut from).await, [0x11]);
+            let (_, check, seq, payload) = read_record(&mut from).await;
+            assert_eq!((seq, payload.as_slice()), (0, initial), "{form} after recovery, older generation {older}");
+            assert_eq!(check, xxh64(initial));
+            let (_, _, seq, payload) = read_record(&mut from).await;
+            assert_eq!((seq, payload.as_slice()), (-1, &[0x02, 0x0B][..]));
+            to.write_all(&[0x04, 0x08, 0x02, 0x22]).await.unwrap();
+            to.write_all(&[0x0C, 0x00, 0x00, 0x00, 0x40, 0x01, 0x07]).await.unwrap();
+            let (_, _, seq, _) = read_record(&mut from).await;
+            assert_eq!(seq, 1, "normal processing follows");
+            drop((to, from));
+            c.stop().await;
+        }
+    }
 }
