@@ -84,6 +84,11 @@ impl Service for Counter {
         (self.count, self.target) = progress_from(bytes);
         println!("restored {}", self.count);
     }
+
+    /// The state's layout is the same in every version: an upgrade only says so.
+    fn upgrade(&mut self) {
+        println!("upgraded at {}", self.count);
+    }
 }
 
 /// The service side of a pair across two coordinators: counts the `add` calls it gets

@@ -43,8 +43,10 @@ pub trait Service {
     fn checkpoint(&self) -> Vec<u8>;
     /// Replaces the state with a checkpoint.
     fn restore(&mut self, bytes: &[u8]);
-    /// The coordinator moves the service to a new version: convert the state (called
-    /// after the replay, before the upgrade checkpoint).
+    /// The service moves to a new version: convert the state. Called once, after the
+    /// replay and before the upgrade checkpoint when the coordinator upgrades the
+    /// instance; in an upgrade what-if run (`drover coordinator debug --test-upgrade`),
+    /// after the checkpoint is restored and before the first replayed record.
     fn upgrade(&mut self) {}
 }
 
@@ -161,9 +163,15 @@ fn checkpoint_message(state: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(state);
 }
 
-/// Runs `service` with its coordinator until the connection ends (an `Err`: the
-/// coordinator went away; start again to recover). At first start the coordinator
-/// logs `initial_args` as a call to `initial_method` and delivers it first.
+/// Runs `service` with its coordinator until the connection ends. At first start the
+/// coordinator logs `initial_args` as a call to `initial_method` and delivers it first.
+///
+/// A live session only ends with an `Err` (the coordinator went away; start again to
+/// recover). `Ok(())` means a debug run is over (`drover coordinator debug`, seed 4's
+/// repro and upgrade what-if flows): the coordinator sent a checkpoint and the logged
+/// records, never asked the service to go live, and closed the connection; the
+/// service's state is the replayed one. (A coordinator that dies in the middle of a
+/// recovery looks the same from here; the next start recovers in full.)
 pub async fn run<S: Service>(
     service: &mut S,
     connection: Connection,
@@ -176,11 +184,15 @@ pub async fn run<S: Service>(
     let mut reader = RecordReader::new(Limits::default());
     let mut buf = vec![0u8; 256 * 1024];
     let mut restored = false;
+    let mut live = false;
     let mut checkpoint: Option<(Vec<u8>, u64)> = None;
     let mut out = Outbox::default();
     loop {
         let n = from.read(&mut buf).await?;
         if n == 0 {
+            if restored && !live {
+                return Ok(());
+            }
             return Err(ClientError::Protocol("the coordinator closed the connection".into()));
         }
         reader.feed(&buf[..n]);
@@ -207,6 +219,7 @@ pub async fn run<S: Service>(
                     let mut reply = Vec::new();
                     match first_message(&r.payload) {
                         Some(Message::TakeBecomingPrimaryCheckpoint) if !restored => {
+                            live = true;
                             // First start: the initial call, then our first checkpoint.
                             let body =
                                 RpcBody::new(RpcKind::Call, initial_method, RpcType::FireAndForget, initial_args);
@@ -216,13 +229,17 @@ pub async fn run<S: Service>(
                             checkpoint_message(&service.checkpoint(), &mut reply);
                         }
                         Some(Message::UpgradeTakeCheckpoint) => {
+                            live = true;
                             service.upgrade();
                             checkpoint_message(&service.checkpoint(), &mut reply);
                         }
                         Some(Message::TakeBecomingPrimaryCheckpoint | Message::TakeCheckpoint) => {
+                            live = true;
                             checkpoint_message(&service.checkpoint(), &mut reply);
                         }
-                        Some(Message::BecomingPrimary | Message::UpgradeService) | None => {}
+                        // An upgrade what-if run: upgrade the state, then the replay follows.
+                        Some(Message::UpgradeService) => service.upgrade(),
+                        Some(Message::BecomingPrimary) | None => {}
                         Some(other) => {
                             return Err(ClientError::Protocol(format!("unexpected control message {other:?}")));
                         }

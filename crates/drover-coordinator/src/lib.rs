@@ -11,10 +11,13 @@
 //!   delivery, checkpoints, replay dedup, misbehaving applications).
 //! - [`server`]: the process around it (ports, both connection generations, the log).
 //! - [`instance`]: `instance.json`, registration and upgrades.
+//! - [`debug`]: debug runs (seed 4's repro and upgrade what-if flows) over a log,
+//!   read-only, and the checkpoints they can start from.
 //!
 //! - [`link`]: links between coordinators (`ReplayFrom`, `Commit`, `TrimTo`), so calls
 //!   between instances are delivered exactly once across crashes of either side.
 
+pub mod debug;
 pub mod instance;
 pub mod link;
 pub mod server;

@@ -93,6 +93,9 @@ pub enum CoordinatorError {
     /// Another process holds the instance directory.
     #[error(transparent)]
     Lock(#[from] drover_journal::LockError),
+    /// The application broke the protocol during a debug run.
+    #[error("the application misbehaved: {0}")]
+    Misbehaved(String),
 }
 
 /// Announced when the coordinator listens (for tests and tools).
@@ -137,18 +140,37 @@ pub async fn run(
     tracing::info!(instance = %config.instance, version = meta.version, receive = config.receive_port, send = config.send_port,
         connect_send = config.connect_send, "coordinator listening");
     tokio::pin!(shutdown);
+    let ports = Ports { receive: &receive, send: send.as_ref() };
+    let mut waiting: Option<Waiting> = None;
     loop {
-        let (input, _) = tokio::select! {
+        // Every wait races the shutdown signal: SIGINT/SIGTERM stop the coordinator at
+        // once, whatever it is waiting for.
+        let (input, from) = tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            a = receive.accept() => a?,
+            // A receive-port connection made while the last session was ending.
+            w = async { waiting.take() }, if waiting.as_ref().is_some_and(|w| w.port == "receive") => {
+                let w = w.expect("checked");
+                (w.stream, w.from)
+            }
+            a = receive.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept on the receive port failed; pausing 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
         };
         let _ = input.set_nodelay(true);
-        let output = match connect_output(&config, send.as_ref()).await {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::warn!(error = %e, "application's send connection did not come; waiting for the next one");
-                continue;
-            }
+        let output = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            o = connect_output(&config, send.as_ref(), &input) => match o {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(%from, error = %e, "no application session; waiting for the next application");
+                    continue;
+                }
+            },
         };
         let _ = output.set_nodelay(true);
         let journal_config = journal_config(&config);
@@ -187,9 +209,13 @@ pub async fn run(
         drop(recovery);
         let end = tokio::select! {
             _ = &mut shutdown => None,
-            end = serve(&config, &mut meta, upgrade, &journal, started, input, output, &peer) => Some(end),
+            end = serve(&config, &mut meta, upgrade, &journal, started, input, output, &peer, ports, &mut waiting) => Some(end),
         };
         tokio::task::spawn_blocking(move || journal.close_blocking()).await.ok();
+        // Only a receive-port connection can start the next session.
+        if waiting.as_ref().is_some_and(|w| w.port != "receive") {
+            waiting = None;
+        }
         match end {
             None => return Ok(()),
             Some(Ok(why)) => tracing::info!(instance = %config.instance, %why, "application session ended"),
@@ -198,7 +224,7 @@ pub async fn run(
     }
 }
 
-fn journal_config(config: &CoordinatorConfig) -> JournalConfig {
+pub(crate) fn journal_config(config: &CoordinatorConfig) -> JournalConfig {
     let mut j = JournalConfig::new(instance::log_path(&config.log_dir, &config.instance));
     j.fsync = config.fsync;
     j.checkpoint_every_bytes = config.checkpoint_every_bytes;
@@ -212,21 +238,95 @@ fn journal_config(config: &CoordinatorConfig) -> JournalConfig {
     j
 }
 
-async fn connect_output(config: &CoordinatorConfig, send: Option<&TcpListener>) -> std::io::Result<TcpStream> {
-    match send {
-        Some(l) => tokio::time::timeout(Duration::from_secs(30), l.accept())
-            .await
-            .map_err(|_| std::io::Error::other("no connection on the send port within 30 s"))?
-            .map(|(s, _)| s),
-        None => {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                match TcpStream::connect(("127.0.0.1", config.send_port)).await {
-                    Ok(s) => return Ok(s),
-                    Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+/// Waits for the application's send connection (accepted on the send port, or made to
+/// the application's own port with `connect_send`), while watching the receive
+/// connection already accepted: an application that connected and died (a crashed
+/// start, a port probe) is noticed at once and the coordinator goes back to waiting,
+/// instead of pairing the next application with a dead connection.
+pub(crate) async fn connect_output(
+    config: &CoordinatorConfig,
+    send: Option<&TcpListener>,
+    input: &TcpStream,
+) -> std::io::Result<TcpStream> {
+    let connect = async {
+        match send {
+            Some(l) => loop {
+                let (s, from) = tokio::time::timeout(Duration::from_secs(30), l.accept())
+                    .await
+                    .map_err(|_| std::io::Error::other("no connection on the send port within 30 s"))??;
+                // A connection left in the backlog by an application that has gone.
+                if closed_now(&s).await {
+                    tracing::warn!(%from, "dropped a send-port connection that had already closed");
+                    continue;
+                }
+                return Ok(s);
+            },
+            None => {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                loop {
+                    match TcpStream::connect(("127.0.0.1", config.send_port)).await {
+                        Ok(s) => return Ok(s),
+                        Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
                 }
             }
+        }
+    };
+    tokio::pin!(connect);
+    let mut watching = true;
+    let mut byte = [0u8; 1];
+    loop {
+        tokio::select! {
+            o = &mut connect => return o,
+            peeked = input.peek(&mut byte), if watching => match peeked {
+                Ok(0) => return Err(std::io::Error::other("the application's receive connection closed before its session started")),
+                Err(e) => return Err(std::io::Error::other(format!("the application's receive connection failed before its session started: {e}"))),
+                // The application already wrote: it is alive; its bytes wait for the session.
+                Ok(_) => watching = false,
+            },
+        }
+    }
+}
+
+/// Whether a connection has already been closed by its peer (without waiting).
+async fn closed_now(s: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(tokio::time::timeout(Duration::ZERO, s.peek(&mut byte)).await, Ok(Ok(0) | Err(_)))
+}
+
+/// How long a connection made during a session waits before it is refused: long
+/// enough for the coordinator to read the end of a session whose application was just
+/// killed and restarted.
+const SECOND_APP_GRACE: Duration = Duration::from_millis(250);
+
+/// A connection on an application port made while a session was active.
+struct Waiting {
+    stream: TcpStream,
+    from: std::net::SocketAddr,
+    port: &'static str,
+    until: tokio::time::Instant,
+}
+
+/// The application ports, watched during a session so that a second application is
+/// refused at once (and a leftover connection never waits for the next session).
+#[derive(Clone, Copy)]
+struct Ports<'a> {
+    receive: &'a TcpListener,
+    send: Option<&'a TcpListener>,
+}
+
+impl Ports<'_> {
+    /// The next connection on either port, with the port's name.
+    async fn accept(&self) -> (&'static str, std::io::Result<(TcpStream, std::net::SocketAddr)>) {
+        tokio::select! {
+            a = self.receive.accept() => ("receive", a),
+            a = async {
+                match self.send {
+                    Some(l) => l.accept().await,
+                    None => std::future::pending().await,
+                }
+            } => ("send", a),
         }
     }
 }
@@ -317,6 +417,8 @@ async fn serve(
     input: TcpStream,
     output: TcpStream,
     peer: &TcpListener,
+    ports: Ports<'_>,
+    waiting: &mut Option<Waiting>,
 ) -> Result<String, CoordinatorError> {
     use crate::link::PeerEvent;
     let (mut session, first) = started;
@@ -391,6 +493,12 @@ async fn serve(
                 }
             };
             let reading = !session.backpressure();
+            let grace_over = async {
+                match waiting.as_ref() {
+                    Some(w) => tokio::time::sleep_until(w.until).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 d = durable => {
                     let (_, entry) = inflight.take().expect("in flight");
@@ -405,6 +513,29 @@ async fn serve(
                     Some(Err(why)) => return Ok(why),
                     None => return Ok("the application's connection ended".into()),
                 },
+                // A connection while a session is active: an application restarted
+                // just after its old session died (whose end this coordinator may not
+                // have read yet) or a second application. It waits a short grace: if
+                // the session ends meanwhile, the connection starts the next one.
+                (port, accepted) = ports.accept(), if waiting.is_none() => match accepted {
+                    Ok((stream, from)) => {
+                        *waiting = Some(Waiting { stream, from, port, until: tokio::time::Instant::now() + SECOND_APP_GRACE });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept on an application port failed; pausing 100 ms");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = grace_over => {
+                    // The session is alive: refuse. AMBROSIA has no message for this, so
+                    // the connection is closed (the second application sees it end at
+                    // once) and the log says why. The active session is untouched.
+                    if let Some(w) = waiting.take() {
+                        drop(w.stream);
+                        tracing::warn!(instance = %config.instance, from = %w.from, port = w.port,
+                            "refused a second application: this instance already has an application session");
+                    }
+                }
                 accepted = peer.accept() => match accepted {
                     Ok((s, from)) => {
                         links.tasks.retain(|t| !t.is_finished());

@@ -481,6 +481,33 @@ impl Session {
         Ok((s, out))
     }
 
+    /// What a debug run (seed 4's repro and upgrade what-if flows) sends: the
+    /// checkpoint, `UpgradeService` when `test_upgrade`, then the records after the
+    /// checkpoint exactly as recovery replays them (original sequence ids, impulses
+    /// dropped, record 0 as the whole InitialMessage), and no request to go live.
+    pub fn replay_only(
+        committer_id: i32,
+        name: &str,
+        stored_checkpoint: &Bytes,
+        records: impl IntoIterator<Item = (i64, Bytes)>,
+        test_upgrade: bool,
+    ) -> Result<Vec<Bytes>, String> {
+        let (_, actions) = Session::recovery(committer_id, name, stored_checkpoint, records, false, u64::MAX)?;
+        let mut out: Vec<Bytes> = actions
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Send(b) => Some(b),
+                _ => None,
+            })
+            .collect();
+        // The last is the TakeBecomingPrimaryCheckpoint that would make the run live.
+        out.pop();
+        if test_upgrade {
+            out.insert(1, control(committer_id, &Message::UpgradeService).into());
+        }
+        Ok(out)
+    }
+
     fn close(&self, why: impl Into<String>) -> Vec<Action> {
         vec![Action::Close(why.into())]
     }

@@ -196,15 +196,18 @@ pub fn parse_checkpoint_name(name: &str) -> Option<i64> {
 /// each segment and the covered sequence id of each checkpoint, both ascending, and
 /// whether the committer id file is there.
 #[derive(Debug, Default)]
-pub(crate) struct Listing {
-    pub(crate) segments: Vec<i64>,
-    pub(crate) checkpoints: Vec<i64>,
-    pub(crate) committer: bool,
+pub struct Listing {
+    /// First sequence id of each segment, ascending.
+    pub segments: Vec<i64>,
+    /// The first sequence id each checkpoint does not cover, ascending.
+    pub checkpoints: Vec<i64>,
+    /// Whether the committer id file is there.
+    pub committer: bool,
 }
 
 impl Listing {
     /// Lists `dir`.
-    pub(crate) fn read(storage: &dyn Storage, dir: &Path) -> Result<Listing, JournalError> {
+    pub fn read(storage: &dyn Storage, dir: &Path) -> Result<Listing, JournalError> {
         let names = storage.list(dir).map_err(|e| JournalError::io("list", dir, e))?;
         let mut l = Listing { committer: names.iter().any(|n| n == COMMITTER_FILE), ..Listing::default() };
         for name in &names {

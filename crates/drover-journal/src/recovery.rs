@@ -192,6 +192,18 @@ pub enum Start {
     /// The oldest valid one, so every later checkpoint can be compared with a replay
     /// (an upgrade what-if run).
     OldestCheckpoint,
+    /// Exactly the checkpoint covering the records before this sequence id; without it
+    /// (missing or damaged) there is no checkpoint and replay starts at the log's start.
+    At(i64),
+}
+
+/// Reads the journal in `config.dir` from the checkpoint `start` names without
+/// changing anything: no directory or committer file is created and a torn tail is
+/// reported (in `report.torn_tail`) but left in place, so a writer may be appending to
+/// the same directory meanwhile (its newest, half-written record reads as a torn
+/// tail). For debug and repro runs over a live log.
+pub fn read_only(config: &JournalConfig, storage: &Arc<dyn Storage>, start: Start) -> Result<Recovery, JournalError> {
+    recover_impl(config, storage, start, false)
 }
 
 /// Recovers the journal in `config.dir` from the checkpoint `start` names, repairing
@@ -201,15 +213,32 @@ pub fn recover_from(
     storage: &Arc<dyn Storage>,
     start: Start,
 ) -> Result<Recovery, JournalError> {
+    recover_impl(config, storage, start, true)
+}
+
+fn recover_impl(
+    config: &JournalConfig,
+    storage: &Arc<dyn Storage>,
+    start: Start,
+    repair: bool,
+) -> Result<Recovery, JournalError> {
     let dir = &config.dir;
-    storage.create_dir_all(dir).map_err(|e| JournalError::io("create", dir, e))?;
+    if repair {
+        storage.create_dir_all(dir).map_err(|e| JournalError::io("create", dir, e))?;
+    }
     let Listing { segments: segment_seqs, checkpoints: mut checkpoint_seqs, committer } =
         Listing::read(storage.as_ref(), dir)?;
-    // Tried in this order: newest first, unless asked for the oldest.
-    if start == Start::NewestCheckpoint {
-        checkpoint_seqs.reverse();
-    }
     let has_files = !segment_seqs.is_empty() || !checkpoint_seqs.is_empty();
+    // Tried in this order: newest first, unless asked for the oldest or one.
+    match start {
+        Start::NewestCheckpoint => checkpoint_seqs.reverse(),
+        Start::OldestCheckpoint => {}
+        Start::At(seq) => checkpoint_seqs.retain(|&s| s == seq),
+    }
+    if !repair && !committer {
+        let path = dir.join(COMMITTER_FILE);
+        return Err(JournalError::io("read", &path, std::io::Error::from(std::io::ErrorKind::NotFound)));
+    }
     let committer_id = read_committer(storage.as_ref(), dir, committer, has_files)?;
 
     let mut report = RecoveryReport::default();
@@ -287,9 +316,11 @@ pub fn recover_from(
                     bytes: (data.len() - at) as u64,
                     damage: found.damage.to_string(),
                 };
-                tracing::warn!(file = %path.display(), offset = at, bytes = cut.bytes, damage = %cut.damage,
-                    "torn tail after a crash; truncating");
-                storage.truncate(&path, at as u64).map_err(|e| JournalError::io("truncate", &path, e))?;
+                if repair {
+                    tracing::warn!(file = %path.display(), offset = at, bytes = cut.bytes, damage = %cut.damage,
+                        "torn tail after a crash; truncating");
+                    storage.truncate(&path, at as u64).map_err(|e| JournalError::io("truncate", &path, e))?;
+                }
                 report.torn_tail = Some(cut);
                 break at;
             }

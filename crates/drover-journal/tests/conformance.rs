@@ -309,3 +309,30 @@ fn an_input_that_does_not_decode_is_a_replay_error_naming_its_record() {
         }
     });
 }
+
+#[test]
+fn a_read_only_read_changes_nothing_and_reads_from_the_named_checkpoint() {
+    use drover_journal::recovery::{Start, read_only};
+    both(|mut config, storage| {
+        // Nothing there: a read-only read fails and creates nothing.
+        assert!(read_only(&config, &storage, Start::NewestCheckpoint).is_err());
+        assert!(storage.list(&config.dir).is_err() || storage.list(&config.dir).unwrap().is_empty());
+        config.keep_checkpoints = 10;
+        let (j, _) = open(&config, &storage);
+        for v in 0..30 {
+            append_all(&j, [v]);
+            if v % 10 == 9 && v < 29 {
+                assert_eq!(j.checkpoint_blocking(v.to_le_bytes().to_vec()).unwrap(), v as i64 + 1);
+            }
+        }
+        j.close_blocking();
+        let (path, bytes, last) = last_record(&config, &storage);
+        // Half of the last record: a writer mid-append, as a debug run over a live log sees.
+        overwrite(&storage, &path, &bytes[..last + 5]);
+        let rec = read_only(&config, &storage, Start::At(10)).unwrap();
+        assert_eq!(rec.checkpoint_seq, 10);
+        assert!(rec.report.torn_tail.is_some());
+        assert_eq!(rec.records().map(|(s, _)| s).collect::<Vec<_>>(), (10..29).collect::<Vec<i64>>());
+        assert_eq!(storage.read(&path).unwrap().len(), last + 5, "the torn tail was left in place");
+    });
+}

@@ -60,6 +60,51 @@ pub struct RunArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum CoordinatorAction {
+    /// Replay an instance's recorded history to an application without going live
+    /// (AMBROSIA's DebugInstance; seed 4's repro and upgrade what-if flows): a
+    /// checkpoint, then every logged record after it with its original sequence id.
+    /// Read-only: a live coordinator may keep running on the instance. The replay's end
+    /// is the end of the application's receive stream; the run ends when the
+    /// application disconnects.
+    Debug {
+        /// The instance whose log is replayed.
+        #[arg(long, env = "DROVER_INSTANCE")]
+        instance: String,
+        /// Where instances live.
+        #[arg(long, env = "DROVER_LOG_DIR", default_value = "./ambrosia-logs")]
+        log_dir: PathBuf,
+        /// The port the application writes to (loopback).
+        #[arg(long)]
+        receive_port: u16,
+        /// The port the application reads from (loopback).
+        #[arg(long)]
+        send_port: u16,
+        /// Connect out to the application's send port (older AMBROSIA clients).
+        #[arg(long)]
+        connect_send: bool,
+        /// Start from this checkpoint (see `checkpoints`; default: the oldest kept).
+        #[arg(long)]
+        checkpoint: Option<i64>,
+        /// Send UpgradeService after the checkpoint: the application upgrades its state,
+        /// then replays (an upgrade rehearsal).
+        #[arg(long)]
+        test_upgrade: bool,
+        /// Print the run's report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the checkpoints a debug run can start from.
+    Checkpoints {
+        /// The instance.
+        #[arg(long, env = "DROVER_INSTANCE")]
+        instance: String,
+        /// Where instances live.
+        #[arg(long, env = "DROVER_LOG_DIR", default_value = "./ambrosia-logs")]
+        log_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create an instance (as `Ambrosia RegisterInstance` does).
     Register {
         /// The instance name (letters, digits, '-', '_').
@@ -107,6 +152,53 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             println!("registered instance {} (version {}) in {}", meta.name, meta.version, log_dir.display());
             Ok(ExitCode::SUCCESS)
         }
+        Some(CoordinatorAction::Debug {
+            instance,
+            log_dir,
+            receive_port,
+            send_port,
+            connect_send,
+            checkpoint,
+            test_upgrade,
+            json,
+        }) => {
+            let mut coordinator =
+                drover_coordinator::CoordinatorConfig::new(instance, &log_dir, receive_port, send_port);
+            coordinator.connect_send = connect_send;
+            let config = drover_coordinator::debug::DebugConfig { coordinator, checkpoint, test_upgrade };
+            let report = drover_coordinator::debug::debug(config, shutdown_signal(), |_| {}).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let range = match (report.first_seq, report.last_seq) {
+                    (Some(a), Some(b)) => format!(" (records {a} to {b})"),
+                    _ => String::new(),
+                };
+                println!(
+                    "debug run from checkpoint {}{}: {} records replayed{range}; the application made {} calls (dropped); {}",
+                    report.checkpoint,
+                    if report.test_upgrade { " with UpgradeService" } else { "" },
+                    report.records,
+                    report.calls_dropped,
+                    report.ended
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(CoordinatorAction::Checkpoints { instance, log_dir, json }) => {
+            let list = drover_coordinator::debug::checkpoints(&log_dir, &instance)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!("instance {instance} has no checkpoint yet");
+            } else {
+                println!("{:>12}  {:>12}  {:>14}", "checkpoint", "bytes", "records after");
+                for c in &list {
+                    println!("{:>12}  {:>12}  {:>14}", c.seq, c.bytes, c.records_after);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Some(CoordinatorAction::Example { name, own, server, receive_port, send_port, target, listen_send }) => {
             let connection = if listen_send {
                 drover_ambrosia::Connection::ConnectingCoordinator { receive_port, send_port }
@@ -128,7 +220,12 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
                 }
                 _ => {
                     let mut s = drover_ambrosia::examples::Counter::default();
-                    drover_ambrosia::run(&mut s, connection, 0, &target.to_le_bytes()).await
+                    let r = drover_ambrosia::run(&mut s, connection, 0, &target.to_le_bytes()).await;
+                    if r.is_ok() {
+                        // Only a debug run ends without an error.
+                        println!("replay over at count {}", s.count);
+                    }
+                    r
                 }
             };
             result.context("the example service stopped")?;
