@@ -77,7 +77,8 @@ pub struct DebugConfig {
 pub struct DebugReport {
     /// The checkpoint it started from.
     pub checkpoint: i64,
-    /// Records sent after it.
+    /// Records in the log after it (a record holding only impulses is not sent, as
+    /// in recovery).
     pub records: u64,
     /// Sequence ids of the first and last record sent.
     pub first_seq: Option<i64>,

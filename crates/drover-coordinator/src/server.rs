@@ -278,7 +278,13 @@ pub(crate) async fn connect_output(
     let mut byte = [0u8; 1];
     loop {
         tokio::select! {
-            o = &mut connect => return o,
+            o = &mut connect => {
+                // The send connection came at once, but the receive one may be long dead.
+                if watching && closed_now(input).await {
+                    return Err(std::io::Error::other("the application's receive connection closed before its session started"));
+                }
+                return o;
+            }
             peeked = input.peek(&mut byte), if watching => match peeked {
                 Ok(0) => return Err(std::io::Error::other("the application's receive connection closed before its session started")),
                 Err(e) => return Err(std::io::Error::other(format!("the application's receive connection failed before its session started: {e}"))),

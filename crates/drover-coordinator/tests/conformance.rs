@@ -462,3 +462,181 @@ async fn record_0_is_the_whole_initial_message_in_c_and_js_forms_for_both_genera
         }
     }
 }
+
+/// Starts a debug run over `dir`'s instance "app"; returns its task and ports.
+async fn start_debug(
+    dir: &Path,
+    checkpoint: Option<i64>,
+    test_upgrade: bool,
+) -> (
+    tokio::task::JoinHandle<Result<drover_coordinator::debug::DebugReport, drover_coordinator::CoordinatorError>>,
+    u16,
+    u16,
+) {
+    let coordinator = CoordinatorConfig::new("app", dir, 0, 0);
+    let config = drover_coordinator::debug::DebugConfig { coordinator, checkpoint, test_upgrade };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(drover_coordinator::debug::debug(config, std::future::pending(), move |l| {
+        let _ = tx.send(l);
+    }));
+    let l = rx.await.expect("listening");
+    (task, l.receive_port, l.send_port.unwrap())
+}
+
+/// Every file of the instance with its bytes (to show a run changed nothing).
+fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push((e.path(), std::fs::read(e.path()).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn debug_runs_send_checkpoint_then_upgrade_service_then_the_records_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    instance::register(dir.path(), "app", 0).unwrap();
+    let c = Coordinator::start(dir.path(), false, 0, None).await;
+    let (mut to, mut from) = connect(&c).await;
+    read_exact(&mut from, 26).await;
+    to.write_all(&JS_INITIAL).await.unwrap();
+    to.write_all(&[0x04, 0x08, 0x02, 0x5A]).await.unwrap();
+    read_record(&mut from).await;
+    // A self call, an impulse, a self call: records 1 to 3.
+    for (ty, arg) in [(1u8, 1u8), (2, 2), (1, 3)] {
+        to.write_all(&[0x0C, 0x00, 0x00, 0x00, 0x40, ty, arg]).await.unwrap();
+        read_record(&mut from).await;
+    }
+    // The live coordinator keeps running (its application connected) during the runs.
+    let before = snapshot(dir.path());
+    for test_upgrade in [false, true] {
+        let (run, receive, send) = start_debug(dir.path(), None, test_upgrade).await;
+        let mut app_to = TcpStream::connect(("127.0.0.1", receive)).await.unwrap();
+        let mut app_from = TcpStream::connect(("127.0.0.1", send)).await.unwrap();
+        assert_eq!(read_checkpoint(&mut app_from).await, [0x5A], "the checkpoint first");
+        if test_upgrade {
+            let (_, check, seq, payload) = read_record(&mut app_from).await;
+            assert_eq!((seq, payload.as_slice()), (-1, &[0x02, 0x0C][..]), "then UpgradeService (type 12)");
+            assert_eq!(check, xxh64(&[0x02, 0x0C]));
+        }
+        let (_, _, seq, payload) = read_record(&mut app_from).await;
+        assert_eq!((seq, payload.as_slice()), (0, &JS_INITIAL[..]), "record 0 as the whole InitialMessage");
+        let mut seqs = Vec::new();
+        let mut rest = Vec::new();
+        loop {
+            let mut head = [0u8; 24];
+            match tokio::time::timeout(Duration::from_secs(10), app_from.read(&mut head[..1])).await.unwrap().unwrap() {
+                0 => break, // the end of the replay: the stream ends, no [-1] to go live
+                _ => {
+                    app_from.read_exact(&mut head[1..]).await.unwrap();
+                    let len = i32::from_le_bytes(head[4..8].try_into().unwrap()) as usize;
+                    let payload = read_exact(&mut app_from, len - 24).await;
+                    seqs.push(i64::from_le_bytes(head[16..24].try_into().unwrap()));
+                    rest.push(payload);
+                }
+            }
+        }
+        assert_eq!(seqs, [1, 3], "original sequence ids; the impulse (2) is not replayed, as in recovery");
+        assert_eq!(rest[1].last(), Some(&3));
+        // The application regenerates its calls: read and dropped.
+        to_app_calls(&mut app_to, 2).await;
+        drop((app_to, app_from));
+        let report = run.await.unwrap().unwrap();
+        assert_eq!((report.checkpoint, report.records, report.calls_dropped), (0, 4, 2));
+        assert_eq!((report.first_seq, report.last_seq), (Some(0), Some(3)));
+    }
+    assert!(before == snapshot(dir.path()), "a debug run wrote nothing");
+    // The live session was untouched: its next call is record 4.
+    to.write_all(&[0x0C, 0x00, 0x00, 0x00, 0x40, 0x01, 0x04]).await.unwrap();
+    assert_eq!(read_record(&mut from).await.2, 4);
+
+    // An application that sends what it may not (a Checkpoint nobody asked for) ends
+    // the run with a clear error.
+    let (run, receive, send) = start_debug(dir.path(), Some(0), false).await;
+    let mut app_to = TcpStream::connect(("127.0.0.1", receive)).await.unwrap();
+    let _app_from = TcpStream::connect(("127.0.0.1", send)).await.unwrap();
+    to_app_calls(&mut app_to, 1).await;
+    app_to.write_all(&[0x04, 0x08, 0x02, 0x01]).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), run).await.unwrap().unwrap().unwrap_err();
+    assert!(matches!(err, drover_coordinator::CoordinatorError::Misbehaved(_)), "{err}");
+    assert!(err.to_string().contains("Checkpoint during a debug run"), "{err}");
+    // A checkpoint the instance does not have is refused by name.
+    let coordinator = CoordinatorConfig::new("app", dir.path(), 0, 0);
+    let config = drover_coordinator::debug::DebugConfig { coordinator, checkpoint: Some(77), test_upgrade: false };
+    let err = drover_coordinator::debug::debug(config, std::future::pending(), |_| {}).await.unwrap_err();
+    assert!(err.to_string().contains("has no checkpoint 77"), "{err}");
+    drop((to, from));
+    c.stop().await;
+}
+
+/// Writes `n` self calls as an application replaying would.
+async fn to_app_calls(to: &mut TcpStream, n: u8) {
+    for i in 0..n {
+        to.write_all(&[0x0C, 0x00, 0x00, 0x00, 0x40, 0x01, i]).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_second_application_is_refused_and_the_active_one_is_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    instance::register(dir.path(), "app", 0).unwrap();
+    let c = Coordinator::start(dir.path(), false, 0, None).await;
+    let (mut to, mut from) = first_start(&c).await;
+    let started = std::time::Instant::now();
+    let (mut to2, mut from2) = connect(&c).await;
+    // Both of its connections are closed, without a byte sent to it.
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), from2.read_to_end(&mut rest)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "nothing is sent to the second application");
+    let n = tokio::time::timeout(Duration::from_secs(5), to2.read(&mut [0u8; 8])).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "its receive connection is closed too");
+    assert!(started.elapsed() < Duration::from_secs(2), "refused promptly: {:?}", started.elapsed());
+    // The first application goes on.
+    to.write_all(&[0x0C, 0x00, 0x00, 0x00, 0x40, 0x01, 0x01]).await.unwrap();
+    assert_eq!(read_record(&mut from).await.2, 1);
+    // When it leaves, the next application recovers normally.
+    drop((to, from));
+    let (_to, mut from) = connect(&c).await;
+    read_checkpoint(&mut from).await;
+    assert_eq!(read_record(&mut from).await.2, 0);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_receive_connection_that_dies_before_its_session_is_dropped_in_both_generations() {
+    for older in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        instance::register(dir.path(), "app", 0).unwrap();
+        // The older generation's application listens on its send port only once it
+        // starts: a port chosen now, bound later.
+        let app_port =
+            if older { TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port() } else { 0 };
+        let c = Coordinator::start(dir.path(), older, app_port, None).await;
+        // A client that connected and died (a crashed start, a port probe); for the
+        // current generation, one on the send port too.
+        drop(TcpStream::connect(("127.0.0.1", c.receive)).await.unwrap());
+        if !older {
+            drop(TcpStream::connect(("127.0.0.1", c.send)).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A healthy application starts normally.
+        let app_listener = if older { Some(TcpListener::bind(("127.0.0.1", app_port)).await.unwrap()) } else { None };
+        let (mut to, mut from) = connect_as(&c, app_listener.as_ref()).await;
+        let first = read_exact(&mut from, 26).await;
+        assert_eq!(&first[24..], &[0x02, 0x0B], "a normal first start (older generation {older})");
+        to.write_all(&C_INITIAL).await.unwrap();
+        to.write_all(&[0x04, 0x08, 0x00]).await.unwrap();
+        assert_eq!(read_record(&mut from).await.3, C_INITIAL);
+        drop((to, from));
+        c.stop().await;
+    }
+}

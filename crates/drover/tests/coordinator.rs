@@ -1,7 +1,9 @@
 //! The coordinator with real processes: `drover coordinator` and the shipped counter
 //! service (`drover coordinator example counter`, built on drover-ambrosia), SIGKILLed
 //! at random moments. The counter counts to its target by calling itself once per
-//! step, so a lost call stops it short and a repeated one makes it overshoot.
+//! step, so a lost call stops it short and a repeated one makes it overshoot. Also:
+//! sessions that survive dead connections, SIGINT during every wait, and debug runs
+//! (`drover coordinator debug`) replaying the counter's log.
 
 mod common;
 
@@ -137,6 +139,12 @@ fn register(dir: &Path, instance: &str) {
 }
 
 fn coordinator_for(dir: &Path, instance: &str, receive: u16, send: u16) -> Killed {
+    coordinator_with(dir, instance, receive, send, &[])
+}
+
+/// `drover coordinator` with extra arguments (a subcommand's flags go after them);
+/// stderr to `dir/coordinator-INSTANCE.log`.
+fn coordinator_with(dir: &Path, instance: &str, receive: u16, send: u16, extra: &[&str]) -> Killed {
     let err = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -144,18 +152,18 @@ fn coordinator_for(dir: &Path, instance: &str, receive: u16, send: u16) -> Kille
         .unwrap();
     let (r, s) = (receive.to_string(), send.to_string());
     let log_dir = dir.join("logs");
-    let args = [
-        "coordinator",
-        "--instance",
-        instance,
-        "--log-dir",
-        log_dir.to_str().unwrap(),
-        "--receive-port",
-        &r,
-        "--send-port",
-        &s,
-    ];
-    Killed(Command::new(env!("CARGO_BIN_EXE_drover")).args(args).stdout(Stdio::null()).stderr(err).spawn().unwrap())
+    let args =
+        ["--instance", instance, "--log-dir", log_dir.to_str().unwrap(), "--receive-port", &r, "--send-port", &s];
+    Killed(
+        Command::new(env!("CARGO_BIN_EXE_drover"))
+            .arg("coordinator")
+            .args(extra)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn pair_app(dir: &Path, which: &str, receive: u16, send: u16, target: u64, round: usize) -> Killed {
@@ -316,4 +324,236 @@ fn a_peer_link_that_has_not_attached_gets_a_small_budget() {
     // The coordinator and its application go on.
     let before = counts(d).len();
     assert!(wait_until(Duration::from_secs(10), || counts(d).len() > before), "calls still flow");
+}
+
+/// Every file under `dir` with its bytes.
+fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push((e.path(), std::fs::read(e.path()).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn output_of(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).unwrap_or_default()
+}
+
+/// `drover coordinator example NAME` with stdout to `dir/OUT`.
+fn example(dir: &Path, name: &str, receive: u16, send: u16, out: &str, extra: &[&str]) -> Killed {
+    let stdout = std::fs::File::create(dir.join(out)).unwrap();
+    let err = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{out}.err"))).unwrap();
+    let (r, s) = (receive.to_string(), send.to_string());
+    let args = ["coordinator", "example", name, "--receive-port", &r, "--send-port", &s];
+    Killed(
+        Command::new(env!("CARGO_BIN_EXE_drover")).args(args).args(extra).stdout(stdout).stderr(err).spawn().unwrap(),
+    )
+}
+
+/// How many times a coordinator of `instance` has said it listens (its log appends).
+fn listened(dir: &Path, instance: &str) -> usize {
+    output_of(dir, &format!("coordinator-{instance}.log")).matches("coordinator listening").count()
+}
+
+#[test]
+fn a_client_that_connected_and_died_does_not_stop_the_next_application_in_either_generation() {
+    for older in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        register(d, "hello");
+        let (receive, send) = (free_port(), free_port());
+        let extra: &[&str] = if older { &["--connect-send"] } else { &[] };
+        let _coord = coordinator_with(d, "hello", receive, send, extra);
+        assert!(wait_until(Duration::from_secs(20), || listened(d, "hello") == 1));
+        // A port probe: connect to the receive port and close at once.
+        drop(std::net::TcpStream::connect(("127.0.0.1", receive)).unwrap());
+        std::thread::sleep(Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        let extra: &[&str] = if older { &["--listen-send"] } else { &[] };
+        let _hello = example(d, "hello", receive, send, "hello.out", extra);
+        assert!(
+            wait_until(Duration::from_secs(20), || output_of(d, "hello.out")
+                .contains("received: hello from drover-ambrosia")),
+            "hello started normally (older generation {older}): {}{}",
+            output_of(d, "hello.out.err"),
+            output_of(d, "coordinator-hello.log")
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "without a long wait: {:?}", started.elapsed());
+    }
+}
+
+/// SIGINT to `child`; how long it took to exit (it must exit successfully).
+fn interrupt(child: &mut Killed) -> Duration {
+    let started = std::time::Instant::now();
+    let sent = Command::new("kill").args(["-INT", &child.pid().to_string()]).status().unwrap();
+    assert!(sent.success());
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            assert!(status.success(), "the coordinator exits cleanly on SIGINT: {status}");
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the coordinator ignored SIGINT");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The instance's checkpoints as `drover coordinator checkpoints --json` lists them.
+fn checkpoints(dir: &Path, instance: &str) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["coordinator", "checkpoints", "--json", "--instance", instance, "--log-dir"])
+        .arg(dir.join("logs"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn sigint_during_every_wait_stops_the_coordinator_within_a_second_with_its_log_intact() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    register(d, "hello");
+    let (receive, send) = (free_port(), free_port());
+    // A log to keep intact: one live session of the hello service.
+    let mut coord = coordinator_for(d, "hello", receive, send);
+    let mut hello = example(d, "hello", receive, send, "hello.out", &[]);
+    assert!(wait_until(Duration::from_secs(20), || output_of(d, "hello.out").contains("received: hello")));
+    hello.kill();
+    let stopped = interrupt(&mut coord);
+    assert!(stopped < Duration::from_secs(1), "SIGINT with an application gone: {stopped:?}");
+    // The log (instance.json records the peer port of each start; it is not the log).
+    let instance_dir = d.join("logs/hello/log");
+    let log = snapshot(&instance_dir);
+    let listed = checkpoints(d, "hello");
+    assert_eq!(listed[0]["records_after"], 2, "record 0 and the greeting: {listed}");
+    let mut times = Vec::new();
+    for wait in ["an application", "the send connection", "connecting out", "the checkpoint"] {
+        let extra: &[&str] = if wait == "connecting out" { &["--connect-send"] } else { &[] };
+        let starts = listened(d, "hello");
+        let mut coord = coordinator_with(d, "hello", receive, send, extra);
+        assert!(wait_until(Duration::from_secs(20), || listened(d, "hello") > starts));
+        let mut held = Vec::new();
+        match wait {
+            "an application" => {}
+            // Connected to the receive port only: the coordinator waits for the send
+            // connection (30 s) or connects out to a port nobody listens on (60 s).
+            "the send connection" | "connecting out" => {
+                held.push(std::net::TcpStream::connect(("127.0.0.1", receive)).unwrap());
+            }
+            _ => {
+                // A recovery that the application never answers: the coordinator waits
+                // for its checkpoint.
+                held.push(std::net::TcpStream::connect(("127.0.0.1", receive)).unwrap());
+                let mut from = std::net::TcpStream::connect(("127.0.0.1", send)).unwrap();
+                from.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !got.ends_with(&[0x02, 0x0B]) {
+                    let n = from.read(&mut buf).unwrap();
+                    assert!(n > 0, "the replay came");
+                    got.extend_from_slice(&buf[..n]);
+                }
+                held[0].write_all(&[0x0C, 0x00, 0x00, 0x00, 0x40, 0x01, 0x01]).unwrap();
+                held.push(from);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let took = interrupt(&mut coord);
+        assert!(took < Duration::from_secs(1), "SIGINT while waiting for {wait}: {took:?}");
+        times.push((wait, took));
+        drop(held);
+        assert!(snapshot(&instance_dir) == log, "waiting for {wait}: the log is unchanged");
+        assert_eq!(checkpoints(d, "hello"), listed);
+    }
+    eprintln!("SIGINT to exit: {times:?}");
+    // And the log still recovers: the hello service gets its greeting replayed.
+    let _coord = coordinator_for(d, "hello", receive, send);
+    let _hello = example(d, "hello", receive, send, "again.out", &[]);
+    assert!(wait_until(Duration::from_secs(20), || output_of(d, "again.out").contains("received: hello")));
+}
+
+#[test]
+fn debug_runs_replay_the_counters_log_to_the_live_count_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    register(d, "counter");
+    let (receive, send) = (free_port(), free_port());
+    let target = 3000;
+    let _coord = coordinator_for(d, "counter", receive, send);
+    // Live: count part of the way, kill the service, recover it (a second checkpoint), finish.
+    let mut app = counter(d, receive, send, target, 0);
+    assert!(wait_until(Duration::from_secs(30), || counts(d).into_iter().max().unwrap_or(0) >= 1000));
+    app.kill();
+    let _app = counter(d, receive, send, target, 1);
+    assert!(wait_until(Duration::from_secs(60), || done(d, 1, target)), "the live count finished");
+    let listed = checkpoints(d, "counter");
+    let seqs: Vec<i64> = listed.as_array().unwrap().iter().map(|c| c["seq"].as_i64().unwrap()).collect();
+    assert!(seqs.len() >= 2 && seqs[0] == 0, "{listed}");
+    let later = *seqs.last().unwrap();
+    // The live coordinator and its service keep running during the debug runs.
+    let before = snapshot(&d.join("logs/counter"));
+    for (run, checkpoint, upgrade) in
+        [(0, None, false), (1, Some(later), false), (2, None, true), (3, Some(later), true)]
+    {
+        let (r, s) = (free_port(), free_port());
+        let mut args = vec!["debug".to_owned(), "--json".to_owned()];
+        if let Some(n) = checkpoint {
+            args.extend(["--checkpoint".to_owned(), n.to_string()]);
+        }
+        if upgrade {
+            args.push("--test-upgrade".to_owned());
+        }
+        let log_dir = d.join("logs");
+        let debug = Command::new(env!("CARGO_BIN_EXE_drover"))
+            .arg("coordinator")
+            .args(&args)
+            .args(["--instance", "counter", "--receive-port", &r.to_string(), "--send-port", &s.to_string()])
+            .arg("--log-dir")
+            .arg(&log_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = format!("repro-{run}.out");
+        let mut repro = example(d, "counter", r, s, &out, &[]);
+        let status = repro.0.wait().unwrap();
+        let debug = debug.wait_with_output().unwrap();
+        let text = output_of(d, &out);
+        assert!(status.success(), "the repro run ends cleanly: {text}{}", output_of(d, &format!("{out}.err")));
+        assert!(debug.status.success(), "{}", String::from_utf8_lossy(&debug.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&debug.stdout).unwrap();
+        assert_eq!(
+            text.lines().last(),
+            Some(format!("replay over at count {target}").as_str()),
+            "run {run}: the replay reaches the live count"
+        );
+        let restored: u64 = text.lines().next().and_then(|l| l.strip_prefix("restored ")).unwrap().parse().unwrap();
+        assert_eq!(report["checkpoint"], checkpoint.unwrap_or(0), "{report}");
+        // Every replayed record but the last (count 3000) makes the next call.
+        // From checkpoint 0: record 0 (the InitialMessage) and 3000 counts; from a later
+        // one: the counts after the restored one.
+        let records = if restored == 0 { target + 1 } else { target - restored };
+        assert_eq!(report["records"], records, "{report}");
+        assert_eq!(report["calls_dropped"], report["records"].as_u64().unwrap() - 1, "all read and dropped: {report}");
+        let upgraded: Vec<usize> =
+            text.lines().enumerate().filter(|(_, l)| l.starts_with("upgraded at ")).map(|(i, _)| i).collect();
+        if upgrade {
+            let first_count = text.lines().position(|l| l.starts_with("count ")).unwrap();
+            assert_eq!(upgraded.len(), 1, "the upgrade hook runs exactly once: {upgraded:?}");
+            assert!(upgraded[0] == 1 && upgraded[0] < first_count, "after the checkpoint, before the first record");
+            assert_eq!(text.lines().nth(1), Some(format!("upgraded at {restored}").as_str()));
+        } else {
+            assert!(upgraded.is_empty());
+        }
+    }
+    assert!(snapshot(&d.join("logs/counter")) == before, "the debug runs changed no byte of the instance");
 }
