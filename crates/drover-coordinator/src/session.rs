@@ -155,7 +155,8 @@ impl Cursor<'_> {
 }
 
 impl CheckpointHeader {
-    fn encode(&self, app: &[u8]) -> Vec<u8> {
+    /// The stored checkpoint: the header's length (u64 LE), the header, the application's bytes.
+    pub fn encode(&self, app: &[u8]) -> Vec<u8> {
         let mut h = Vec::new();
         varint::put_long(&mut h, self.self_calls as i64);
         varint::put_long(&mut h, self.pending as i64);
