@@ -640,3 +640,38 @@ async fn a_receive_connection_that_dies_before_its_session_is_dropped_in_both_ge
         c.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_debug_run_connects_out_to_an_older_generation_application() {
+    let dir = tempfile::tempdir().unwrap();
+    instance::register(dir.path(), "app", 0).unwrap();
+    let c = Coordinator::start(dir.path(), false, 0, None).await;
+    let (mut to, mut from) = connect(&c).await;
+    read_exact(&mut from, 26).await;
+    to.write_all(&C_INITIAL).await.unwrap();
+    to.write_all(&[0x04, 0x08, 0x00]).await.unwrap();
+    read_record(&mut from).await;
+    drop((to, from));
+    c.stop().await;
+    // The C client listens on its send port; the debug run connects out to it.
+    let app_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut coordinator = CoordinatorConfig::new("app", dir.path(), 0, app_listener.local_addr().unwrap().port());
+    coordinator.connect_send = true;
+    let config = drover_coordinator::debug::DebugConfig { coordinator, checkpoint: None, test_upgrade: true };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let run = tokio::spawn(drover_coordinator::debug::debug(config, std::future::pending(), move |l| {
+        let _ = tx.send(l);
+    }));
+    let receive = rx.await.unwrap().receive_port;
+    let app_to = TcpStream::connect(("127.0.0.1", receive)).await.unwrap();
+    let (mut app_from, _) =
+        tokio::time::timeout(Duration::from_secs(10), app_listener.accept()).await.unwrap().unwrap();
+    assert_eq!(read_checkpoint(&mut app_from).await, Vec::<u8>::new());
+    assert_eq!(read_record(&mut app_from).await.3, [0x02, 0x0C], "UpgradeService");
+    assert_eq!(read_record(&mut app_from).await.3, C_INITIAL, "record 0");
+    let mut rest = Vec::new();
+    assert_eq!(app_from.read_to_end(&mut rest).await.unwrap(), 0, "then the end of the replay");
+    drop(app_to);
+    let report = run.await.unwrap().unwrap();
+    assert_eq!((report.records, report.calls_dropped), (1, 0));
+}

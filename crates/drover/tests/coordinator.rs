@@ -390,10 +390,10 @@ fn a_client_that_connected_and_died_does_not_stop_the_next_application_in_either
     }
 }
 
-/// SIGINT to `child`; how long it took to exit (it must exit successfully).
-fn interrupt(child: &mut Killed) -> Duration {
+/// `signal` (INT or TERM) to `child`; how long it took to exit (it must exit successfully).
+fn interrupt(child: &mut Killed, signal: &str) -> Duration {
     let started = std::time::Instant::now();
-    let sent = Command::new("kill").args(["-INT", &child.pid().to_string()]).status().unwrap();
+    let sent = Command::new("kill").args([&format!("-{signal}"), &child.pid().to_string()]).status().unwrap();
     assert!(sent.success());
     loop {
         if let Some(status) = child.0.try_wait().unwrap() {
@@ -417,7 +417,7 @@ fn checkpoints(dir: &Path, instance: &str) -> serde_json::Value {
 }
 
 #[test]
-fn sigint_during_every_wait_stops_the_coordinator_within_a_second_with_its_log_intact() {
+fn sigint_or_sigterm_during_every_wait_stops_the_coordinator_within_a_second_with_its_log_intact() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -428,7 +428,7 @@ fn sigint_during_every_wait_stops_the_coordinator_within_a_second_with_its_log_i
     let mut hello = example(d, "hello", receive, send, "hello.out", &[]);
     assert!(wait_until(Duration::from_secs(20), || output_of(d, "hello.out").contains("received: hello")));
     hello.kill();
-    let stopped = interrupt(&mut coord);
+    let stopped = interrupt(&mut coord, "INT");
     assert!(stopped < Duration::from_secs(1), "SIGINT with an application gone: {stopped:?}");
     // The log (instance.json records the peer port of each start; it is not the log).
     let instance_dir = d.join("logs/hello/log");
@@ -436,7 +436,8 @@ fn sigint_during_every_wait_stops_the_coordinator_within_a_second_with_its_log_i
     let listed = checkpoints(d, "hello");
     assert_eq!(listed[0]["records_after"], 2, "record 0 and the greeting: {listed}");
     let mut times = Vec::new();
-    for wait in ["an application", "the send connection", "connecting out", "the checkpoint"] {
+    let waits = ["an application", "the send connection", "connecting out", "the checkpoint"];
+    for (wait, signal) in waits.iter().flat_map(|w| [(*w, "INT"), (*w, "TERM")]) {
         let extra: &[&str] = if wait == "connecting out" { &["--connect-send"] } else { &[] };
         let starts = listened(d, "hello");
         let mut coord = coordinator_with(d, "hello", receive, send, extra);
@@ -467,14 +468,14 @@ fn sigint_during_every_wait_stops_the_coordinator_within_a_second_with_its_log_i
             }
         }
         std::thread::sleep(Duration::from_millis(300));
-        let took = interrupt(&mut coord);
-        assert!(took < Duration::from_secs(1), "SIGINT while waiting for {wait}: {took:?}");
-        times.push((wait, took));
+        let took = interrupt(&mut coord, signal);
+        assert!(took < Duration::from_secs(1), "SIG{signal} while waiting for {wait}: {took:?}");
+        times.push((wait, signal, took));
         drop(held);
         assert!(snapshot(&instance_dir) == log, "waiting for {wait}: the log is unchanged");
         assert_eq!(checkpoints(d, "hello"), listed);
     }
-    eprintln!("SIGINT to exit: {times:?}");
+    eprintln!("signal to exit: {times:?}");
     // And the log still recovers: the hello service gets its greeting replayed.
     let _coord = coordinator_for(d, "hello", receive, send);
     let _hello = example(d, "hello", receive, send, "again.out", &[]);
