@@ -1,0 +1,30 @@
+//! The openraft glue, one crate between the journal and the shells.
+//!
+//! drover replicates its journal with openraft (pinned in `Cargo.toml`); nothing here
+//! elects or replicates by itself. This crate gives openraft what it needs from
+//! drover, so that the controller's and (later) the coordinator's replicas use it
+//! unchanged:
+//!
+//! - [`types`]: the Raft type configuration (node ids, what a normal entry carries);
+//! - [`record`]: how a Raft entry is written into the journal: one AMBROSIA message per
+//!   entry, carrying its Raft log id, so the on-disk format stays AMBROSIA log records;
+//! - [`log_store`]: openraft's log storage over [`drover_journal::Journal`]: appends are
+//!   group-committed and fsynced by the journal's writer, the vote and the purge point
+//!   are saved durably beside it, an uncommitted tail is truncated, reads come from an
+//!   in-memory mirror of the unpurged log;
+//! - [`machine`]: openraft's state machine over a [`drover_journal::StateMachine`]:
+//!   committed entries are applied to the core in order; snapshots are the core's
+//!   checkpoints plus the applied log id and membership.
+//!
+//! Status (issue 15): the storage layer is built and passes openraft's own storage
+//! test suite; the network, the controller shell on top and the cluster commands are
+//! not built yet.
+
+pub mod log_store;
+pub mod machine;
+pub mod record;
+pub mod types;
+
+pub use log_store::RaftLog;
+pub use machine::RaftMachine;
+pub use types::{Inputs, TypeConfig};

@@ -1,0 +1,276 @@
+//! openraft's state machine over a drover [`StateMachine`] (the controller's core, or
+//! any machine the journal can replay).
+//!
+//! Committed entries arrive in order: a normal entry's input messages are decoded as
+//! the journal's replay decodes them and applied to the core; the core's outputs are
+//! kept for the shell ([`RaftMachine::take_outputs`]), which is how the output rule
+//! holds: an output exists only once its input is committed. Membership entries are
+//! remembered. A snapshot is the core's checkpoint plus the applied log id and the
+//! membership, saved durably in the file [`SNAPSHOT_FILE`] (format 1: the length of a
+//! header u32, the header (last applied log id and membership log id, each a present
+//! byte and term, node id, index u64; the membership as `record` encodes it; the
+//! snapshot id), then the core's checkpoint bytes).
+
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use drover_journal::{ReplayEntry, StateMachine, Storage};
+use drover_wire::ambrosia::varint;
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, BasicNode, EntryPayload, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, StoredMembership,
+};
+
+use crate::record::{self, RecordError};
+use crate::types::{Entry, Inputs, LogId, StorageError, TypeConfig};
+
+/// The file holding the newest snapshot, beside the journal's files.
+pub const SNAPSHOT_FILE: &str = "raft-snapshot";
+
+type Meta = SnapshotMeta<u64, BasicNode>;
+
+/// The snapshot file cannot be read back.
+#[derive(Debug, thiserror::Error)]
+#[error("raft snapshot: {0}")]
+pub struct SnapshotError(String);
+
+struct Applied<M: StateMachine> {
+    machine: M,
+    last_applied: Option<LogId>,
+    membership: StoredMembership<u64, BasicNode>,
+    outputs: Vec<M::Output>,
+    snapshot: Option<(Meta, Vec<u8>)>,
+    built: u64,
+}
+
+/// openraft's state machine over a drover core `M`.
+pub struct RaftMachine<M: StateMachine> {
+    applied: Arc<Mutex<Applied<M>>>,
+    storage: Arc<dyn Storage>,
+    path: PathBuf,
+}
+
+/// Builds snapshots of a [`RaftMachine`].
+pub struct Builder<M: StateMachine> {
+    applied: Arc<Mutex<Applied<M>>>,
+    storage: Arc<dyn Storage>,
+    path: PathBuf,
+}
+
+fn lock<M: StateMachine>(m: &Mutex<Applied<M>>) -> MutexGuard<'_, Applied<M>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn sm_err(e: impl ToString) -> StorageError {
+    StorageIOError::write_state_machine(AnyError::error(e.to_string())).into()
+}
+
+fn snapshot_err(e: impl ToString) -> StorageError {
+    StorageIOError::write_snapshot(None, AnyError::error(e.to_string())).into()
+}
+
+fn put_log_id(out: &mut Vec<u8>, id: Option<LogId>) {
+    match id {
+        Some(id) => {
+            out.push(1);
+            out.extend_from_slice(&id.leader_id.term.to_le_bytes());
+            out.extend_from_slice(&id.leader_id.node_id.to_le_bytes());
+            out.extend_from_slice(&id.index.to_le_bytes());
+        }
+        None => out.extend_from_slice(&[0; 25]),
+    }
+}
+
+/// The snapshot file's bytes for `meta` and the core's checkpoint.
+fn encode_snapshot(meta: &Meta, core: &[u8]) -> Vec<u8> {
+    let mut h = vec![1u8];
+    put_log_id(&mut h, meta.last_log_id);
+    put_log_id(&mut h, *meta.last_membership.log_id());
+    record::encode_membership_bytes(meta.last_membership.membership(), &mut h);
+    h.extend_from_slice(&(meta.snapshot_id.len() as u32).to_le_bytes());
+    h.extend_from_slice(meta.snapshot_id.as_bytes());
+    let mut out = Vec::with_capacity(4 + h.len() + core.len());
+    out.extend_from_slice(&(h.len() as u32).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(core);
+    out
+}
+
+/// Splits a snapshot file into its meta and the core's checkpoint.
+fn decode_snapshot(bytes: &[u8]) -> Result<(Meta, &[u8]), RecordError> {
+    let mut r = record::Reader::new(bytes, "snapshot");
+    let len = r.u32()? as usize;
+    let mut h = record::Reader::new(r.take(len)?, "snapshot");
+    match h.u8()? {
+        1 => {}
+        f => return Err(record::bad("snapshot", format!("format {f} is not one this binary reads (it reads 1)"))),
+    }
+    let last_log_id = h.log_id()?;
+    let membership_id = h.log_id()?;
+    let membership = record::decode_membership_from(&mut h)?;
+    let id_len = h.u32()? as usize;
+    let snapshot_id =
+        String::from_utf8(h.take(id_len)?.to_vec()).map_err(|_| record::bad("snapshot", "id is not UTF-8"))?;
+    let meta = Meta { last_log_id, last_membership: StoredMembership::new(membership_id, membership), snapshot_id };
+    Ok((meta, r.rest()))
+}
+
+impl<M: StateMachine + Send + Sync + 'static> RaftMachine<M>
+where
+    M::Output: Send + Sync,
+{
+    /// Opens the state machine whose snapshot lives in `dir` (a fresh core from `fresh`
+    /// when there is none).
+    pub fn open(
+        dir: impl Into<PathBuf>,
+        storage: Arc<dyn Storage>,
+        fresh: impl FnOnce() -> M,
+    ) -> Result<RaftMachine<M>, SnapshotError> {
+        let path = dir.into().join(SNAPSHOT_FILE);
+        let mut applied = Applied {
+            machine: fresh(),
+            last_applied: None,
+            membership: StoredMembership::default(),
+            outputs: Vec::new(),
+            snapshot: None,
+            built: 0,
+        };
+        match storage.read(&path) {
+            Ok(bytes) => {
+                let (meta, core) = decode_snapshot(&bytes).map_err(|e| SnapshotError(e.to_string()))?;
+                applied.machine =
+                    M::restore(core).map_err(|e| SnapshotError(format!("the core does not restore: {e}")))?;
+                applied.last_applied = meta.last_log_id;
+                applied.membership = meta.last_membership.clone();
+                applied.snapshot = Some((meta, bytes));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(SnapshotError(format!("reading {}: {e}", path.display()))),
+        }
+        Ok(RaftMachine { applied: Arc::new(Mutex::new(applied)), storage, path })
+    }
+
+    /// The outputs of every entry applied since the last call (committed inputs only).
+    pub fn take_outputs(&self) -> Vec<M::Output> {
+        std::mem::take(&mut lock(&self.applied).outputs)
+    }
+
+    /// Runs `f` on the core (for queries).
+    pub fn with_core<T>(&self, f: impl FnOnce(&M) -> T) -> T {
+        f(&lock(&self.applied).machine)
+    }
+}
+
+/// Applies one normal entry's input messages.
+fn apply_inputs<M: StateMachine>(a: &mut Applied<M>, id: LogId, data: &[u8]) -> Result<(), String> {
+    let mut at = 0;
+    while at < data.len() {
+        let (size, n) = match varint::get_int(&data[at..]) {
+            Ok(Some((size, n))) if size > 0 && at + n + size as usize <= data.len() => (size as usize, n),
+            _ => return Err(format!("malformed input message at byte {at}")),
+        };
+        let message = Bytes::copy_from_slice(&data[at + n..at + n + size]);
+        at += n + size;
+        let entry = ReplayEntry { seq: id.index as i64, message };
+        if let Some(input) = drover_journal::machine::decode_entry::<M>(&entry).map_err(|e| e.to_string())? {
+            a.machine.apply(input, &mut a.outputs);
+        }
+    }
+    Ok(())
+}
+
+impl<M: StateMachine + Send + Sync + 'static> RaftSnapshotBuilder<TypeConfig> for Builder<M>
+where
+    M::Output: Send + Sync,
+{
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (meta, bytes) = {
+            let mut a = lock(&self.applied);
+            a.built += 1;
+            let core = a.machine.checkpoint().map_err(snapshot_err)?;
+            let snapshot_id = match a.last_applied {
+                Some(id) => format!("{}-{}-{}-{}", id.leader_id.term, id.leader_id.node_id, id.index, a.built),
+                None => format!("none-{}", a.built),
+            };
+            let meta = Meta { last_log_id: a.last_applied, last_membership: a.membership.clone(), snapshot_id };
+            let bytes = encode_snapshot(&meta, &core);
+            (meta, bytes)
+        };
+        let (storage, path, data) = (self.storage.clone(), self.path.clone(), bytes.clone());
+        tokio::task::spawn_blocking(move || storage.write_atomic(&path, &data))
+            .await
+            .map_err(snapshot_err)?
+            .map_err(snapshot_err)?;
+        lock(&self.applied).snapshot = Some((meta.clone(), bytes.clone()));
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+    }
+}
+
+impl<M: StateMachine + Send + Sync + 'static> RaftStateMachine<TypeConfig> for RaftMachine<M>
+where
+    M::Output: Send + Sync,
+{
+    type SnapshotBuilder = Builder<M>;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership<u64, BasicNode>), StorageError> {
+        let a = lock(&self.applied);
+        Ok((a.last_applied, a.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<()>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let mut a = lock(&self.applied);
+        let mut replies = Vec::new();
+        for e in entries {
+            a.last_applied = Some(e.log_id);
+            match e.payload {
+                EntryPayload::Blank => {}
+                EntryPayload::Normal(Inputs(data)) => apply_inputs(&mut a, e.log_id, &data)
+                    .map_err(|why| StorageError::from(StorageIOError::apply(e.log_id, AnyError::error(why))))?,
+                EntryPayload::Membership(m) => a.membership = StoredMembership::new(Some(e.log_id), m),
+            }
+            replies.push(());
+        }
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        Builder { applied: self.applied.clone(), storage: self.storage.clone(), path: self.path.clone() }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+        let bytes = snapshot.into_inner();
+        let (stored_meta, core) = decode_snapshot(&bytes).map_err(sm_err)?;
+        let machine = M::restore(core).map_err(sm_err)?;
+        // The file keeps the meta it was sent with (the leader's).
+        let _ = stored_meta;
+        let file = encode_snapshot(meta, core);
+        let (storage, path, data) = (self.storage.clone(), self.path.clone(), file.clone());
+        tokio::task::spawn_blocking(move || storage.write_atomic(&path, &data))
+            .await
+            .map_err(snapshot_err)?
+            .map_err(snapshot_err)?;
+        let mut a = lock(&self.applied);
+        a.machine = machine;
+        a.last_applied = meta.last_log_id;
+        a.membership = meta.last_membership.clone();
+        a.snapshot = Some((meta.clone(), file));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let a = lock(&self.applied);
+        Ok(a.snapshot
+            .as_ref()
+            .map(|(meta, bytes)| Snapshot { meta: meta.clone(), snapshot: Box::new(Cursor::new(bytes.clone())) }))
+    }
+}

@@ -1,0 +1,129 @@
+//! The log store and the state-machine adapter across reopen, on real files: what
+//! openraft was told is durable is there after a restart, a truncation in the middle
+//! of a group-committed record keeps the entries before it, and the purge point and
+//! vote survive.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use drover_journal::{DecodeError, EncodeError, FsStorage, StateMachine, Storage, machine::encode_input};
+use drover_raft::log_store::journal_config;
+use drover_raft::{Inputs, RaftLog, RaftMachine};
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
+use openraft::{BasicNode, CommittedLeaderId, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, Vote};
+
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Sum(u64);
+
+impl StateMachine for Sum {
+    type Input = u64;
+    type Output = u64;
+    fn apply(&mut self, input: u64, out: &mut Vec<u64>) {
+        self.0 += input;
+        out.push(self.0);
+    }
+    fn encode_input(input: &u64, buf: &mut Vec<u8>) -> Result<(), EncodeError> {
+        buf.extend_from_slice(&input.to_le_bytes());
+        Ok(())
+    }
+    fn decode_input(bytes: &[u8]) -> Result<u64, DecodeError> {
+        bytes.try_into().map(u64::from_le_bytes).map_err(|_| DecodeError("not 8 bytes".into()))
+    }
+    fn checkpoint(&self) -> Result<Vec<u8>, EncodeError> {
+        Ok(self.0.to_le_bytes().to_vec())
+    }
+    fn restore(bytes: &[u8]) -> Result<Self, DecodeError> {
+        Sum::decode_input(bytes).map(Sum)
+    }
+}
+
+fn id(term: u64, index: u64) -> LogId<u64> {
+    LogId::new(CommittedLeaderId::new(term, 1), index)
+}
+
+/// A normal entry committing the inputs `values`.
+fn normal(term: u64, index: u64, values: &[u64]) -> drover_raft::types::Entry {
+    let mut data = Vec::new();
+    for v in values {
+        data.extend_from_slice(&encode_input::<Sum>(v).unwrap());
+    }
+    openraft::Entry { log_id: id(term, index), payload: EntryPayload::Normal(Inputs(data)) }
+}
+
+fn open(dir: &std::path::Path) -> RaftLog {
+    let storage: Arc<dyn Storage> = Arc::new(FsStorage);
+    RaftLog::open(journal_config(dir.join("journal")), storage).unwrap()
+}
+
+async fn indexes(log: &mut RaftLog) -> Vec<(u64, u64)> {
+    log.try_get_log_entries(..).await.unwrap().iter().map(|e| (e.log_id.leader_id.term, e.log_id.index)).collect()
+}
+
+#[tokio::test]
+async fn the_log_vote_and_purge_point_survive_reopen_and_a_truncation_inside_a_record_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    let nodes: BTreeMap<u64, BasicNode> = [(1, BasicNode::new("a:1")), (2, BasicNode::new("b:1"))].into();
+    let membership = openraft::Membership::new(vec![BTreeSet::from([1, 2])], nodes);
+    let mut first = vec![openraft::Entry { log_id: id(1, 0), payload: EntryPayload::Membership(membership) }];
+    first.extend((1..5).map(|i| normal(1, i, &[i])));
+    // One append call: one journal record holding entries 0 to 4.
+    log.blocking_append(first).await.unwrap();
+    log.blocking_append((5..8).map(|i| normal(1, i, &[i]))).await.unwrap();
+    log.save_vote(&Vote::new_committed(2, 2)).await.unwrap();
+    // A new leader overwrites from index 3: entries 3.. go, 0 to 2 (same record) stay.
+    log.truncate(id(1, 3)).await.unwrap();
+    log.blocking_append((3..6).map(|i| normal(2, i, &[10 * i]))).await.unwrap();
+    let want = vec![(1, 0), (1, 1), (1, 2), (2, 3), (2, 4), (2, 5)];
+    assert_eq!(indexes(&mut log).await, want);
+    log.close().await;
+
+    let mut log = open(dir.path());
+    assert_eq!(indexes(&mut log).await, want, "the same log after reopen");
+    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new_committed(2, 2)));
+    log.purge(id(1, 1)).await.unwrap();
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!((state.last_purged_log_id, state.last_log_id), (Some(id(1, 1)), Some(id(2, 5))));
+    log.close().await;
+
+    let mut log = open(dir.path());
+    assert_eq!(indexes(&mut log).await, want[2..].to_vec(), "purged entries stay purged");
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(id(1, 1)));
+    // Everything purged: the last log id is the purge point.
+    log.purge(id(2, 5)).await.unwrap();
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!((state.last_purged_log_id, state.last_log_id), (Some(id(2, 5)), Some(id(2, 5))));
+    log.blocking_append([normal(3, 6, &[1])]).await.unwrap();
+    log.close().await;
+    let mut log = open(dir.path());
+    assert_eq!(indexes(&mut log).await, vec![(3, 6)]);
+    log.close().await;
+}
+
+#[tokio::test]
+async fn committed_inputs_reach_the_core_and_a_snapshot_restores_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(FsStorage);
+    let mut sm = RaftMachine::open(dir.path(), storage.clone(), Sum::default).unwrap();
+    sm.apply([normal(1, 1, &[2, 3]), openraft::Entry { log_id: id(1, 2), payload: EntryPayload::Blank }])
+        .await
+        .unwrap();
+    assert_eq!(sm.take_outputs(), vec![2, 5], "one output per committed input, in order");
+    sm.apply([normal(1, 3, &[10])]).await.unwrap();
+    let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_eq!(snap.meta.last_log_id, Some(id(1, 3)));
+    // A restart restores the core from the snapshot file.
+    let mut again = RaftMachine::open(dir.path(), storage.clone(), Sum::default).unwrap();
+    assert_eq!(again.with_core(|s| s.0), 15);
+    assert_eq!(again.applied_state().await.unwrap().0, Some(id(1, 3)));
+    // A follower installs the leader's snapshot.
+    let other = tempfile::tempdir().unwrap();
+    let mut follower = RaftMachine::open(other.path(), storage, Sum::default).unwrap();
+    follower.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    assert_eq!(follower.with_core(|s| s.0), 15);
+    assert_eq!(follower.get_current_snapshot().await.unwrap().unwrap().meta, snap.meta);
+    // A bad input in a committed entry is an error, not a panic.
+    let bad = openraft::Entry { log_id: id(1, 4), payload: EntryPayload::Normal(Inputs(vec![0x7F])) };
+    assert!(follower.apply([bad]).await.is_err());
+}
