@@ -22,6 +22,7 @@
 
 pub mod log_store;
 pub mod machine;
+pub mod network;
 pub mod record;
 pub mod types;
 

@@ -52,6 +52,14 @@ pub struct RaftMachine<M: StateMachine> {
     path: PathBuf,
 }
 
+/// Another handle on the same state machine (the shell keeps one to read the core and
+/// take outputs while openraft owns the other).
+impl<M: StateMachine> Clone for RaftMachine<M> {
+    fn clone(&self) -> Self {
+        RaftMachine { applied: self.applied.clone(), storage: self.storage.clone(), path: self.path.clone() }
+    }
+}
+
 /// Builds snapshots of a [`RaftMachine`].
 pub struct Builder<M: StateMachine> {
     applied: Arc<Mutex<Applied<M>>>,

@@ -6,36 +6,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use drover_journal::{DecodeError, EncodeError, FsStorage, StateMachine, Storage, machine::encode_input};
+mod common;
+
+use common::Sum;
+use drover_journal::{FsStorage, Storage, machine::encode_input};
 use drover_raft::log_store::journal_config;
 use drover_raft::{Inputs, RaftLog, RaftMachine};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::{BasicNode, CommittedLeaderId, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, Vote};
-
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Sum(u64);
-
-impl StateMachine for Sum {
-    type Input = u64;
-    type Output = u64;
-    fn apply(&mut self, input: u64, out: &mut Vec<u64>) {
-        self.0 += input;
-        out.push(self.0);
-    }
-    fn encode_input(input: &u64, buf: &mut Vec<u8>) -> Result<(), EncodeError> {
-        buf.extend_from_slice(&input.to_le_bytes());
-        Ok(())
-    }
-    fn decode_input(bytes: &[u8]) -> Result<u64, DecodeError> {
-        bytes.try_into().map(u64::from_le_bytes).map_err(|_| DecodeError("not 8 bytes".into()))
-    }
-    fn checkpoint(&self) -> Result<Vec<u8>, EncodeError> {
-        Ok(self.0.to_le_bytes().to_vec())
-    }
-    fn restore(bytes: &[u8]) -> Result<Self, DecodeError> {
-        Sum::decode_input(bytes).map(Sum)
-    }
-}
 
 fn id(term: u64, index: u64) -> LogId<u64> {
     LogId::new(CommittedLeaderId::new(term, 1), index)

@@ -1,0 +1,218 @@
+//! Raft traffic between replicas over its own TCP port.
+//!
+//! Each replica listens on its Raft address (`--raft HOST:PORT`) and keeps one
+//! connection to each peer, on which requests go one at a time: a frame is a u32 LE
+//! length and that many bytes of postcard (the request, or the response), at most
+//! [`MAX_FRAME`] bytes. Requests are openraft's three RPCs (append entries, vote,
+//! install snapshot chunk); a response carries openraft's result, so a refusal by the
+//! peer (a higher vote, say) travels as openraft's own error. A connection that fails
+//! is dropped and made again on the next request; a peer that cannot be reached is
+//! reported to openraft as unreachable, which backs off.
+
+use std::io;
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::{BasicNode, Raft};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::types::TypeConfig;
+
+/// Largest frame accepted (a batch of entries, or one snapshot chunk).
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Serialize, Deserialize)]
+enum Request {
+    Append(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<u64>),
+    Snapshot(InstallSnapshotRequest<TypeConfig>),
+}
+
+#[derive(Serialize, Deserialize)]
+enum Response {
+    Append(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
+    Vote(Result<VoteResponse<u64>, RaftError<u64>>),
+    Snapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
+}
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The connection failed.
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+    /// The peer announced a frame over the limit.
+    #[error("frame of {0} bytes is over the limit of {MAX_FRAME}")]
+    TooLarge(usize),
+    /// The bytes are not a message of this protocol.
+    #[error("undecodable frame: {0}")]
+    Decode(#[from] postcard::Error),
+    /// The peer answered a different request.
+    #[error("the peer answered another kind of request")]
+    Mismatch,
+}
+
+async fn write_frame<T: Serialize>(s: &mut TcpStream, value: &T) -> Result<(), FrameError> {
+    let bytes = postcard::to_stdvec(value)?;
+    if bytes.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(bytes.len()));
+    }
+    let mut out = Vec::with_capacity(4 + bytes.len());
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(&bytes);
+    s.write_all(&out).await?;
+    Ok(())
+}
+
+async fn read_frame<T: for<'de> Deserialize<'de>>(s: &mut TcpStream) -> Result<T, FrameError> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut buf = vec![0u8; len];
+    s.read_exact(&mut buf).await?;
+    Ok(postcard::from_bytes(&buf)?)
+}
+
+/// Serves the Raft port: every connection's requests go to `raft`, in order.
+pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>) {
+    loop {
+        let (stream, from) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "raft port accept failed; pausing 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_connection(stream, raft).await {
+                tracing::debug!(%from, error = %e, "raft connection ended");
+            }
+        });
+    }
+}
+
+async fn serve_connection(mut stream: TcpStream, raft: Raft<TypeConfig>) -> Result<(), FrameError> {
+    loop {
+        let response = match read_frame::<Request>(&mut stream).await {
+            Ok(Request::Append(r)) => Response::Append(raft.append_entries(r).await),
+            Ok(Request::Vote(r)) => Response::Vote(raft.vote(r).await),
+            Ok(Request::Snapshot(r)) => Response::Snapshot(raft.install_snapshot(r).await),
+            Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "bad request on the raft port; closing the connection");
+                return Err(e);
+            }
+        };
+        write_frame(&mut stream, &response).await?;
+    }
+}
+
+/// Makes a [`Peer`] for each replica openraft talks to.
+#[derive(Clone, Debug, Default)]
+pub struct Network;
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> Peer {
+        Peer { target, addr: node.addr.clone(), conn: None }
+    }
+}
+
+/// One peer: its address and the connection to it.
+pub struct Peer {
+    target: u64,
+    addr: String,
+    conn: Option<TcpStream>,
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
+
+impl Peer {
+    /// Sends `req` and waits for the answer within `ttl`.
+    async fn call(&mut self, req: &Request, ttl: Duration) -> Result<Response, CallError> {
+        let conn = match self.conn.take() {
+            Some(c) => c,
+            None => {
+                let c = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
+                    .await
+                    .map_err(|_| CallError::Unreachable(io::Error::from(io::ErrorKind::TimedOut)))?
+                    .map_err(CallError::Unreachable)?;
+                let _ = c.set_nodelay(true);
+                c
+            }
+        };
+        let mut conn = conn;
+        let exchange = async {
+            write_frame(&mut conn, req).await?;
+            read_frame::<Response>(&mut conn).await
+        };
+        let response = tokio::time::timeout(ttl, exchange)
+            .await
+            .map_err(|_| CallError::Network(FrameError::Io(io::Error::from(io::ErrorKind::TimedOut))))?
+            .map_err(CallError::Network)?;
+        self.conn = Some(conn);
+        Ok(response)
+    }
+}
+
+enum CallError {
+    Unreachable(io::Error),
+    Network(FrameError),
+}
+
+impl CallError {
+    fn into_rpc<E: std::error::Error>(self) -> RPCError<u64, BasicNode, RaftError<u64, E>> {
+        match self {
+            CallError::Unreachable(e) => RPCError::Unreachable(Unreachable::new(&e)),
+            CallError::Network(e) => RPCError::Network(NetworkError::new(&e)),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RpcErr> {
+        match self.call(&Request::Append(rpc), option.hard_ttl()).await.map_err(CallError::into_rpc)? {
+            Response::Append(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            _ => Err(RPCError::Network(NetworkError::new(&FrameError::Mismatch))),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<u64>, RpcErr<InstallSnapshotError>> {
+        match self.call(&Request::Snapshot(rpc), option.hard_ttl()).await.map_err(CallError::into_rpc)? {
+            Response::Snapshot(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            _ => Err(RPCError::Network(NetworkError::new(&FrameError::Mismatch))),
+        }
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<u64>, option: RPCOption) -> Result<VoteResponse<u64>, RpcErr> {
+        match self.call(&Request::Vote(rpc), option.hard_ttl()).await.map_err(CallError::into_rpc)? {
+            Response::Vote(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            _ => Err(RPCError::Network(NetworkError::new(&FrameError::Mismatch))),
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Three replicas over real TCP on loopback, each with its journal on real files and a
+//! core (the sum of its inputs) applied from committed entries: they initialise
+//! themselves from the same member list, replicate, survive the leader's shutdown with
+//! a new leader, and the old leader, restarted from its directory after the log was
+//! compacted, is caught up by a snapshot.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::Sum;
+use drover_journal::{FsStorage, Storage, machine::encode_input};
+use drover_raft::log_store::journal_config;
+use drover_raft::network::{Network, serve};
+use drover_raft::{Inputs, RaftLog, RaftMachine, TypeConfig};
+use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
+
+struct Replica {
+    raft: Raft<TypeConfig>,
+    machine: RaftMachine<Sum>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+fn config() -> Arc<Config> {
+    let c = Config {
+        heartbeat_interval: 100,
+        election_timeout_min: 400,
+        election_timeout_max: 800,
+        // Compact often, so a replica that was away needs a snapshot to catch up.
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(20),
+        max_in_snapshot_log_to_keep: 0,
+        ..Config::default()
+    };
+    Arc::new(c.validate().unwrap())
+}
+
+async fn start(id: u64, dir: &std::path::Path, addr: &str) -> Replica {
+    let storage: Arc<dyn Storage> = Arc::new(FsStorage);
+    let log = RaftLog::open(journal_config(dir.join("journal")), storage.clone()).unwrap();
+    let machine = RaftMachine::open(dir.join("journal"), storage, Sum::default).unwrap();
+    let raft = Raft::new(id, config(), Network, log, machine.clone()).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let server = tokio::spawn(serve(listener, raft.clone()));
+    Replica { raft, machine, server }
+}
+
+async fn stop(r: Replica) {
+    r.server.abort();
+    r.raft.shutdown().await.unwrap();
+}
+
+fn input(v: u64) -> Inputs {
+    Inputs(encode_input::<Sum>(&v).unwrap().to_vec())
+}
+
+async fn leader(replicas: &BTreeMap<u64, Replica>) -> u64 {
+    let any = replicas.values().next().unwrap();
+    let m = any
+        .raft
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(|m| m.current_leader.is_some_and(|l| replicas.contains_key(&l)), "a leader among the running")
+        .await
+        .unwrap();
+    let l = m.current_leader.unwrap();
+    // And the leader knows it.
+    replicas[&l]
+        .raft
+        .wait(Some(Duration::from_secs(10)))
+        .state(openraft::ServerState::Leader, "the leader leads")
+        .await
+        .unwrap();
+    l
+}
+
+/// Commits input `v` through whichever replica leads, following `ForwardToLeader` as a
+/// client does (a refused proposal was not appended, so retrying cannot duplicate it).
+async fn write(replicas: &BTreeMap<u64, Replica>, v: u64) -> u64 {
+    for _ in 0..50 {
+        let l = leader(replicas).await;
+        match replicas[&l].raft.client_write(input(v)).await {
+            Ok(r) => return r.log_id.index,
+            Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(_))) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("write {v}: {e}"),
+        }
+    }
+    panic!("write {v}: no stable leader");
+}
+
+/// Waits until every replica's core has applied up to `index`, then returns their sums.
+async fn sums(replicas: &BTreeMap<u64, Replica>, index: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    for r in replicas.values() {
+        r.raft.wait(Some(Duration::from_secs(10))).applied_index_at_least(Some(index), "applied").await.unwrap();
+        out.push(r.machine.with_core(|s| s.0));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_replicate_fail_over_and_catch_up_by_snapshot() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let addrs: Vec<String> =
+        (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()).collect();
+    let members: BTreeMap<u64, BasicNode> = (1..=3).map(|id| (id, BasicNode::new(&addrs[id as usize - 1]))).collect();
+    let mut replicas = BTreeMap::new();
+    for id in 1..=3u64 {
+        replicas.insert(id, start(id, dirs[id as usize - 1].path(), &addrs[id as usize - 1]).await);
+    }
+    // Every member initialises itself with the same list; no separate init step.
+    for r in replicas.values() {
+        let _ = r.raft.initialize(members.clone()).await;
+    }
+    let mut last = 0;
+    for v in 1..=100u64 {
+        last = write(&replicas, v).await;
+    }
+    assert_eq!(sums(&replicas, last).await, vec![5050; 3], "every core applied the same committed inputs");
+    // Outputs exist only for committed inputs, once each, on every replica.
+    for r in replicas.values() {
+        assert_eq!(r.machine.take_outputs().len(), 100);
+    }
+    let first = leader(&replicas).await;
+
+    // The leader goes away: the other two elect a new one and go on.
+    let old = replicas.remove(&first).unwrap();
+    let stopped = Instant::now();
+    stop(old).await;
+    let second = leader(&replicas).await;
+    assert_ne!(second, first);
+    let elected = stopped.elapsed();
+    for v in 101..=150u64 {
+        last = write(&replicas, v).await;
+    }
+    assert_eq!(sums(&replicas, last).await, vec![11325; 2]);
+
+    // The old leader comes back from its directory; the log it missed was compacted
+    // (a snapshot every 20 entries, nothing kept), so it is caught up by a snapshot.
+    let back = start(first, dirs[first as usize - 1].path(), &addrs[first as usize - 1]).await;
+    replicas.insert(first, back);
+    assert_eq!(sums(&replicas, last).await, vec![11325; 3]);
+    let m = replicas[&first].raft.metrics().borrow().clone();
+    assert!(m.snapshot.is_some(), "the returning replica holds a snapshot: {m:?}");
+    assert!(
+        m.purged.is_some_and(|p| p.index > 100),
+        "it was caught up past entries it never received one by one: {:?}",
+        m.purged
+    );
+    eprintln!("new leader elected {elected:?} after the leader stopped");
+    for (_, r) in std::mem::take(&mut replicas) {
+        stop(r).await;
+    }
+}
