@@ -154,3 +154,94 @@ async fn three_replicas_replicate_fail_over_and_catch_up_by_snapshot() {
         stop(r).await;
     }
 }
+
+/// Commits `v` through the current leader among `rafts`, following ForwardToLeader.
+async fn write_via(rafts: &BTreeMap<u64, Raft<TypeConfig>>, v: u64) -> u64 {
+    for _ in 0..100 {
+        let leader = rafts.values().find_map(|r| r.metrics().borrow().current_leader).filter(|l| rafts.contains_key(l));
+        let Some(l) = leader else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        match rafts[&l].client_write(input(v)).await {
+            Ok(r) => return r.log_id.index,
+            Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(_))) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("write {v}: {e}"),
+        }
+    }
+    panic!("write {v}: no stable leader");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_added_and_removed_under_load_without_losing_an_input() {
+    let dirs: Vec<tempfile::TempDir> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+    let addrs: Vec<String> =
+        (0..5).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()).collect();
+    let node = |id: u64| BasicNode::new(&addrs[id as usize - 1]);
+    let mut replicas = BTreeMap::new();
+    for id in 1..=3u64 {
+        replicas.insert(id, start(id, dirs[id as usize - 1].path(), &addrs[id as usize - 1]).await);
+    }
+    let members: BTreeMap<u64, BasicNode> = (1..=3).map(|id| (id, node(id))).collect();
+    for r in replicas.values() {
+        let _ = r.raft.initialize(members.clone()).await;
+    }
+    for id in 4..=5u64 {
+        replicas.insert(id, start(id, dirs[id as usize - 1].path(), &addrs[id as usize - 1]).await);
+    }
+    let rafts: BTreeMap<u64, Raft<TypeConfig>> = replicas.iter().map(|(id, r)| (*id, r.raft.clone())).collect();
+    // The load: 2000 acknowledged inputs, one after another, through whoever leads.
+    let load = {
+        let rafts = rafts.clone();
+        tokio::spawn(async move {
+            let mut last = 0;
+            for v in 1..=2000u64 {
+                last = write_via(&rafts, v).await;
+            }
+            last
+        })
+    };
+    // Meanwhile: add 4 and 5 (learners first, then voters), then remove 3.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for id in 4..=5u64 {
+        let n = node(id);
+        on_leader(&rafts, |r| {
+            let n = n.clone();
+            async move { r.add_learner(id, n, true).await.is_ok() }
+        })
+        .await;
+    }
+    on_leader(&rafts, |r| async move { r.change_membership([1, 2, 3, 4, 5], false).await.is_ok() }).await;
+    on_leader(&rafts, |r| async move { r.change_membership([1, 2, 4, 5], false).await.is_ok() }).await;
+    assert!(!load.is_finished(), "the changes happened while inputs were being committed");
+    let last = load.await.unwrap();
+    let removed = replicas.remove(&3).unwrap();
+    let voters: Vec<u64> = replicas[&1].raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+    assert_eq!(voters, vec![1, 2, 4, 5]);
+    assert_eq!(sums(&replicas, last).await, vec![2000 * 2001 / 2; 4], "no input lost or repeated on any member");
+    stop(removed).await;
+    for (_, r) in std::mem::take(&mut replicas) {
+        stop(r).await;
+    }
+}
+
+/// Runs `op` on the current leader until it succeeds (a leader change in between makes
+/// it fail; it is tried again on the new leader).
+async fn on_leader<F, Fut>(rafts: &BTreeMap<u64, Raft<TypeConfig>>, op: F)
+where
+    F: Fn(Raft<TypeConfig>) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..100 {
+        let leader = rafts.values().find_map(|r| r.metrics().borrow().current_leader).filter(|l| rafts.contains_key(l));
+        if let Some(l) = leader
+            && op(rafts[&l].clone()).await
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the membership change did not go through");
+}
