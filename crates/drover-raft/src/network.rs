@@ -86,6 +86,16 @@ async fn read_frame<T: for<'de> Deserialize<'de>>(s: &mut TcpStream) -> Result<T
     Ok(postcard::from_bytes(&buf)?)
 }
 
+/// Decodes a request frame's body as the Raft port does (for fuzzing and tools).
+pub fn decode_request(body: &[u8]) -> Result<(), FrameError> {
+    postcard::from_bytes::<Request>(body).map(drop).map_err(FrameError::from)
+}
+
+/// Decodes a response frame's body as a peer does (for fuzzing and tools).
+pub fn decode_response(body: &[u8]) -> Result<(), FrameError> {
+    postcard::from_bytes::<Response>(body).map(drop).map_err(FrameError::from)
+}
+
 /// Serves the Raft port: every connection's requests go to `raft`, in order.
 pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>) {
     loop {
