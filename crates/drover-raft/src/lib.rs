@@ -24,6 +24,7 @@ pub mod log_store;
 pub mod machine;
 pub mod network;
 pub mod record;
+pub mod secret;
 pub mod types;
 
 pub use log_store::RaftLog;

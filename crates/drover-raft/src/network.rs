@@ -7,7 +7,9 @@
 //! install snapshot chunk); a response carries openraft's result, so a refusal by the
 //! peer (a higher vote, say) travels as openraft's own error. A connection that fails
 //! is dropped and made again on the next request; a peer that cannot be reached is
-//! reported to openraft as unreachable, which backs off.
+//! reported to openraft as unreachable, which backs off. Every connection begins with
+//! the cluster-secret handshake ([`crate::secret`]): nothing is read as Raft from a
+//! peer that has not proven it holds the secret.
 
 use std::io;
 use std::time::Duration;
@@ -23,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::secret::{ClusterSecret, SecretError};
 use crate::types::TypeConfig;
 
 /// Largest frame accepted (a batch of entries, or one snapshot chunk).
@@ -60,7 +63,13 @@ pub enum FrameError {
     /// The peer answered a different request.
     #[error("the peer answered another kind of request")]
     Mismatch,
+    /// The cluster-secret handshake failed.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
 }
+
+/// How long the cluster-secret handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn write_frame<T: Serialize>(s: &mut TcpStream, value: &T) -> Result<(), FrameError> {
     let bytes = postcard::to_stdvec(value)?;
@@ -96,8 +105,9 @@ pub fn decode_response(body: &[u8]) -> Result<(), FrameError> {
     postcard::from_bytes::<Response>(body).map(drop).map_err(FrameError::from)
 }
 
-/// Serves the Raft port: every connection's requests go to `raft`, in order.
-pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>) {
+/// Serves the Raft port: every connection that proves it holds `secret` has its
+/// requests go to `raft`, in order.
+pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, secret: ClusterSecret) {
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(a) => a,
@@ -108,8 +118,20 @@ pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>) {
             }
         };
         let _ = stream.set_nodelay(true);
-        let raft = raft.clone();
+        let (raft, secret) = (raft.clone(), secret.clone());
         tokio::spawn(async move {
+            let mut stream = stream;
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, secret.prove_as_listener(&mut stream)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(%from, error = %e, "raft connection refused: it did not prove the cluster secret");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%from, "raft connection refused: no cluster-secret handshake within 5 s");
+                    return;
+                }
+            }
             if let Err(e) = serve_connection(stream, raft).await {
                 tracing::debug!(%from, error = %e, "raft connection ended");
             }
@@ -134,14 +156,23 @@ async fn serve_connection(mut stream: TcpStream, raft: Raft<TypeConfig>) -> Resu
 }
 
 /// Makes a [`Peer`] for each replica openraft talks to.
-#[derive(Clone, Debug, Default)]
-pub struct Network;
+#[derive(Clone, Debug)]
+pub struct Network {
+    secret: ClusterSecret,
+}
+
+impl Network {
+    /// Peers reached with `secret`.
+    pub fn new(secret: ClusterSecret) -> Network {
+        Network { secret }
+    }
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> Peer {
-        Peer { target, addr: node.addr.clone(), conn: None }
+        Peer { target, addr: node.addr.clone(), conn: None, secret: self.secret.clone() }
     }
 }
 
@@ -150,6 +181,7 @@ pub struct Peer {
     target: u64,
     addr: String,
     conn: Option<TcpStream>,
+    secret: ClusterSecret,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
@@ -165,6 +197,11 @@ impl Peer {
                     .map_err(|_| CallError::Unreachable(io::Error::from(io::ErrorKind::TimedOut)))?
                     .map_err(CallError::Unreachable)?;
                 let _ = c.set_nodelay(true);
+                let mut c = c;
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, self.secret.prove_as_connector(&mut c))
+                    .await
+                    .map_err(|_| CallError::Network(FrameError::Io(io::Error::from(io::ErrorKind::TimedOut))))?
+                    .map_err(|e| CallError::Network(FrameError::Secret(e)))?;
                 c
             }
         };

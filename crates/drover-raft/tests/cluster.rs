@@ -14,6 +14,7 @@ use common::Sum;
 use drover_journal::{FsStorage, Storage, machine::encode_input};
 use drover_raft::log_store::journal_config;
 use drover_raft::network::{Network, serve};
+use drover_raft::secret::ClusterSecret;
 use drover_raft::{Inputs, RaftLog, RaftMachine, TypeConfig};
 use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
 
@@ -36,19 +37,28 @@ fn config() -> Arc<Config> {
     Arc::new(c.validate().unwrap())
 }
 
+/// The secret every replica of these tests holds.
+fn secret() -> ClusterSecret {
+    static SECRET: std::sync::OnceLock<ClusterSecret> = std::sync::OnceLock::new();
+    SECRET.get_or_init(|| ClusterSecret::generate().unwrap()).clone()
+}
+
 async fn start(id: u64, dir: &std::path::Path, addr: &str) -> Replica {
     let storage: Arc<dyn Storage> = Arc::new(FsStorage);
     let log = RaftLog::open(journal_config(dir.join("journal")), storage.clone()).unwrap();
     let machine = RaftMachine::open(dir.join("journal"), storage, Sum::default).unwrap();
-    let raft = Raft::new(id, config(), Network, log, machine.clone()).await.unwrap();
+    let raft = Raft::new(id, config(), Network::new(secret()), log, machine.clone()).await.unwrap();
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let server = tokio::spawn(serve(listener, raft.clone()));
+    let server = tokio::spawn(serve(listener, raft.clone(), secret()));
     Replica { raft, machine, server }
 }
 
 async fn stop(r: Replica) {
     r.server.abort();
-    r.raft.shutdown().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), r.raft.shutdown())
+        .await
+        .expect("a replica shuts down within 20 s")
+        .unwrap();
 }
 
 fn input(v: u64) -> Inputs {
@@ -79,7 +89,9 @@ async fn leader(replicas: &BTreeMap<u64, Replica>) -> u64 {
 async fn write(replicas: &BTreeMap<u64, Replica>, v: u64) -> u64 {
     for _ in 0..50 {
         let l = leader(replicas).await;
-        match replicas[&l].raft.client_write(input(v)).await {
+        let written = tokio::time::timeout(Duration::from_secs(20), replicas[&l].raft.client_write(input(v))).await;
+        let Ok(written) = written else { panic!("write {v} not answered within 20 s") };
+        match written {
             Ok(r) => return r.log_id.index,
             Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(_))) => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -119,10 +131,19 @@ async fn three_replicas_replicate_fail_over_and_catch_up_by_snapshot() {
         last = write(&replicas, v).await;
     }
     assert_eq!(sums(&replicas, last).await, vec![5050; 3], "every core applied the same committed inputs");
-    // Outputs exist only for committed inputs, once each, on every replica.
+    // Outputs exist only for committed inputs, once each and in order: on each replica
+    // they are running sums of the inputs in order, none repeated (a follower caught up
+    // by a snapshot did not apply the entries it covers, so it may skip some); the
+    // leader that took every input has all of them.
+    let prefix: Vec<u64> = (1..=100u64).map(|v| v * (v + 1) / 2).collect();
+    let mut complete = 0;
     for r in replicas.values() {
-        assert_eq!(r.machine.take_outputs().len(), 100);
+        let out = r.machine.take_outputs();
+        assert!(out.windows(2).all(|w| w[0] < w[1]) && out.iter().all(|o| prefix.contains(o)), "outputs {out:?}");
+        assert_eq!(out.last(), Some(&5050));
+        complete += usize::from(out == prefix);
     }
+    assert!(complete >= 1, "the leader applied every input");
     let first = leader(&replicas).await;
 
     // The leader goes away: the other two elect a new one and go on.
@@ -163,7 +184,9 @@ async fn write_via(rafts: &BTreeMap<u64, Raft<TypeConfig>>, v: u64) -> u64 {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        match rafts[&l].client_write(input(v)).await {
+        let written = tokio::time::timeout(Duration::from_secs(20), rafts[&l].client_write(input(v))).await;
+        let Ok(written) = written else { panic!("write {v} not answered within 20 s") };
+        match written {
             Ok(r) => return r.log_id.index,
             Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(_))) => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -176,6 +199,13 @@ async fn write_via(rafts: &BTreeMap<u64, Raft<TypeConfig>>, v: u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_are_added_and_removed_under_load_without_losing_an_input() {
+    // openraft's own account, shown only if the test fails.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            std::env::var("RAFT_TEST_LOG").unwrap_or_else(|_| "openraft=info,drover_raft=debug".into()),
+        ))
+        .with_test_writer()
+        .try_init();
     let dirs: Vec<tempfile::TempDir> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
     let addrs: Vec<String> =
         (0..5).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()).collect();
@@ -203,7 +233,7 @@ async fn members_are_added_and_removed_under_load_without_losing_an_input() {
             last
         })
     };
-    // Meanwhile: add 4 and 5 (learners first, then voters), then remove 3.
+    // Meanwhile: add 4 and 5 (learners first, then voters), then remove one.
     tokio::time::sleep(Duration::from_millis(200)).await;
     for id in 4..=5u64 {
         let n = node(id);
@@ -214,12 +244,24 @@ async fn members_are_added_and_removed_under_load_without_losing_an_input() {
         .await;
     }
     on_leader(&rafts, |r| async move { r.change_membership([1, 2, 3, 4, 5], false).await.is_ok() }).await;
-    on_leader(&rafts, |r| async move { r.change_membership([1, 2, 4, 5], false).await.is_ok() }).await;
+    // Remove one of the first three that does not lead. (A leader that removes itself
+    // leaves client writes it had accepted unanswered in openraft 0.9.25, observed here:
+    // `drover cluster remove` will move leadership away first.)
+    let leading = rafts.values().find_map(|r| r.metrics().borrow().current_leader);
+    let victim = [3u64, 2, 1].into_iter().find(|id| Some(*id) != leading).unwrap();
+    let keep: Vec<u64> = (1..=5).filter(|id| *id != victim).collect();
+    on_leader(&rafts, |r| {
+        let keep = keep.clone();
+        async move { r.change_membership(keep, false).await.is_ok() }
+    })
+    .await;
     assert!(!load.is_finished(), "the changes happened while inputs were being committed");
     let last = load.await.unwrap();
-    let removed = replicas.remove(&3).unwrap();
-    let voters: Vec<u64> = replicas[&1].raft.metrics().borrow().membership_config.membership().voter_ids().collect();
-    assert_eq!(voters, vec![1, 2, 4, 5]);
+    let removed = replicas.remove(&victim).unwrap();
+    let anyone = replicas.keys().next().copied().unwrap();
+    let voters: Vec<u64> =
+        replicas[&anyone].raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+    assert_eq!(voters, keep);
     assert_eq!(sums(&replicas, last).await, vec![2000 * 2001 / 2; 4], "no input lost or repeated on any member");
     stop(removed).await;
     for (_, r) in std::mem::take(&mut replicas) {
@@ -237,11 +279,59 @@ where
     for _ in 0..100 {
         let leader = rafts.values().find_map(|r| r.metrics().borrow().current_leader).filter(|l| rafts.contains_key(l));
         if let Some(l) = leader
-            && op(rafts[&l].clone()).await
+            && tokio::time::timeout(Duration::from_secs(30), op(rafts[&l].clone()))
+                .await
+                .expect("a membership change answered within 30 s")
         {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the membership change did not go through");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_holder_of_the_cluster_secret_can_speak_raft() {
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let addrs: Vec<String> =
+        (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()).collect();
+    let members: BTreeMap<u64, BasicNode> = (1..=3).map(|id| (id, BasicNode::new(&addrs[id as usize - 1]))).collect();
+    let mut replicas = BTreeMap::new();
+    for id in 1..=3u64 {
+        replicas.insert(id, start(id, dirs[id as usize - 1].path(), &addrs[id as usize - 1]).await);
+    }
+    for r in replicas.values() {
+        let _ = r.raft.initialize(members.clone()).await;
+    }
+    let last = write(&replicas, 7).await;
+    sums(&replicas, last).await;
+    let l = leader(&replicas).await;
+    let term = replicas[&l].raft.metrics().borrow().current_term;
+    // A vote request from a far later term would depose the leader, if it were heard.
+    let ask = openraft::raft::VoteRequest::new(openraft::Vote::new(term + 100, 99), None);
+    let option = RPCOption::new(Duration::from_secs(2));
+    let target = members[&l].clone();
+    let mut stranger = Network::new(ClusterSecret::generate().unwrap()).new_client(l, &target).await;
+    let refused = stranger.vote(ask.clone(), option.clone()).await;
+    assert!(refused.is_err(), "a wrong secret is refused: {refused:?}");
+    // Raw Raft bytes without the handshake: closed without an answer.
+    let mut raw = tokio::net::TcpStream::connect(&addrs[l as usize - 1]).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    raw.write_all(&[4, 0, 0, 0, 1, 0, 0, 0]).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), raw.read(&mut buf)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "nothing answered to a peer without the secret");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let m = replicas[&l].raft.metrics().borrow().clone();
+    assert_eq!((m.current_term, m.current_leader), (term, Some(l)), "the cluster did not hear the stranger");
+    // The same request with the secret is heard and answered in Raft (not granted: the
+    // leader's lease is live and the asker's log is empty); the check is what kept the
+    // stranger out.
+    let mut member = Network::new(secret()).new_client(l, &target).await;
+    let heard = member.vote(ask, option).await.unwrap();
+    assert!(!heard.vote_granted && heard.vote.leader_id().term >= term, "{heard:?}");
+    for (_, r) in std::mem::take(&mut replicas) {
+        stop(r).await;
+    }
 }

@@ -62,6 +62,14 @@ impl CliArgs {
 }
 
 #[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Print a new cluster secret (32 random bytes as 64 hex digits): every member of a
+    /// cluster reads the same file, and a replica's Raft traffic is refused unless it
+    /// proves it holds it.
+    Secret,
+}
+
+#[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// Many simulated nodes (real admission and gRPC streams) against a controller
     /// child process: memory, CPU, `nodes` and `status --all` times, failover latency.
@@ -209,6 +217,9 @@ enum Command {
     Bench(BenchCommand),
     /// Run an AMBROSIA-compatible reliability coordinator for one instance.
     Coordinator(coordinator::CoordinatorArgs),
+    /// Controller clusters (replication is being built: issue 15).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Run a controller and three nodes in one process and show a failover.
     Demo(demo::DemoArgs),
     /// List nodes: state, known pairs, streaming pairs with epochs.
@@ -386,6 +397,12 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Node(a) => roles::node(a).await,
         Command::Demo(a) => demo::demo(a).await,
         Command::Coordinator(a) => coordinator::run(a).await,
+        Command::Cluster(ClusterCommand::Secret) => {
+            // 64 hex digits on stdout: `drover cluster secret > FILE`, the same file on
+            // every member (`chmod 600`).
+            println!("{}", drover_raft::secret::ClusterSecret::generate()?.to_hex());
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::Bench(BenchCommand::Fleet(a)) => fleet::run(a).await,
         Command::Nodes(cli) => cli_result(c::nodes(&cli.ctx()).await),
         Command::Version(cli) => cli_result(c::version(&cli.ctx()).await),

@@ -24,3 +24,14 @@ fn man_page_is_roff_with_the_commands() {
     assert!(man.contains(".TH drover 1"), "{man}");
     assert!(man.contains("controller") && man.contains("completions"));
 }
+
+#[test]
+fn cluster_secret_prints_64_fresh_hex_digits() {
+    let a = drover(&["cluster", "secret"]);
+    let b = drover(&["cluster", "secret"]);
+    for s in [&a, &b] {
+        let t = s.trim();
+        assert!(t.len() == 64 && t.bytes().all(|c| c.is_ascii_hexdigit()), "{s}");
+    }
+    assert_ne!(a, b, "a new secret each time");
+}
