@@ -79,23 +79,11 @@ fn snapshot_err(e: impl ToString) -> StorageError {
     StorageIOError::write_snapshot(None, AnyError::error(e.to_string())).into()
 }
 
-fn put_log_id(out: &mut Vec<u8>, id: Option<LogId>) {
-    match id {
-        Some(id) => {
-            out.push(1);
-            out.extend_from_slice(&id.leader_id.term.to_le_bytes());
-            out.extend_from_slice(&id.leader_id.node_id.to_le_bytes());
-            out.extend_from_slice(&id.index.to_le_bytes());
-        }
-        None => out.extend_from_slice(&[0; 25]),
-    }
-}
-
 /// The snapshot file's bytes for `meta` and the core's checkpoint.
 fn encode_snapshot(meta: &Meta, core: &[u8]) -> Vec<u8> {
     let mut h = vec![1u8];
-    put_log_id(&mut h, meta.last_log_id);
-    put_log_id(&mut h, *meta.last_membership.log_id());
+    record::put_log_id(&mut h, meta.last_log_id);
+    record::put_log_id(&mut h, *meta.last_membership.log_id());
     record::encode_membership_bytes(meta.last_membership.membership(), &mut h);
     h.extend_from_slice(&(meta.snapshot_id.len() as u32).to_le_bytes());
     h.extend_from_slice(meta.snapshot_id.as_bytes());
@@ -257,10 +245,9 @@ where
 
     async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
         let bytes = snapshot.into_inner();
-        let (stored_meta, core) = decode_snapshot(&bytes).map_err(sm_err)?;
+        // The bytes carry the leader's header; the file keeps the meta it was sent with.
+        let (_, core) = decode_snapshot(&bytes).map_err(sm_err)?;
         let machine = M::restore(core).map_err(sm_err)?;
-        // The file keeps the meta it was sent with (the leader's).
-        let _ = stored_meta;
         let file = encode_snapshot(meta, core);
         let (storage, path, data) = (self.storage.clone(), self.path.clone(), file.clone());
         tokio::task::spawn_blocking(move || storage.write_atomic(&path, &data))

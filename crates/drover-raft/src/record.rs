@@ -130,6 +130,20 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Appends a present byte and a log id (term, node id, index), or 25 zero bytes for
+/// none: the form [`Reader::log_id`] reads.
+pub(crate) fn put_log_id(out: &mut Vec<u8>, id: Option<LogId>) {
+    match id {
+        Some(id) => {
+            out.push(1);
+            out.extend_from_slice(&id.leader_id.term.to_le_bytes());
+            out.extend_from_slice(&id.leader_id.node_id.to_le_bytes());
+            out.extend_from_slice(&id.index.to_le_bytes());
+        }
+        None => out.extend_from_slice(&[0; 25]),
+    }
+}
+
 fn log_id(term: u64, node: u64, index: u64) -> LogId {
     LogId::new(CommittedLeaderId::new(term, node), index)
 }
@@ -219,15 +233,7 @@ impl SavedState {
             }
             None => out.extend_from_slice(&[0; 18]),
         }
-        match &self.purged {
-            Some(p) => {
-                out.push(1);
-                out.extend_from_slice(&p.leader_id.term.to_le_bytes());
-                out.extend_from_slice(&p.leader_id.node_id.to_le_bytes());
-                out.extend_from_slice(&p.index.to_le_bytes());
-            }
-            None => out.extend_from_slice(&[0; 25]),
-        }
+        put_log_id(&mut out, self.purged);
         out
     }
 
@@ -245,9 +251,7 @@ impl SavedState {
             v.committed = committed == 1;
             v
         });
-        let has_purged = r.u8()?;
-        let (term, node, index) = (r.u64()?, r.u64()?, r.u64()?);
-        let purged = (has_purged == 1).then(|| log_id(term, node, index));
+        let purged = r.log_id()?;
         if !r.0.is_empty() {
             return Err(bad("state file", format!("{} trailing bytes", r.0.len())));
         }

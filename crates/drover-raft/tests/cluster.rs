@@ -65,31 +65,32 @@ fn input(v: u64) -> Inputs {
     Inputs(encode_input::<Sum>(&v).unwrap().to_vec())
 }
 
-async fn leader(replicas: &BTreeMap<u64, Replica>) -> u64 {
-    let any = replicas.values().next().unwrap();
-    let m = any
-        .raft
-        .wait(Some(Duration::from_secs(10)))
-        .metrics(|m| m.current_leader.is_some_and(|l| replicas.contains_key(&l)), "a leader among the running")
-        .await
-        .unwrap();
-    let l = m.current_leader.unwrap();
-    // And the leader knows it.
-    replicas[&l]
-        .raft
-        .wait(Some(Duration::from_secs(10)))
-        .state(openraft::ServerState::Leader, "the leader leads")
-        .await
-        .unwrap();
-    l
+/// The Raft handles of running replicas.
+fn handles(replicas: &BTreeMap<u64, Replica>) -> BTreeMap<u64, Raft<TypeConfig>> {
+    replicas.iter().map(|(id, r)| (*id, r.raft.clone())).collect()
 }
 
-/// Commits input `v` through whichever replica leads, following `ForwardToLeader` as a
+/// The member of `rafts` that leads and knows it, waiting up to 10 s for one.
+async fn leader(rafts: &BTreeMap<u64, Raft<TypeConfig>>) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = rafts.values().find_map(|r| r.metrics().borrow().current_leader).filter(|l| rafts.contains_key(l));
+        if let Some(l) = seen
+            && rafts[&l].metrics().borrow().state == openraft::ServerState::Leader
+        {
+            return l;
+        }
+        assert!(Instant::now() < deadline, "no leader among the running within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Commits input `v` through whichever member leads, following `ForwardToLeader` as a
 /// client does (a refused proposal was not appended, so retrying cannot duplicate it).
-async fn write(replicas: &BTreeMap<u64, Replica>, v: u64) -> u64 {
+async fn write(rafts: &BTreeMap<u64, Raft<TypeConfig>>, v: u64) -> u64 {
     for _ in 0..50 {
-        let l = leader(replicas).await;
-        let written = tokio::time::timeout(Duration::from_secs(20), replicas[&l].raft.client_write(input(v))).await;
+        let l = leader(rafts).await;
+        let written = tokio::time::timeout(Duration::from_secs(20), rafts[&l].client_write(input(v))).await;
         let Ok(written) = written else { panic!("write {v} not answered within 20 s") };
         match written {
             Ok(r) => return r.log_id.index,
@@ -100,6 +101,25 @@ async fn write(replicas: &BTreeMap<u64, Replica>, v: u64) -> u64 {
         }
     }
     panic!("write {v}: no stable leader");
+}
+
+/// Data directories and free loopback addresses for `n` replicas; replicas 1 to
+/// `founders` started and initialised, each with the same list of those members.
+async fn launch(n: usize, founders: u64) -> (Vec<tempfile::TempDir>, Vec<String>, BTreeMap<u64, Replica>) {
+    let dirs: Vec<tempfile::TempDir> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+    let addrs: Vec<String> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()).collect();
+    let members: BTreeMap<u64, BasicNode> =
+        (1..=founders).map(|id| (id, BasicNode::new(&addrs[id as usize - 1]))).collect();
+    let mut replicas = BTreeMap::new();
+    for id in 1..=founders {
+        replicas.insert(id, start(id, dirs[id as usize - 1].path(), &addrs[id as usize - 1]).await);
+    }
+    // Every member initialises itself with the same list; no separate init step.
+    for r in replicas.values() {
+        let _ = r.raft.initialize(members.clone()).await;
+    }
+    (dirs, addrs, replicas)
 }
 
 /// Waits until every replica's core has applied up to `index`, then returns their sums.
@@ -114,21 +134,10 @@ async fn sums(replicas: &BTreeMap<u64, Replica>, index: u64) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_replicate_fail_over_and_catch_up_by_snapshot() {
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let addrs: Vec<String> =
-        (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()).collect();
-    let members: BTreeMap<u64, BasicNode> = (1..=3).map(|id| (id, BasicNode::new(&addrs[id as usize - 1]))).collect();
-    let mut replicas = BTreeMap::new();
-    for id in 1..=3u64 {
-        replicas.insert(id, start(id, dirs[id as usize - 1].path(), &addrs[id as usize - 1]).await);
-    }
-    // Every member initialises itself with the same list; no separate init step.
-    for r in replicas.values() {
-        let _ = r.raft.initialize(members.clone()).await;
-    }
+    let (dirs, addrs, mut replicas) = launch(3, 3).await;
     let mut last = 0;
     for v in 1..=100u64 {
-        last = write(&replicas, v).await;
+        last = write(&handles(&replicas), v).await;
     }
     assert_eq!(sums(&replicas, last).await, vec![5050; 3], "every core applied the same committed inputs");
     // Outputs exist only for committed inputs, once each and in order: on each replica
@@ -144,17 +153,17 @@ async fn three_replicas_replicate_fail_over_and_catch_up_by_snapshot() {
         complete += usize::from(out == prefix);
     }
     assert!(complete >= 1, "the leader applied every input");
-    let first = leader(&replicas).await;
+    let first = leader(&handles(&replicas)).await;
 
     // The leader goes away: the other two elect a new one and go on.
     let old = replicas.remove(&first).unwrap();
     let stopped = Instant::now();
     stop(old).await;
-    let second = leader(&replicas).await;
+    let second = leader(&handles(&replicas)).await;
     assert_ne!(second, first);
     let elected = stopped.elapsed();
     for v in 101..=150u64 {
-        last = write(&replicas, v).await;
+        last = write(&handles(&replicas), v).await;
     }
     assert_eq!(sums(&replicas, last).await, vec![11325; 2]);
 
@@ -176,27 +185,6 @@ async fn three_replicas_replicate_fail_over_and_catch_up_by_snapshot() {
     }
 }
 
-/// Commits `v` through the current leader among `rafts`, following ForwardToLeader.
-async fn write_via(rafts: &BTreeMap<u64, Raft<TypeConfig>>, v: u64) -> u64 {
-    for _ in 0..100 {
-        let leader = rafts.values().find_map(|r| r.metrics().borrow().current_leader).filter(|l| rafts.contains_key(l));
-        let Some(l) = leader else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let written = tokio::time::timeout(Duration::from_secs(20), rafts[&l].client_write(input(v))).await;
-        let Ok(written) = written else { panic!("write {v} not answered within 20 s") };
-        match written {
-            Ok(r) => return r.log_id.index,
-            Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(_))) => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("write {v}: {e}"),
-        }
-    }
-    panic!("write {v}: no stable leader");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_are_added_and_removed_under_load_without_losing_an_input() {
     // openraft's own account, shown only if the test fails.
@@ -206,29 +194,19 @@ async fn members_are_added_and_removed_under_load_without_losing_an_input() {
         ))
         .with_test_writer()
         .try_init();
-    let dirs: Vec<tempfile::TempDir> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
-    let addrs: Vec<String> =
-        (0..5).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()).collect();
+    let (dirs, addrs, mut replicas) = launch(5, 3).await;
     let node = |id: u64| BasicNode::new(&addrs[id as usize - 1]);
-    let mut replicas = BTreeMap::new();
-    for id in 1..=3u64 {
-        replicas.insert(id, start(id, dirs[id as usize - 1].path(), &addrs[id as usize - 1]).await);
-    }
-    let members: BTreeMap<u64, BasicNode> = (1..=3).map(|id| (id, node(id))).collect();
-    for r in replicas.values() {
-        let _ = r.raft.initialize(members.clone()).await;
-    }
     for id in 4..=5u64 {
         replicas.insert(id, start(id, dirs[id as usize - 1].path(), &addrs[id as usize - 1]).await);
     }
-    let rafts: BTreeMap<u64, Raft<TypeConfig>> = replicas.iter().map(|(id, r)| (*id, r.raft.clone())).collect();
+    let rafts = handles(&replicas);
     // The load: 2000 acknowledged inputs, one after another, through whoever leads.
     let load = {
         let rafts = rafts.clone();
         tokio::spawn(async move {
             let mut last = 0;
             for v in 1..=2000u64 {
-                last = write_via(&rafts, v).await;
+                last = write(&rafts, v).await;
             }
             last
         })
@@ -247,8 +225,8 @@ async fn members_are_added_and_removed_under_load_without_losing_an_input() {
     // Remove one of the first three that does not lead. (A leader that removes itself
     // leaves client writes it had accepted unanswered in openraft 0.9.25, observed here:
     // `drover cluster remove` will move leadership away first.)
-    let leading = rafts.values().find_map(|r| r.metrics().borrow().current_leader);
-    let victim = [3u64, 2, 1].into_iter().find(|id| Some(*id) != leading).unwrap();
+    let leading = leader(&rafts).await;
+    let victim = [3u64, 2, 1].into_iter().find(|id| *id != leading).unwrap();
     let keep: Vec<u64> = (1..=5).filter(|id| *id != victim).collect();
     on_leader(&rafts, |r| {
         let keep = keep.clone();
@@ -277,11 +255,10 @@ where
     Fut: std::future::Future<Output = bool>,
 {
     for _ in 0..100 {
-        let leader = rafts.values().find_map(|r| r.metrics().borrow().current_leader).filter(|l| rafts.contains_key(l));
-        if let Some(l) = leader
-            && tokio::time::timeout(Duration::from_secs(30), op(rafts[&l].clone()))
-                .await
-                .expect("a membership change answered within 30 s")
+        let l = leader(rafts).await;
+        if tokio::time::timeout(Duration::from_secs(30), op(rafts[&l].clone()))
+            .await
+            .expect("a membership change answered within 30 s")
         {
             return;
         }
@@ -293,25 +270,15 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_a_holder_of_the_cluster_secret_can_speak_raft() {
     use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let addrs: Vec<String> =
-        (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()).collect();
-    let members: BTreeMap<u64, BasicNode> = (1..=3).map(|id| (id, BasicNode::new(&addrs[id as usize - 1]))).collect();
-    let mut replicas = BTreeMap::new();
-    for id in 1..=3u64 {
-        replicas.insert(id, start(id, dirs[id as usize - 1].path(), &addrs[id as usize - 1]).await);
-    }
-    for r in replicas.values() {
-        let _ = r.raft.initialize(members.clone()).await;
-    }
-    let last = write(&replicas, 7).await;
+    let (_dirs, addrs, mut replicas) = launch(3, 3).await;
+    let last = write(&handles(&replicas), 7).await;
     sums(&replicas, last).await;
-    let l = leader(&replicas).await;
+    let l = leader(&handles(&replicas)).await;
     let term = replicas[&l].raft.metrics().borrow().current_term;
     // A vote request from a far later term would depose the leader, if it were heard.
     let ask = openraft::raft::VoteRequest::new(openraft::Vote::new(term + 100, 99), None);
     let option = RPCOption::new(Duration::from_secs(2));
-    let target = members[&l].clone();
+    let target = BasicNode::new(&addrs[l as usize - 1]);
     let mut stranger = Network::new(ClusterSecret::generate().unwrap()).new_client(l, &target).await;
     let refused = stranger.vote(ask.clone(), option.clone()).await;
     assert!(refused.is_err(), "a wrong secret is refused: {refused:?}");
