@@ -256,9 +256,7 @@ async fn misbehaving_applications_are_closed_and_the_log_stays_intact() {
     assert_eq!(n, 0, "closed without sending more");
     // The next start is a recovery that still has record 0.
     let (_to, mut from) = connect(&c).await;
-    let head = read_exact(&mut from, 24).await;
-    assert_eq!(i64::from_le_bytes(head[16..24].try_into().unwrap()), -2);
-    read_exact(&mut from, i32::from_le_bytes(head[4..8].try_into().unwrap()) as usize - 24).await;
+    read_checkpoint(&mut from).await;
     let (_, _, seq, payload) = read_record(&mut from).await;
     assert_eq!((seq, payload.as_slice()), (0, &[0x06, 0x09, b'h', b'i'][..]));
     c.stop().await;
@@ -463,24 +461,28 @@ async fn record_0_is_the_whole_initial_message_in_c_and_js_forms_for_both_genera
     }
 }
 
-/// Starts a debug run over `dir`'s instance "app"; returns its task and ports.
+/// A debug run's task.
+type DebugRun =
+    tokio::task::JoinHandle<Result<drover_coordinator::debug::DebugReport, drover_coordinator::CoordinatorError>>;
+
+/// Starts a debug run over `dir`'s instance "app", listening on both ports, or
+/// connecting out to the application's port `connect_to` (the older generation);
+/// returns its task, its receive port and the send port.
 async fn start_debug(
     dir: &Path,
     checkpoint: Option<i64>,
     test_upgrade: bool,
-) -> (
-    tokio::task::JoinHandle<Result<drover_coordinator::debug::DebugReport, drover_coordinator::CoordinatorError>>,
-    u16,
-    u16,
-) {
-    let coordinator = CoordinatorConfig::new("app", dir, 0, 0);
+    connect_to: Option<u16>,
+) -> (DebugRun, u16, u16) {
+    let mut coordinator = CoordinatorConfig::new("app", dir, 0, connect_to.unwrap_or(0));
+    coordinator.connect_send = connect_to.is_some();
     let config = drover_coordinator::debug::DebugConfig { coordinator, checkpoint, test_upgrade };
     let (tx, rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(drover_coordinator::debug::debug(config, std::future::pending(), move |l| {
         let _ = tx.send(l);
     }));
     let l = rx.await.expect("listening");
-    (task, l.receive_port, l.send_port.unwrap())
+    (task, l.receive_port, l.send_port.or(connect_to).unwrap())
 }
 
 /// Every file of the instance with its bytes (to show a run changed nothing).
@@ -519,7 +521,7 @@ async fn debug_runs_send_checkpoint_then_upgrade_service_then_the_records_and_wr
     // The live coordinator keeps running (its application connected) during the runs.
     let before = snapshot(dir.path());
     for test_upgrade in [false, true] {
-        let (run, receive, send) = start_debug(dir.path(), None, test_upgrade).await;
+        let (run, receive, send) = start_debug(dir.path(), None, test_upgrade, None).await;
         let mut app_to = TcpStream::connect(("127.0.0.1", receive)).await.unwrap();
         let mut app_from = TcpStream::connect(("127.0.0.1", send)).await.unwrap();
         assert_eq!(read_checkpoint(&mut app_from).await, [0x5A], "the checkpoint first");
@@ -561,7 +563,7 @@ async fn debug_runs_send_checkpoint_then_upgrade_service_then_the_records_and_wr
 
     // An application that sends what it may not (a Checkpoint nobody asked for) ends
     // the run with a clear error.
-    let (run, receive, send) = start_debug(dir.path(), Some(0), false).await;
+    let (run, receive, send) = start_debug(dir.path(), Some(0), false, None).await;
     let mut app_to = TcpStream::connect(("127.0.0.1", receive)).await.unwrap();
     let _app_from = TcpStream::connect(("127.0.0.1", send)).await.unwrap();
     to_app_calls(&mut app_to, 1).await;
@@ -655,14 +657,8 @@ async fn a_debug_run_connects_out_to_an_older_generation_application() {
     c.stop().await;
     // The C client listens on its send port; the debug run connects out to it.
     let app_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut coordinator = CoordinatorConfig::new("app", dir.path(), 0, app_listener.local_addr().unwrap().port());
-    coordinator.connect_send = true;
-    let config = drover_coordinator::debug::DebugConfig { coordinator, checkpoint: None, test_upgrade: true };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let run = tokio::spawn(drover_coordinator::debug::debug(config, std::future::pending(), move |l| {
-        let _ = tx.send(l);
-    }));
-    let receive = rx.await.unwrap().receive_port;
+    let app_port = app_listener.local_addr().unwrap().port();
+    let (run, receive, _) = start_debug(dir.path(), None, true, Some(app_port)).await;
     let app_to = TcpStream::connect(("127.0.0.1", receive)).await.unwrap();
     let (mut app_from, _) =
         tokio::time::timeout(Duration::from_secs(10), app_listener.accept()).await.unwrap().unwrap();
