@@ -140,6 +140,16 @@ impl Cursor<'_> {
             _ => Err("truncated checkpoint header".into()),
         }
     }
+    /// A count or sequence number: never negative, and small enough that the sums
+    /// and `+ 1`s done with it cannot overflow (a damaged header is refused instead).
+    fn count(&mut self, what: &str) -> Result<u64, String> {
+        let v = self.long()?;
+        if (0..=MAX_COUNT).contains(&v) {
+            Ok(v as u64)
+        } else {
+            Err(format!("checkpoint header has an impossible {what} ({v})"))
+        }
+    }
     fn bytes(&mut self) -> Result<&[u8], String> {
         let n = usize::try_from(self.long()?).map_err(|_| "bad length in checkpoint header".to_owned())?;
         if n > self.0.len() {
@@ -192,22 +202,22 @@ impl CheckpointHeader {
         // The length is read from disk: an absurd one must not overflow the range.
         let h = 8usize.checked_add(len).and_then(|end| stored.get(8..end)).ok_or_else(short)?;
         let mut c = Cursor(h);
-        let self_calls = c.long()? as u64;
-        let pending = c.long()? as u64;
+        let self_calls = c.count("self-call count")?;
+        let pending = c.count("pending count")?;
         let (&flag, rest) = c.0.split_first().ok_or_else(short)?;
         c.0 = rest;
         let mut received = BTreeMap::new();
         for _ in 0..c.long()? {
             let name = c.string()?;
-            received.insert(name, c.long()?);
+            received.insert(name, c.count("sequence number")? as i64);
         }
         let mut sent = BTreeMap::new();
         for _ in 0..c.long()? {
             let name = c.string()?;
-            let count = c.long()?;
+            let count = c.count("call count")? as i64;
             let mut outbox = Vec::new();
             for _ in 0..c.long()? {
-                let seq = c.long()?;
+                let seq = c.count("sequence number")? as i64;
                 outbox.push((seq, Bytes::copy_from_slice(c.bytes()?)));
             }
             sent.insert(name, (count, outbox));
@@ -217,6 +227,11 @@ impl CheckpointHeader {
         Ok((header, stored.slice(8 + len..)))
     }
 }
+
+/// The largest count or sequence number a checkpoint header or tag may hold (2^62):
+/// far beyond any real log, and far enough below `i64::MAX` that arithmetic on it
+/// cannot overflow.
+const MAX_COUNT: i64 = 1 << 62;
 
 /// The type byte of drover's own tag message in a logged record: which source
 /// instance's calls the record holds (name, last sequence number, how many). AMBROSIA
@@ -243,8 +258,8 @@ fn parse_tag(message: &[u8]) -> Option<(String, i64, u64)> {
     }
     let mut c = Cursor(&body[1..]);
     let name = c.string().ok()?;
-    let last = c.long().ok()?;
-    let count = c.long().ok()? as u64;
+    let last = c.long().ok().filter(|v| (0..=MAX_COUNT).contains(v))?;
+    let count = c.long().ok().filter(|v| (0..=MAX_COUNT).contains(v))? as u64;
     Some((name, last, count))
 }
 
@@ -314,7 +329,7 @@ fn parse(message: &[u8]) -> Option<Message> {
 /// bytes) are passed on as they are.
 pub fn replay_view(payload: &Bytes) -> (u64, Option<Bytes>) {
     let (stripped, tags) = strip_tags(payload);
-    let remote: u64 = tags.iter().map(|t| t.2).sum();
+    let remote: u64 = tags.iter().fold(0, |sum, t| sum.saturating_add(t.2));
     let payload = &Bytes::from(stripped);
     let (replayable, view) = replay_view_untagged(payload);
     (replayable.saturating_sub(remote), view)
@@ -470,7 +485,7 @@ impl Session {
                 *r = (*r).max(last);
             }
             let (replayable, view) = replay_view(&payload);
-            logged += replayable;
+            logged = logged.saturating_add(replayable);
             if let Some(p) = view {
                 out.push(Action::Send(record(committer_id, seq, &p).into()));
             }
@@ -638,7 +653,7 @@ impl Session {
 
     /// The next call sequence number expected from `source` (what to ask `ReplayFrom`).
     pub fn next_from(&self, source: &str) -> i64 {
-        self.received.get(source).copied().unwrap_or(0) + 1
+        self.received.get(source).copied().unwrap_or(0).saturating_add(1)
     }
 
     /// A call from another instance: logged like a self call, tagged with its source
@@ -792,5 +807,57 @@ mod tests {
             let err = CheckpointHeader::decode(&Bytes::from(stored)).unwrap_err();
             assert!(err.contains("shorter than its header"), "{err}");
         }
+    }
+
+    /// A header with counts near `i64::MAX` used to overflow while recovery added up
+    /// the logged self-calls (found by the fuzz target `coordinator_checkpoint`).
+    #[test]
+    fn impossible_counts_are_refused_and_huge_tags_do_not_overflow() {
+        let mut h = Vec::new();
+        varint::put_long(&mut h, i64::MAX);
+        varint::put_long(&mut h, 0);
+        h.extend_from_slice(&[0, 0, 0]);
+        let mut stored = (h.len() as u64).to_le_bytes().to_vec();
+        stored.extend_from_slice(&h);
+        let err = CheckpointHeader::decode(&Bytes::from(stored)).unwrap_err();
+        assert!(err.contains("impossible self-call count"), "{err}");
+        for bad in [-1, MAX_COUNT + 1] {
+            let mut h = Vec::new();
+            varint::put_long(&mut h, 0);
+            varint::put_long(&mut h, bad);
+            h.extend_from_slice(&[0, 0, 0]);
+            let mut stored = (h.len() as u64).to_le_bytes().to_vec();
+            stored.extend_from_slice(&h);
+            let err = CheckpointHeader::decode(&Bytes::from(stored)).unwrap_err();
+            assert!(err.contains("impossible pending count"), "{err}");
+        }
+
+        // The largest counts a header may hold, then records whose tags claim huge
+        // counts: recovery saturates instead of overflowing, and asks for the same
+        // sequence number it would for any source.
+        let header = CheckpointHeader { self_calls: MAX_COUNT as u64, ..Default::default() };
+        let stored = Bytes::from(header.encode(b"app"));
+        let huge = Bytes::from(source_tag("peer", MAX_COUNT, u32::MAX));
+        let records = (1..=3).map(|i| (i, huge.clone()));
+        let (s, actions) = Session::recovery(7, "app", &stored, records, false, 1 << 20).unwrap();
+        assert_eq!(s.next_from("peer"), MAX_COUNT + 1);
+        assert!(matches!(actions.last(), Some(Action::Send(_))));
+
+        // The fuzz finding itself, byte for byte.
+        let crash = [
+            15u8, 5, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 15, 5, 0, 158, 158, 158, 158, 158, 158, 158, 158, 158,
+            158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158,
+            158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 0, 158, 158, 158, 158, 158,
+            199, 199, 199, 199, 199, 199, 199, 199, 199, 199, 199, 199, 199, 199, 199, 199, 199, 199, 199, 199, 158,
+            158, 255, 255, 255, 15, 0, 1, 127, 62, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158, 158,
+            158, 158, 158, 158, 158, 158, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, 191, 255, 29, 0, 0, 0, 0, 216,
+        ];
+        let (&split, rest) = crash.split_first().unwrap();
+        let at = (split as usize).min(rest.len());
+        let stored = Bytes::copy_from_slice(&rest[..at]);
+        let records: Vec<(i64, Bytes)> =
+            rest[at..].chunks(17).enumerate().map(|(i, c)| (i as i64, Bytes::copy_from_slice(c))).collect();
+        let _ = Session::recovery(7, "app", &stored, records.clone(), false, 1 << 20);
+        let _ = Session::replay_only(7, "app", &stored, records, true);
     }
 }
