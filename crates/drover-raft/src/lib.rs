@@ -16,16 +16,23 @@
 //!   committed entries are applied to the core in order; snapshots are the core's
 //!   checkpoints plus the applied log id and membership.
 //!
-//! Status (issue 15): the storage layer is built and passes openraft's own storage
-//! test suite; the network, the controller shell on top and the cluster commands are
-//! not built yet.
+//! - [`network`]: the Raft port (length-prefixed postcard frames behind the
+//!   cluster-secret handshake of [`secret`]);
+//! - [`member`]: one member started the way every replica starts (log, machine,
+//!   openraft, Raft port, self-initialisation from the initial member list);
+//! - [`status`]: each member's view of itself and the cluster view made of them.
 
 pub mod log_store;
 pub mod machine;
+pub mod member;
 pub mod network;
 pub mod record;
 pub mod secret;
+pub mod status;
 pub mod types;
+
+/// The openraft this crate is built on (one pinned version for every user).
+pub use openraft;
 
 pub use log_store::RaftLog;
 pub use machine::RaftMachine;

@@ -169,6 +169,11 @@ impl RaftLog {
             .map_err(io::Error::other)?
     }
 
+    /// The journal under the log (for its counters and histograms).
+    pub fn journal(&self) -> Arc<Journal> {
+        self.journal.clone()
+    }
+
     /// Closes the journal (waits for its writer).
     pub async fn close(self) {
         let _ = self.barrier().await;

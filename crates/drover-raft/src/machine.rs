@@ -43,6 +43,9 @@ struct Applied<M: StateMachine> {
     outputs: Vec<M::Output>,
     snapshot: Option<(Meta, Vec<u8>)>,
     built: u64,
+    /// Whether outputs are kept for the shell (a leader's), or dropped as they are
+    /// made (a follower's: its shell has no one to send them to).
+    keep: bool,
 }
 
 /// openraft's state machine over a drover core `M`.
@@ -132,6 +135,7 @@ where
             outputs: Vec::new(),
             snapshot: None,
             built: 0,
+            keep: true,
         };
         match storage.read(&path) {
             Ok(bytes) => {
@@ -157,6 +161,37 @@ where
     pub fn with_core<T>(&self, f: impl FnOnce(&M) -> T) -> T {
         f(&lock(&self.applied).machine)
     }
+
+    /// The core, for queries, until the guard is dropped (entries wait to be applied
+    /// meanwhile: keep it short, and never across an `.await`).
+    pub fn core(&self) -> Core<'_, M> {
+        Core(lock(&self.applied))
+    }
+
+    /// Keep outputs for [`take_outputs`](Self::take_outputs) (a leader), or drop them
+    /// as they are made (a follower). Turning it off also drops those kept so far.
+    pub fn keep_outputs(&self, keep: bool) {
+        let mut a = lock(&self.applied);
+        a.keep = keep;
+        if !keep {
+            a.outputs.clear();
+        }
+    }
+
+    /// The log id of the last entry applied.
+    pub fn last_applied(&self) -> Option<LogId> {
+        lock(&self.applied).last_applied
+    }
+}
+
+/// The core of a [`RaftMachine`], borrowed (see [`RaftMachine::core`]).
+pub struct Core<'a, M: StateMachine>(MutexGuard<'a, Applied<M>>);
+
+impl<M: StateMachine> std::ops::Deref for Core<'_, M> {
+    type Target = M;
+    fn deref(&self) -> &M {
+        &self.0.machine
+    }
 }
 
 /// Applies one normal entry's input messages.
@@ -172,6 +207,9 @@ fn apply_inputs<M: StateMachine>(a: &mut Applied<M>, id: LogId, data: &[u8]) -> 
         let entry = ReplayEntry { seq: id.index as i64, message };
         if let Some(input) = drover_journal::machine::decode_entry::<M>(&entry).map_err(|e| e.to_string())? {
             a.machine.apply(input, &mut a.outputs);
+            if !a.keep {
+                a.outputs.clear();
+            }
         }
     }
     Ok(())

@@ -26,6 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::secret::{ClusterSecret, SecretError};
+use crate::status::{Addresses, MemberStatus};
 use crate::types::TypeConfig;
 
 /// Largest frame accepted (a batch of entries, or one snapshot chunk).
@@ -39,6 +40,8 @@ enum Request {
     Append(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<u64>),
     Snapshot(InstallSnapshotRequest<TypeConfig>),
+    /// drover's own: the member's view of itself ([`MemberStatus`]).
+    Status,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -46,6 +49,7 @@ enum Response {
     Append(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
     Vote(Result<VoteResponse<u64>, RaftError<u64>>),
     Snapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
+    Status(MemberStatus),
 }
 
 /// Why a frame could not be read or written.
@@ -106,8 +110,9 @@ pub fn decode_response(body: &[u8]) -> Result<(), FrameError> {
 }
 
 /// Serves the Raft port: every connection that proves it holds `secret` has its
-/// requests go to `raft`, in order.
-pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, secret: ClusterSecret) {
+/// requests go to `raft`, in order; a status request is answered with this member's
+/// view of itself, `about` naming its addresses.
+pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, secret: ClusterSecret, about: Addresses) {
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(a) => a,
@@ -118,7 +123,7 @@ pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, secret: Cluste
             }
         };
         let _ = stream.set_nodelay(true);
-        let (raft, secret) = (raft.clone(), secret.clone());
+        let (raft, secret, about) = (raft.clone(), secret.clone(), about.clone());
         tokio::spawn(async move {
             let mut stream = stream;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, secret.prove_as_listener(&mut stream)).await {
@@ -132,16 +137,17 @@ pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, secret: Cluste
                     return;
                 }
             }
-            if let Err(e) = serve_connection(stream, raft).await {
+            if let Err(e) = serve_connection(stream, raft, about).await {
                 tracing::debug!(%from, error = %e, "raft connection ended");
             }
         });
     }
 }
 
-async fn serve_connection(mut stream: TcpStream, raft: Raft<TypeConfig>) -> Result<(), FrameError> {
+async fn serve_connection(mut stream: TcpStream, raft: Raft<TypeConfig>, about: Addresses) -> Result<(), FrameError> {
     loop {
         let response = match read_frame::<Request>(&mut stream).await {
+            Ok(Request::Status) => Response::Status(MemberStatus::of(&raft, &about)),
             Ok(Request::Append(r)) => Response::Append(raft.append_entries(r).await),
             Ok(Request::Vote(r)) => Response::Vote(raft.vote(r).await),
             Ok(Request::Snapshot(r)) => Response::Snapshot(raft.install_snapshot(r).await),
@@ -152,6 +158,18 @@ async fn serve_connection(mut stream: TcpStream, raft: Raft<TypeConfig>) -> Resu
             }
         };
         write_frame(&mut stream, &response).await?;
+    }
+}
+
+/// Asks the member at `addr` for its view of itself (a connection of its own, closed
+/// after the answer), within `ttl`.
+pub async fn ask_status(addr: &str, secret: &ClusterSecret, ttl: Duration) -> Result<MemberStatus, FrameError> {
+    let mut peer = Peer { target: 0, addr: addr.to_owned(), conn: None, secret: secret.clone() };
+    match peer.call(&Request::Status, ttl).await {
+        Ok(Response::Status(s)) => Ok(s),
+        Ok(_) => Err(FrameError::Mismatch),
+        Err(CallError::Unreachable(e)) => Err(FrameError::Io(e)),
+        Err(CallError::Network(e)) => Err(e),
     }
 }
 

@@ -104,6 +104,14 @@ impl ClusterSecret {
         ClusterSecret::from_hex(&text, &path.display().to_string())
     }
 
+    /// A 32-byte key for `purpose`, the same on every member holding this secret
+    /// (HMAC-SHA256 of the purpose under the secret): the cluster's shared keys (the
+    /// ticket signing key, the task-secret sealing key) come from here, so they are
+    /// cluster state without ever being written to the log.
+    pub fn derive(&self, purpose: &str) -> [u8; 32] {
+        self.mac(b"drover derive ", purpose.as_bytes(), &[]).finalize().into_bytes().into()
+    }
+
     fn mac(&self, label: &[u8], first: &[u8], second: &[u8]) -> HmacSha256 {
         let mut m = <HmacSha256 as KeyInit>::new_from_slice(&self.0).expect("HMAC takes any key length");
         m.update(label);
@@ -147,6 +155,15 @@ impl ClusterSecret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn derived_keys_are_per_purpose_and_the_same_for_every_holder() {
+        let s = ClusterSecret::generate().unwrap();
+        let copy = ClusterSecret::from_hex(&s.to_hex(), "copy").unwrap();
+        assert_eq!(s.derive("ticket"), copy.derive("ticket"));
+        assert_ne!(s.derive("ticket"), s.derive("seal"));
+        assert_ne!(s.derive("ticket"), ClusterSecret::generate().unwrap().derive("ticket"));
+    }
 
     #[test]
     fn hex_round_trips_and_bad_files_are_refused_by_name() {

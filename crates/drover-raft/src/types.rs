@@ -30,3 +30,7 @@ pub type Vote = openraft::Vote<u64>;
 pub type StorageError = openraft::StorageError<u64>;
 /// A membership of ours.
 pub type Membership = openraft::Membership<u64, openraft::BasicNode>;
+
+/// Where the result of a proposal arrives (`Raft::client_write_ff`).
+pub type WriteReceiver =
+    <<TypeConfig as openraft::RaftTypeConfig>::Responder as openraft::raft::responder::Responder<TypeConfig>>::Receiver;

@@ -49,7 +49,7 @@ async fn start(id: u64, dir: &std::path::Path, addr: &str) -> Replica {
     let machine = RaftMachine::open(dir.join("journal"), storage, Sum::default).unwrap();
     let raft = Raft::new(id, config(), Network::new(secret()), log, machine.clone()).await.unwrap();
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let server = tokio::spawn(serve(listener, raft.clone(), secret()));
+    let server = tokio::spawn(serve(listener, raft.clone(), secret(), Default::default()));
     Replica { raft, machine, server }
 }
 
