@@ -125,7 +125,7 @@ pub async fn start_controller(
     tokio::spawn(drover_controller::run(
         config,
         std::sync::Arc::new(drover_controller::FsStorage),
-        drover_controller::Listeners { grpc: listener, admission: Some(admission), http: None },
+        drover_controller::Listeners { grpc: listener, admission: Some(admission), http: None, raft: None },
         async {
             let _ = stop_rx.await;
         },

@@ -46,6 +46,8 @@ pub(crate) struct AppState {
     pub(crate) started_ms: i64,
     /// Slots for `/events` subscribers.
     pub(crate) subscribers: Arc<tokio::sync::Semaphore>,
+    /// The cluster member this controller is (`None`: on its own).
+    pub(crate) cluster: Option<crate::cluster::ClusterHandle>,
 }
 
 /// How long one event may wait for a subscriber that does not read before it is dropped.
@@ -66,6 +68,8 @@ pub(crate) async fn serve(
         .route("/api/status", get(status))
         .route("/events", get(events))
         .route("/api/nodes/{id}/{action}", post(node_action))
+        .route("/api/cluster", get(crate::cluster::status))
+        .route("/api/cluster/{action}", post(crate::cluster::change))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -114,7 +118,7 @@ const MAX_HTTP2_STREAMS: u32 = 100;
 
 /// The peer of an HTTP connection (a request extension).
 #[derive(Clone, Copy, Debug)]
-struct PeerAddr(std::net::SocketAddr);
+pub(crate) struct PeerAddr(std::net::SocketAddr);
 
 async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
     let h = &s.health;
@@ -234,6 +238,34 @@ async fn events(State(s): State<AppState>) -> Response {
     Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx)).keep_alive(KeepAlive::default()).into_response()
 }
 
+/// Checks the request's `Authorization: Bearer <admin token>` (limited per address
+/// like every operator token); `Err` is the answer to send instead.
+pub(crate) async fn require_admin(
+    s: &AppState,
+    peer: Option<axum::Extension<PeerAddr>>,
+    headers: &HeaderMap,
+) -> Result<(), Response> {
+    let ip = peer.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |p| p.0.0.ip());
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(presented) = token.and_then(|t| drover_admission::token::parse(t).ok()) else {
+        return Err(
+            (StatusCode::UNAUTHORIZED, "an admin token is required (Authorization: Bearer <token>)\n").into_response()
+        );
+    };
+    match crate::owner::operator_role(&s.events, presented, ip).await {
+        Err(_) => Err((StatusCode::SERVICE_UNAVAILABLE, "controller is stopping\n").into_response()),
+        Ok(Ok(drover_core::OperatorRole::Admin)) => Ok(()),
+        Ok(Ok(drover_core::OperatorRole::Read)) => {
+            Err((StatusCode::FORBIDDEN, "this token is read-only; an admin token is required\n").into_response())
+        }
+        Ok(Err(reason)) => Err((StatusCode::UNAUTHORIZED, format!("{reason}\n")).into_response()),
+    }
+}
+
 /// `POST /api/nodes/{id}/drain|kick` with `Authorization: Bearer <admin token>`: the
 /// same command `drover drain|kick` sends, through the same journaled path.
 async fn node_action(
@@ -242,28 +274,13 @@ async fn node_action(
     peer: Option<axum::Extension<PeerAddr>>,
     headers: HeaderMap,
 ) -> Response {
-    let ip = peer.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |p| p.0.0.ip());
     let payload: Payload = match action.as_str() {
         "drain" => v1::ControllerDrainNodesV1Req { node_uuids: vec![id.clone()], undo: false }.into(),
         "kick" => v1::ControllerKickNodesV1Req { node_uuids: vec![id.clone()] }.into(),
         _ => return (StatusCode::NOT_FOUND, "actions: drain, kick\n").into_response(),
     };
-    let token = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(presented) = token.and_then(|t| drover_admission::token::parse(t).ok()) else {
-        return (StatusCode::UNAUTHORIZED, "an admin token is required (Authorization: Bearer <token>)\n")
-            .into_response();
-    };
-    match crate::owner::operator_role(&s.events, presented, ip).await {
-        Err(_) => return (StatusCode::SERVICE_UNAVAILABLE, "controller is stopping\n").into_response(),
-        Ok(Ok(drover_core::OperatorRole::Admin)) => {}
-        Ok(Ok(drover_core::OperatorRole::Read)) => {
-            return (StatusCode::FORBIDDEN, "this token is read-only; an admin token is required\n").into_response();
-        }
-        Ok(Err(reason)) => return (StatusCode::UNAUTHORIZED, format!("{reason}\n")).into_response(),
+    if let Err(refused) = require_admin(&s, peer, &headers).await {
+        return refused;
     }
     let session = s.sessions.fetch_add(1, Ordering::Relaxed);
     let (sink, mut replies) = mpsc::channel(16);

@@ -18,6 +18,7 @@
 //! channel, so an output can never overtake the registration of its session.
 
 mod admission;
+mod cluster;
 mod conns;
 mod grpc;
 mod http;
@@ -86,6 +87,24 @@ pub struct ControllerConfig {
     pub health_stall_ms: i64,
     /// Journal tuning: segment size, group-commit delay, checkpoint interval, checkpoints kept.
     pub journal: JournalTuning,
+    /// Membership of a replicated controller group (`None`: one controller, with its
+    /// own journal, as before).
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// A controller that is one member of a replicated group (`drover controller --member
+/// ID --raft ADDR --peers ...`).
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    /// This member's id.
+    pub member: u64,
+    /// The initial members (this one included, when it founds the group): id → Raft
+    /// address. A member not in it waits to be added.
+    pub peers: std::collections::BTreeMap<u64, String>,
+    /// The secret every member holds (`--cluster-secret-file`).
+    pub secret: drover_raft::secret::ClusterSecret,
+    /// Heartbeats, elections, snapshots.
+    pub timing: drover_raft::member::Timing,
 }
 
 /// The journal settings an operator may change.
@@ -196,6 +215,7 @@ impl ControllerConfig {
             client_ca: None,
             health_stall_ms: 5_000,
             journal: JournalTuning::default(),
+            cluster: None,
         }
     }
 
@@ -276,6 +296,9 @@ pub enum ShellError {
     /// Another process holds the data directory.
     #[error(transparent)]
     Lock(#[from] drover_journal::LockError),
+    /// The cluster member failed (its Raft engine, its log, its snapshot).
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// Where the controller listens.
@@ -286,6 +309,8 @@ pub struct Listeners {
     pub admission: Option<TcpListener>,
     /// HTTP: `/metrics`, `/healthz`, `/readyz`.
     pub http: Option<TcpListener>,
+    /// The Raft port (a cluster member only).
+    pub raft: Option<TcpListener>,
 }
 
 /// File in the data directory holding the ticket signing key.
@@ -353,44 +378,42 @@ pub async fn run(
     // Before anything in the directory is read or written: a second process on the same
     // data directory would trim the segments this one appends to.
     let _lock = tokio::task::block_in_place(|| drover_journal::DirLock::acquire(&config.data_dir))?;
-    let key = drover_admission::ticket::TicketKey::from_bytes(key_file(&config.data_dir, TICKET_KEY_FILE)?);
-    let sealer = Arc::new(secrets::Sealer::new(key_file(&config.data_dir, secrets::SECRET_KEY_FILE)?));
+    // A cluster's keys are the cluster's: every member derives the same ones from the
+    // cluster secret, so a ticket or a sealed task secret made by one leader is good
+    // on the next.
+    let (ticket_key, seal_key) = match &config.cluster {
+        Some(c) => (c.secret.derive("ticket signing key"), c.secret.derive("task secret sealing key")),
+        None => (key_file(&config.data_dir, TICKET_KEY_FILE)?, key_file(&config.data_dir, secrets::SECRET_KEY_FILE)?),
+    };
+    let key = drover_admission::ticket::TicketKey::from_bytes(ticket_key);
+    let sealer = Arc::new(secrets::Sealer::new(seal_key));
     let version = drover_admission::version::Version::parse(&config.core.version)
         .ok_or_else(|| ShellError::Config(format!("controller version {:?} is not x.y.z", config.core.version)))?;
     let min_node = drover_admission::version::Version::parse(&config.min_node_version)
         .ok_or_else(|| ShellError::Config(format!("min node version {:?} is not x.y.z", config.min_node_version)))?;
-    let (journal, recovery) = tokio::task::block_in_place(|| drover_journal::Journal::open(config.journal(), storage))?;
-    let started = std::time::Instant::now();
-    let (core, stats) = drover_journal::replay(&recovery, || {
-        let mut core = config.core.clone();
-        core.seed = fresh_seed();
-        drover_core::Controller::new(core)
-    })?;
-    tracing::info!(
-        dir = %config.data_dir.display(),
-        inputs = stats.inputs,
-        checkpoint = recovery.checkpoint.is_some(),
-        torn_tail = recovery.report.torn_tail.is_some(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "recovered"
-    );
-    let replay_us = started.elapsed().as_micros() as u64;
-    // A directory of an earlier format is migrated at once: a checkpoint in this
-    // release's format covers everything recovered, so from here on only this release
-    // (or a later one) reads it, and an older binary refuses it instead of misreading.
-    // (Replay restored the checkpoint, so its format was read: `ok()` loses nothing.)
-    let found = recovery.checkpoint.as_deref().and_then(|b| drover_core::checkpoint_format(b).ok());
-    drop(recovery);
-    if let Some(old) = found.filter(|&f| f < drover_core::CHECKPOINT_FORMAT) {
-        use drover_journal::StateMachine;
-        let covered = journal.checkpoint(core.checkpoint()?).await?;
-        tracing::info!(
-            from = old,
-            to = drover_core::CHECKPOINT_FORMAT,
-            covered,
-            "data directory migrated: checkpoint written in this release's format"
-        );
-    }
+    let mut cluster_handle = None;
+    let (backend, replay_us, replayed) = match (&config.cluster, listeners.raft) {
+        (None, _) => {
+            let (core, journal, replay_us, replayed) = open_local(&config, storage).await?;
+            (owner::Backend::Local { core: Box::new(core), journal }, replay_us, replayed)
+        }
+        (Some(_), None) => return Err(ShellError::Config("a cluster member needs its Raft port (--raft)".into())),
+        (Some(c), Some(raft_listener)) => {
+            // What this member tells the others it serves (gRPC as nodes should reach it).
+            let mut about = std::collections::BTreeMap::new();
+            about.insert("raft".to_owned(), raft_listener.local_addr()?.to_string());
+            about.insert("grpc".to_owned(), config.upstream.clone().unwrap_or_else(|| addr.to_string()));
+            if let Some(h) = &listeners.http {
+                about.insert("http".to_owned(), h.local_addr()?.to_string());
+            }
+            if let Some(a) = &listeners.admission {
+                about.insert("admission".to_owned(), a.local_addr()?.to_string());
+            }
+            let (backend, handle) = cluster::start(&config, c, raft_listener, storage, about).await?;
+            cluster_handle = Some(handle);
+            (backend, 0, 0)
+        }
+    };
     let (events_tx, events_rx) = owner::Inbox::new(65_536);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let health = Arc::new(Health::default());
@@ -427,8 +450,8 @@ pub async fn run(
         }
         None => None,
     };
-    let mut owner = owner::Owner::new(config.clone(), core, journal, health.clone(), sealer);
-    owner.set_replay(replay_us, stats.inputs);
+    let mut owner = owner::Owner::new(config.clone(), backend, health.clone(), sealer);
+    owner.set_replay(replay_us, replayed);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let http_addr = listeners.http.as_ref().map(|h| h.local_addr()).transpose()?;
     if let Some(h) = listeners.http {
@@ -453,6 +476,7 @@ pub async fn run(
             journal_dir: config.journal().dir,
             started_ms: now_ms(),
             subscribers: Arc::new(tokio::sync::Semaphore::new(config.max_event_subscribers.max(1))),
+            cluster: cluster_handle.clone(),
         };
         tokio::spawn(http::serve(h, state, tls, config.conn_limits(false), logs.clone()));
     }
@@ -541,6 +565,47 @@ pub async fn run(
         Ok(r) => r,
         Err(e) => Err(ShellError::Io(std::io::Error::other(format!("owner task failed: {e}")))),
     }
+}
+
+/// Opens the local journal of a controller on its own and replays it: the core, the
+/// journal, how long recovery took (µs) and how many inputs it replayed.
+async fn open_local(
+    config: &ControllerConfig,
+    storage: Arc<dyn drover_journal::Storage>,
+) -> Result<(drover_core::Controller, drover_journal::Journal, u64, u64), ShellError> {
+    let (journal, recovery) = tokio::task::block_in_place(|| drover_journal::Journal::open(config.journal(), storage))?;
+    let started = std::time::Instant::now();
+    let (core, stats) = drover_journal::replay(&recovery, || {
+        let mut core = config.core.clone();
+        core.seed = fresh_seed();
+        drover_core::Controller::new(core)
+    })?;
+    tracing::info!(
+        dir = %config.data_dir.display(),
+        inputs = stats.inputs,
+        checkpoint = recovery.checkpoint.is_some(),
+        torn_tail = recovery.report.torn_tail.is_some(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovered"
+    );
+    let replay_us = started.elapsed().as_micros() as u64;
+    // A directory of an earlier format is migrated at once: a checkpoint in this
+    // release's format covers everything recovered, so from here on only this release
+    // (or a later one) reads it, and an older binary refuses it instead of misreading.
+    // (Replay restored the checkpoint, so its format was read: `ok()` loses nothing.)
+    let found = recovery.checkpoint.as_deref().and_then(|b| drover_core::checkpoint_format(b).ok());
+    drop(recovery);
+    if let Some(old) = found.filter(|&f| f < drover_core::CHECKPOINT_FORMAT) {
+        use drover_journal::StateMachine;
+        let covered = journal.checkpoint(core.checkpoint()?).await?;
+        tracing::info!(
+            from = old,
+            to = drover_core::CHECKPOINT_FORMAT,
+            covered,
+            "data directory migrated: checkpoint written in this release's format"
+        );
+    }
+    Ok((core, journal, replay_us, stats.inputs))
 }
 
 /// Streams one gRPC connection may have open at once (a node uses one, a CLI one per

@@ -1,8 +1,15 @@
 //! The owner task: the only place the core and the journal are touched.
 //!
-//! For each event: stamp the time, append the input to the journal (waiting only for
-//! queue space), apply it to the core, and pass the outputs with the input's ticket
-//! to the releaser, which sends them once the ticket says the input is durable.
+//! For each event: stamp the time and make it an input. Then, on one controller:
+//! append the input to the journal (waiting only for queue space), apply it to the
+//! core, and pass the outputs with the input's ticket to the releaser, which sends them
+//! once the ticket says the input is durable. In a cluster ([`Backend::Replicated`]):
+//! propose the inputs to the Raft group (in order, several batches in flight); the
+//! core is applied by the group's state machine, committed entries only, on every
+//! member; when a batch is committed the leader takes the outputs its entries made and
+//! passes them to the releaser, already durable on a majority. Only the leader serves
+//! nodes and CLIs; a member that stops leading stops releasing at once and closes its
+//! streams.
 
 use crate::now_ms;
 use std::collections::{BTreeMap, HashMap};
@@ -14,6 +21,7 @@ use drover_core::{Controller, Event, Input, Output};
 use drover_journal::machine::encode_input;
 use drover_journal::{Journal, StateMachine, Ticket};
 use drover_proto::v1;
+use drover_raft::openraft;
 use tokio::sync::{mpsc, watch};
 
 /// At most one log line per this interval about rate-limited admissions.
@@ -133,8 +141,100 @@ enum Release {
     Unregister(u64),
     /// End a stream with this status (its message was refused before the journal).
     Refuse(u64, tonic::Status),
-    /// The ticket of a batch of inputs, how many, and all their outputs.
-    Outputs(Ticket, u64, Vec<Output>),
+    /// The ticket of a batch of inputs (`None`: already durable, committed by the
+    /// Raft group), how many, and all their outputs.
+    Outputs(Option<Ticket>, u64, Vec<Output>),
+    /// This controller stopped leading: every stream is ended with this message, and
+    /// admissions waiting for a verdict are refused with it.
+    Deposed(String),
+}
+
+/// The log under the core: the local journal (one controller), or the Raft group's.
+pub(crate) enum Backend {
+    /// One controller: the core is applied here, as inputs are appended.
+    Local {
+        /// The core.
+        core: Box<Controller>,
+        /// Its journal.
+        journal: Journal,
+    },
+    /// A member of a cluster.
+    Replicated(Box<Replicated>),
+}
+
+/// The owner's side of a cluster member.
+pub(crate) struct Replicated {
+    pub(crate) member: drover_raft::member::Member<Controller>,
+    /// Leading, and this leadership's `ControllerStarted` is committed: serving.
+    leading: bool,
+    /// Counts leaderships: a commit reported for an earlier one is stale.
+    epoch: u64,
+    /// Proposed batches not yet committed.
+    inflight: usize,
+    /// Where proposals wait for their commit, in order (see [`await_commits`]).
+    proposals: Option<mpsc::UnboundedSender<Proposal>>,
+    /// What a refused node or CLI is told (who leads, where), kept current by
+    /// `crate::cluster::watch_leader`.
+    pub(crate) leader_hint: Arc<std::sync::Mutex<String>>,
+}
+
+impl Replicated {
+    pub(crate) fn new(
+        member: drover_raft::member::Member<Controller>,
+        leader_hint: Arc<std::sync::Mutex<String>>,
+    ) -> Replicated {
+        member.machine.keep_outputs(false);
+        Replicated { member, leading: false, epoch: 0, inflight: 0, proposals: None, leader_hint }
+    }
+
+    fn hint(&self) -> String {
+        self.leader_hint.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+}
+
+/// A batch proposed to the Raft group: its leadership epoch, the receiver of its
+/// commit, how many inputs it holds.
+type Proposal = (u64, drover_raft::types::WriteReceiver, u64);
+
+/// A proposal's fate: its epoch, `Err` if it was not committed, how many inputs.
+type Commit = (u64, Result<(), String>, u64);
+
+/// Waits for each proposal's commit, in the order they were made, and reports it.
+async fn await_commits(mut proposals: mpsc::UnboundedReceiver<Proposal>, commits: mpsc::UnboundedSender<Commit>) {
+    while let Some((epoch, rx, n)) = proposals.recv().await {
+        let result = match rx.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the Raft engine dropped the proposal".to_owned()),
+        };
+        if commits.send((epoch, result, n)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Most batches proposed to the Raft group and not yet committed; past it the owner
+/// waits (the inbox fills, and the gRPC handlers wait for room).
+const MAX_INFLIGHT: usize = 8;
+
+/// Bytes of an entry's framing in the Raft log beyond its inputs (term, leader, index,
+/// kind, the message header).
+const RAFT_ENTRY_OVERHEAD: usize = 128;
+
+/// The core, borrowed from wherever the backend keeps it.
+enum CoreRef<'a> {
+    Local(&'a Controller),
+    Raft(drover_raft::machine::Core<'a, Controller>),
+}
+
+impl std::ops::Deref for CoreRef<'_> {
+    type Target = Controller;
+    fn deref(&self) -> &Controller {
+        match self {
+            CoreRef::Local(c) => c,
+            CoreRef::Raft(c) => c,
+        }
+    }
 }
 
 /// Most events in one batch.
@@ -268,19 +368,24 @@ fn is_token_create(msg: &v1::StreamFromCli) -> bool {
     msg.command.as_ref().is_some_and(|a| a.type_url.ends_with(".ControllerTokenCreateV1Req"))
 }
 
-/// Puts a new token's secret into its creation reply.
-fn fill_secret(msg: &mut v1::StreamToCli, secret: &str) {
-    let Some(any) = &msg.response else { return };
+/// Puts a new token's secret into its creation reply; `false` when `msg` is another
+/// message (the stream's other replies).
+fn fill_secret(msg: &mut v1::StreamToCli, secret: &str) -> bool {
+    let Some(any) = &msg.response else { return false };
     if let Ok(drover_proto::Payload::ControllerTokenCreateV1Reply(mut r)) = drover_proto::Payload::from_any(any) {
         r.token = secret.to_owned();
         msg.response = Some(drover_proto::Payload::from(r).to_any());
+        return true;
     }
+    false
 }
 
 pub(crate) struct Owner {
     config: ControllerConfig,
-    core: Controller,
-    journal: Journal,
+    log: Backend,
+    /// New tokens' secrets, by CLI session and stream, until their creation replies
+    /// are released (they are put into the reply outside the core).
+    secrets: Vec<(u64, String, String)>,
     health: Arc<Health>,
     last_ms: i64,
     limiter: drover_admission::limiter::FailureLimiter,
@@ -316,6 +421,38 @@ pub(crate) struct Owner {
 const PUBLISH_EVERY: Duration = Duration::from_millis(250);
 
 impl Owner {
+    /// The core (on a cluster member: the one its state machine applies to).
+    fn core(&self) -> CoreRef<'_> {
+        match &self.log {
+            Backend::Local { core, .. } => CoreRef::Local(core),
+            Backend::Replicated(r) => CoreRef::Raft(r.member.machine.core()),
+        }
+    }
+
+    /// The journal (on a cluster member: the one under its Raft log).
+    fn journal(&self) -> &Journal {
+        match &self.log {
+            Backend::Local { journal, .. } => journal,
+            Backend::Replicated(r) => &r.member.journal,
+        }
+    }
+
+    /// The largest run of encoded inputs one append (or one Raft entry) may hold.
+    fn max_entry(&self) -> usize {
+        match &self.log {
+            Backend::Local { journal, .. } => journal.max_entry(),
+            Backend::Replicated(r) => r.member.journal.max_entry().saturating_sub(RAFT_ENTRY_OVERHEAD),
+        }
+    }
+
+    /// Whether this controller serves nodes and CLIs (always, on its own).
+    fn serving(&self) -> bool {
+        match &self.log {
+            Backend::Local { .. } => true,
+            Backend::Replicated(r) => r.leading,
+        }
+    }
+
     /// A receiver of the metrics snapshots this owner publishes.
     pub(crate) fn snapshots(&self) -> watch::Receiver<Snapshot> {
         self.snapshot.subscribe()
@@ -335,22 +472,26 @@ impl Owner {
     /// so the run loop calls this at most every `PUBLISH_EVERY`, not per batch.
     fn publish(&mut self) {
         self.dirty = false;
-        let view = Arc::new(self.core.fleet_view());
+        let view = Arc::new(self.core().fleet_view());
         if let Ok(mut r) = self.recent.lock() {
             r.sample(&view);
         }
         self.view.send_replace(view);
-        let (nodes, pairs_with, pairs_without) = self.core.gauges();
-        let (_, stale_tickets) = self.core.identity_counters();
+        let core = self.core();
+        let (nodes, pairs_with, pairs_without) = core.gauges();
+        let (_, stale_tickets) = core.identity_counters();
+        let (counters, tasks, task_gauges) =
+            (core.counters().clone(), core.task_counters().clone(), core.task_gauges());
+        drop(core);
         self.snapshot.send_replace(Snapshot {
-            counters: self.core.counters().clone(),
-            tasks: self.core.task_counters().clone(),
-            task_gauges: self.core.task_gauges(),
+            counters,
+            tasks,
+            task_gauges,
             nodes,
             pairs_with,
             pairs_without,
-            journal: self.journal.stats(),
-            histograms: self.journal.histograms(),
+            journal: self.journal().stats(),
+            histograms: self.journal().histograms(),
             replay_us: self.replay.0,
             replayed_inputs: self.replay.1,
             admission_refusals: self.refusals.clone(),
@@ -363,6 +504,8 @@ impl Owner {
     /// Counts an admission refusal, by reason (the core's verdicts and the shell's own).
     fn refused(&mut self, refusal: &drover_core::AdmissionRefusal) {
         *self.refusals.entry(refusal.reason()).or_default() += 1;
+        // The metrics changed even though nothing was journaled: publish them.
+        self.dirty = true;
     }
 
     /// Records how long recovery took, for `/metrics`.
@@ -372,8 +515,7 @@ impl Owner {
 
     pub(crate) fn new(
         config: ControllerConfig,
-        core: Controller,
-        journal: Journal,
+        log: Backend,
         health: Arc<Health>,
         sealer: Arc<crate::secrets::Sealer>,
     ) -> Self {
@@ -381,8 +523,8 @@ impl Owner {
         let operator_limiter = drover_admission::limiter::FailureLimiter::new(config.max_failed_admissions, 60_000);
         Owner {
             config,
-            core,
-            journal,
+            log,
+            secrets: Vec::new(),
             health,
             last_ms: 0,
             limiter,
@@ -416,15 +558,28 @@ impl Owner {
         // with nothing durable and no outputs.
         let (fatal_tx, mut fatal) = tokio::sync::oneshot::channel::<drover_journal::JournalError>();
         let releaser = tokio::spawn(release(release_rx, health, fatal_tx, self.sealer.clone()));
-        let config = self.config.core.clone();
-        self.inputs(vec![Event::ControllerStarted { config }], &release_tx).await?;
-        self.bootstrap_admin(&release_tx).await?;
+        // A cluster member starts as a follower; it runs the fleet once it leads.
+        let (commit_tx, mut commits) = mpsc::unbounded_channel::<Commit>();
+        let mut metrics = match &mut self.log {
+            Backend::Local { .. } => {
+                let config = self.config.core.clone();
+                self.inputs(vec![Event::ControllerStarted { config }], &release_tx).await?;
+                self.bootstrap_admin(&release_tx).await?;
+                None
+            }
+            Backend::Replicated(r) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(await_commits(rx, commit_tx));
+                r.proposals = Some(tx);
+                Some(r.member.raft.metrics())
+            }
+        };
         self.health.ready.store(true, Ordering::SeqCst);
         let _ = ready.send(());
         let mut refresh = tokio::time::interval(PUBLISH_EVERY);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
-            let deadline = self.core.next_deadline_hint().map(|d| {
+            let deadline = self.core().next_deadline_hint().filter(|_| self.serving()).map(|d| {
                 let wait = Duration::from_millis((d - now_ms()).max(0) as u64);
                 tokio::time::Instant::now() + wait
             });
@@ -433,6 +588,16 @@ impl Owner {
                     Some(d) => tokio::time::sleep_until(d).await,
                     None => std::future::pending().await,
                 }
+            };
+            let metrics_changed = async {
+                match metrics.as_mut() {
+                    Some(m) => m.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            let room = match &self.log {
+                Backend::Local { .. } => true,
+                Backend::Replicated(r) => r.inflight < MAX_INFLIGHT,
             };
             tokio::select! {
                 biased;
@@ -446,12 +611,41 @@ impl Owner {
                         break Err(ShellError::Journal(e));
                     }
                 }
+                alive = metrics_changed => {
+                    if !alive {
+                        break Err(ShellError::Cluster("the Raft engine stopped".into()));
+                    }
+                    if let Err(e) = self.on_raft_change(&release_tx).await {
+                        break Err(e);
+                    }
+                }
+                Some((epoch, result, n)) = commits.recv() => {
+                    let Backend::Replicated(r) = &mut self.log else { continue };
+                    if epoch != r.epoch {
+                        continue;
+                    }
+                    r.inflight -= 1;
+                    let settled = r.inflight == 0;
+                    match result {
+                        Ok(()) => {
+                            self.committed(n, &release_tx);
+                            if settled {
+                                // Every reply proposed so far is out: no secret is left waiting.
+                                self.secrets.clear();
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "a proposal was not committed: no longer leading");
+                            self.step_down(&release_tx, "this controller stopped leading".into());
+                        }
+                    }
+                }
                 _ = refresh.tick() => {
-                    if self.dirty {
+                    if self.dirty || matches!(self.log, Backend::Replicated(_)) {
                         self.publish();
                     }
                 }
-                ev = events.recv() => {
+                ev = events.recv(), if room => {
                     let Some(ev) = ev else { break Ok(()) };
                     // Everything already waiting joins this batch: one journal append,
                     // one ticket, one release.
@@ -467,7 +661,13 @@ impl Owner {
                         }
                     }
                     self.health.queued.store(events.len() as u64, Ordering::Relaxed);
-                    if let Err(e) = self.events(batch, &release_tx).await {
+                    let handled = if self.serving() {
+                        self.events(batch, &release_tx).await
+                    } else {
+                        self.refuse(batch, &release_tx);
+                        Ok(())
+                    };
+                    if let Err(e) = handled {
                         break Err(e);
                     }
                 }
@@ -478,17 +678,164 @@ impl Owner {
                 }
             }
         };
-        if result.is_ok() {
-            // Graceful stop: everything appended becomes durable, then a final checkpoint.
-            self.journal.flush().await?;
-            let covered = self.journal.checkpoint(self.core.checkpoint()?).await?;
-            tracing::info!(covered, "final checkpoint written");
-        } else {
-            self.health.journal_failed.store(true, Ordering::SeqCst);
+        match (&mut self.log, result.is_ok()) {
+            (Backend::Local { core, journal }, true) => {
+                // Graceful stop: everything appended becomes durable, then a final checkpoint.
+                journal.flush().await?;
+                let covered = journal.checkpoint(core.checkpoint()?).await?;
+                tracing::info!(covered, "final checkpoint written");
+            }
+            (Backend::Local { .. }, false) => self.health.journal_failed.store(true, Ordering::SeqCst),
+            (Backend::Replicated(_), _) => {}
         }
         drop(release_tx);
         let _ = releaser.await;
+        if let Backend::Replicated(r) = self.log {
+            r.member.shutdown().await;
+        }
         result
+    }
+
+    /// The Raft group's metrics changed: start or stop leading as they say.
+    async fn on_raft_change(&mut self, release: &mpsc::UnboundedSender<Release>) -> Result<(), ShellError> {
+        let Backend::Replicated(r) = &self.log else { return Ok(()) };
+        let m = r.member.raft.metrics().borrow().clone();
+        if let Err(e) = &m.running_state {
+            return Err(ShellError::Cluster(format!("the Raft engine failed: {e}")));
+        }
+        let leads = m.state == openraft::ServerState::Leader && m.current_leader == Some(m.id);
+        if leads && !r.leading {
+            self.take_lead(release, m.current_term).await?;
+        } else if !leads && r.leading {
+            self.step_down(release, format!("this controller (member {}) stopped leading", m.id));
+        }
+        Ok(())
+    }
+
+    /// Became leader: every entry before this term is applied once `ControllerStarted`
+    /// commits (it says every connection is new: the old leader's died with its
+    /// leadership), then the fleet is served from here.
+    async fn take_lead(&mut self, release: &mpsc::UnboundedSender<Release>, term: u64) -> Result<(), ShellError> {
+        let Backend::Replicated(r) = &mut self.log else { return Ok(()) };
+        r.epoch += 1;
+        r.member.machine.keep_outputs(true);
+        // Outputs of entries the previous leader proposed were its to send.
+        drop(r.member.machine.take_outputs());
+        let config = self.config.core.clone();
+        if !self.commit_now(vec![Event::ControllerStarted { config }], release).await? {
+            return Ok(());
+        }
+        if let Backend::Replicated(r) = &mut self.log {
+            r.leading = true;
+        }
+        self.bootstrap_admin(release).await?;
+        tracing::info!(term, "leading: serving nodes and CLIs");
+        if let Ok(mut r) = self.recent.lock() {
+            r.note(now_ms(), "leader", format!("this controller leads (term {term})"));
+        }
+        Ok(())
+    }
+
+    /// Stopped leading (or never got to): nothing more is released, every stream is
+    /// closed with `why`, proposals in flight are forgotten (if the group commits them,
+    /// the new leader's `ControllerStarted` follows them).
+    fn step_down(&mut self, release: &mpsc::UnboundedSender<Release>, why: String) {
+        let Backend::Replicated(r) = &mut self.log else { return };
+        let was = r.leading;
+        r.leading = false;
+        r.epoch += 1;
+        r.inflight = 0;
+        r.member.machine.keep_outputs(false);
+        self.secrets.clear();
+        self.peers.clear();
+        let hint = r.hint();
+        let _ = release.send(Release::Deposed(format!("{why}; {hint}")));
+        if was {
+            tracing::warn!(%why, "no longer leading: streams closed, nothing more released");
+            if let Ok(mut r) = self.recent.lock() {
+                r.note(now_ms(), "leader", why);
+            }
+        }
+    }
+
+    /// A proposed batch of `n` inputs is committed: the outputs its entries (and any
+    /// before it) made are released.
+    fn committed(&mut self, n: u64, release: &mpsc::UnboundedSender<Release>) {
+        let Backend::Replicated(r) = &self.log else { return };
+        let out = r.member.machine.take_outputs();
+        self.settle(None, n, out, release);
+    }
+
+    /// Proposes `events` and waits until they are committed and applied, releasing
+    /// their outputs (on one controller: appends, applies and waits until durable).
+    /// `false`: this member stopped leading first (and has stepped down).
+    async fn commit_now(
+        &mut self,
+        events: Vec<Event>,
+        release: &mpsc::UnboundedSender<Release>,
+    ) -> Result<bool, ShellError> {
+        let Backend::Replicated(r) = &self.log else {
+            self.inputs(events, release).await?;
+            self.journal().flush().await?;
+            return Ok(true);
+        };
+        let raft = r.member.raft.clone();
+        let now = now_ms();
+        let mut data = Vec::new();
+        for event in events {
+            self.last_ms = self.last_ms.max(now);
+            data.extend_from_slice(&encode_input::<Controller>(&Input { at_ms: self.last_ms, event })?);
+        }
+        match raft.client_write(drover_raft::Inputs(data)).await {
+            Ok(_) => {
+                self.committed(0, release);
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "not committed: no longer leading");
+                self.step_down(release, "this controller stopped leading".into());
+                Ok(false)
+            }
+        }
+    }
+
+    /// Shell events reaching a member that does not lead: nodes and CLIs are told who
+    /// does, admissions are refused with the same, nothing is journaled.
+    fn refuse(&mut self, batch: Vec<(i64, ShellEvent)>, release: &mpsc::UnboundedSender<Release>) {
+        let Backend::Replicated(r) = &self.log else { return };
+        let why = format!("this controller does not lead the cluster; {}", r.hint());
+        for (_, ev) in batch {
+            match ev {
+                ShellEvent::NodeOpened { session, sink, .. } => {
+                    let _ = release.send(Release::Register(session, Sink::Node(sink)));
+                    let _ = release.send(Release::Refuse(session, tonic::Status::unavailable(why.clone())));
+                }
+                ShellEvent::CliOpened { session, sink, .. } => {
+                    let _ = release.send(Release::Register(session, Sink::Cli(sink)));
+                    let _ = release.send(Release::Refuse(session, tonic::Status::unavailable(why.clone())));
+                }
+                ShellEvent::Admission { reply, .. } => {
+                    let refusal = drover_core::AdmissionRefusal::NotLeader(why.clone());
+                    self.refused(&refusal);
+                    let _ = reply.send(Err(refusal));
+                }
+                ShellEvent::CliAuth { reply, .. } => {
+                    let _ = reply.send(Err(
+                        "this controller does not lead the cluster (drover cluster status names the leader)",
+                    ));
+                }
+                ShellEvent::ControlOpened { node, id, evict } => {
+                    let _ = release.send(Release::Control(node, id, Some(evict)));
+                }
+                ShellEvent::ControlClosed { node, id } => {
+                    let _ = release.send(Release::Control(node, id, None));
+                }
+                ShellEvent::NodeMessage { .. }
+                | ShellEvent::NodeClosed { .. }
+                | ShellEvent::CliMessage { .. }
+                | ShellEvent::CliClosed { .. } => {}
+            }
+        }
     }
 
     /// Turns a batch of shell events into inputs, registering new sessions with the
@@ -506,7 +853,7 @@ impl Owner {
             // never passed on (the gRPC limit keeps every message below this with
             // headroom: this is the guard should the two ever drift apart).
             let hint = ev.size_hint();
-            if hint > self.journal.max_entry() {
+            if hint > self.max_entry() {
                 let session = match &ev {
                     ShellEvent::NodeMessage { session, .. } | ShellEvent::CliMessage { session, .. } => *session,
                     _ => 0,
@@ -514,12 +861,12 @@ impl Owner {
                 tracing::warn!(
                     session,
                     bytes = hint,
-                    limit = self.journal.max_entry(),
+                    limit = self.max_entry(),
                     "message refused: too large for one journal entry"
                 );
                 let status = tonic::Status::resource_exhausted(format!(
                     "message of about {hint} bytes is over the controller's journal entry limit of {} bytes",
-                    self.journal.max_entry()
+                    self.max_entry()
                 ));
                 let _ = release.send(Release::Refuse(session, status));
                 continue;
@@ -537,7 +884,7 @@ impl Owner {
                     // Failed operator tokens are limited per address and token id like
                     // admissions; a valid token always passes.
                     let now = now_ms();
-                    let verdict = self.core.operator_role(&id, &secret_hash, now);
+                    let verdict = self.core().operator_role(&id, &secret_hash, now);
                     let key = (peer, id);
                     let verdict = match verdict {
                         Ok(role) => Ok(role),
@@ -569,7 +916,7 @@ impl Owner {
                     // must not lock out good ones behind the same address.
                     let valid = match &presented {
                         Ok(drover_core::Credential::Token { id, secret_hash }) => {
-                            self.core.join_credential_valid(id, secret_hash, now).is_ok()
+                            self.core().join_credential_valid(id, secret_hash, now).is_ok()
                         }
                         Ok(drover_core::Credential::Certificate) => true,
                         Err(_) => false,
@@ -610,7 +957,7 @@ impl Owner {
                     Event::NodeOpened { node, session, generation }
                 }
                 ShellEvent::NodeMessage { node, session, msg } => {
-                    let relayed = self.core.is_pending_reply(&node, &msg.request_id);
+                    let relayed = self.core().is_pending_reply(&node, &msg.request_id);
                     let refused = undecodable(msg.response.as_ref(), relayed);
                     let (type_url, value) = msg.response.map(|a| (a.type_url, a.value)).unwrap_or_default();
                     if let Some(reason) = refused {
@@ -637,10 +984,10 @@ impl Owner {
                     tracing::info!(%node, session, "node stream closed");
                     // A close the controller made (kick, timeout, replaced) is already in
                     // the events with its reason, from `Output::CloseNode`.
-                    if self.core.session_of(&node) == Some(session)
+                    if self.core().session_of(&node) == Some(session)
                         && let Ok(mut r) = self.recent.lock()
                     {
-                        r.note(now_ms(), "closed", format!("{} stream closed", self.core.node_label(&node)));
+                        r.note(now_ms(), "closed", format!("{} stream closed", self.core().node_label(&node)));
                     }
                     closed.push(session);
                     Event::NodeDisconnected { node, session }
@@ -685,7 +1032,7 @@ impl Owner {
                         ));
                         continue;
                     }
-                    let relayed = !msg.node_uuids.is_empty() && self.core.cli_is_admin(session);
+                    let relayed = !msg.node_uuids.is_empty() && self.core().cli_is_admin(session);
                     let refused = undecodable(msg.command.as_ref(), relayed);
                     let (type_url, value) = msg.command.map(|a| (a.type_url, a.value)).unwrap_or_default();
                     if let Some(reason) = refused {
@@ -751,7 +1098,7 @@ impl Owner {
     /// On first start (or when no admin token is left), creates an admin token and
     /// writes it to `admin.token` in the data directory (mode 0600).
     async fn bootstrap_admin(&mut self, release: &mpsc::UnboundedSender<Release>) -> Result<(), ShellError> {
-        if self.core.has_admin_token(now_ms()) {
+        if self.core().has_admin_token(now_ms()) {
             return Ok(());
         }
         let token = drover_admission::token::generate()
@@ -766,8 +1113,10 @@ impl Owner {
             uses: 0,
             description: "first admin token".into(),
         };
-        self.inputs(vec![event], release).await?;
-        self.journal.flush().await?;
+        if !self.commit_now(vec![event], release).await? {
+            // Not committed: the next leader makes one.
+            return Ok(());
+        }
         let path = self.config.data_dir.join(crate::ADMIN_TOKEN_FILE);
         crate::write_secret(&path, format!("{}\n", token.token).as_bytes())?;
         tracing::info!(file = %path.display(), id = %token.id, "first admin token created (mode 0600); use it with --token or DROVER_TOKEN");
@@ -775,8 +1124,10 @@ impl Owner {
     }
 
     /// Journals a batch of inputs (one append, in order), applies them in the same
-    /// order, and queues all their outputs behind the batch's ticket. `secrets` are
-    /// the new tokens' secrets, put into their creation replies here, outside the core.
+    /// order, and queues all their outputs behind the batch's ticket. On a cluster
+    /// member: proposes them to the group instead (their outputs are released when
+    /// committed, by [`Owner::committed`]). `secrets` are the new tokens' secrets, put
+    /// into their creation replies outside the core.
     async fn inputs_with_secrets(
         &mut self,
         events: Vec<(i64, Event)>,
@@ -791,22 +1142,68 @@ impl Owner {
                 Input { at_ms: self.last_ms, event }
             })
             .collect();
-        let at_ms = now_ms();
-        // One append per run of inputs that fits in a journal entry; the last ticket
-        // covers them all (the journal makes appends durable in order).
+        if inputs.is_empty() {
+            return Ok(());
+        }
+        self.secrets.extend(secrets);
         // An input that cannot be encoded stops the controller before it is applied:
         // nothing it would cause is released, nothing is skipped silently.
         let encoded = inputs.iter().map(encode_input::<Controller>).collect::<Result<Vec<_>, _>>()?;
-        let mut ticket = None;
-        for chunk in split_by_size(encoded, self.journal.max_entry()) {
-            ticket = Some(self.journal.append_batch(chunk).await?);
+        let limit = self.max_entry();
+        match &mut self.log {
+            Backend::Local { core, journal } => {
+                // One append per run of inputs that fits in a journal entry; the last
+                // ticket covers them all (the journal makes appends durable in order).
+                let mut ticket = None;
+                for chunk in split_by_size(encoded, limit) {
+                    ticket = Some(journal.append_batch(chunk).await?);
+                }
+                let Some(ticket) = ticket else { return Ok(()) };
+                let mut out = Vec::new();
+                let n = inputs.len() as u64;
+                for input in inputs {
+                    core.apply(input, &mut out);
+                }
+                self.settle(Some(ticket), n, out, release);
+                // Every reply of this batch went out with it: no secret is left waiting.
+                self.secrets.clear();
+                if self.journal().checkpoint_due()
+                    && let Backend::Local { core, journal } = &mut self.log
+                {
+                    let covered = journal.checkpoint(core.checkpoint()?).await?;
+                    tracing::info!(covered, "checkpoint written");
+                }
+            }
+            Backend::Replicated(r) => {
+                // One entry per run that fits; each waits for its commit in order.
+                let Some(proposals) = r.proposals.clone() else { return Ok(()) };
+                for chunk in split_by_size(encoded, limit) {
+                    let n = chunk.len() as u64;
+                    let data: Vec<u8> = chunk.concat();
+                    let rx = r
+                        .member
+                        .raft
+                        .client_write_ff(drover_raft::Inputs(data))
+                        .await
+                        .map_err(|e| ShellError::Cluster(format!("the Raft engine stopped: {e}")))?;
+                    r.inflight += 1;
+                    let _ = proposals.send((r.epoch, rx, n));
+                }
+            }
         }
-        let Some(ticket) = ticket else { return Ok(()) };
-        let mut out = Vec::new();
-        let n = inputs.len() as u64;
-        for input in inputs {
-            self.core.apply(input, &mut out);
-        }
+        Ok(())
+    }
+
+    /// What every batch's outputs go through before the releaser: log lines, the
+    /// admission limiter, token secrets, the dashboard's recent events, progress.
+    fn settle(
+        &mut self,
+        ticket: Option<Ticket>,
+        n: u64,
+        mut out: Vec<Output>,
+        release: &mpsc::UnboundedSender<Release>,
+    ) {
+        let at_ms = now_ms();
         for o in &mut out {
             match o {
                 Output::CloseNode { node, reason, .. } => tracing::info!(%node, %reason, "closing node stream"),
@@ -825,10 +1222,10 @@ impl Owner {
                     }
                 }
                 Output::ToCli { session, msg } => {
-                    if let Some((_, _, secret)) =
-                        secrets.iter().find(|(s, sid, _)| s == session && *sid == msg.stream_id)
+                    if let Some(i) = self.secrets.iter().position(|(s, sid, _)| s == session && *sid == msg.stream_id)
+                        && fill_secret(msg, &self.secrets[i].2)
                     {
-                        fill_secret(msg, secret);
+                        self.secrets.swap_remove(i);
                     }
                 }
                 Output::EvictNode { node, reason } => tracing::warn!(%node, %reason, "evicting node"),
@@ -840,17 +1237,13 @@ impl Owner {
             }
         }
         if let Ok(mut r) = self.recent.lock() {
-            r.observe(at_ms, &out, |id| self.core.node_label(id));
+            let core = self.core();
+            r.observe(at_ms, &out, |id| core.node_label(id));
         }
         self.health.applied.fetch_add(n, Ordering::Relaxed);
         self.health.last_applied_ms.store(at_ms, Ordering::Relaxed);
         let _ = release.send(Release::Outputs(ticket, n, out));
         self.dirty = true;
-        if self.journal.checkpoint_due() {
-            let covered = self.journal.checkpoint(self.core.checkpoint()?).await?;
-            tracing::info!(covered, "checkpoint written");
-        }
-        Ok(())
     }
 }
 
@@ -914,8 +1307,22 @@ async fn release(
                     controls.remove(&node);
                 }
             }
+            Release::Deposed(why) => {
+                for (_, sink) in sinks.drain() {
+                    let status = tonic::Status::unavailable(why.clone());
+                    match sink {
+                        Sink::Node(tx) => drop(tx.try_send(Err(status))),
+                        Sink::Cli(tx) => drop(tx.try_send(Err(status))),
+                    }
+                }
+                for (_, reply) in verdicts.drain() {
+                    let _ = reply.send(Err(drover_core::AdmissionRefusal::NotLeader(why.clone())));
+                }
+            }
             Release::Outputs(ticket, inputs, outputs) => {
-                if let Err(e) = ticket.await {
+                if let Some(ticket) = ticket
+                    && let Err(e) = ticket.await
+                {
                     tracing::error!(error = %e, "journal failed: outputs withheld, controller stopping");
                     health.journal_failed.store(true, Ordering::SeqCst);
                     let _ = fatal.send(e);

@@ -48,7 +48,7 @@ async fn a_failed_fsync_releases_nothing_and_stops_the_controller() {
     let controller = tokio::spawn(drover_controller::run(
         config,
         storage,
-        Listeners { grpc, admission: None, http: None },
+        Listeners { grpc, admission: None, http: None, raft: None },
         std::future::pending(),
         move |_| {
             let _ = ready_tx.send(());

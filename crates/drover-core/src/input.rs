@@ -293,11 +293,13 @@ pub enum AdmissionRefusal {
     Malformed(String),
     /// Too many failed attempts with this credential from this address.
     RateLimited,
+    /// This controller does not lead its cluster (per the shell; says who does).
+    NotLeader(String),
 }
 
 impl AdmissionRefusal {
     /// Every [`reason`](Self::reason), for metrics that list each (zeros included).
-    pub const REASONS: [&'static str; 9] = [
+    pub const REASONS: [&'static str; 10] = [
         "unknown_token",
         "not_join_token",
         "revoked",
@@ -307,6 +309,7 @@ impl AdmissionRefusal {
         "identity_limit",
         "malformed",
         "rate_limited",
+        "not_leader",
     ];
 
     /// The metric label of this refusal.
@@ -321,6 +324,7 @@ impl AdmissionRefusal {
             AdmissionRefusal::TooManyIdentities => "identity_limit",
             AdmissionRefusal::Malformed(_) => "malformed",
             AdmissionRefusal::RateLimited => "rate_limited",
+            AdmissionRefusal::NotLeader(_) => "not_leader",
         }
     }
 
@@ -339,6 +343,7 @@ impl AdmissionRefusal {
             AdmissionRefusal::RateLimited => {
                 "too many failed attempts with this credential from this address; retry later"
             }
+            AdmissionRefusal::NotLeader(_) => "this controller does not lead its cluster",
         }
     }
 }
@@ -350,7 +355,7 @@ impl std::fmt::Display for AdmissionRefusal {
                 f,
                 "node id {node} belongs to another credential ({holder}): an operator frees it with `drover forget {node}` once that node is gone"
             ),
-            AdmissionRefusal::Malformed(why) => f.write_str(why),
+            AdmissionRefusal::Malformed(why) | AdmissionRefusal::NotLeader(why) => f.write_str(why),
             other => f.write_str(other.text()),
         }
     }
