@@ -67,7 +67,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let controller = tokio::spawn(drover_controller::run(
         config,
         std::sync::Arc::new(drover_controller::FsStorage),
-        drover_controller::Listeners { grpc: listener, admission: Some(admission), http: Some(http) },
+        drover_controller::Listeners { grpc: listener, admission: Some(admission), http: Some(http), raft: None },
         async {
             let _ = stop_rx.await;
         },

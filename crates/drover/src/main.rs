@@ -4,6 +4,7 @@
 //! operator as one line that says what went wrong and where.
 
 mod cert;
+mod cluster_cmd;
 mod config;
 mod coordinator;
 mod demo;
@@ -67,6 +68,53 @@ enum ClusterCommand {
     /// cluster reads the same file, and a replica's Raft traffic is refused unless it
     /// proves it holds it.
     Secret,
+    /// Leader, term, and every member's role, commit index and lag, as the members
+    /// report them (asked through any member's HTTP port).
+    Status {
+        #[command(flatten)]
+        at: ClusterAt,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a member (started first with --member ID --raft ADDR and no --peers): it
+    /// joins as a learner, catches up, then votes.
+    Add {
+        #[command(flatten)]
+        at: ClusterAt,
+        /// Its member id.
+        id: u64,
+        /// Its Raft address.
+        raft: String,
+    },
+    /// Remove a member that does not lead (stop the leader first to remove it).
+    Remove {
+        #[command(flatten)]
+        at: ClusterAt,
+        /// Its member id.
+        id: u64,
+    },
+}
+
+/// Which member to ask, and the operator token for changes.
+#[derive(Debug, clap::Args)]
+struct ClusterAt {
+    /// Any member's HTTP address.
+    #[arg(long, env = "DROVER_HTTP", default_value = "127.0.0.1:7480")]
+    http: String,
+    /// Admin token (default: the `admin.token` file in $DROVER_DATA_DIR or ./drover-data).
+    #[arg(long, env = "DROVER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl ClusterAt {
+    fn token(&self) -> anyhow::Result<String> {
+        let token = self.token.clone().or_else(|| {
+            let dir = std::env::var("DROVER_DATA_DIR").unwrap_or_else(|_| "./drover-data".into());
+            std::fs::read_to_string(std::path::Path::new(&dir).join("admin.token")).ok().map(|t| t.trim().to_owned())
+        });
+        token.ok_or_else(|| anyhow::anyhow!("an admin token is needed (--token, DROVER_TOKEN, or admin.token)"))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -397,6 +445,25 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Node(a) => roles::node(a).await,
         Command::Demo(a) => demo::demo(a).await,
         Command::Coordinator(a) => coordinator::run(a).await,
+        Command::Cluster(ClusterCommand::Status { at, json }) => {
+            let view = cluster_cmd::status(&at.http).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                cluster_cmd::print(&view);
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Cluster(ClusterCommand::Add { at, id, raft }) => {
+            let view = cluster_cmd::change(&at.http, &at.token()?, id, Some(&raft)).await?;
+            cluster_cmd::print(&view);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Cluster(ClusterCommand::Remove { at, id }) => {
+            let view = cluster_cmd::change(&at.http, &at.token()?, id, None).await?;
+            cluster_cmd::print(&view);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::Cluster(ClusterCommand::Secret) => {
             // 64 hex digits on stdout: `drover cluster secret > FILE`, the same file on
             // every member (`chmod 600`).
@@ -472,7 +539,10 @@ fn parse() -> Cli {
 fn main() -> std::process::ExitCode {
     let cli = parse();
     let quiet = !matches!(cli.command, Command::Controller(_) | Command::Node(_) | Command::Coordinator(_));
-    init_logging(&cli.log_format, if quiet { "warn" } else { "info" });
+    // openraft logs every failed attempt to reach a member (several lines a second
+    // while one is down); the controller logs leader changes and members that stop or
+    // resume replicating itself, once each. DROVER_LOG=openraft=info brings them back.
+    init_logging(&cli.log_format, if quiet { "warn" } else { "info,openraft=off" });
     if !matches!(
         cli.command,
         Command::Controller(_) | Command::Node(_) | Command::Coordinator(_) | Command::Demo(_) | Command::Bench(_)

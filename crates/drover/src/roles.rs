@@ -150,6 +150,46 @@ pub struct ControllerArgs {
     /// Checkpoints kept; journal segments older than the oldest kept one are removed.
     #[arg(long, env = "DROVER_KEEP_CHECKPOINTS", default_value_t = JournalTuning::default().keep_checkpoints)]
     pub keep_checkpoints: usize,
+    /// This controller's member id in a replicated group (with --raft and
+    /// --cluster-secret-file). Without it the controller runs on its own.
+    #[arg(long, env = "DROVER_MEMBER", requires_all = ["raft", "cluster_secret_file"])]
+    pub member: Option<u64>,
+    /// The Raft address this member listens on for its peers.
+    #[arg(long, env = "DROVER_RAFT", requires = "member")]
+    pub raft: Option<String>,
+    /// The group's initial members, this one included: ID=HOST:PORT,ID=HOST:PORT,...
+    /// (their Raft addresses). Every founder starts with the same list and the group
+    /// forms itself; a member started without itself in it waits for `drover cluster add`.
+    #[arg(long, env = "DROVER_PEERS", requires = "member", value_parser = parse_peers)]
+    pub peers: Option<PeerList>,
+    /// The file holding the cluster secret every member shares (`drover cluster secret`
+    /// makes one).
+    #[arg(long, env = "DROVER_CLUSTER_SECRET_FILE", requires = "member")]
+    pub cluster_secret_file: Option<PathBuf>,
+}
+
+/// `--peers`: member id → Raft address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerList(pub std::collections::BTreeMap<u64, String>);
+
+/// Parses `ID=HOST:PORT,ID=HOST:PORT,...`.
+pub fn parse_peers(s: &str) -> Result<PeerList, String> {
+    let mut peers = std::collections::BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').ok_or_else(|| format!("{part:?} is not ID=HOST:PORT"))?;
+        let id: u64 = id.trim().parse().map_err(|_| format!("{id:?} is not a member id (a number)"))?;
+        let addr = addr.trim();
+        if addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+            return Err(format!("{addr:?} (member {id}) is not HOST:PORT"));
+        }
+        if peers.insert(id, addr.to_owned()).is_some() {
+            return Err(format!("member {id} is listed twice"));
+        }
+    }
+    if peers.is_empty() {
+        return Err("no members listed".into());
+    }
+    Ok(PeerList(peers))
 }
 
 impl ControllerArgs {
@@ -221,7 +261,31 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let http = tokio::net::TcpListener::bind(&args.http)
         .await
         .with_context(|| format!("cannot listen on {} for HTTP (in use? see --http)", args.http))?;
-    let listeners = drover_controller::Listeners { grpc, admission: Some(admission), http: Some(http) };
+    let raft = match (&args.member, &args.raft) {
+        (Some(member), Some(addr)) => {
+            let secret_file = args.cluster_secret_file.as_ref().context("--member needs --cluster-secret-file")?;
+            let secret = drover_raft::secret::ClusterSecret::from_file(secret_file)?;
+            let peers = args.peers.clone().map(|p| p.0).unwrap_or_default();
+            if let Some(listed) = peers.get(member)
+                && listed != addr
+            {
+                anyhow::bail!("--peers lists member {member} at {listed}, but --raft is {addr}");
+            }
+            config.cluster = Some(drover_controller::ClusterSettings {
+                member: *member,
+                peers,
+                secret,
+                timing: drover_raft::member::Timing::default(),
+            });
+            Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} for Raft (in use? see --raft)"))?,
+            )
+        }
+        _ => None,
+    };
+    let listeners = drover_controller::Listeners { grpc, admission: Some(admission), http: Some(http), raft };
     let token_file = args.data_dir.join(drover_controller::ADMIN_TOKEN_FILE);
     let tls = config.tls.is_some();
     drover_controller::run(

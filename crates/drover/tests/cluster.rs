@@ -1,0 +1,203 @@
+//! Three `drover controller` processes as one replicated group (issue 15): they form
+//! the group from the same `--peers` list with no init step, the leader serves and the
+//! followers refuse by naming it, the followers' state is hot (the fleet a node joined
+//! on the leader is on a follower's dashboard), and a SIGKILLed leader is replaced by
+//! an elected one that holds every acknowledged input; the killed member, restarted
+//! with the same flags, rejoins as a follower of the same group.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::{Controller, Killed, drover_bin, free_port, spawn, text, wait_until};
+
+struct Member {
+    id: u64,
+    raft: u16,
+    ctl: Controller,
+}
+
+fn start(m: &mut Member, peers: &str, secret: &Path) {
+    let (g, a, h, r) = (
+        format!("127.0.0.1:{}", m.ctl.grpc),
+        format!("127.0.0.1:{}", m.ctl.admission),
+        format!("127.0.0.1:{}", m.ctl.http),
+        format!("127.0.0.1:{}", m.raft),
+    );
+    let (id, data, secret) = (m.id.to_string(), m.ctl.data.to_str().unwrap().to_owned(), secret.to_str().unwrap());
+    let args = [
+        "controller",
+        "--listen",
+        &g,
+        "--admission",
+        &a,
+        "--http",
+        &h,
+        "--data-dir",
+        &data,
+        "--member",
+        &id,
+        "--raft",
+        &r,
+        "--peers",
+        peers,
+        "--cluster-secret-file",
+        secret,
+        // Nodes are judged quickly, so the test's nodes show up at once.
+        "--node-timeout",
+        "3s",
+    ];
+    m.ctl.proc = Some(spawn(&args, &m.ctl.log));
+}
+
+/// `drover cluster status --json` through member `http`'s port, if it answers.
+fn status(http: u16) -> Option<serde_json::Value> {
+    let out = std::process::Command::new(drover_bin())
+        .args(["cluster", "status", "--json", "--http", &format!("127.0.0.1:{http}")])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// The leader `http`'s member reports, once every one of `expect` members answers
+/// with no lag (or, with `expect` 0, once any leader is reported).
+fn leader_via(http: u16, expect: usize) -> Option<u64> {
+    let s = status(http)?;
+    let leader = s["leader"].as_u64()?;
+    let members = s["members"].as_array()?;
+    let caught_up = members.iter().filter(|m| m["lag"] == 0 && m["role"] != "unreachable").count();
+    (caught_up >= expect).then_some(leader)
+}
+
+fn cli(grpc: u16, token: &str, args: &[&str]) -> Output {
+    std::process::Command::new(drover_bin())
+        .args(args)
+        .env("DROVER_CONTROLLER", format!("127.0.0.1:{grpc}"))
+        .env("DROVER_TOKEN", token)
+        .output()
+        .expect("run cli")
+}
+
+#[test]
+fn three_controllers_form_a_group_replicate_and_survive_the_leaders_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("cluster.secret");
+    let made = std::process::Command::new(drover_bin()).args(["cluster", "secret"]).output().unwrap();
+    assert!(made.status.success());
+    std::fs::write(&secret, &made.stdout).unwrap();
+
+    let mut members: Vec<Member> = (1..=3)
+        .map(|id| {
+            let d = dir.path().join(format!("m{id}"));
+            std::fs::create_dir_all(&d).unwrap();
+            Member { id, raft: free_port(), ctl: Controller::new(&d, &[]) }
+        })
+        .collect();
+    let peers = members.iter().map(|m| format!("{}=127.0.0.1:{}", m.id, m.raft)).collect::<Vec<_>>().join(",");
+    for m in &mut members {
+        start(m, &peers, &secret);
+    }
+    let mut leader = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            leader = leader_via(members[0].ctl.http, 3);
+            leader.is_some()
+        }),
+        "no leader with three caught-up members within 30 s:\n{}",
+        std::fs::read_to_string(&members[0].ctl.log).unwrap_or_default()
+    );
+    let first = leader.unwrap();
+    // Member ids are 1, 2, 3 at positions 0, 1, 2.
+    let at = |id: u64| (id - 1) as usize;
+    let l = at(first);
+
+    // The member that initialised (the first leader) wrote the only admin token.
+    let token_file = members[l].ctl.data.join("admin.token");
+    let admin = std::fs::read_to_string(&token_file).expect("the first leader writes admin.token").trim().to_owned();
+    for m in members.iter().filter(|m| m.id != first) {
+        assert!(!m.ctl.data.join("admin.token").exists(), "member {} made a second admin token", m.id);
+    }
+
+    // The leader serves; a follower refuses and names the leader.
+    let leader_grpc = members[l].ctl.grpc;
+    assert!(cli(leader_grpc, &admin, &["version"]).status.success());
+    let follower = members.iter().find(|m| m.id != first).unwrap();
+    let refused = cli(follower.ctl.grpc, &admin, &["version"]);
+    assert!(!refused.status.success() && text(&refused).contains("does not lead"), "{}", text(&refused));
+
+    // Acknowledged inputs on the leader: a token, and a node admitted and streaming.
+    let join = cli(leader_grpc, &admin, &["token", "create", "--role", "join", "--description", "before-kill"]);
+    assert!(join.status.success(), "{}", text(&join));
+    let join = String::from_utf8(join.stdout).unwrap().trim().to_owned();
+    assert!(join.starts_with("dt1."), "a token secret is printed: {join:?}");
+    let adm = format!("127.0.0.1:{}", members[l].ctl.admission);
+    let node_log = dir.path().join("n1.log");
+    let mut node: Killed =
+        spawn(&["node", "--admission", &adm, "--token", &join, "--name", "n1", "--pairs", "EURUSD"], &node_log);
+    // Followers are hot: the node the leader admitted is in a follower's state.
+    let follower_http = follower.ctl.http;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            common::fleet_view(follower_http)["nodes"]
+                .as_array()
+                .is_some_and(|n| n.iter().any(|n| n["name"] == "n1" && n["streaming"][0] == "EURUSD"))
+        }),
+        "a follower's fleet view never showed n1 streaming EURUSD: {}",
+        common::fleet_view(follower_http)
+    );
+    node.kill();
+
+    // SIGKILL the leader: the others elect one that holds everything acknowledged.
+    let killed_at = Instant::now();
+    members[l].ctl.kill();
+    let survivor_http = members.iter().find(|m| m.id != first).unwrap().ctl.http;
+    let mut second = None;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            second = leader_via(survivor_http, 2).filter(|&x| x != first);
+            second.is_some()
+        }),
+        "no new leader within 20 s of the kill"
+    );
+    let second = second.unwrap();
+    eprintln!("new leader {second} reported {} ms after the kill", killed_at.elapsed().as_millis());
+    let n = at(second);
+    let listed = cli(members[n].ctl.grpc, &admin, &["token", "list"]);
+    assert!(listed.status.success(), "the first admin token works on the new leader: {}", text(&listed));
+    assert!(text(&listed).contains("before-kill"), "the token made before the kill survived: {}", text(&listed));
+    let after = cli(members[n].ctl.grpc, &admin, &["token", "create", "--role", "read", "--description", "after-kill"]);
+    assert!(after.status.success(), "the new leader takes writes: {}", text(&after));
+
+    // The killed member, restarted with the same flags, rejoins the same group.
+    start(&mut members[l], &peers, &secret);
+    assert!(
+        wait_until(Duration::from_secs(30), || leader_via(members[l].ctl.http, 3) == Some(second)),
+        "the restarted member did not rejoin as a caught-up follower: {:?}",
+        status(members[l].ctl.http)
+    );
+    let s = status(members[l].ctl.http).unwrap();
+    assert_eq!(s["members"].as_array().unwrap().len(), 3, "one group of three, not a second group: {s}");
+    let rejoined = s["members"].as_array().unwrap().iter().find(|m| m["id"] == first).unwrap().clone();
+    assert_eq!(rejoined["role"], "follower", "{s}");
+    // A second failover: the new leader is killed too, and whichever of the other two
+    // leads (the restarted member among them) holds the writes from both terms.
+    members[n].ctl.kill();
+    let rest: Vec<u16> = members.iter().filter(|m| m.id != second).map(|m| m.ctl.http).collect();
+    let mut third = None;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            third = rest.iter().find_map(|&h| leader_via(h, 2)).filter(|&x| x != second);
+            third.is_some()
+        }),
+        "no leader after the second kill"
+    );
+    let t = at(third.unwrap());
+    let listed = cli(members[t].ctl.grpc, &admin, &["token", "list"]);
+    let listed = text(&listed);
+    assert!(listed.contains("before-kill") && listed.contains("after-kill"), "{listed}");
+}
