@@ -27,16 +27,24 @@ fn update(node: &str, pair: &str, seq: u64, epoch: u64) -> v1::StreamFromNode {
     }
 }
 
-async fn drover_ingest(nodes: usize, secs: f64) -> (f64, usize) {
-    let dir = tempfile::tempdir().unwrap();
-    let bench = crate::start_controller(dir.path(), |_| {}).await;
-    let (addr, health) = (bench.addr, bench.health.clone());
-    let running = Arc::new(AtomicBool::new(true));
-    let size = update(&format!("{:032x}", 0), "P0000", 1, 1).encoded_len();
+/// The size of one price update as the bench's nodes send it.
+pub fn message_size() -> usize {
+    update(&format!("{:032x}", 0), "P0000", 1, 1).encoded_len()
+}
+
+/// Starts `nodes` simulated nodes that pass admission at `admission` with `join` and
+/// push price updates to `addr` as fast as flow control allows, while `running`.
+pub fn push(
+    addr: std::net::SocketAddr,
+    admission: std::net::SocketAddr,
+    join: &str,
+    nodes: usize,
+    running: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     for i in 0..nodes {
         let running = running.clone();
-        let (admission, join) = (bench.admission, bench.join.clone());
+        let join = join.to_owned();
         tasks.push(tokio::spawn(async move {
             let node = format!("{i:032x}");
             let ticket = crate::admit(admission, &join, &node).await;
@@ -77,6 +85,15 @@ async fn drover_ingest(nodes: usize, secs: f64) -> (f64, usize) {
             }
         }));
     }
+    tasks
+}
+
+async fn drover_ingest(nodes: usize, secs: f64) -> (f64, usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let bench = crate::start_controller(dir.path(), |_| {}).await;
+    let health = bench.health.clone();
+    let running = Arc::new(AtomicBool::new(true));
+    let tasks = push(bench.addr, bench.admission, &bench.join, nodes, running.clone());
     tokio::time::sleep(Duration::from_secs(1)).await; // warm up
     let start_count = health.durable.load(Ordering::Relaxed);
     let start = Instant::now();
@@ -88,7 +105,7 @@ async fn drover_ingest(nodes: usize, secs: f64) -> (f64, usize) {
         t.abort();
     }
     let _ = bench.stop.send(());
-    (rate, size)
+    (rate, message_size())
 }
 
 async fn nats_ingest(publishers: usize, secs: f64, size: usize) -> Option<f64> {
@@ -125,6 +142,15 @@ async fn nats_ingest(publishers: usize, secs: f64, size: usize) -> Option<f64> {
     })
     .await
     .ok()?;
+    let rate = nats_publish(&js, publishers, secs, size).await;
+    let _ = server.kill();
+    let _ = server.wait();
+    Some(rate)
+}
+
+/// `publishers` JetStream publishers on subjects `bench.N`, each keeping 64
+/// acknowledgements outstanding; acknowledged publishes per second over `secs` after 1 s.
+pub async fn nats_publish(js: &async_nats::jetstream::Context, publishers: usize, secs: f64, size: usize) -> f64 {
     let acked = Arc::new(AtomicU64::new(0));
     let running = Arc::new(AtomicBool::new(true));
     let payload = bytes_of(size);
@@ -158,9 +184,7 @@ async fn nats_ingest(publishers: usize, secs: f64, size: usize) -> Option<f64> {
     for t in tasks {
         t.abort();
     }
-    let _ = server.kill();
-    let _ = server.wait();
-    Some(rate)
+    rate
 }
 
 fn bytes_of(n: usize) -> bytes::Bytes {

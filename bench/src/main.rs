@@ -9,6 +9,7 @@
 //! cd bench && cargo run --release -- coordinator   # self calls through the AMBROSIA coordinator
 //! ```
 
+mod cluster;
 mod coordinator;
 mod failover;
 
@@ -57,6 +58,14 @@ fn drover_bin() -> std::path::PathBuf {
 async fn main() {
     let which = std::env::args().nth(1).unwrap_or_default();
     match which.as_str() {
+        "cluster" => {
+            cluster::run(
+                arg("--nodes", "64").parse().unwrap(),
+                arg("--secs", "5").parse().unwrap(),
+                arg("--kills", "50").parse().unwrap(),
+            )
+            .await
+        }
         "ingest" => ingest::run(arg("--nodes", "64").parse().unwrap(), arg("--secs", "5").parse().unwrap()).await,
         "failover" => failover::run(arg("--trials", "100").parse().unwrap(), arg("--fsync", "always") != "never").await,
         "recovery" => recovery::run(arg("--updates", "1000000").parse().unwrap()).await,
@@ -72,7 +81,7 @@ async fn main() {
         }
         _ => {
             eprintln!(
-                "usage: drover-bench ingest|failover|recovery|tasks|coordinator [--nodes N --secs S | --trials N [--fsync never] | --updates N | --tasks N --workers W --cores C --submitters S]"
+                "usage: drover-bench cluster|ingest|failover|recovery|tasks|coordinator [--nodes N --secs S [--kills K] | --trials N [--fsync never] | --updates N | --tasks N --workers W --cores C --submitters S]"
             );
             std::process::exit(2);
         }

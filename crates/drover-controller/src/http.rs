@@ -331,7 +331,11 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let snap = s.snapshot.borrow().clone();
-    ([("content-type", "text/plain; version=0.0.4")], render(&snap, &s.health))
+    let mut body = render(&snap, &s.health);
+    if let Some(c) = &s.cluster {
+        body.push_str(&raft_metrics(c));
+    }
+    ([("content-type", "text/plain; version=0.0.4")], body)
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
@@ -341,6 +345,41 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(Stri
     for (labels, v) in samples {
         let _ = writeln!(out, "{name}{labels} {v}");
     }
+}
+
+/// The consensus metrics of a cluster member (appended to `/metrics`).
+fn raft_metrics(c: &crate::cluster::ClusterHandle) -> String {
+    let mut out = String::new();
+    let one = |v: u64| vec![(String::new(), v)];
+    let m = c.raft.metrics().borrow().clone();
+    let leads = m.current_leader == Some(m.id) && m.state == drover_raft::openraft::ServerState::Leader;
+    family(&mut out, "drover_raft_term", "gauge", "This member's current Raft term.", &one(m.current_term));
+    family(&mut out, "drover_raft_leader", "gauge", "1 while this member leads its cluster.", &one(u64::from(leads)));
+    family(
+        &mut out,
+        "drover_raft_last_log_index",
+        "gauge",
+        "The last index in this member's Raft log.",
+        &one(m.last_log_index.unwrap_or(0)),
+    );
+    family(
+        &mut out,
+        "drover_raft_applied_index",
+        "gauge",
+        "The last committed index this member applied to its core.",
+        &one(m.last_applied.map_or(0, |l| l.index)),
+    );
+    let last = m.last_log_index.unwrap_or(0);
+    let lags: Vec<(String, u64)> = m
+        .replication
+        .iter()
+        .flatten()
+        .map(|(member, matched)| {
+            (format!("{{member=\"{member}\"}}"), last.saturating_sub(matched.map_or(0, |l| l.index)))
+        })
+        .collect();
+    family(&mut out, "drover_raft_member_lag", "gauge", "On the leader: entries each member is behind its log.", &lags);
+    out
 }
 
 /// A histogram family; `scale` converts the stored unit to the exposed one (1e-6 for
@@ -606,6 +645,13 @@ pub(crate) fn render(s: &Snapshot, h: &Health) -> String {
         "counter",
         "Inputs applied to the core.",
         &one(h.applied.load(Ordering::Relaxed)),
+    );
+    family(
+        &mut out,
+        "drover_inputs_released_total",
+        "counter",
+        "Inputs whose outputs were released: durable on this controller, or committed on a majority of its cluster.",
+        &one(h.durable.load(Ordering::Relaxed)),
     );
     family(
         &mut out,

@@ -194,6 +194,67 @@ impl<M: StateMachine> std::ops::Deref for Core<'_, M> {
     }
 }
 
+/// A member's core as its directory holds it (see [`replay_dir`]).
+pub struct Replayed<M> {
+    /// The core.
+    pub core: M,
+    /// The index of the snapshot it started from (0: none).
+    pub snapshot_index: u64,
+    /// The last entry applied after the snapshot (its term and index).
+    pub last: Option<LogId>,
+    /// Normal entries applied after the snapshot.
+    pub entries: u64,
+}
+
+/// The core of the member whose Raft directory is `dir`: its snapshot, then every
+/// entry in its log after it, in order. For tools (`drover journal state` on a
+/// member's directory); give it a copy, since opening the journal repairs a torn tail.
+/// The last entries may not be committed yet (a member does not record how far the
+/// group committed): the result is what this member would apply if they are.
+pub fn replay_dir<M: StateMachine>(
+    dir: &std::path::Path,
+    storage: Arc<dyn Storage>,
+    fresh: impl FnOnce() -> M,
+) -> Result<Replayed<M>, String> {
+    let mut a = Applied {
+        machine: fresh(),
+        last_applied: None,
+        membership: StoredMembership::default(),
+        outputs: Vec::new(),
+        snapshot: None,
+        built: 0,
+        keep: false,
+    };
+    let mut snapshot_index = 0;
+    match storage.read(&dir.join(SNAPSHOT_FILE)) {
+        Ok(bytes) => {
+            let (meta, core) = decode_snapshot(&bytes).map_err(|e| e.to_string())?;
+            a.machine = M::restore(core).map_err(|e| format!("the snapshot's core does not restore: {e}"))?;
+            snapshot_index = meta.last_log_id.map_or(0, |l| l.index);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("reading the snapshot: {e}")),
+    }
+    let recovery = drover_journal::recovery::recover(&crate::log_store::journal_config(dir), &storage)
+        .map_err(|e| format!("reading the log: {e}"))?;
+    let mut entries = 0;
+    for message in recovery.entries() {
+        let message = message.map_err(|e| format!("reading the log: {e}"))?;
+        let entry = record::decode_entry(&message.message)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("record {} holds a message that is not a Raft entry", message.seq))?;
+        if entry.log_id.index <= snapshot_index && snapshot_index > 0 {
+            continue;
+        }
+        if let EntryPayload::Normal(Inputs(data)) = &entry.payload {
+            apply_inputs(&mut a, entry.log_id, data)?;
+            entries += 1;
+        }
+        a.last_applied = Some(entry.log_id);
+    }
+    Ok(Replayed { core: a.machine, snapshot_index, last: a.last_applied, entries })
+}
+
 /// Applies one normal entry's input messages.
 fn apply_inputs<M: StateMachine>(a: &mut Applied<M>, id: LogId, data: &[u8]) -> Result<(), String> {
     let mut at = 0;

@@ -61,9 +61,15 @@ pub enum JournalCommand {
     },
 }
 
+/// The journal in `dir`: a single controller's `journal/`, a cluster member's `raft/`,
+/// or `dir` itself.
 fn journal_dir(dir: &Path) -> PathBuf {
-    let nested = dir.join("journal");
-    if nested.is_dir() { nested } else { dir.to_owned() }
+    ["journal", "raft"].iter().map(|n| dir.join(n)).find(|d| d.is_dir()).unwrap_or_else(|| dir.to_owned())
+}
+
+/// Whether the journal in `dir` is a cluster member's Raft log.
+fn is_raft(dir: &Path) -> bool {
+    journal_dir(dir).join(drover_raft::record::STATE_FILE).is_file()
 }
 
 fn load(dir: &Path) -> anyhow::Result<Inspection> {
@@ -110,9 +116,25 @@ fn copy_journal(dir: &Path) -> anyhow::Result<tempfile::TempDir> {
     Ok(copy)
 }
 
-/// Recovers the controller core from a copy of the journal in `dir`.
+/// Recovers the controller core from a copy of the journal in `dir` (a cluster
+/// member's: its snapshot and every entry in its log, the last ones perhaps not yet
+/// committed).
 fn recovered_state(dir: &Path) -> anyhow::Result<drover_core::FleetView> {
     let copy = copy_journal(dir)?;
+    if is_raft(dir) {
+        let storage: std::sync::Arc<dyn drover_journal::Storage> = std::sync::Arc::new(FsStorage);
+        let r = drover_raft::machine::replay_dir(copy.path(), storage, || {
+            drover_core::Controller::new(drover_core::Config::default())
+        })
+        .map_err(|e| anyhow::anyhow!("replaying the Raft log: {e}"))?;
+        eprintln!(
+            "a cluster member's Raft log: snapshot at entry {}, then {} entries up to {} (the last may not be committed yet)",
+            r.snapshot_index,
+            r.entries,
+            r.last.map_or("none".to_owned(), |l| format!("term {} index {}", l.leader_id.term, l.index))
+        );
+        return Ok(r.core.fleet_view());
+    }
     let config = drover_journal::JournalConfig::new(copy.path());
     let storage: std::sync::Arc<dyn drover_journal::Storage> = std::sync::Arc::new(FsStorage);
     let recovery = drover_journal::recovery::recover(&config, &storage).context("recovery failed")?;
@@ -238,6 +260,10 @@ pub fn run(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn what_if(dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        !is_raft(dir),
+        "what-if does not read a cluster member's Raft log yet (its checkpoints are Raft snapshots); verify, dump and state do"
+    );
     let copy = copy_journal(dir)?;
     let config = drover_journal::JournalConfig::new(copy.path());
     let storage: std::sync::Arc<dyn drover_journal::Storage> = std::sync::Arc::new(FsStorage);

@@ -123,6 +123,14 @@ fn three_controllers_form_a_group_replicate_and_survive_the_leaders_sigkill() {
         assert!(!m.ctl.data.join("admin.token").exists(), "member {} made a second admin token", m.id);
     }
 
+    // Consensus metrics: the leader says it leads, a follower that it does not, and
+    // the leader reports each member's lag.
+    let metrics = |http: u16| common::http_get(http, "/metrics");
+    assert!(metrics(members[l].ctl.http).contains("drover_raft_leader 1"), "{}", metrics(members[l].ctl.http));
+    let other = members.iter().find(|m| m.id != first).unwrap();
+    assert!(metrics(other.ctl.http).contains("drover_raft_leader 0"));
+    assert!(metrics(members[l].ctl.http).contains(&format!("drover_raft_member_lag{{member=\"{}\"}}", other.id)));
+
     // The leader serves; a follower refuses and names the leader.
     let leader_grpc = members[l].ctl.grpc;
     assert!(cli(leader_grpc, &admin, &["version"]).status.success());
@@ -151,6 +159,14 @@ fn three_controllers_form_a_group_replicate_and_survive_the_leaders_sigkill() {
         common::fleet_view(follower_http)
     );
     node.kill();
+    // The journal tools read a member's Raft log: it verifies, and replaying it gives
+    // the state the follower holds.
+    let tool = |args: &[&str]| std::process::Command::new(drover_bin()).args(args).output().unwrap();
+    let data = follower.ctl.data.to_str().unwrap();
+    let verify = tool(&["journal", "verify", data]);
+    assert!(verify.status.success() && text(&verify).contains("journal OK"), "{}", text(&verify));
+    let state = tool(&["journal", "state", data]);
+    assert!(state.status.success() && text(&state).contains("EURUSD"), "{}", text(&state));
 
     // SIGKILL the leader: the others elect one that holds everything acknowledged.
     let killed_at = Instant::now();
