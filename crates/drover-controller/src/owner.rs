@@ -142,8 +142,9 @@ enum Release {
     /// End a stream with this status (its message was refused before the journal).
     Refuse(u64, tonic::Status),
     /// The ticket of a batch of inputs (`None`: already durable, committed by the
-    /// Raft group), how many, and all their outputs.
-    Outputs(Option<Ticket>, u64, Vec<Output>),
+    /// Raft group), how many, all their outputs, and the fence of the leader that
+    /// committed them (stamped on every command to a node; `None` on one controller).
+    Outputs(Option<Ticket>, u64, Vec<Output>, Option<v1::LeaderFence>),
     /// This controller stopped leading: every stream is ended with this message, and
     /// admissions waiting for a verdict are refused with it.
     Deposed(String),
@@ -169,6 +170,8 @@ pub(crate) struct Replicated {
     leading: bool,
     /// Counts leaderships: a commit reported for an earlier one is stale.
     epoch: u64,
+    /// This leadership's leader id (term, member), stamped on every command to a node.
+    fence: Option<v1::LeaderFence>,
     /// Proposed batches not yet committed.
     inflight: usize,
     /// Where proposals wait for their commit, in order (see [`await_commits`]).
@@ -184,7 +187,7 @@ impl Replicated {
         leader_hint: Arc<std::sync::Mutex<String>>,
     ) -> Replicated {
         member.machine.keep_outputs(false);
-        Replicated { member, leading: false, epoch: 0, inflight: 0, proposals: None, leader_hint }
+        Replicated { member, leading: false, epoch: 0, fence: None, inflight: 0, proposals: None, leader_hint }
     }
 
     fn hint(&self) -> String {
@@ -705,7 +708,9 @@ impl Owner {
         }
         let leads = m.state == openraft::ServerState::Leader && m.current_leader == Some(m.id);
         if leads && !r.leading {
-            self.take_lead(release, m.current_term).await?;
+            let id = m.vote.leader_id();
+            let fence = v1::LeaderFence { term: id.term, member: id.node_id };
+            self.take_lead(release, fence).await?;
         } else if !leads && r.leading {
             self.step_down(release, format!("this controller (member {}) stopped leading", m.id));
         }
@@ -715,9 +720,15 @@ impl Owner {
     /// Became leader: every entry before this term is applied once `ControllerStarted`
     /// commits (it says every connection is new: the old leader's died with its
     /// leadership), then the fleet is served from here.
-    async fn take_lead(&mut self, release: &mpsc::UnboundedSender<Release>, term: u64) -> Result<(), ShellError> {
+    async fn take_lead(
+        &mut self,
+        release: &mpsc::UnboundedSender<Release>,
+        fence: v1::LeaderFence,
+    ) -> Result<(), ShellError> {
         let Backend::Replicated(r) = &mut self.log else { return Ok(()) };
+        let term = fence.term;
         r.epoch += 1;
+        r.fence = Some(fence);
         r.member.machine.keep_outputs(true);
         // Outputs of entries the previous leader proposed were its to send.
         drop(r.member.machine.take_outputs());
@@ -763,7 +774,8 @@ impl Owner {
     fn committed(&mut self, n: u64, release: &mpsc::UnboundedSender<Release>) {
         let Backend::Replicated(r) = &self.log else { return };
         let out = r.member.machine.take_outputs();
-        self.settle(None, n, out, release);
+        let fence = r.fence;
+        self.settle(None, n, out, fence, release);
     }
 
     /// Proposes `events` and waits until they are committed and applied, releasing
@@ -1164,7 +1176,7 @@ impl Owner {
                 for input in inputs {
                     core.apply(input, &mut out);
                 }
-                self.settle(Some(ticket), n, out, release);
+                self.settle(Some(ticket), n, out, None, release);
                 // Every reply of this batch went out with it: no secret is left waiting.
                 self.secrets.clear();
                 if self.journal().checkpoint_due()
@@ -1201,6 +1213,7 @@ impl Owner {
         ticket: Option<Ticket>,
         n: u64,
         mut out: Vec<Output>,
+        fence: Option<v1::LeaderFence>,
         release: &mpsc::UnboundedSender<Release>,
     ) {
         let at_ms = now_ms();
@@ -1242,7 +1255,7 @@ impl Owner {
         }
         self.health.applied.fetch_add(n, Ordering::Relaxed);
         self.health.last_applied_ms.store(at_ms, Ordering::Relaxed);
-        let _ = release.send(Release::Outputs(ticket, n, out));
+        let _ = release.send(Release::Outputs(ticket, n, out, fence));
         self.dirty = true;
     }
 }
@@ -1319,7 +1332,7 @@ async fn release(
                     let _ = reply.send(Err(drover_core::AdmissionRefusal::NotLeader(why.clone())));
                 }
             }
-            Release::Outputs(ticket, inputs, outputs) => {
+            Release::Outputs(ticket, inputs, outputs, fence) => {
                 if let Some(ticket) = ticket
                     && let Err(e) = ticket.await
                 {
@@ -1343,6 +1356,9 @@ async fn release(
                         continue;
                     }
                     let mut o = o;
+                    if let Output::ToNode { msg, .. } = &mut o {
+                        msg.fence = fence;
+                    }
                     if let Output::ToNode { node, msg, .. } = &mut o
                         && let Err(e) = sealer.open_dispatch(msg)
                     {

@@ -9,6 +9,7 @@
 //! across restarts.
 
 pub mod exec;
+pub mod fence;
 pub mod source;
 pub mod worker;
 
@@ -149,11 +150,12 @@ pub async fn run(
     let mut refused_backoff = REFUSED_BACKOFF_MIN;
     let mut last_refusal: Option<String> = None;
     let mut jitter = drover_proto_free_rng(&config.id);
+    let mut fence = fence::Fence::default();
     loop {
         let started = Instant::now();
         let end = tokio::select! {
             _ = &mut shutdown => return Exit::Stopped,
-            end = session(&config, &source, &stats, &mut tasks) => end,
+            end = session(&config, &source, &stats, &mut tasks, &mut fence) => end,
         };
         match end {
             End::Shutdown => return Exit::Shutdown,
@@ -546,6 +548,7 @@ async fn session(
     source: &Arc<dyn PriceSource>,
     stats: &NodeStats,
     tasks: &mut Option<Tasks>,
+    fence: &mut fence::Fence,
 ) -> End {
     let (upstream, ticket, mut control) = match admit(config).await {
         Ok(a) => a,
@@ -666,6 +669,10 @@ async fn session(
                     Ok(None) => return control.evicted_or(control_open, "controller ended the stream".into()).await,
                     Err(e) => return control.evicted_or(control_open, format!("stream: {}", e.message())).await,
                 };
+                if let Err(stale) = fence.admit(cmd.fence.as_ref()) {
+                    tracing::warn!(node = %config.id, error = %stale, "command from a deposed leader ignored");
+                    continue;
+                }
                 let Some(any) = cmd.command else { continue };
                 let reply = |p: Payload| msg(p, cmd.request_id.clone(), cmd.from_uuid.clone());
                 let payload = Payload::from_any(&any);

@@ -147,6 +147,11 @@ fn three_controllers_form_a_group_replicate_and_survive_the_leaders_sigkill() {
     let node_log = dir.path().join("n1.log");
     let mut node: Killed =
         spawn(&["node", "--admission", &adm, "--token", &join, "--name", "n1", "--pairs", "EURUSD"], &node_log);
+    // Fencing: the leader stamps its leader id (term, member) on every command to a node.
+    let term = status(members[l].ctl.http).unwrap()["term"].as_u64().unwrap();
+    let fence = first_command_fence(&adm, &join);
+    assert_eq!(fence, Some(drover_proto::v1::LeaderFence { term, member: first }), "the leader's id, term {term}");
+
     // Followers are hot: the node the leader admitted is in a follower's state.
     let follower_http = follower.ctl.http;
     assert!(
@@ -216,4 +221,39 @@ fn three_controllers_form_a_group_replicate_and_survive_the_leaders_sigkill() {
     let listed = cli(members[t].ctl.grpc, &admin, &["token", "list"]);
     let listed = text(&listed);
     assert!(listed.contains("before-kill") && listed.contains("after-kill"), "{listed}");
+}
+
+/// Admits a node "fence-probe" at `admission` as the node agent does, opens its command
+/// stream, and returns the fence on the first command the controller sends it.
+fn first_command_fence(admission: &str, join: &str) -> Option<drover_proto::v1::LeaderFence> {
+    use drover_proto::Payload;
+    use drover_proto::v1::{self, controller_client::ControllerClient};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut config = drover_node::NodeConfig::new(admission.to_owned(), join.to_owned(), vec!["GBPUSD".into()]);
+        config.id = "fence-probe".into();
+        let (upstream, ticket, _control) = drover_node::admit_session(&config).await.expect("admitted");
+        let mut client = ControllerClient::connect(format!("http://{upstream}")).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let hello = v1::NodeKnownCurrenciesV1Notify {
+            pairs: vec!["GBPUSD".into()],
+            name: "fence-probe".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            worker: false,
+        };
+        tx.send(v1::StreamFromNode {
+            node_uuid: "fence-probe".into(),
+            from_uuid: None,
+            response: Some(Payload::from(hello).to_any()),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        req.metadata_mut().insert("authorization", format!("Bearer {ticket}").parse().unwrap());
+        let mut inbound = client.node_command_stream(req).await.unwrap().into_inner();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(10), inbound.message()).await;
+        drop(tx);
+        first.expect("a command within 10 s").expect("the stream").expect("a message").fence
+    })
 }

@@ -373,6 +373,7 @@ impl Controller {
                     from_uuid: Some(format!("cli-{session}")),
                     command: Some(any.clone()),
                     request_id: rid,
+                    fence: None,
                 },
             });
         }

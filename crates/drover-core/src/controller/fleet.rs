@@ -73,7 +73,7 @@ impl Controller {
         Output::ToNode {
             node: node.to_owned(),
             session,
-            msg: v1::StreamToNode { from_uuid: None, command: Some(any_of(payload)), request_id },
+            msg: v1::StreamToNode { from_uuid: None, command: Some(any_of(payload)), request_id, fence: None },
         }
     }
 
@@ -379,6 +379,7 @@ impl Controller {
                     from_uuid: None,
                     command: Some(any_of(v1::NodeStreamModifyStateV1Req { streams })),
                     request_id: String::new(),
+                    fence: None,
                 },
             });
         }

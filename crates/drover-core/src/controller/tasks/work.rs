@@ -25,7 +25,12 @@ impl Work<'_> {
         out.push(Output::ToNode {
             node: worker.to_owned(),
             session,
-            msg: v1::StreamToNode { from_uuid: None, command: Some(any_of(payload)), request_id: request_id.clone() },
+            msg: v1::StreamToNode {
+                from_uuid: None,
+                command: Some(any_of(payload)),
+                request_id: request_id.clone(),
+                fence: None,
+            },
         });
         Some(request_id)
     }
