@@ -264,18 +264,28 @@ async fn nats_r3(publishers: usize, secs: f64, size: usize, dir: &Path) -> Optio
 }
 
 pub async fn run(nodes: usize, secs: f64, kills: usize) {
-    let dir = tempfile::tempdir().unwrap();
+    // BENCH_KEEP=1 keeps the data directories and the controllers' logs (DIR/NAME.log).
+    let tmp = tempfile::tempdir().unwrap();
+    let (_tmp, root) = if std::env::var_os("BENCH_KEEP").is_some() {
+        let p = tmp.keep();
+        eprintln!("keeping {}", p.display());
+        (None, p)
+    } else {
+        let p = tmp.path().to_owned();
+        (Some(tmp), p)
+    };
+    let dir = root.as_path();
     let size = crate::ingest::message_size();
 
     // One controller.
-    let single = controller(dir.path(), "single", &[]);
+    let single = controller(dir, "single", &[]);
     let t = Target::new(&single, &single.data).await;
     let one_rate = ingest(&t, nodes, secs).await;
     let one_lat = latency(&t, 2000).await;
     drop(single);
 
     // Three members.
-    let secret = dir.path().join("cluster.secret");
+    let secret = dir.join("cluster.secret");
     let made = Command::new(crate::drover_bin()).args(["cluster", "secret"]).output().unwrap();
     std::fs::write(&secret, &made.stdout).unwrap();
     let rafts: Vec<String> = (0..3).map(|_| port()).collect();
@@ -292,7 +302,7 @@ pub async fn run(nodes: usize, secs: f64, kills: usize) {
                 "--cluster-secret-file".into(),
                 secret.to_str().unwrap().into(),
             ];
-            controller(dir.path(), &format!("m{}", i + 1), &extra)
+            controller(dir, &format!("m{}", i + 1), &extra)
         })
         .collect();
     // The first leader writes admin.token.
@@ -346,7 +356,7 @@ pub async fn run(nodes: usize, secs: f64, kills: usize) {
     elections.sort_by(f64::total_cmp);
     drop(members);
 
-    let nats = nats_r3(nodes, secs, size, dir.path()).await;
+    let nats = nats_r3(nodes, secs, size, dir).await;
 
     let p = crate::percentile;
     println!("command: cd bench && cargo run --release -- cluster --nodes {nodes} --secs {secs} --kills {kills}");

@@ -218,7 +218,7 @@ async fn await_commits(mut proposals: mpsc::UnboundedReceiver<Proposal>, commits
 
 /// Most batches proposed to the Raft group and not yet committed; past it the owner
 /// waits (the inbox fills, and the gRPC handlers wait for room).
-const MAX_INFLIGHT: usize = 8;
+const MAX_INFLIGHT: usize = 32;
 
 /// Bytes of an entry's framing in the Raft log beyond its inputs (term, leader, index,
 /// kind, the message header).

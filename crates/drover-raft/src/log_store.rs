@@ -81,8 +81,9 @@ impl Mirror {
 
 /// Work for the task that reports appends durable, in order.
 enum Flush {
-    /// An append: its ticket, its first index and count, openraft's callback.
-    Append { ticket: Ticket, first: u64, count: usize, callback: LogFlushed<TypeConfig> },
+    /// An append (one journal record): its ticket, its first index and count, and
+    /// openraft's callback on the last record of the call.
+    Append { ticket: Ticket, first: u64, count: usize, callback: Option<LogFlushed<TypeConfig>> },
     /// Answered once every earlier append is reported.
     Barrier(oneshot::Sender<()>),
 }
@@ -197,9 +198,15 @@ async fn report_flushes(mut rx: mpsc::UnboundedReceiver<Flush>, mirror: Arc<Mute
                             }
                         }
                     }
-                    callback.log_io_completed(Ok(()));
+                    if let Some(callback) = callback {
+                        callback.log_io_completed(Ok(()));
+                    }
                 }
-                Err(e) => callback.log_io_completed(Err(io::Error::other(e.to_string()))),
+                Err(e) => {
+                    if let Some(callback) = callback {
+                        callback.log_io_completed(Err(io::Error::other(e.to_string())));
+                    }
+                }
             },
             Flush::Barrier(done) => {
                 let _ = done.send(());
@@ -263,12 +270,37 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
             callback.log_io_completed(Ok(()));
             return Ok(());
         };
-        let count = entries.len();
-        let ticket = self.journal.append_batch(entries.iter().map(encode_entry).collect()).await.map_err(write_err)?;
+        // One journal record holds at most `max_entry` bytes: a follower handed many
+        // entries at once (a leader's backlog) appends them as several records, in
+        // order; openraft hears once the last is durable (records become durable in order).
+        let encoded: Vec<bytes::Bytes> = entries.iter().map(encode_entry).collect();
+        let limit = self.journal.max_entry();
+        let mut runs: Vec<Vec<bytes::Bytes>> = Vec::new();
+        let mut size = 0;
+        for e in encoded {
+            match runs.last_mut() {
+                Some(run) if size + e.len() <= limit => {
+                    size += e.len();
+                    run.push(e);
+                }
+                _ => {
+                    size = e.len();
+                    runs.push(vec![e]);
+                }
+            }
+        }
         lock(&self.mirror).entries.extend(entries.into_iter().map(|entry| Held { entry, record: None }));
-        self.flush
-            .send(Flush::Append { ticket, first, count, callback })
-            .map_err(|_| write_err("flush task stopped"))?;
+        let mut callback = Some(callback);
+        let (last, mut at) = (runs.len() - 1, first);
+        for (i, run) in runs.into_iter().enumerate() {
+            let count = run.len();
+            let ticket = self.journal.append_batch(run).await.map_err(write_err)?;
+            let callback = if i == last { callback.take() } else { None };
+            self.flush
+                .send(Flush::Append { ticket, first: at, count, callback })
+                .map_err(|_| write_err("flush task stopped"))?;
+            at += count as u64;
+        }
         Ok(())
     }
 
@@ -322,5 +354,8 @@ pub fn journal_config(dir: impl Into<PathBuf>) -> JournalConfig {
     // Checkpoints are Raft snapshots, taken by openraft, never by record count.
     c.checkpoint_every_records = u64::MAX;
     c.checkpoint_every_bytes = u64::MAX;
+    // A record holds up to 16 MiB, as a single controller's journal does, so an entry
+    // can carry the largest batch a controller proposes.
+    c.max_batch_bytes = 16 << 20;
     c
 }

@@ -26,6 +26,9 @@ use crate::secret::ClusterSecret;
 use crate::status::Addresses;
 use crate::types::TypeConfig;
 
+/// Most entries openraft sends in one AppendEntries request.
+pub const MAX_PAYLOAD_ENTRIES: u64 = 8;
+
 /// The timing of a group: how often the leader speaks, how long followers wait.
 #[derive(Clone, Copy, Debug)]
 pub struct Timing {
@@ -62,6 +65,10 @@ impl Timing {
             // Entries behind the snapshot are kept a while, so a follower briefly away
             // catches up from the log rather than by a whole snapshot.
             max_in_snapshot_log_to_keep: 10_000,
+            // At most 8 entries per AppendEntries: a controller's entry is one batch
+            // (about 1 MiB, at most a few), so a request stays far below the Raft
+            // port's 64 MiB frame limit.
+            max_payload_entries: MAX_PAYLOAD_ENTRIES,
             ..Config::default()
         };
         c.validate().map_err(|e| MemberError::Config(e.to_string()))

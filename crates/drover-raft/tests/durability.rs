@@ -105,3 +105,28 @@ async fn committed_inputs_reach_the_core_and_a_snapshot_restores_it() {
     let bad = openraft::Entry { log_id: id(1, 4), payload: EntryPayload::Normal(Inputs(vec![0x7F])) };
     assert!(follower.apply([bad]).await.is_err());
 }
+
+/// A follower handed more entries in one call than one journal record holds (a
+/// leader's backlog) stores them all, as several records, and reports them durable
+/// (a single record over the limit used to stop the journal, and the member with it).
+#[tokio::test]
+async fn one_append_larger_than_a_record_is_split_into_records_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(FsStorage);
+    let mut config = journal_config(dir.path().join("journal"));
+    config.max_batch_bytes = 64 << 10;
+    let mut log = RaftLog::open(config.clone(), storage.clone()).unwrap();
+    // 40 entries of about 8 KiB: about 320 KiB in one call, five times the record limit.
+    let big: Vec<u64> = (0..1000).collect();
+    log.blocking_append((1..=40).map(|i| normal(1, i, &big))).await.unwrap();
+    let want: Vec<(u64, u64)> = (1..=40).map(|i| (1, i)).collect();
+    assert_eq!(indexes(&mut log).await, want);
+    log.close().await;
+    let mut log = RaftLog::open(config, storage).unwrap();
+    assert_eq!(indexes(&mut log).await, want, "every entry is on disk, in order");
+    let inspection =
+        drover_journal::inspect::inspect(&dir.path().join("journal"), &FsStorage, &drover_journal::Limits::default())
+            .unwrap();
+    let records: usize = inspection.segments.iter().map(|s| s.records.len()).sum();
+    assert!(records >= 5, "320 KiB under a 64 KiB record limit takes at least 5 records, not {records}");
+}
