@@ -362,10 +362,14 @@ pub async fn run(nodes: usize, secs: f64, kills: usize) {
     println!("command: cd bench && cargo run --release -- cluster --nodes {nodes} --secs {secs} --kills {kills}");
     println!("\n| system | publishers | message | released (durable) inputs/s |\n| --- | --- | --- | --- |");
     println!("| one drover controller (journal fsync) | {nodes} | {size} B envelope | {one_rate:.0} |");
-    println!("| three drover controllers (Raft, committed on 2 of 3, each fsyncs) | {nodes} | {size} B envelope | {three_rate:.0} |");
+    println!(
+        "| three drover controllers (Raft, committed on 2 of 3, each fsyncs) | {nodes} | {size} B envelope | {three_rate:.0} |"
+    );
     match nats {
         Some(n) => {
-            println!("| nats-server 2.15 JetStream, 3 replicas, file storage, acked publish (window 64) | {nodes} | {size} B | {n:.0} |");
+            println!(
+                "| nats-server 2.15 JetStream, 3 replicas, file storage, acked publish (window 64) | {nodes} | {size} B | {n:.0} |"
+            );
             println!("\nratio three controllers / one: {:.2}x (goal >= 0.7)", three_rate / one_rate);
             println!("ratio three controllers / JetStream R3: {:.2}x (goal >= 1.5)", three_rate / n);
         }
