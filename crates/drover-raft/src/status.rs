@@ -91,7 +91,8 @@ pub struct MemberView {
 pub struct ClusterStatus {
     /// The leader (the member that reports itself leading in the highest term).
     pub leader: Option<u64>,
-    /// The highest term any member reports.
+    /// The leader's term (with no leader: the highest term any member reports; a
+    /// member that campaigned and lost can be in a higher term than the leader).
     pub term: u64,
     /// Every member of the current membership, voters and learners.
     pub members: Vec<MemberView>,
@@ -153,8 +154,10 @@ fn view(
     answers: &BTreeMap<u64, Option<MemberStatus>>,
 ) -> ClusterStatus {
     let reported = || answers.values().flatten();
-    let term = reported().map(|s| s.term).max().unwrap_or(0);
-    let leader = reported().filter(|s| s.role == "leader").max_by_key(|s| s.term).map(|s| s.id);
+    // The leader's term; a member that campaigned and lost may report a higher one.
+    let leading = reported().filter(|s| s.role == "leader").max_by_key(|s| s.term);
+    let leader = leading.map(|s| s.id);
+    let term = leading.map_or_else(|| reported().map(|s| s.term).max().unwrap_or(0), |s| s.term);
     let leader_log = leader.and_then(|l| answers.get(&l)?.as_ref()).map(|s| s.last_log_index);
     let members = nodes
         .iter()
@@ -201,6 +204,10 @@ mod tests {
             (3, None),
             (4, Some(answer(4, "learner", 5, 70))),
         ]);
+        let mut candidate = answers.clone();
+        candidate.insert(3, Some(answer(3, "candidate", 6, 100)));
+        let c = view(&nodes, &voters, &candidate);
+        assert_eq!((c.leader, c.term), (Some(2), 5), "the leader's term, not a losing candidate's");
         let v = view(&nodes, &voters, &answers);
         assert_eq!(v.leader, Some(2));
         assert_eq!(v.term, 5);
