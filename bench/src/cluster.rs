@@ -230,15 +230,7 @@ async fn nats_r3(publishers: usize, secs: f64, size: usize, dir: &Path) -> Optio
         }
     }
     let url = format!("nats://127.0.0.1:{}", ports[0].0);
-    let mut client = None;
-    for _ in 0..100 {
-        if let Ok(c) = async_nats::connect(&url).await {
-            client = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let js = async_nats::jetstream::new(client?);
+    let js = async_nats::jetstream::new(crate::ingest::nats_connect(&url).await?);
     // The meta group needs a leader before a replicated stream can be made.
     let mut made = false;
     for _ in 0..100 {

@@ -124,15 +124,7 @@ async fn nats_ingest(publishers: usize, secs: f64, size: usize) -> Option<f64> {
         }
     };
     let url = format!("nats://127.0.0.1:{port}");
-    let mut client = None;
-    for _ in 0..100 {
-        if let Ok(c) = async_nats::connect(&url).await {
-            client = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let client = client?;
+    let client = nats_connect(&url).await?;
     let js = async_nats::jetstream::new(client);
     js.create_stream(async_nats::jetstream::stream::Config {
         name: "BENCH".into(),
@@ -185,6 +177,17 @@ pub async fn nats_publish(js: &async_nats::jetstream::Context, publishers: usize
         t.abort();
     }
     rate
+}
+
+/// A client of the nats-server at `url`, retried for 5 s while it starts.
+pub async fn nats_connect(url: &str) -> Option<async_nats::Client> {
+    for _ in 0..100 {
+        if let Ok(c) = async_nats::connect(url).await {
+            return Some(c);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
 }
 
 fn bytes_of(n: usize) -> bytes::Bytes {

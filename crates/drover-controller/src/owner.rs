@@ -1167,7 +1167,7 @@ impl Owner {
                 // One append per run of inputs that fits in a journal entry; the last
                 // ticket covers them all (the journal makes appends durable in order).
                 let mut ticket = None;
-                for chunk in split_by_size(encoded, limit) {
+                for chunk in drover_journal::split_by_size(encoded, limit) {
                     ticket = Some(journal.append_batch(chunk).await?);
                 }
                 let Some(ticket) = ticket else { return Ok(()) };
@@ -1189,7 +1189,7 @@ impl Owner {
             Backend::Replicated(r) => {
                 // One entry per run that fits; each waits for its commit in order.
                 let Some(proposals) = r.proposals.clone() else { return Ok(()) };
-                for chunk in split_by_size(encoded, limit) {
+                for chunk in drover_journal::split_by_size(encoded, limit) {
                     let n = chunk.len() as u64;
                     let data: Vec<u8> = chunk.concat();
                     let rx = r
@@ -1258,27 +1258,6 @@ impl Owner {
         let _ = release.send(Release::Outputs(ticket, n, out, fence));
         self.dirty = true;
     }
-}
-
-/// Splits encoded inputs into runs of at most `limit` bytes, in order. (An input over
-/// `limit` on its own goes alone and the journal refuses it; the owner refuses such
-/// inputs to their peers before they get here.)
-fn split_by_size(encoded: Vec<bytes::Bytes>, limit: usize) -> Vec<Vec<bytes::Bytes>> {
-    let mut chunks: Vec<Vec<bytes::Bytes>> = Vec::new();
-    let mut size = 0;
-    for e in encoded {
-        match chunks.last_mut() {
-            Some(last) if size + e.len() <= limit => {
-                size += e.len();
-                last.push(e);
-            }
-            _ => {
-                size = e.len();
-                chunks.push(vec![e]);
-            }
-        }
-    }
-    chunks
 }
 
 /// Sends outputs once their input is durable, in order.
@@ -1489,15 +1468,5 @@ mod tests {
         let mut too_big = crate::ControllerConfig::new("unused");
         too_big.max_message_bytes = crate::JOURNAL_ENTRY_BYTES / 2;
         assert!(too_big.check_limits().is_err(), "a message limit that could not fit twice is refused");
-    }
-
-    #[test]
-    fn batches_are_split_so_no_append_crosses_the_entry_limit() {
-        let sizes = [5, 5, 3, 9, 1, 10, 2];
-        let encoded: Vec<bytes::Bytes> = sizes.iter().map(|&n| bytes::Bytes::from(vec![0u8; n])).collect();
-        let chunks = split_by_size(encoded, 10);
-        let lens: Vec<Vec<usize>> = chunks.iter().map(|c| c.iter().map(bytes::Bytes::len).collect()).collect();
-        assert_eq!(lens, vec![vec![5, 5], vec![3], vec![9, 1], vec![10], vec![2]]);
-        assert!(split_by_size(Vec::new(), 10).is_empty());
     }
 }

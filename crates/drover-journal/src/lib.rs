@@ -223,9 +223,41 @@ impl Listing {
     }
 }
 
+/// Splits encoded entries into runs of at most `limit` bytes, in order: one
+/// `append_batch` each, so no append crosses the journal's entry limit (`max_entry`).
+/// An entry over `limit` on its own goes alone (and the journal refuses it: callers
+/// keep single entries below the limit).
+pub fn split_by_size(encoded: Vec<bytes::Bytes>, limit: usize) -> Vec<Vec<bytes::Bytes>> {
+    let mut chunks: Vec<Vec<bytes::Bytes>> = Vec::new();
+    let mut size = 0;
+    for e in encoded {
+        match chunks.last_mut() {
+            Some(last) if size + e.len() <= limit => {
+                size += e.len();
+                last.push(e);
+            }
+            _ => {
+                size = e.len();
+                chunks.push(vec![e]);
+            }
+        }
+    }
+    chunks
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_are_split_so_no_append_crosses_the_entry_limit() {
+        let sizes = [5, 5, 3, 9, 1, 10, 2];
+        let encoded: Vec<bytes::Bytes> = sizes.iter().map(|&n| bytes::Bytes::from(vec![0u8; n])).collect();
+        let chunks = split_by_size(encoded, 10);
+        let lens: Vec<Vec<usize>> = chunks.iter().map(|c| c.iter().map(bytes::Bytes::len).collect()).collect();
+        assert_eq!(lens, vec![vec![5, 5], vec![3], vec![9, 1], vec![10], vec![2]]);
+        assert!(split_by_size(Vec::new(), 10).is_empty());
+    }
 
     #[test]
     fn names_round_trip() {

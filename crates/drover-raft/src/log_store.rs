@@ -274,21 +274,7 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
         // entries at once (a leader's backlog) appends them as several records, in
         // order; openraft hears once the last is durable (records become durable in order).
         let encoded: Vec<bytes::Bytes> = entries.iter().map(encode_entry).collect();
-        let limit = self.journal.max_entry();
-        let mut runs: Vec<Vec<bytes::Bytes>> = Vec::new();
-        let mut size = 0;
-        for e in encoded {
-            match runs.last_mut() {
-                Some(run) if size + e.len() <= limit => {
-                    size += e.len();
-                    run.push(e);
-                }
-                _ => {
-                    size = e.len();
-                    runs.push(vec![e]);
-                }
-            }
-        }
+        let runs = drover_journal::split_by_size(encoded, self.journal.max_entry());
         lock(&self.mirror).entries.extend(entries.into_iter().map(|entry| Held { entry, record: None }));
         let mut callback = Some(callback);
         let (last, mut at) = (runs.len() - 1, first);

@@ -128,27 +128,7 @@ where
         fresh: impl FnOnce() -> M,
     ) -> Result<RaftMachine<M>, SnapshotError> {
         let path = dir.into().join(SNAPSHOT_FILE);
-        let mut applied = Applied {
-            machine: fresh(),
-            last_applied: None,
-            membership: StoredMembership::default(),
-            outputs: Vec::new(),
-            snapshot: None,
-            built: 0,
-            keep: true,
-        };
-        match storage.read(&path) {
-            Ok(bytes) => {
-                let (meta, core) = decode_snapshot(&bytes).map_err(|e| SnapshotError(e.to_string()))?;
-                applied.machine =
-                    M::restore(core).map_err(|e| SnapshotError(format!("the core does not restore: {e}")))?;
-                applied.last_applied = meta.last_log_id;
-                applied.membership = meta.last_membership.clone();
-                applied.snapshot = Some((meta, bytes));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(SnapshotError(format!("reading {}: {e}", path.display()))),
-        }
+        let applied = load(&*storage, &path, fresh, true)?;
         Ok(RaftMachine { applied: Arc::new(Mutex::new(applied)), storage, path })
     }
 
@@ -194,6 +174,38 @@ impl<M: StateMachine> std::ops::Deref for Core<'_, M> {
     }
 }
 
+/// The applied state as the snapshot file at `path` holds it (a fresh core from
+/// `fresh` when there is none); `keep`: whether outputs are kept (see
+/// [`RaftMachine::keep_outputs`]).
+fn load<M: StateMachine>(
+    storage: &dyn Storage,
+    path: &std::path::Path,
+    fresh: impl FnOnce() -> M,
+    keep: bool,
+) -> Result<Applied<M>, SnapshotError> {
+    let mut applied = Applied {
+        machine: fresh(),
+        last_applied: None,
+        membership: StoredMembership::default(),
+        outputs: Vec::new(),
+        snapshot: None,
+        built: 0,
+        keep,
+    };
+    match storage.read(path) {
+        Ok(bytes) => {
+            let (meta, core) = decode_snapshot(&bytes).map_err(|e| SnapshotError(e.to_string()))?;
+            applied.machine = M::restore(core).map_err(|e| SnapshotError(format!("the core does not restore: {e}")))?;
+            applied.last_applied = meta.last_log_id;
+            applied.membership = meta.last_membership.clone();
+            applied.snapshot = Some((meta, bytes));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(SnapshotError(format!("reading {}: {e}", path.display()))),
+    }
+    Ok(applied)
+}
+
 /// A member's core as its directory holds it (see [`replay_dir`]).
 pub struct Replayed<M> {
     /// The core.
@@ -216,25 +228,8 @@ pub fn replay_dir<M: StateMachine>(
     storage: Arc<dyn Storage>,
     fresh: impl FnOnce() -> M,
 ) -> Result<Replayed<M>, String> {
-    let mut a = Applied {
-        machine: fresh(),
-        last_applied: None,
-        membership: StoredMembership::default(),
-        outputs: Vec::new(),
-        snapshot: None,
-        built: 0,
-        keep: false,
-    };
-    let mut snapshot_index = 0;
-    match storage.read(&dir.join(SNAPSHOT_FILE)) {
-        Ok(bytes) => {
-            let (meta, core) = decode_snapshot(&bytes).map_err(|e| e.to_string())?;
-            a.machine = M::restore(core).map_err(|e| format!("the snapshot's core does not restore: {e}"))?;
-            snapshot_index = meta.last_log_id.map_or(0, |l| l.index);
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("reading the snapshot: {e}")),
-    }
+    let mut a = load(&*storage, &dir.join(SNAPSHOT_FILE), fresh, false).map_err(|e| e.to_string())?;
+    let snapshot_index = a.last_applied.map_or(0, |l| l.index);
     let recovery = drover_journal::recovery::recover(&crate::log_store::journal_config(dir), &storage)
         .map_err(|e| format!("reading the log: {e}"))?;
     let mut entries = 0;

@@ -49,12 +49,18 @@ struct CliArgs {
     ca: Option<std::path::PathBuf>,
 }
 
+/// `explicit` (`--token`, `DROVER_TOKEN`), else the `admin.token` file in
+/// $DROVER_DATA_DIR or ./drover-data.
+fn token_or_admin_file(explicit: Option<String>) -> Option<String> {
+    explicit.or_else(|| {
+        let dir = std::env::var("DROVER_DATA_DIR").unwrap_or_else(|_| "./drover-data".into());
+        std::fs::read_to_string(std::path::Path::new(&dir).join("admin.token")).ok().map(|t| t.trim().to_owned())
+    })
+}
+
 impl CliArgs {
     fn ctx(&self) -> Ctx {
-        let token = self.token.clone().or_else(|| {
-            let dir = std::env::var("DROVER_DATA_DIR").unwrap_or_else(|_| "./drover-data".into());
-            std::fs::read_to_string(std::path::Path::new(&dir).join("admin.token")).ok().map(|t| t.trim().to_owned())
-        });
+        let token = token_or_admin_file(self.token.clone());
         // An unreadable CA file must not silently fall back to plain text: keep the bytes
         // empty, which fails the TLS setup with a clear error.
         let ca = self.ca.as_ref().map(|p| std::fs::read(p).unwrap_or_default());
@@ -109,11 +115,8 @@ struct ClusterAt {
 
 impl ClusterAt {
     fn token(&self) -> anyhow::Result<String> {
-        let token = self.token.clone().or_else(|| {
-            let dir = std::env::var("DROVER_DATA_DIR").unwrap_or_else(|_| "./drover-data".into());
-            std::fs::read_to_string(std::path::Path::new(&dir).join("admin.token")).ok().map(|t| t.trim().to_owned())
-        });
-        token.ok_or_else(|| anyhow::anyhow!("an admin token is needed (--token, DROVER_TOKEN, or admin.token)"))
+        token_or_admin_file(self.token.clone())
+            .ok_or_else(|| anyhow::anyhow!("an admin token is needed (--token, DROVER_TOKEN, or admin.token)"))
     }
 }
 
