@@ -12,7 +12,9 @@
 //!   member over the Raft port, on any member;
 //! - `POST /api/cluster/add?id=N&raft=HOST:PORT` and `POST /api/cluster/remove?id=N`
 //!   (admin token; on the leader): membership changes through openraft (a new member
-//!   joins as a learner, catches up, then becomes a voter).
+//!   joins as a learner, catches up, then becomes a voter);
+//! - `POST /api/cluster/transfer?id=N` (admin token; on the leader): hands leadership
+//!   to member N ([`drover_raft::member::Leadership`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -40,6 +42,8 @@ pub(crate) struct ClusterHandle {
     pub(crate) raft: Raft<TypeConfig>,
     pub(crate) secret: ClusterSecret,
     pub(crate) about: Addresses,
+    pub(crate) leadership: drover_raft::member::Leadership,
+    pub(crate) stats: Arc<drover_raft::stats::RaftStats>,
 }
 
 /// Starts this controller's member of the group: its log and snapshot in
@@ -67,7 +71,13 @@ pub(crate) async fn start(
     let member = Member::start(settings, storage, || drover_core::Controller::new(core))
         .await
         .map_err(|e| ShellError::Cluster(e.to_string()))?;
-    let handle = ClusterHandle { raft: member.raft.clone(), secret: c.secret.clone(), about };
+    let handle = ClusterHandle {
+        raft: member.raft.clone(),
+        secret: c.secret.clone(),
+        about,
+        leadership: member.leadership.clone(),
+        stats: member.stats.clone(),
+    };
     let hint = Arc::new(Mutex::new("no leader is known yet; retry shortly".to_owned()));
     tokio::spawn(watch_leader(member.raft.clone(), c.secret.clone(), hint.clone()));
     tokio::spawn(watch_replication(member.raft.clone()));
@@ -187,7 +197,8 @@ impl Change {
     }
 }
 
-/// `POST /api/cluster/add?id=N&raft=HOST:PORT` and `/api/cluster/remove?id=N`.
+/// `POST /api/cluster/add?id=N&raft=HOST:PORT`, `/api/cluster/remove?id=N` and
+/// `/api/cluster/transfer?id=N`.
 pub(crate) async fn change(
     State(s): State<crate::http::AppState>,
     axum::extract::Path(action): axum::extract::Path<String>,
@@ -221,16 +232,17 @@ pub(crate) async fn change(
             add(&c.raft, q.id, addr).await
         }
         "remove" if q.id == m.id => Err(format!(
-            "member {} leads: stop it first (the others elect a new leader within seconds), then remove it on the new leader",
+            "member {} leads: hand leadership over first (drover cluster transfer-leader ID), then remove it on the new leader",
             q.id
         )),
+        "transfer" => c.leadership.transfer(q.id).await.map_err(|e| e.to_string()),
         "remove" => c
             .raft
             .change_membership(ChangeMembers::RemoveVoters([q.id].into()), false)
             .await
             .map(drop)
             .map_err(|e| e.to_string()),
-        _ => return (StatusCode::NOT_FOUND, "actions: add, remove\n").into_response(),
+        _ => return (StatusCode::NOT_FOUND, "actions: add, remove, transfer\n").into_response(),
     };
     match result {
         Ok(()) => {

@@ -125,6 +125,12 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
     if h.journal_failed.load(Ordering::SeqCst) {
         return (StatusCode::SERVICE_UNAVAILABLE, "unhealthy: the journal cannot write\n");
     }
+    // A member is healthy while its Raft engine runs (it applies what is committed).
+    if let Some(c) = &s.cluster
+        && c.raft.metrics().borrow().running_state.is_err()
+    {
+        return (StatusCode::SERVICE_UNAVAILABLE, "unhealthy: the Raft engine failed\n");
+    }
     let waiting = h.queued.load(Ordering::Relaxed) > 0;
     let idle_ms = now_ms() - h.last_applied_ms.load(Ordering::Relaxed);
     if waiting && idle_ms > s.stall_ms {
@@ -321,11 +327,23 @@ async fn node_action(
     }
 }
 
-async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    if s.health.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "recovering\n")
+/// `/readyz`: 200 once recovery finished; on a cluster member, 200 only while it leads
+/// (a load balancer in front of the group sends to the leader), 503 naming the leader.
+async fn readyz(State(s): State<AppState>) -> Response {
+    if !s.health.ready.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "recovering\n").into_response();
+    }
+    let Some(c) = &s.cluster else { return (StatusCode::OK, "ready\n").into_response() };
+    let m = c.raft.metrics().borrow().clone();
+    match m.current_leader {
+        Some(l) if l == m.id && m.state == drover_raft::openraft::ServerState::Leader => {
+            (StatusCode::OK, format!("ready: member {l} leads (term {})\n", m.current_term)).into_response()
+        }
+        Some(l) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("following: member {l} leads (term {})\n", m.current_term))
+                .into_response()
+        }
+        None => (StatusCode::SERVICE_UNAVAILABLE, "no leader: an election is under way\n").into_response(),
     }
 }
 
@@ -379,6 +397,32 @@ fn raft_metrics(c: &crate::cluster::ClusterHandle) -> String {
         })
         .collect();
     family(&mut out, "drover_raft_member_lag", "gauge", "On the leader: entries each member is behind its log.", &lags);
+    let st = c.stats.snapshot();
+    let counters = [
+        ("drover_raft_elections_total", "Terms this member saw begin since it started (elections).", st.elections),
+        ("drover_raft_leader_changes_total", "Times this member saw a different leader.", st.leader_changes),
+        ("drover_raft_snapshots_built_total", "Snapshots this member built of its core.", st.snapshots_built),
+        (
+            "drover_raft_snapshots_sent_total",
+            "Snapshots this member sent to members behind its log.",
+            st.snapshots_sent,
+        ),
+        (
+            "drover_raft_snapshots_installed_total",
+            "Snapshots this member installed from a leader.",
+            st.snapshots_installed,
+        ),
+    ];
+    for (name, help, v) in counters {
+        family(&mut out, name, "counter", help, &one(v));
+    }
+    histogram(
+        &mut out,
+        "drover_raft_commit_seconds",
+        "On the leader: propose to committed (on a majority), per batch of inputs.",
+        &st.commit_latency,
+        1e-6,
+    );
     out
 }
 

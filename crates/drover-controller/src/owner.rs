@@ -197,16 +197,24 @@ impl Replicated {
 
 /// A batch proposed to the Raft group: its leadership epoch, the receiver of its
 /// commit, how many inputs it holds.
-type Proposal = (u64, drover_raft::types::WriteReceiver, u64);
+type Proposal = (u64, drover_raft::types::WriteReceiver, u64, std::time::Instant);
 
 /// A proposal's fate: its epoch, `Err` if it was not committed, how many inputs.
 type Commit = (u64, Result<(), String>, u64);
 
 /// Waits for each proposal's commit, in the order they were made, and reports it.
-async fn await_commits(mut proposals: mpsc::UnboundedReceiver<Proposal>, commits: mpsc::UnboundedSender<Commit>) {
-    while let Some((epoch, rx, n)) = proposals.recv().await {
+/// Commit latency (propose → committed) goes to `stats`.
+async fn await_commits(
+    mut proposals: mpsc::UnboundedReceiver<Proposal>,
+    commits: mpsc::UnboundedSender<Commit>,
+    stats: Arc<drover_raft::stats::RaftStats>,
+) {
+    while let Some((epoch, rx, n, proposed)) = proposals.recv().await {
         let result = match rx.await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => {
+                stats.commit_latency.observe_duration(proposed.elapsed());
+                Ok(())
+            }
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("the Raft engine dropped the proposal".to_owned()),
         };
@@ -456,6 +464,11 @@ impl Owner {
         }
     }
 
+    /// A leadership handover is under way: nothing is proposed meanwhile.
+    fn handing_over(&self) -> bool {
+        matches!(&self.log, Backend::Replicated(r) if r.member.leadership.handing_over())
+    }
+
     /// A receiver of the metrics snapshots this owner publishes.
     pub(crate) fn snapshots(&self) -> watch::Receiver<Snapshot> {
         self.snapshot.subscribe()
@@ -572,7 +585,7 @@ impl Owner {
             }
             Backend::Replicated(r) => {
                 let (tx, rx) = mpsc::unbounded_channel();
-                tokio::spawn(await_commits(rx, commit_tx));
+                tokio::spawn(await_commits(rx, commit_tx, r.member.stats.clone()));
                 r.proposals = Some(tx);
                 Some(r.member.raft.metrics())
             }
@@ -582,10 +595,11 @@ impl Owner {
         let mut refresh = tokio::time::interval(PUBLISH_EVERY);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
-            let deadline = self.core().next_deadline_hint().filter(|_| self.serving()).map(|d| {
-                let wait = Duration::from_millis((d - now_ms()).max(0) as u64);
-                tokio::time::Instant::now() + wait
-            });
+            let deadline =
+                self.core().next_deadline_hint().filter(|_| self.serving() && !self.handing_over()).map(|d| {
+                    let wait = Duration::from_millis((d - now_ms()).max(0) as u64);
+                    tokio::time::Instant::now() + wait
+                });
             let sleep = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -600,7 +614,8 @@ impl Owner {
             };
             let room = match &self.log {
                 Backend::Local { .. } => true,
-                Backend::Replicated(r) => r.inflight < MAX_INFLIGHT,
+                // A leadership handover pauses proposals (inputs wait in the inbox).
+                Backend::Replicated(r) => r.inflight < MAX_INFLIGHT && !r.member.leadership.handing_over(),
             };
             tokio::select! {
                 biased;
@@ -1192,6 +1207,7 @@ impl Owner {
                 for chunk in drover_journal::split_by_size(encoded, limit) {
                     let n = chunk.len() as u64;
                     let data: Vec<u8> = chunk.concat();
+                    let proposed = std::time::Instant::now();
                     let rx = r
                         .member
                         .raft
@@ -1199,7 +1215,7 @@ impl Owner {
                         .await
                         .map_err(|e| ShellError::Cluster(format!("the Raft engine stopped: {e}")))?;
                     r.inflight += 1;
-                    let _ = proposals.send((r.epoch, rx, n));
+                    let _ = proposals.send((r.epoch, rx, n, proposed));
                 }
             }
         }

@@ -20,7 +20,8 @@
 //!   cluster-secret handshake of [`secret`]);
 //! - [`member`]: one member started the way every replica starts (log, machine,
 //!   openraft, Raft port, self-initialisation from the initial member list);
-//! - [`status`]: each member's view of itself and the cluster view made of them.
+//! - [`status`]: each member's view of itself and the cluster view made of them;
+//! - [`stats`]: elections, leader changes, commit latency and snapshot counts.
 
 pub mod log_store;
 pub mod machine;
@@ -28,6 +29,7 @@ pub mod member;
 pub mod network;
 pub mod record;
 pub mod secret;
+pub mod stats;
 pub mod status;
 pub mod types;
 

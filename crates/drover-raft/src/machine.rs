@@ -24,6 +24,7 @@ use openraft::{
 };
 
 use crate::record::{self, RecordError};
+use crate::stats::RaftStats;
 use crate::types::{Entry, Inputs, LogId, StorageError, TypeConfig};
 
 /// The file holding the newest snapshot, beside the journal's files.
@@ -53,13 +54,19 @@ pub struct RaftMachine<M: StateMachine> {
     applied: Arc<Mutex<Applied<M>>>,
     storage: Arc<dyn Storage>,
     path: PathBuf,
+    stats: Arc<RaftStats>,
 }
 
 /// Another handle on the same state machine (the shell keeps one to read the core and
 /// take outputs while openraft owns the other).
 impl<M: StateMachine> Clone for RaftMachine<M> {
     fn clone(&self) -> Self {
-        RaftMachine { applied: self.applied.clone(), storage: self.storage.clone(), path: self.path.clone() }
+        RaftMachine {
+            applied: self.applied.clone(),
+            storage: self.storage.clone(),
+            path: self.path.clone(),
+            stats: self.stats.clone(),
+        }
     }
 }
 
@@ -68,6 +75,7 @@ pub struct Builder<M: StateMachine> {
     applied: Arc<Mutex<Applied<M>>>,
     storage: Arc<dyn Storage>,
     path: PathBuf,
+    stats: Arc<RaftStats>,
 }
 
 fn lock<M: StateMachine>(m: &Mutex<Applied<M>>) -> MutexGuard<'_, Applied<M>> {
@@ -129,7 +137,13 @@ where
     ) -> Result<RaftMachine<M>, SnapshotError> {
         let path = dir.into().join(SNAPSHOT_FILE);
         let applied = load(&*storage, &path, fresh, true)?;
-        Ok(RaftMachine { applied: Arc::new(Mutex::new(applied)), storage, path })
+        Ok(RaftMachine { applied: Arc::new(Mutex::new(applied)), storage, path, stats: Arc::default() })
+    }
+
+    /// The member's consensus counters (snapshots are counted here; the member shares
+    /// the same counters with its network and its leadership watcher).
+    pub fn stats(&self) -> Arc<RaftStats> {
+        self.stats.clone()
     }
 
     /// The outputs of every entry applied since the last call (committed inputs only).
@@ -294,6 +308,7 @@ where
             .map_err(snapshot_err)?
             .map_err(snapshot_err)?;
         lock(&self.applied).snapshot = Some((meta.clone(), bytes.clone()));
+        RaftStats::bump(&self.stats.snapshots_built);
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }
 }
@@ -330,7 +345,12 @@ where
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        Builder { applied: self.applied.clone(), storage: self.storage.clone(), path: self.path.clone() }
+        Builder {
+            applied: self.applied.clone(),
+            storage: self.storage.clone(),
+            path: self.path.clone(),
+            stats: self.stats.clone(),
+        }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
@@ -353,6 +373,8 @@ where
         a.last_applied = meta.last_log_id;
         a.membership = meta.last_membership.clone();
         a.snapshot = Some((meta.clone(), file));
+        RaftStats::bump(&self.stats.snapshots_installed);
+        tracing::info!(last = ?meta.last_log_id, "caught up by a snapshot from the leader");
         Ok(())
     }
 

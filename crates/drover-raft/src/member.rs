@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use drover_journal::{Journal, StateMachine, Storage};
@@ -23,6 +24,7 @@ use crate::log_store::{RaftLog, journal_config};
 use crate::machine::RaftMachine;
 use crate::network::{Network, serve};
 use crate::secret::ClusterSecret;
+use crate::stats::RaftStats;
 use crate::status::Addresses;
 use crate::types::TypeConfig;
 
@@ -40,20 +42,31 @@ pub struct Timing {
     pub snapshot_every: u64,
 }
 
+/// The default election timeout (see [`Timing::from_election_timeout`]).
+pub const DEFAULT_ELECTION_TIMEOUT: Duration = Duration::from_millis(200);
+
 impl Default for Timing {
-    /// 150 ms heartbeats, elections after 750 to 1500 ms of silence (five to ten
-    /// missed heartbeats: a loaded 2-core machine does not start needless elections),
-    /// a snapshot every 50,000 entries.
+    /// [`Timing::from_election_timeout`] of [`DEFAULT_ELECTION_TIMEOUT`].
     fn default() -> Self {
-        Timing {
-            heartbeat: Duration::from_millis(150),
-            election: (Duration::from_millis(750), Duration::from_millis(1500)),
-            snapshot_every: 50_000,
-        }
+        Timing::from_election_timeout(DEFAULT_ELECTION_TIMEOUT)
     }
 }
 
 impl Timing {
+    /// The timing for election timeout `t`: followers campaign after `t` to `2t` of
+    /// silence, the leader sends heartbeats every `t/4`, a snapshot every 50,000
+    /// entries.
+    ///
+    /// openraft's followers also honour the silent leader's lease (the longest
+    /// timeout, `2t`) before they vote for anyone, so a leader lost at once is
+    /// replaced after `3t` to `4t` plus one tick (`1.5` heartbeats) and a vote round:
+    /// 0.6 to 0.9 s with the default `t` of 200 ms. Needless elections need `3t` of
+    /// silence: twelve heartbeats missed in a row.
+    pub fn from_election_timeout(t: Duration) -> Timing {
+        let t = t.max(Duration::from_millis(20));
+        Timing { heartbeat: t / 4, election: (t, t * 2), snapshot_every: 50_000 }
+    }
+
     /// openraft's configuration for this timing.
     pub fn config(&self) -> Result<Config, MemberError> {
         let c = Config {
@@ -118,7 +131,12 @@ pub struct Member<M: StateMachine> {
     pub machine: RaftMachine<M>,
     /// The journal under the Raft log (for its counters).
     pub journal: Arc<Journal>,
+    /// Elections, leader changes, commit latency, snapshots.
+    pub stats: Arc<RaftStats>,
+    /// Leadership transfer (shared with the shell's endpoints).
+    pub leadership: Leadership,
     server: tokio::task::JoinHandle<()>,
+    watcher: tokio::task::JoinHandle<()>,
 }
 
 impl<M: StateMachine + Send + Sync + 'static> Member<M>
@@ -137,11 +155,12 @@ where
         let log = RaftLog::open(journal_config(&settings.dir), storage.clone())?;
         let journal = log.journal();
         let machine = RaftMachine::open(&settings.dir, storage, fresh)?;
-        let network = Network::new(settings.secret.clone());
+        let stats = machine.stats();
+        let network = Network::new(settings.secret.clone(), stats.clone());
         let raft = Raft::new(settings.id, config, network, log, machine.clone())
             .await
             .map_err(|e| MemberError::Raft(e.to_string()))?;
-        let server = tokio::spawn(serve(settings.listener, raft.clone(), settings.secret, settings.about));
+        let server = tokio::spawn(serve(settings.listener, raft.clone(), settings.secret.clone(), settings.about));
         let founder = settings.peers.contains_key(&settings.id);
         let initialized = raft.is_initialized().await.map_err(|e| MemberError::Raft(e.to_string()))?;
         if founder && !initialized {
@@ -155,14 +174,199 @@ where
         } else if !founder && !initialized {
             tracing::info!(member = settings.id, "waiting to be added to a group (drover cluster add)");
         }
-        Ok(Member { raft, machine, journal, server })
+        let leadership = Leadership {
+            raft: raft.clone(),
+            secret: settings.secret.clone(),
+            timing: settings.timing,
+            handing_over: Arc::new(AtomicBool::new(false)),
+        };
+        let watcher = tokio::spawn(watch_leadership(raft.clone(), stats.clone(), leadership.handing_over.clone()));
+        Ok(Member { raft, machine, journal, stats, leadership, server, watcher })
     }
 
     /// Stops openraft and the Raft port (the log is closed when openraft drops it).
     pub async fn shutdown(self) {
         self.server.abort();
+        self.watcher.abort();
         if tokio::time::timeout(Duration::from_secs(10), self.raft.shutdown()).await.is_err() {
             tracing::warn!("raft did not shut down within 10 s");
+        }
+    }
+}
+
+/// Hands leadership to another member, on the leader.
+///
+/// openraft 0.9 has no leadership transfer, so drover makes one from openraft's own
+/// parts, electing nothing itself: the leader stops proposing ([`Leadership::handing_over`]
+/// tells the shell) and stops its heartbeats, waits until the chosen member holds
+/// every entry of its log, waits out its lease on the followers (the longest election
+/// timeout, during which they refuse to vote for anyone), then asks the chosen member
+/// to campaign at once (openraft's `trigger().elect()` there). The chosen member's log
+/// is complete and its campaign starts before any other follower's timer can fire
+/// (each waits the lease plus at least the shortest timeout), so it wins; should it
+/// not, openraft elects someone else the usual way and nothing is lost either way.
+/// Proposals pause for about one lease (2 election timeouts) plus the election.
+#[derive(Clone)]
+pub struct Leadership {
+    raft: Raft<TypeConfig>,
+    secret: ClusterSecret,
+    timing: Timing,
+    handing_over: Arc<AtomicBool>,
+}
+
+/// Why leadership was not handed over.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// This member does not lead (the caller should ask the leader).
+    #[error("this member does not lead{}", .0.map(|l| format!(" (member {l} does)")).unwrap_or_default())]
+    NotLeader(Option<u64>),
+    /// The target is not a voting member (or is this one).
+    #[error("member {0} is not another voting member of the group")]
+    NotAVoter(u64),
+    /// The target did not catch up with the leader's log in time.
+    #[error("member {0} did not catch up with the leader's log within {1:?}")]
+    Behind(u64, Duration),
+    /// The target could not be reached to campaign.
+    #[error("member {0} could not be asked to campaign: {1}")]
+    Unreachable(u64, String),
+    /// The target campaigned but another outcome came first.
+    #[error("member {to} campaigned, but {outcome}")]
+    Lost {
+        /// The target.
+        to: u64,
+        /// What happened instead.
+        outcome: String,
+    },
+}
+
+impl Leadership {
+    /// Whether a handover is under way (the shell proposes nothing meanwhile).
+    pub fn handing_over(&self) -> bool {
+        self.handing_over.load(Ordering::SeqCst)
+    }
+
+    /// Hands leadership to member `to` (see the type's documentation); returns once
+    /// `to` leads.
+    pub async fn transfer(&self, to: u64) -> Result<(), TransferError> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader != Some(m.id) || m.state != openraft::ServerState::Leader {
+            return Err(TransferError::NotLeader(m.current_leader));
+        }
+        let membership = m.membership_config.membership().clone();
+        if to == m.id || !membership.voter_ids().any(|v| v == to) {
+            return Err(TransferError::NotAVoter(to));
+        }
+        let addr = membership.get_node(&to).map(|n| n.addr.clone()).ok_or(TransferError::NotAVoter(to))?;
+        if self.handing_over.swap(true, Ordering::SeqCst) {
+            return Err(TransferError::Lost { to, outcome: "another handover is under way".into() });
+        }
+        self.raft.runtime_config().heartbeat(false);
+        tracing::info!(to, "handing leadership over: proposals paused, heartbeats stopped");
+        let result = self.hand_over(to, &addr).await;
+        self.raft.runtime_config().heartbeat(true);
+        self.handing_over.store(false, Ordering::SeqCst);
+        match &result {
+            Ok(()) => tracing::info!(to, "leadership handed over"),
+            Err(e) => tracing::warn!(to, error = %e, "leadership handover failed; proposals resume"),
+        }
+        result
+    }
+
+    async fn hand_over(&self, to: u64, addr: &str) -> Result<(), TransferError> {
+        // 1. The target holds every entry (proposals are paused, so the end is fixed
+        //    once the in-flight ones are appended).
+        let catch_up = Duration::from_secs(5);
+        let mut metrics = self.raft.metrics();
+        let caught_up = tokio::time::timeout(catch_up, async {
+            loop {
+                let m = metrics.borrow_and_update().clone();
+                if m.current_leader != Some(m.id) {
+                    return Err(TransferError::NotLeader(m.current_leader));
+                }
+                let last = m.last_log_index;
+                let matched = m.replication.as_ref().and_then(|r| r.get(&to).cloned()).flatten().map(|l| l.index);
+                if last.is_some() && matched == last {
+                    return Ok(());
+                }
+                if metrics.changed().await.is_err() {
+                    return Err(TransferError::NotLeader(None));
+                }
+            }
+        })
+        .await;
+        match caught_up {
+            Err(_) => return Err(TransferError::Behind(to, catch_up)),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(())) => {}
+        }
+        // 2. The followers' lease on this leader runs out (nothing has been sent to
+        //    them since the last entry was acknowledged, heartbeats being off).
+        tokio::time::sleep(self.timing.election.1 + self.timing.heartbeat).await;
+        // 3. The target campaigns; its log is complete, so it can win.
+        crate::network::ask_to_elect(addr, &self.secret, Duration::from_secs(2))
+            .await
+            .map_err(|e| TransferError::Unreachable(to, e.to_string()))?;
+        let won = tokio::time::timeout(self.timing.election.1 * 4, async {
+            loop {
+                let leader = metrics.borrow_and_update().current_leader;
+                if leader.is_some_and(|l| l != self.raft.metrics().borrow().id) {
+                    return leader;
+                }
+                if metrics.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+        .await;
+        match won {
+            Ok(Some(l)) if l == to => Ok(()),
+            Ok(Some(l)) => Err(TransferError::Lost { to, outcome: format!("member {l} was elected") }),
+            _ => Err(TransferError::Lost { to, outcome: "no new leader was seen in time".into() }),
+        }
+    }
+}
+
+/// Logs every leadership change this member sees, with the reason as far as this
+/// member can tell, and counts elections (new terms) and leader changes.
+async fn watch_leadership(raft: Raft<TypeConfig>, stats: Arc<RaftStats>, handing_over: Arc<AtomicBool>) {
+    let mut metrics = raft.metrics();
+    let (mut term, mut leader, mut first) = (None::<u64>, None::<u64>, true);
+    loop {
+        let m = metrics.borrow_and_update().clone();
+        if term.is_some_and(|t| m.current_term > t) {
+            stats.elections.fetch_add(m.current_term - term.unwrap_or(0), Ordering::Relaxed);
+        }
+        term = Some(m.current_term);
+        if m.current_leader != leader {
+            let me = m.id;
+            let reason = match (leader, m.current_leader) {
+                (_, Some(new)) if handing_over.load(Ordering::SeqCst) => {
+                    format!("this member handed leadership to member {new}")
+                }
+                (None, Some(_)) if first => "the first leader this member has seen since it started".to_owned(),
+                (Some(old), None) if old == me => "this member stopped leading: a member campaigned".to_owned(),
+                (Some(old), None) => format!("member {old} is no longer followed: an election is under way"),
+                (Some(old), Some(new)) if old == me => {
+                    format!("member {new} won a newer term: this member's heartbeats were not heard in time")
+                }
+                (Some(old), Some(new)) if new == me => {
+                    format!("this member won the election: member {old} was not heard within the election timeout")
+                }
+                (Some(old), Some(new)) => format!("member {new} won the election after member {old}"),
+                (None, Some(new)) => format!("member {new} won the election"),
+                (None, None) => String::new(),
+            };
+            if let Some(new) = m.current_leader {
+                stats.leader_changes.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(leader = new, term = m.current_term, previous = ?leader, reason, "leader changed");
+            } else {
+                tracing::info!(term = m.current_term, previous = ?leader, reason, "leader lost");
+            }
+            leader = m.current_leader;
+            first = false;
+        }
+        if metrics.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -12,6 +12,7 @@
 //! peer that has not proven it holds the secret.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
@@ -26,6 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::secret::{ClusterSecret, SecretError};
+use crate::stats::RaftStats;
 use crate::status::{Addresses, MemberStatus};
 use crate::types::TypeConfig;
 
@@ -42,6 +44,9 @@ enum Request {
     Snapshot(InstallSnapshotRequest<TypeConfig>),
     /// drover's own: the member's view of itself ([`MemberStatus`]).
     Status,
+    /// drover's own: campaign now (a leader handing over; see
+    /// [`crate::member::Leadership::transfer`]). The campaign is openraft's own.
+    Elect,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -50,6 +55,8 @@ enum Response {
     Vote(Result<VoteResponse<u64>, RaftError<u64>>),
     Snapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
     Status(MemberStatus),
+    /// The campaign was started (`Err`: why not).
+    Elect(Result<(), String>),
 }
 
 /// Why a frame could not be read or written.
@@ -151,6 +158,10 @@ async fn serve_connection(mut stream: TcpStream, raft: Raft<TypeConfig>, about: 
             Ok(Request::Append(r)) => Response::Append(raft.append_entries(r).await),
             Ok(Request::Vote(r)) => Response::Vote(raft.vote(r).await),
             Ok(Request::Snapshot(r)) => Response::Snapshot(raft.install_snapshot(r).await),
+            Ok(Request::Elect) => {
+                tracing::info!("campaigning now: the leader hands leadership to this member");
+                Response::Elect(raft.trigger().elect().await.map_err(|e| e.to_string()))
+            }
             Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => {
                 tracing::warn!(error = %e, "bad request on the raft port; closing the connection");
@@ -164,9 +175,21 @@ async fn serve_connection(mut stream: TcpStream, raft: Raft<TypeConfig>, about: 
 /// Asks the member at `addr` for its view of itself (a connection of its own, closed
 /// after the answer), within `ttl`.
 pub async fn ask_status(addr: &str, secret: &ClusterSecret, ttl: Duration) -> Result<MemberStatus, FrameError> {
-    let mut peer = Peer { target: 0, addr: addr.to_owned(), conn: None, secret: secret.clone() };
+    let mut peer = Peer::once(addr, secret);
     match peer.call(&Request::Status, ttl).await {
         Ok(Response::Status(s)) => Ok(s),
+        Ok(_) => Err(FrameError::Mismatch),
+        Err(CallError::Unreachable(e)) => Err(FrameError::Io(e)),
+        Err(CallError::Network(e)) => Err(e),
+    }
+}
+
+/// Asks the member at `addr` to campaign at once (a connection of its own), within `ttl`.
+pub async fn ask_to_elect(addr: &str, secret: &ClusterSecret, ttl: Duration) -> Result<(), FrameError> {
+    let mut peer = Peer::once(addr, secret);
+    match peer.call(&Request::Elect, ttl).await {
+        Ok(Response::Elect(Ok(()))) => Ok(()),
+        Ok(Response::Elect(Err(e))) => Err(FrameError::Io(io::Error::other(e))),
         Ok(_) => Err(FrameError::Mismatch),
         Err(CallError::Unreachable(e)) => Err(FrameError::Io(e)),
         Err(CallError::Network(e)) => Err(e),
@@ -177,12 +200,13 @@ pub async fn ask_status(addr: &str, secret: &ClusterSecret, ttl: Duration) -> Re
 #[derive(Clone, Debug)]
 pub struct Network {
     secret: ClusterSecret,
+    stats: Arc<RaftStats>,
 }
 
 impl Network {
-    /// Peers reached with `secret`.
-    pub fn new(secret: ClusterSecret) -> Network {
-        Network { secret }
+    /// Peers reached with `secret`; snapshots sent are counted in `stats`.
+    pub fn new(secret: ClusterSecret, stats: Arc<RaftStats>) -> Network {
+        Network { secret, stats }
     }
 }
 
@@ -190,7 +214,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> Peer {
-        Peer { target, addr: node.addr.clone(), conn: None, secret: self.secret.clone() }
+        Peer { target, addr: node.addr.clone(), conn: None, secret: self.secret.clone(), stats: self.stats.clone() }
     }
 }
 
@@ -200,11 +224,17 @@ pub struct Peer {
     addr: String,
     conn: Option<TcpStream>,
     secret: ClusterSecret,
+    stats: Arc<RaftStats>,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
 
 impl Peer {
+    /// A peer for one drover request of its own (not openraft's).
+    fn once(addr: &str, secret: &ClusterSecret) -> Peer {
+        Peer { target: 0, addr: addr.to_owned(), conn: None, secret: secret.clone(), stats: Arc::default() }
+    }
+
     /// Sends `req` and waits for the answer within `ttl`.
     async fn call(&mut self, req: &Request, ttl: Duration) -> Result<Response, CallError> {
         let conn = match self.conn.take() {
@@ -268,6 +298,10 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RpcErr<InstallSnapshotError>> {
+        // Counted once per snapshot, at its first chunk.
+        if rpc.offset == 0 {
+            RaftStats::bump(&self.stats.snapshots_sent);
+        }
         match self.call(&Request::Snapshot(rpc), option.hard_ttl()).await.map_err(CallError::into_rpc)? {
             Response::Snapshot(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(RPCError::Network(NetworkError::new(&FrameError::Mismatch))),

@@ -47,7 +47,7 @@ async fn start(id: u64, dir: &std::path::Path, addr: &str) -> Replica {
     let storage: Arc<dyn Storage> = Arc::new(FsStorage);
     let log = RaftLog::open(journal_config(dir.join("journal")), storage.clone()).unwrap();
     let machine = RaftMachine::open(dir.join("journal"), storage, Sum::default).unwrap();
-    let raft = Raft::new(id, config(), Network::new(secret()), log, machine.clone()).await.unwrap();
+    let raft = Raft::new(id, config(), Network::new(secret(), Default::default()), log, machine.clone()).await.unwrap();
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let server = tokio::spawn(serve(listener, raft.clone(), secret(), Default::default()));
     Replica { raft, machine, server }
@@ -279,7 +279,8 @@ async fn only_a_holder_of_the_cluster_secret_can_speak_raft() {
     let ask = openraft::raft::VoteRequest::new(openraft::Vote::new(term + 100, 99), None);
     let option = RPCOption::new(Duration::from_secs(2));
     let target = BasicNode::new(&addrs[l as usize - 1]);
-    let mut stranger = Network::new(ClusterSecret::generate().unwrap()).new_client(l, &target).await;
+    let mut stranger =
+        Network::new(ClusterSecret::generate().unwrap(), Default::default()).new_client(l, &target).await;
     let refused = stranger.vote(ask.clone(), option.clone()).await;
     assert!(refused.is_err(), "a wrong secret is refused: {refused:?}");
     // Raw Raft bytes without the handshake: closed without an answer.
@@ -295,7 +296,7 @@ async fn only_a_holder_of_the_cluster_secret_can_speak_raft() {
     // The same request with the secret is heard and answered in Raft (not granted: the
     // leader's lease is live and the asker's log is empty); the check is what kept the
     // stranger out.
-    let mut member = Network::new(secret()).new_client(l, &target).await;
+    let mut member = Network::new(secret(), Default::default()).new_client(l, &target).await;
     let heard = member.vote(ask, option).await.unwrap();
     assert!(!heard.vote_granted && heard.vote.leader_id().term >= term, "{heard:?}");
     for (_, r) in std::mem::take(&mut replicas) {

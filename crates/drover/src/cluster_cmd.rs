@@ -1,4 +1,4 @@
-//! `drover cluster status|add|remove`: the cluster's membership, through any member's
+//! `drover cluster status|add|remove|transfer-leader`: the cluster's membership and leadership, through any member's
 //! HTTP port (`GET /api/cluster`; changes go to the leader's, which the status names).
 
 use std::time::Duration;
@@ -64,16 +64,27 @@ pub fn print(s: &ClusterStatus) {
     }
 }
 
-/// Adds (`raft: Some`) or removes member `id`, on the leader found through `http`.
-pub async fn change(http: &str, token: &str, id: u64, raft: Option<&str>) -> anyhow::Result<ClusterStatus> {
+/// A change to the cluster, made on its leader.
+pub enum Change<'a> {
+    /// Add member `id` at this Raft address.
+    Add(&'a str),
+    /// Remove member `id`.
+    Remove,
+    /// Hand leadership to member `id`.
+    Transfer,
+}
+
+/// Makes `change` about member `id` on the leader found through `http`.
+pub async fn change(http: &str, token: &str, id: u64, change: Change<'_>) -> anyhow::Result<ClusterStatus> {
     let view = status(http).await?;
     let leader_http = view
         .leader_addresses()
         .and_then(|a| a.get("http").cloned())
         .context("no leader with an HTTP address answered; retry once one is elected")?;
-    let path = match raft {
-        Some(addr) => format!("/api/cluster/add?id={id}&raft={addr}"),
-        None => format!("/api/cluster/remove?id={id}"),
+    let path = match change {
+        Change::Add(addr) => format!("/api/cluster/add?id={id}&raft={addr}"),
+        Change::Remove => format!("/api/cluster/remove?id={id}"),
+        Change::Transfer => format!("/api/cluster/transfer?id={id}"),
     };
     let (code, body) = request(&leader_http, "POST", &path, Some(token)).await?;
     if code != 200 {

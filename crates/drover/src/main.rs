@@ -93,11 +93,19 @@ enum ClusterCommand {
         /// Its Raft address.
         raft: String,
     },
-    /// Remove a member that does not lead (stop the leader first to remove it).
+    /// Remove a member that does not lead (hand leadership over first to remove it).
     Remove {
         #[command(flatten)]
         at: ClusterAt,
         /// Its member id.
+        id: u64,
+    },
+    /// Hand leadership to another voting member (proposals pause for about two
+    /// election timeouts while the leader hands over).
+    TransferLeader {
+        #[command(flatten)]
+        at: ClusterAt,
+        /// The member id to lead.
         id: u64,
     },
 }
@@ -458,12 +466,17 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Cluster(ClusterCommand::Add { at, id, raft }) => {
-            let view = cluster_cmd::change(&at.http, &at.token()?, id, Some(&raft)).await?;
+            let view = cluster_cmd::change(&at.http, &at.token()?, id, cluster_cmd::Change::Add(&raft)).await?;
             cluster_cmd::print(&view);
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Cluster(ClusterCommand::Remove { at, id }) => {
-            let view = cluster_cmd::change(&at.http, &at.token()?, id, None).await?;
+            let view = cluster_cmd::change(&at.http, &at.token()?, id, cluster_cmd::Change::Remove).await?;
+            cluster_cmd::print(&view);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Cluster(ClusterCommand::TransferLeader { at, id }) => {
+            let view = cluster_cmd::change(&at.http, &at.token()?, id, cluster_cmd::Change::Transfer).await?;
             cluster_cmd::print(&view);
             Ok(std::process::ExitCode::SUCCESS)
         }

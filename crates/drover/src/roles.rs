@@ -166,6 +166,11 @@ pub struct ControllerArgs {
     /// makes one).
     #[arg(long, env = "DROVER_CLUSTER_SECRET_FILE", requires = "member")]
     pub cluster_secret_file: Option<PathBuf>,
+    /// A member that hears no leader for this long to twice this long campaigns
+    /// (heartbeats every quarter of it). A lost leader is replaced after about 3 to 4
+    /// times this; raise it where machines stall for longer (slow disks, overload).
+    #[arg(long, env = "DROVER_ELECTION_TIMEOUT", default_value = "200ms", value_parser = parse_duration)]
+    pub election_timeout: Duration,
 }
 
 /// `--peers`: member id → Raft address.
@@ -275,7 +280,7 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
                 member: *member,
                 peers,
                 secret,
-                timing: drover_raft::member::Timing::default(),
+                timing: drover_raft::member::Timing::from_election_timeout(args.election_timeout),
             });
             Some(
                 tokio::net::TcpListener::bind(addr)

@@ -3,7 +3,8 @@
 //! followers refuse by naming it, the followers' state is hot (the fleet a node joined
 //! on the leader is on a follower's dashboard), and a SIGKILLed leader is replaced by
 //! an elected one that holds every acknowledged input; the killed member, restarted
-//! with the same flags, rejoins as a follower of the same group.
+//! with the same flags, rejoins as a follower of the same group, and leadership is
+//! handed to it on request (`drover cluster transfer-leader`).
 
 mod common;
 
@@ -84,7 +85,7 @@ fn cli(grpc: u16, token: &str, args: &[&str]) -> Output {
 }
 
 #[test]
-fn three_controllers_form_a_group_replicate_and_survive_the_leaders_sigkill() {
+fn three_controllers_form_a_group_replicate_hand_over_and_survive_the_leaders_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("cluster.secret");
     let made = std::process::Command::new(drover_bin()).args(["cluster", "secret"]).output().unwrap();
@@ -210,14 +211,42 @@ fn three_controllers_form_a_group_replicate_and_survive_the_leaders_sigkill() {
     assert_eq!(s["members"].as_array().unwrap().len(), 3, "one group of three, not a second group: {s}");
     let rejoined = s["members"].as_array().unwrap().iter().find(|m| m["id"] == first).unwrap().clone();
     assert_eq!(rejoined["role"], "follower", "{s}");
+    // Leadership handed over on request, to the restarted member: it leads, /readyz
+    // says so on it and not on the old leader, and it takes writes.
+    let moved = tool(&[
+        "cluster",
+        "transfer-leader",
+        "--http",
+        &format!("127.0.0.1:{}", members[n].ctl.http),
+        "--token",
+        &admin,
+        &first.to_string(),
+    ]);
+    assert!(moved.status.success(), "transfer-leader: {}", text(&moved));
+    assert_eq!(leader_via(members[n].ctl.http, 0), Some(first), "{:?}", status(members[n].ctl.http));
+    assert!(common::http_get(members[l].ctl.http, "/readyz").starts_with("HTTP/1.1 200"));
+    let readyz = common::http_get(members[n].ctl.http, "/readyz");
+    assert!(readyz.starts_with("HTTP/1.1 503") && readyz.contains(&format!("member {first} leads")), "{readyz}");
+    let handed = cli(members[l].ctl.grpc, &admin, &["token", "create", "--role", "read", "--description", "handed"]);
+    assert!(handed.status.success(), "the member handed leadership takes writes: {}", text(&handed));
+    // Elections and commit latency are on /metrics: this member saw terms begin, and
+    // its commits (as leader) were timed.
+    let m = metrics(members[l].ctl.http);
+    let counter = |name: &str| {
+        m.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0)
+    };
+    assert!(counter("drover_raft_elections_total ") >= 1, "{m}");
+    assert!(counter("drover_raft_leader_changes_total ") >= 2, "{m}");
+    assert!(counter("drover_raft_commit_seconds_count ") >= 1, "{m}");
+
     // A second failover: the new leader is killed too, and whichever of the other two
-    // leads (the restarted member among them) holds the writes from both terms.
-    members[n].ctl.kill();
-    let rest: Vec<u16> = members.iter().filter(|m| m.id != second).map(|m| m.ctl.http).collect();
+    // leads holds the writes from every term.
+    members[l].ctl.kill();
+    let rest: Vec<u16> = members.iter().filter(|m| m.id != first).map(|m| m.ctl.http).collect();
     let mut third = None;
     assert!(
         wait_until(Duration::from_secs(20), || {
-            third = rest.iter().find_map(|&h| leader_via(h, 2)).filter(|&x| x != second);
+            third = rest.iter().find_map(|&h| leader_via(h, 2)).filter(|&x| x != first);
             third.is_some()
         }),
         "no leader after the second kill"
@@ -225,7 +254,9 @@ fn three_controllers_form_a_group_replicate_and_survive_the_leaders_sigkill() {
     let t = at(third.unwrap());
     let listed = cli(members[t].ctl.grpc, &admin, &["token", "list"]);
     let listed = text(&listed);
-    assert!(listed.contains("before-kill") && listed.contains("after-kill"), "{listed}");
+    for made in ["before-kill", "after-kill", "handed"] {
+        assert!(listed.contains(made), "{made} is missing: {listed}");
+    }
 }
 
 /// Admits a node "fence-probe" at `admission` as the node agent does, opens its command
