@@ -52,6 +52,16 @@ pub enum CliError {
     /// The operator asked for something that cannot be done.
     #[error("{0}")]
     Usage(String),
+    /// A cluster member that does not lead answered (and no leader it named did).
+    #[error("the controller at {addr} does not lead: {why}")]
+    NotLeader {
+        /// The address tried.
+        addr: String,
+        /// Its reason, naming the leader when it knows one.
+        why: String,
+        /// The leader's gRPC address, when the member knew it.
+        leader: Option<String>,
+    },
 }
 
 /// One reply.
@@ -86,7 +96,8 @@ impl Outcome {
 /// Where and how to reach the controller.
 #[derive(Clone, Debug)]
 pub struct Ctx {
-    /// gRPC endpoint (`http://host:port`; a bare `host:port` is accepted).
+    /// gRPC endpoint (`http://host:port`; a bare `host:port` is accepted), or a
+    /// cluster's members as a comma-separated list of them.
     pub controller: String,
     /// How long to wait for replies.
     pub timeout: Duration,
@@ -99,12 +110,31 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// The endpoint as a URL.
+    /// The (first) endpoint as a URL.
     pub fn url(&self) -> String {
-        let host = self.controller.trim_start_matches("http://").trim_start_matches("https://");
+        self.url_of(self.addresses().first().map_or("", String::as_str))
+    }
+
+    /// `addr` as a URL with this context's scheme.
+    pub fn url_of(&self, addr: &str) -> String {
+        let host = addr.trim_start_matches("http://").trim_start_matches("https://");
         format!("{}://{host}", if self.ca.is_some() { "https" } else { "http" })
     }
+
+    /// The addresses in `controller`, in order.
+    pub fn addresses(&self) -> Vec<String> {
+        self.controller.split(',').map(str::trim).filter(|a| !a.is_empty()).map(str::to_owned).collect()
+    }
 }
+
+/// Most redirects followed while opening one stream.
+const MAX_REDIRECTS: usize = 5;
+
+/// With several addresses, how long one may take to answer before the next is tried.
+const PER_ADDRESS: Duration = Duration::from_secs(2);
+
+/// Pause before trying the list again when no member leads (an election).
+const NO_LEADER_RETRY: Duration = Duration::from_millis(200);
 
 fn stream_id() -> String {
     use std::hash::{BuildHasher, Hasher};
@@ -130,17 +160,55 @@ impl Session {
     /// handshakes and the stream's first response headers all count, so a controller
     /// that accepts connections but never answers (stopped, overloaded, or not a
     /// controller) cannot hold the CLI.
+    ///
+    /// With a cluster, the addresses are tried in order: a member that does not lead
+    /// names the leader and the stream is opened there instead; an unreachable member
+    /// is passed over; while no member leads (an election) the list is tried again
+    /// until the deadline.
     pub async fn open_until(ctx: &Ctx, deadline: tokio::time::Instant) -> Result<Session, CliError> {
-        match tokio::time::timeout_at(deadline, Session::open_inner(ctx)).await {
-            Ok(Ok(s)) => Ok(s),
-            Ok(Err(e)) => Err(explain(ctx, e).await),
-            Err(_) => Err(CliError::NoAnswer { addr: ctx.url(), waited: ctx.timeout }),
+        let addrs = ctx.addresses();
+        if addrs.is_empty() {
+            return Err(CliError::Usage("no controller address given (--controller or DROVER_CONTROLLER)".into()));
+        }
+        let mut redirects = 0;
+        loop {
+            let mut queue: std::collections::VecDeque<String> = addrs.iter().cloned().collect();
+            let mut last = None;
+            while let Some(addr) = queue.pop_front() {
+                let now = tokio::time::Instant::now();
+                let until = if addrs.len() > 1 { deadline.min(now + PER_ADDRESS) } else { deadline };
+                let e = match tokio::time::timeout_at(until, Session::open_inner(ctx, &addr)).await {
+                    Ok(Ok(s)) => return Ok(s),
+                    Ok(Err(CliError::NotLeader { leader: Some(l), .. }))
+                        if redirects < MAX_REDIRECTS && ctx.url_of(&l) != ctx.url_of(&addr) =>
+                    {
+                        redirects += 1;
+                        queue.push_front(l);
+                        continue;
+                    }
+                    Ok(Err(e @ (CliError::Connect { .. } | CliError::NotLeader { .. }))) => e,
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => CliError::NoAnswer { addr: ctx.url_of(&addr), waited: until - now },
+                };
+                last = Some((addr, e));
+                if tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+            }
+            let Some((addr, e)) = last else { unreachable!("the list is not empty") };
+            let retry = addrs.len() > 1 && matches!(e, CliError::Connect { .. } | CliError::NoAnswer { .. })
+                || matches!(e, CliError::NotLeader { .. });
+            if !retry || tokio::time::Instant::now() + NO_LEADER_RETRY >= deadline {
+                return Err(explain(&addr, e).await);
+            }
+            tokio::time::sleep(NO_LEADER_RETRY).await;
         }
     }
 
-    async fn open_inner(ctx: &Ctx) -> Result<Session, CliError> {
-        let mut endpoint = tonic::transport::Endpoint::from_shared(ctx.url())
-            .map_err(|e| CliError::Usage(format!("bad controller address {}: {e}", ctx.controller)))?;
+    async fn open_inner(ctx: &Ctx, addr: &str) -> Result<Session, CliError> {
+        let url = ctx.url_of(addr);
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
+            .map_err(|e| CliError::Usage(format!("bad controller address {addr}: {e}")))?;
         if let Some(ca) = &ctx.ca {
             let tls =
                 tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
@@ -158,7 +226,7 @@ impl Session {
                     }
                     cause = c.source();
                 }
-                return Err(CliError::Connect { addr: ctx.url(), reason });
+                return Err(CliError::Connect { addr: url, reason });
             }
         };
         let (tx, rx) = mpsc::channel(16);
@@ -173,7 +241,16 @@ impl Session {
             .await
             .map_err(|e| match e.code() {
                 tonic::Code::Unauthenticated => CliError::Usage(e.message().to_owned()),
-                _ => CliError::Connect { addr: ctx.url(), reason: e.message().to_owned() },
+                tonic::Code::Unavailable if e.message().contains("does not lead") => CliError::NotLeader {
+                    addr: url.clone(),
+                    why: e.message().to_owned(),
+                    leader: e
+                        .metadata()
+                        .get(drover_proto::LEADER_METADATA)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned),
+                },
+                _ => CliError::Connect { addr: url.clone(), reason: e.message().to_owned() },
             })?
             .into_inner();
         Ok(Session { tx, inbound, cli_uuid: stream_id() })
@@ -280,19 +357,19 @@ pub async fn request(ctx: &Ctx, node_uuids: Vec<String>, payload: Payload) -> Re
     let deadline = tokio::time::Instant::now() + ctx.timeout;
     let mut session = Session::open_until(ctx, deadline).await?;
     match session.request_until(deadline, node_uuids, payload, true).await {
-        Err(e) => Err(explain(ctx, e).await),
-        ok => ok,
+        Err(e @ CliError::Stream(_)) if ctx.addresses().len() == 1 => Err(explain(&ctx.controller, e).await),
+        other => other,
     }
 }
 
 /// A connect or stream failure before any reply usually means the address is some
 /// other server: says which, when the probe can tell.
-async fn explain(ctx: &Ctx, e: CliError) -> CliError {
+async fn explain(addr: &str, e: CliError) -> CliError {
     if !matches!(e, CliError::Connect { .. } | CliError::Stream(_)) {
         return e;
     }
-    match probe(&ctx.controller).await {
-        Some(kind) => CliError::WrongPort { addr: ctx.controller.clone(), kind },
+    match probe(addr).await {
+        Some(kind) => CliError::WrongPort { addr: addr.to_owned(), kind },
         None => e,
     }
 }

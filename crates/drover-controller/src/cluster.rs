@@ -30,7 +30,7 @@ use drover_raft::secret::ClusterSecret;
 use drover_raft::status::Addresses;
 use tokio::net::TcpListener;
 
-use crate::owner::{Backend, Replicated};
+use crate::owner::{Backend, LeaderHint, Replicated};
 use crate::{ClusterSettings, ControllerConfig, ShellError};
 
 /// How long one member may take to answer a status request.
@@ -78,7 +78,8 @@ pub(crate) async fn start(
         leadership: member.leadership.clone(),
         stats: member.stats.clone(),
     };
-    let hint = Arc::new(Mutex::new("no leader is known yet; retry shortly".to_owned()));
+    let hint =
+        Arc::new(Mutex::new(LeaderHint { text: "no leader is known yet; retry shortly".to_owned(), grpc: None }));
     tokio::spawn(watch_leader(member.raft.clone(), c.secret.clone(), hint.clone()));
     tokio::spawn(watch_replication(member.raft.clone()));
     tracing::info!(member = c.member, dir = %config.data_dir.join("raft").display(), "cluster member started");
@@ -87,12 +88,13 @@ pub(crate) async fn start(
 
 /// Keeps `hint` saying who leads and where (its gRPC address, asked of the leader
 /// over the Raft port), for refusals on a member that does not lead.
-async fn watch_leader(raft: Raft<TypeConfig>, secret: ClusterSecret, hint: Arc<Mutex<String>>) {
+async fn watch_leader(raft: Raft<TypeConfig>, secret: ClusterSecret, hint: Arc<Mutex<LeaderHint>>) {
     let mut metrics = raft.metrics();
     let mut known: Option<Option<u64>> = None;
     loop {
         let m = metrics.borrow_and_update().clone();
         if known != Some(m.current_leader) {
+            let mut leader_grpc = None;
             let text = match m.current_leader {
                 None => "no leader is elected right now; retry shortly".to_owned(),
                 Some(l) if l == m.id => format!("member {l} (this one) leads"),
@@ -105,15 +107,16 @@ async fn watch_leader(raft: Raft<TypeConfig>, secret: ClusterSecret, hint: Arc<M
                             .and_then(|s| s.addresses.get("grpc").cloned()),
                         None => None,
                     };
+                    leader_grpc = grpc.clone();
                     match grpc {
                         Some(g) => format!("the leader is member {l}, gRPC at {g}"),
                         None => format!("the leader is member {l} (its gRPC address did not answer)"),
                     }
                 }
             };
-            tracing::info!(leader = ?m.current_leader, term = m.current_term, "{text}");
+            tracing::debug!(leader = ?m.current_leader, term = m.current_term, "{text}");
             if let Ok(mut h) = hint.lock() {
-                *h = text;
+                *h = LeaderHint { text, grpc: leader_grpc };
             }
             known = Some(m.current_leader);
         }

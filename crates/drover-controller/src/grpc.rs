@@ -251,11 +251,14 @@ impl v1::controller_server::Controller for Service {
         let role = crate::owner::operator_role(&self.events, presented, ip)
             .await
             .map_err(|_| Status::unavailable("controller is stopping"))?
-            .map_err(|reason| {
-                if let Some(count) = self.logs.admit("operator token refused", Some(ip), now_ms()) {
-                    tracing::warn!(peer = %ip, count, %reason, "CLI stream refused: bad operator token (count: since the last such line from this address)");
+            .map_err(|refusal| match refusal {
+                crate::owner::CliRefusal::Token(reason) => {
+                    if let Some(count) = self.logs.admit("operator token refused", Some(ip), now_ms()) {
+                        tracing::warn!(peer = %ip, count, %reason, "CLI stream refused: bad operator token (count: since the last such line from this address)");
+                    }
+                    Status::unauthenticated(reason)
                 }
-                Status::unauthenticated(reason)
+                crate::owner::CliRefusal::NotLeader { why, leader_grpc } => not_leader(why, leader_grpc),
             })?;
         let mut inbound = request.into_inner();
         // A fan-out to every node answers in bursts of up to one reply per node: a CLI
@@ -289,4 +292,14 @@ impl v1::controller_server::Controller for Service {
         });
         Ok(Response::new(Held { inner: ReceiverStream::new(rx), _open: open }))
     }
+}
+
+/// A follower's answer to a CLI stream: `UNAVAILABLE`, the reason, and the leader's
+/// gRPC address in [`drover_proto::LEADER_METADATA`] when it is known (the CLI reconnects there).
+fn not_leader(why: String, leader_grpc: Option<String>) -> Status {
+    let mut md = tonic::metadata::MetadataMap::new();
+    if let Some(addr) = leader_grpc.and_then(|a| tonic::metadata::MetadataValue::try_from(a).ok()) {
+        md.insert(drover_proto::LEADER_METADATA, addr);
+    }
+    Status::with_metadata(tonic::Code::Unavailable, why, md)
 }

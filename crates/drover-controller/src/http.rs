@@ -268,7 +268,12 @@ pub(crate) async fn require_admin(
         Ok(Ok(drover_core::OperatorRole::Read)) => {
             Err((StatusCode::FORBIDDEN, "this token is read-only; an admin token is required\n").into_response())
         }
-        Ok(Err(reason)) => Err((StatusCode::UNAUTHORIZED, format!("{reason}\n")).into_response()),
+        Ok(Err(crate::owner::CliRefusal::Token(reason))) => {
+            Err((StatusCode::UNAUTHORIZED, format!("{reason}\n")).into_response())
+        }
+        Ok(Err(crate::owner::CliRefusal::NotLeader { why, .. })) => {
+            Err((StatusCode::MISDIRECTED_REQUEST, format!("{why}\n")).into_response())
+        }
     }
 }
 

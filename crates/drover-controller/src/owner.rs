@@ -70,7 +70,7 @@ pub(crate) enum ShellEvent {
         id: String,
         secret_hash: [u8; 32],
         peer: std::net::IpAddr,
-        reply: tokio::sync::oneshot::Sender<Result<drover_core::OperatorRole, &'static str>>,
+        reply: tokio::sync::oneshot::Sender<Result<drover_core::OperatorRole, CliRefusal>>,
     },
     /// An admission connection finished its handshake: its control channel.
     ControlOpened {
@@ -118,13 +118,32 @@ impl Inbox {
     }
 }
 
+/// Why an operator stream is refused.
+#[derive(Debug)]
+pub(crate) enum CliRefusal {
+    /// The token: unknown, expired, revoked, a join token, or too many failures.
+    Token(&'static str),
+    /// This member does not lead: why, and the leader's gRPC address when known (the
+    /// CLI follows it).
+    NotLeader { why: String, leader_grpc: Option<String> },
+}
+
+/// Who leads, as a member that does not lead tells nodes and operators.
+#[derive(Clone, Debug)]
+pub(crate) struct LeaderHint {
+    /// A sentence naming the leader and its gRPC address (or saying none is known).
+    pub(crate) text: String,
+    /// The leader's gRPC address, when known.
+    pub(crate) grpc: Option<String>,
+}
+
 /// Asks the owner about an operator token (a read: nothing is journaled): its role,
-/// or why it is refused (unknown, expired, revoked, a join token).
+/// or why it is refused (unknown, expired, revoked, a join token; not the leader).
 pub(crate) async fn operator_role(
     events: &Inbox,
     presented: drover_admission::token::Presented,
     peer: std::net::IpAddr,
-) -> Result<Result<drover_core::OperatorRole, &'static str>, Stopping> {
+) -> Result<Result<drover_core::OperatorRole, CliRefusal>, Stopping> {
     let (reply, verdict) = tokio::sync::oneshot::channel();
     let auth = ShellEvent::CliAuth { id: presented.id, secret_hash: presented.secret_hash, peer, reply };
     events.send(auth).await?;
@@ -178,20 +197,24 @@ pub(crate) struct Replicated {
     proposals: Option<mpsc::UnboundedSender<Proposal>>,
     /// What a refused node or CLI is told (who leads, where), kept current by
     /// `crate::cluster::watch_leader`.
-    pub(crate) leader_hint: Arc<std::sync::Mutex<String>>,
+    pub(crate) leader_hint: Arc<std::sync::Mutex<LeaderHint>>,
 }
 
 impl Replicated {
     pub(crate) fn new(
         member: drover_raft::member::Member<Controller>,
-        leader_hint: Arc<std::sync::Mutex<String>>,
+        leader_hint: Arc<std::sync::Mutex<LeaderHint>>,
     ) -> Replicated {
         member.machine.keep_outputs(false);
         Replicated { member, leading: false, epoch: 0, fence: None, inflight: 0, proposals: None, leader_hint }
     }
 
     fn hint(&self) -> String {
-        self.leader_hint.lock().map(|h| h.clone()).unwrap_or_default()
+        self.leader_hint.lock().map(|h| h.text.clone()).unwrap_or_default()
+    }
+
+    fn leader_grpc(&self) -> Option<String> {
+        self.leader_hint.lock().ok().and_then(|h| h.grpc.clone())
     }
 }
 
@@ -831,6 +854,7 @@ impl Owner {
     fn refuse(&mut self, batch: Vec<(i64, ShellEvent)>, release: &mpsc::UnboundedSender<Release>) {
         let Backend::Replicated(r) = &self.log else { return };
         let why = format!("this controller does not lead the cluster; {}", r.hint());
+        let leader_grpc = r.leader_grpc();
         for (_, ev) in batch {
             match ev {
                 ShellEvent::NodeOpened { session, sink, .. } => {
@@ -847,9 +871,8 @@ impl Owner {
                     let _ = reply.send(Err(refusal));
                 }
                 ShellEvent::CliAuth { reply, .. } => {
-                    let _ = reply.send(Err(
-                        "this controller does not lead the cluster (drover cluster status names the leader)",
-                    ));
+                    let _ =
+                        reply.send(Err(CliRefusal::NotLeader { why: why.clone(), leader_grpc: leader_grpc.clone() }));
                 }
                 ShellEvent::ControlOpened { node, id, evict } => {
                     let _ = release.send(Release::Control(node, id, Some(evict)));
@@ -917,12 +940,14 @@ impl Owner {
                         Ok(role) => Ok(role),
                         Err(_) if !self.operator_limiter.allowed(&key, now) => {
                             self.operator_refusals += 1;
-                            Err("too many failed attempts with this token from this address; retry later")
+                            Err(CliRefusal::Token(
+                                "too many failed attempts with this token from this address; retry later",
+                            ))
                         }
                         Err(reason) => {
                             self.operator_limiter.failed(key, now);
                             self.operator_refusals += 1;
-                            Err(reason)
+                            Err(CliRefusal::Token(reason))
                         }
                     };
                     let _ = reply.send(verdict);

@@ -42,6 +42,10 @@ pub fn format_decimal(mantissa: i64, scale: u32) -> String {
 /// The protocol name and version the controller reports in `ControllerAppVersionV1Reply`.
 pub const PROTOCOL: &str = "drover.v1";
 
+/// gRPC metadata on a cluster member's `UNAVAILABLE` answer when it does not lead: the
+/// leader's gRPC address (`HOST:PORT`), which the CLI reconnects to.
+pub const LEADER_METADATA: &str = "drover-leader";
+
 /// The longest node id, in bytes: at admission (`conn:establish`), on a node stream
 /// (`node_uuid`) and in the core. The one definition all three use.
 pub const MAX_NODE_ID: usize = 128;

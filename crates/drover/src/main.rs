@@ -32,7 +32,8 @@ struct Cli {
 /// How CLI commands reach the controller.
 #[derive(Debug, Args)]
 struct CliArgs {
-    /// The controller's gRPC address.
+    /// The controller's gRPC address, or a cluster's as a list (`a:7400,b:7400,c:7400`):
+    /// the CLI finds the leader (a member that does not lead names it).
     #[arg(long, env = "DROVER_CONTROLLER", default_value = "127.0.0.1:7400")]
     controller: String,
     /// How long to wait for replies before reporting the missing ones (and exiting 1).

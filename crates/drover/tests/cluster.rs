@@ -76,9 +76,14 @@ fn leader_via(http: u16, expect: usize) -> Option<u64> {
 }
 
 fn cli(grpc: u16, token: &str, args: &[&str]) -> Output {
+    cli_at(&format!("127.0.0.1:{grpc}"), token, args)
+}
+
+/// The CLI with `DROVER_CONTROLLER` set to `controllers` (one address or a list).
+fn cli_at(controllers: &str, token: &str, args: &[&str]) -> Output {
     std::process::Command::new(drover_bin())
         .args(args)
-        .env("DROVER_CONTROLLER", format!("127.0.0.1:{grpc}"))
+        .env("DROVER_CONTROLLER", controllers)
         .env("DROVER_TOKEN", token)
         .output()
         .expect("run cli")
@@ -137,12 +142,17 @@ fn three_controllers_form_a_group_replicate_hand_over_and_survive_the_leaders_si
     assert!(metrics(other.ctl.http).contains("drover_raft_leader 0"));
     assert!(metrics(members[l].ctl.http).contains(&format!("drover_raft_member_lag{{member=\"{}\"}}", other.id)));
 
-    // The leader serves; a follower refuses and names the leader.
+    // The leader serves; a CLI sent to a follower is redirected to the leader (the
+    // follower names it), and a list of members with a dead one first reaches it too.
     let leader_grpc = members[l].ctl.grpc;
     assert!(cli(leader_grpc, &admin, &["version"]).status.success());
     let follower = members.iter().find(|m| m.id != first).unwrap();
-    let refused = cli(follower.ctl.grpc, &admin, &["version"]);
-    assert!(!refused.status.success() && text(&refused).contains("does not lead"), "{}", text(&refused));
+    let redirected = cli(follower.ctl.grpc, &admin, &["token", "list"]);
+    assert!(redirected.status.success(), "a follower redirects the CLI to the leader: {}", text(&redirected));
+    let dead = free_port();
+    let all = format!("127.0.0.1:{dead},127.0.0.1:{},127.0.0.1:{leader_grpc}", follower.ctl.grpc);
+    let listed = cli_at(&all, &admin, &["token", "list"]);
+    assert!(listed.status.success(), "a member list finds the leader: {}", text(&listed));
 
     // Acknowledged inputs on the leader: a token, and a node admitted and streaming.
     let join = cli(leader_grpc, &admin, &["token", "create", "--role", "join", "--description", "before-kill"]);
@@ -251,8 +261,10 @@ fn three_controllers_form_a_group_replicate_hand_over_and_survive_the_leaders_si
         }),
         "no leader after the second kill"
     );
-    let t = at(third.unwrap());
-    let listed = cli(members[t].ctl.grpc, &admin, &["token", "list"]);
+    // The whole member list (the killed leader first) reaches whichever member leads.
+    let every: Vec<String> = members.iter().map(|m| format!("127.0.0.1:{}", m.ctl.grpc)).collect();
+    let listed = cli_at(&every.join(","), &admin, &["token", "list"]);
+    assert!(listed.status.success(), "{}", text(&listed));
     let listed = text(&listed);
     for made in ["before-kill", "after-kill", "handed"] {
         assert!(listed.contains(made), "{made} is missing: {listed}");
