@@ -65,6 +65,8 @@ enum Cmd {
     },
     Checkpoint {
         state: Vec<u8>,
+        /// Covers the records before this sequence id (`None`: every record so far).
+        at: Option<i64>,
         done: oneshot::Sender<Result<i64, JournalError>>,
     },
     Flush {
@@ -260,14 +262,24 @@ impl Journal {
     /// covers up to.
     pub async fn checkpoint(&self, state: Vec<u8>) -> Result<i64, JournalError> {
         let (done, rx) = oneshot::channel();
-        self.tx.send(Cmd::Checkpoint { state, done }).await.map_err(|_| JournalError::Closed)?;
+        self.tx.send(Cmd::Checkpoint { state, at: None, done }).await.map_err(|_| JournalError::Closed)?;
+        rx.await.unwrap_or(Err(JournalError::Closed))
+    }
+
+    /// Writes a checkpoint of `state` covering only the records before `seq` (at most
+    /// the next sequence id), then trims what it makes unnecessary: for a log whose
+    /// state is kept elsewhere and which needs the records from `seq` on (the Raft log:
+    /// its entries behind a snapshot). Returns `seq`.
+    pub async fn checkpoint_at(&self, seq: i64, state: Vec<u8>) -> Result<i64, JournalError> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Cmd::Checkpoint { state, at: Some(seq), done }).await.map_err(|_| JournalError::Closed)?;
         rx.await.unwrap_or(Err(JournalError::Closed))
     }
 
     /// [`Journal::checkpoint`] for threads without an async runtime.
     pub fn checkpoint_blocking(&self, state: Vec<u8>) -> Result<i64, JournalError> {
         let (done, rx) = oneshot::channel();
-        self.tx.blocking_send(Cmd::Checkpoint { state, done }).map_err(|_| JournalError::Closed)?;
+        self.tx.blocking_send(Cmd::Checkpoint { state, at: None, done }).map_err(|_| JournalError::Closed)?;
         rx.blocking_recv().unwrap_or(Err(JournalError::Closed))
     }
 
@@ -400,8 +412,8 @@ impl Writer {
                     pending = self.gather(&mut rx, &mut batch, &mut entries);
                     self.commit(&mut batch, entries);
                 }
-                Cmd::Checkpoint { state, done } => {
-                    let _ = done.send(self.checkpoint(&state));
+                Cmd::Checkpoint { state, at, done } => {
+                    let _ = done.send(self.checkpoint(&state, at));
                 }
                 Cmd::Flush { done } => {
                     let _ = done.send(match &self.poisoned {
@@ -546,12 +558,23 @@ impl Writer {
         Ok(())
     }
 
-    fn checkpoint(&mut self, state: &[u8]) -> Result<i64, JournalError> {
+    fn checkpoint(&mut self, state: &[u8], at: Option<i64>) -> Result<i64, JournalError> {
         if let Some(p) = &self.poisoned {
             return Err(JournalError::Poisoned(p.clone()));
         }
         let started = Instant::now();
-        let covered = self.next_seq;
+        let covered = match at {
+            None => self.next_seq,
+            Some(seq) => {
+                let listing = self.listing()?;
+                let first = self.first_held(&listing);
+                let newest = listing.checkpoints.last().copied().unwrap_or(first);
+                if seq > self.next_seq || seq < newest {
+                    return Err(JournalError::OutOfRange { seq, first: newest, next: self.next_seq });
+                }
+                seq
+            }
+        };
         let path = self.config.dir.join(crate::checkpoint_name(covered));
         let bytes = checkpoint::encode(self.committer_id, covered, state);
         self.storage.write_atomic(&path, &bytes).map_err(|e| JournalError::io("write", &path, e))?;

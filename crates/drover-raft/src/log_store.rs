@@ -10,10 +10,10 @@
 //! - **Truncate** (an uncommitted tail a new leader overwrote) cuts the journal at the
 //!   record holding the first removed entry and appends again the entries of that
 //!   record that stay.
-//! - **Purge** records the purge point; the mirror forgets the purged entries.
-//!   Reclaiming their disk space needs the journal to drop segments below a Raft
-//!   snapshot, which comes with snapshots as journal checkpoints (not built yet: the
-//!   segments stay on disk, and reopening skips the purged entries).
+//! - **Purge** records the purge point; the mirror forgets the purged entries, and a
+//!   journal checkpoint at the record holding the first unpurged entry lets the
+//!   journal remove the segments before it (whole segments only: reopening skips the
+//!   purged entries of the record that straddles the point).
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
@@ -325,10 +325,29 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
         }
         saved.purged = Some(log_id);
         self.save(saved.clone()).await.map_err(write_err)?;
-        let mut m = lock(&self.mirror);
-        m.saved = saved;
-        while m.entries.front().is_some_and(|h| h.entry.log_id.index <= log_id.index) {
-            m.entries.pop_front();
+        let first_kept = {
+            let mut m = lock(&self.mirror);
+            m.saved = saved.clone();
+            while m.entries.front().is_some_and(|h| h.entry.log_id.index <= log_id.index) {
+                m.entries.pop_front();
+            }
+            m.entries.front().map(|h| h.record)
+        };
+        // The journal keeps the records from the one holding the first unpurged entry
+        // (every append is durable after the barrier, so each has its record); a
+        // journal checkpoint there, holding the state file's bytes, lets it remove
+        // the segments before. Only space is at stake: a failure is logged.
+        let seq = match first_kept {
+            Some(Some(record)) => Ok(record),
+            Some(None) => return Ok(()),
+            None => self.journal.flush().await,
+        };
+        let reclaimed = match seq {
+            Ok(seq) => self.journal.checkpoint_at(seq, saved.encode()).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = reclaimed {
+            tracing::warn!(error = %e, purged = log_id.index, "raft log: segments behind the purge point not reclaimed");
         }
         Ok(())
     }

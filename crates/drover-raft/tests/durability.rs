@@ -130,3 +130,50 @@ async fn one_append_larger_than_a_record_is_split_into_records_in_order() {
     let records: usize = inspection.segments.iter().map(|s| s.records.len()).sum();
     assert!(records >= 5, "320 KiB under a 64 KiB record limit takes at least 5 records, not {records}");
 }
+
+/// Purging behind a snapshot gives the disk back: the journal removes the segments
+/// holding only purged entries (a journal checkpoint at the first kept record marks the
+/// point), and the log reopens with exactly the unpurged entries.
+#[tokio::test]
+async fn purging_removes_the_segments_behind_the_purge_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(FsStorage);
+    let mut config = journal_config(dir.path().join("journal"));
+    config.segment_bytes = 16 << 10;
+    let segments = || {
+        std::fs::read_dir(dir.path().join("journal"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".log"))
+            .count()
+    };
+    let mut log = RaftLog::open(config.clone(), storage.clone()).unwrap();
+    // 200 entries of about 800 bytes, one record each: about ten 16 KiB segments.
+    let values: Vec<u64> = (0..100).collect();
+    for i in 1..=200 {
+        log.blocking_append([normal(1, i, &values)]).await.unwrap();
+    }
+    let before = segments();
+    assert!(before >= 8, "{before} segments");
+    log.purge(id(1, 150)).await.unwrap();
+    let after = segments();
+    // 50 of 200 entries stay: about a quarter of the segments, plus the one straddling.
+    assert!(after <= before / 2, "segments behind entry 150 removed: {before} -> {after}");
+    log.close().await;
+    let mut log = RaftLog::open(config.clone(), storage.clone()).unwrap();
+    let want: Vec<(u64, u64)> = (151..=200).map(|i| (1, i)).collect();
+    assert_eq!(indexes(&mut log).await, want, "the unpurged entries, and only they, after reopen");
+    assert_eq!(log.get_log_state().await.unwrap().last_purged_log_id, Some(id(1, 150)));
+    // What `drover journal verify` reads: no gap, no damage, the checkpoint readable.
+    let inspection =
+        drover_journal::inspect::inspect(&dir.path().join("journal"), &FsStorage, &drover_journal::Limits::default())
+            .unwrap();
+    assert!(!inspection.damaged(), "{:?}", inspection.gaps);
+    assert!(!inspection.checkpoints.is_empty());
+    // Purging everything, then appending, reopens to the new entry alone.
+    log.purge(id(1, 200)).await.unwrap();
+    log.blocking_append([normal(2, 201, &[1])]).await.unwrap();
+    log.close().await;
+    let mut log = RaftLog::open(config, storage).unwrap();
+    assert_eq!(indexes(&mut log).await, vec![(2, 201)]);
+    log.close().await;
+}
