@@ -26,8 +26,8 @@ use axum::response::{IntoResponse, Response};
 use drover_raft::TypeConfig;
 use drover_raft::member::{Member, Settings};
 use drover_raft::openraft::{self, BasicNode, ChangeMembers, Raft};
-use drover_raft::secret::ClusterSecret;
 use drover_raft::status::Addresses;
+use drover_raft::tls::Credentials;
 use tokio::net::TcpListener;
 
 use crate::owner::{Backend, LeaderHint, Replicated};
@@ -40,7 +40,7 @@ const STATUS_TTL: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub(crate) struct ClusterHandle {
     pub(crate) raft: Raft<TypeConfig>,
-    pub(crate) secret: ClusterSecret,
+    pub(crate) creds: Credentials,
     pub(crate) about: Addresses,
     pub(crate) leadership: drover_raft::member::Leadership,
     pub(crate) stats: Arc<drover_raft::stats::RaftStats>,
@@ -56,6 +56,7 @@ pub(crate) async fn start(
     about: BTreeMap<String, String>,
 ) -> Result<(Backend, ClusterHandle), ShellError> {
     let about: Addresses = Arc::new(about);
+    let creds = Credentials { secret: c.secret.clone(), tls: c.tls.clone() };
     let seed = u64::from_le_bytes(c.secret.derive("core seed")[..8].try_into().expect("8 of 32 bytes"));
     let mut core = config.core.clone();
     core.seed = seed;
@@ -64,7 +65,7 @@ pub(crate) async fn start(
         dir: config.data_dir.join("raft"),
         listener,
         peers: c.peers.clone(),
-        secret: c.secret.clone(),
+        creds: creds.clone(),
         about: about.clone(),
         timing: c.timing,
     };
@@ -73,14 +74,14 @@ pub(crate) async fn start(
         .map_err(|e| ShellError::Cluster(e.to_string()))?;
     let handle = ClusterHandle {
         raft: member.raft.clone(),
-        secret: c.secret.clone(),
+        creds: creds.clone(),
         about,
         leadership: member.leadership.clone(),
         stats: member.stats.clone(),
     };
     let hint =
         Arc::new(Mutex::new(LeaderHint { text: "no leader is known yet; retry shortly".to_owned(), grpc: None }));
-    tokio::spawn(watch_leader(member.raft.clone(), c.secret.clone(), hint.clone()));
+    tokio::spawn(watch_leader(member.raft.clone(), creds, hint.clone()));
     tokio::spawn(watch_replication(member.raft.clone()));
     tracing::info!(member = c.member, dir = %config.data_dir.join("raft").display(), "cluster member started");
     Ok((Backend::Replicated(Box::new(Replicated::new(member, hint))), handle))
@@ -88,7 +89,7 @@ pub(crate) async fn start(
 
 /// Keeps `hint` saying who leads and where (its gRPC address, asked of the leader
 /// over the Raft port), for refusals on a member that does not lead.
-async fn watch_leader(raft: Raft<TypeConfig>, secret: ClusterSecret, hint: Arc<Mutex<LeaderHint>>) {
+async fn watch_leader(raft: Raft<TypeConfig>, creds: Credentials, hint: Arc<Mutex<LeaderHint>>) {
     let mut metrics = raft.metrics();
     let mut known: Option<Option<u64>> = None;
     loop {
@@ -101,7 +102,7 @@ async fn watch_leader(raft: Raft<TypeConfig>, secret: ClusterSecret, hint: Arc<M
                 Some(l) => {
                     let addr = m.membership_config.membership().get_node(&l).map(|n| n.addr.clone());
                     let grpc = match &addr {
-                        Some(a) => drover_raft::network::ask_status(a, &secret, STATUS_TTL)
+                        Some(a) => drover_raft::network::ask_status(a, &creds, STATUS_TTL)
                             .await
                             .ok()
                             .and_then(|s| s.addresses.get("grpc").cloned()),
@@ -168,7 +169,7 @@ pub(crate) async fn status(State(s): State<crate::http::AppState>) -> Response {
     let Some(c) = &s.cluster else {
         return (StatusCode::NOT_FOUND, "this controller is not a cluster member\n").into_response();
     };
-    let view = drover_raft::status::gather(&c.raft, &c.secret, &c.about, STATUS_TTL).await;
+    let view = drover_raft::status::gather(&c.raft, &c.creds, &c.about, STATUS_TTL).await;
     json(&view)
 }
 
@@ -250,7 +251,7 @@ pub(crate) async fn change(
     match result {
         Ok(()) => {
             tracing::info!(%action, member = q.id, "membership changed");
-            let view = drover_raft::status::gather(&c.raft, &c.secret, &c.about, STATUS_TTL).await;
+            let view = drover_raft::status::gather(&c.raft, &c.creds, &c.about, STATUS_TTL).await;
             json(&view)
         }
         Err(e) => {

@@ -103,6 +103,9 @@ pub struct ClusterSettings {
     pub peers: std::collections::BTreeMap<u64, String>,
     /// The secret every member holds (`--cluster-secret-file`).
     pub secret: drover_raft::secret::ClusterSecret,
+    /// Mutual TLS on the Raft port under the cluster CA (`--cluster-ca` with
+    /// `--tls-cert` and `--tls-key`); `None`: the secret alone.
+    pub tls: Option<drover_raft::tls::RaftTls>,
     /// Heartbeats, elections, snapshots.
     pub timing: drover_raft::member::Timing,
 }

@@ -17,7 +17,7 @@
 //!   checkpoints plus the applied log id and membership.
 //!
 //! - [`network`]: the Raft port (length-prefixed postcard frames behind the
-//!   cluster-secret handshake of [`secret`]);
+//!   cluster-secret handshake of [`secret`], inside mutual TLS of [`tls`] when on);
 //! - [`member`]: one member started the way every replica starts (log, machine,
 //!   openraft, Raft port, self-initialisation from the initial member list);
 //! - [`status`]: each member's view of itself and the cluster view made of them;
@@ -31,6 +31,7 @@ pub mod record;
 pub mod secret;
 pub mod stats;
 pub mod status;
+pub mod tls;
 pub mod types;
 
 /// The openraft this crate is built on (one pinned version for every user).

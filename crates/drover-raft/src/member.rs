@@ -23,9 +23,9 @@ use tokio::net::TcpListener;
 use crate::log_store::{RaftLog, journal_config};
 use crate::machine::RaftMachine;
 use crate::network::{Network, serve};
-use crate::secret::ClusterSecret;
 use crate::stats::RaftStats;
 use crate::status::Addresses;
+use crate::tls::Credentials;
 use crate::types::TypeConfig;
 
 /// Most entries openraft sends in one AppendEntries request.
@@ -98,8 +98,8 @@ pub struct Settings {
     pub listener: TcpListener,
     /// The initial members, this one included, by id: their Raft addresses.
     pub peers: BTreeMap<u64, String>,
-    /// The cluster secret every member holds.
-    pub secret: ClusterSecret,
+    /// The cluster secret every member holds, and mutual TLS when it is on.
+    pub creds: Credentials,
     /// The addresses this member serves (answered to status requests).
     pub about: Addresses,
     /// Heartbeats, elections, snapshots.
@@ -156,11 +156,11 @@ where
         let journal = log.journal();
         let machine = RaftMachine::open(&settings.dir, storage, fresh)?;
         let stats = machine.stats();
-        let network = Network::new(settings.secret.clone(), stats.clone());
+        let network = Network::new(settings.creds.clone(), stats.clone());
         let raft = Raft::new(settings.id, config, network, log, machine.clone())
             .await
             .map_err(|e| MemberError::Raft(e.to_string()))?;
-        let server = tokio::spawn(serve(settings.listener, raft.clone(), settings.secret.clone(), settings.about));
+        let server = tokio::spawn(serve(settings.listener, raft.clone(), settings.creds.clone(), settings.about));
         let founder = settings.peers.contains_key(&settings.id);
         let initialized = raft.is_initialized().await.map_err(|e| MemberError::Raft(e.to_string()))?;
         if founder && !initialized {
@@ -176,7 +176,7 @@ where
         }
         let leadership = Leadership {
             raft: raft.clone(),
-            secret: settings.secret.clone(),
+            creds: settings.creds.clone(),
             timing: settings.timing,
             handing_over: Arc::new(AtomicBool::new(false)),
         };
@@ -209,7 +209,7 @@ where
 #[derive(Clone)]
 pub struct Leadership {
     raft: Raft<TypeConfig>,
-    secret: ClusterSecret,
+    creds: Credentials,
     timing: Timing,
     handing_over: Arc<AtomicBool>,
 }
@@ -303,7 +303,7 @@ impl Leadership {
         //    them since the last entry was acknowledged, heartbeats being off).
         tokio::time::sleep(self.timing.election.1 + self.timing.heartbeat).await;
         // 3. The target campaigns; its log is complete, so it can win.
-        crate::network::ask_to_elect(addr, &self.secret, Duration::from_secs(2))
+        crate::network::ask_to_elect(addr, &self.creds, Duration::from_secs(2))
             .await
             .map_err(|e| TransferError::Unreachable(to, e.to_string()))?;
         let won = tokio::time::timeout(self.timing.election.1 * 4, async {

@@ -23,12 +23,13 @@ use openraft::raft::{
 };
 use openraft::{BasicNode, Raft};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::secret::{ClusterSecret, SecretError};
+use crate::secret::SecretError;
 use crate::stats::RaftStats;
 use crate::status::{Addresses, MemberStatus};
+use crate::tls::{Credentials, Io};
 use crate::types::TypeConfig;
 
 /// Largest frame accepted (a batch of entries, or one snapshot chunk).
@@ -82,7 +83,7 @@ pub enum FrameError {
 /// How long the cluster-secret handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn write_frame<T: Serialize>(s: &mut TcpStream, value: &T) -> Result<(), FrameError> {
+async fn write_frame<T: Serialize>(s: &mut (impl AsyncWrite + Unpin + ?Sized), value: &T) -> Result<(), FrameError> {
     let bytes = postcard::to_stdvec(value)?;
     if bytes.len() > MAX_FRAME {
         return Err(FrameError::TooLarge(bytes.len()));
@@ -94,7 +95,7 @@ async fn write_frame<T: Serialize>(s: &mut TcpStream, value: &T) -> Result<(), F
     Ok(())
 }
 
-async fn read_frame<T: for<'de> Deserialize<'de>>(s: &mut TcpStream) -> Result<T, FrameError> {
+async fn read_frame<T: for<'de> Deserialize<'de>>(s: &mut (impl AsyncRead + Unpin + ?Sized)) -> Result<T, FrameError> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len).await?;
     let len = u32::from_le_bytes(len) as usize;
@@ -116,10 +117,11 @@ pub fn decode_response(body: &[u8]) -> Result<(), FrameError> {
     postcard::from_bytes::<Response>(body).map(drop).map_err(FrameError::from)
 }
 
-/// Serves the Raft port: every connection that proves it holds `secret` has its
-/// requests go to `raft`, in order; a status request is answered with this member's
-/// view of itself, `about` naming its addresses.
-pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, secret: ClusterSecret, about: Addresses) {
+/// Serves the Raft port: every connection that completes TLS (when `creds` has it) and
+/// proves it holds the cluster secret has its requests go to `raft`, in order; a
+/// status request is answered with this member's view of itself, `about` naming its
+/// addresses.
+pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, creds: Credentials, about: Addresses) {
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(a) => a,
@@ -130,20 +132,31 @@ pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, secret: Cluste
             }
         };
         let _ = stream.set_nodelay(true);
-        let (raft, secret, about) = (raft.clone(), secret.clone(), about.clone());
+        let (raft, creds, about) = (raft.clone(), creds.clone(), about.clone());
         tokio::spawn(async move {
-            let mut stream = stream;
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, secret.prove_as_listener(&mut stream)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(%from, error = %e, "raft connection refused: it did not prove the cluster secret");
+            let handshakes = async {
+                let mut stream: Box<dyn Io> = match &creds.tls {
+                    Some(tls) => tls.accept(stream).await.map_err(|e| format!("no mutual TLS: {e}"))?,
+                    None => Box::new(stream),
+                };
+                creds
+                    .secret
+                    .prove_as_listener(&mut *stream)
+                    .await
+                    .map_err(|e| format!("it did not prove the cluster secret: {e}"))?;
+                Ok::<_, String>(stream)
+            };
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshakes).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(why)) => {
+                    tracing::warn!(%from, "raft connection refused: {why}");
                     return;
                 }
                 Err(_) => {
-                    tracing::warn!(%from, "raft connection refused: no cluster-secret handshake within 5 s");
+                    tracing::warn!(%from, "raft connection refused: no handshake within 5 s");
                     return;
                 }
-            }
+            };
             if let Err(e) = serve_connection(stream, raft, about).await {
                 tracing::debug!(%from, error = %e, "raft connection ended");
             }
@@ -151,7 +164,7 @@ pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, secret: Cluste
     }
 }
 
-async fn serve_connection(mut stream: TcpStream, raft: Raft<TypeConfig>, about: Addresses) -> Result<(), FrameError> {
+async fn serve_connection(mut stream: Box<dyn Io>, raft: Raft<TypeConfig>, about: Addresses) -> Result<(), FrameError> {
     loop {
         let response = match read_frame::<Request>(&mut stream).await {
             Ok(Request::Status) => Response::Status(MemberStatus::of(&raft, &about)),
@@ -174,8 +187,8 @@ async fn serve_connection(mut stream: TcpStream, raft: Raft<TypeConfig>, about: 
 
 /// Asks the member at `addr` for its view of itself (a connection of its own, closed
 /// after the answer), within `ttl`.
-pub async fn ask_status(addr: &str, secret: &ClusterSecret, ttl: Duration) -> Result<MemberStatus, FrameError> {
-    let mut peer = Peer::once(addr, secret);
+pub async fn ask_status(addr: &str, creds: &Credentials, ttl: Duration) -> Result<MemberStatus, FrameError> {
+    let mut peer = Peer::once(addr, creds);
     match peer.call(&Request::Status, ttl).await {
         Ok(Response::Status(s)) => Ok(s),
         Ok(_) => Err(FrameError::Mismatch),
@@ -185,8 +198,8 @@ pub async fn ask_status(addr: &str, secret: &ClusterSecret, ttl: Duration) -> Re
 }
 
 /// Asks the member at `addr` to campaign at once (a connection of its own), within `ttl`.
-pub async fn ask_to_elect(addr: &str, secret: &ClusterSecret, ttl: Duration) -> Result<(), FrameError> {
-    let mut peer = Peer::once(addr, secret);
+pub async fn ask_to_elect(addr: &str, creds: &Credentials, ttl: Duration) -> Result<(), FrameError> {
+    let mut peer = Peer::once(addr, creds);
     match peer.call(&Request::Elect, ttl).await {
         Ok(Response::Elect(Ok(()))) => Ok(()),
         Ok(Response::Elect(Err(e))) => Err(FrameError::Io(io::Error::other(e))),
@@ -199,14 +212,14 @@ pub async fn ask_to_elect(addr: &str, secret: &ClusterSecret, ttl: Duration) -> 
 /// Makes a [`Peer`] for each replica openraft talks to.
 #[derive(Clone, Debug)]
 pub struct Network {
-    secret: ClusterSecret,
+    creds: Credentials,
     stats: Arc<RaftStats>,
 }
 
 impl Network {
-    /// Peers reached with `secret`; snapshots sent are counted in `stats`.
-    pub fn new(secret: ClusterSecret, stats: Arc<RaftStats>) -> Network {
-        Network { secret, stats }
+    /// Peers reached with `creds`; snapshots sent are counted in `stats`.
+    pub fn new(creds: Credentials, stats: Arc<RaftStats>) -> Network {
+        Network { creds, stats }
     }
 }
 
@@ -214,7 +227,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> Peer {
-        Peer { target, addr: node.addr.clone(), conn: None, secret: self.secret.clone(), stats: self.stats.clone() }
+        Peer { target, addr: node.addr.clone(), conn: None, creds: self.creds.clone(), stats: self.stats.clone() }
     }
 }
 
@@ -222,8 +235,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct Peer {
     target: u64,
     addr: String,
-    conn: Option<TcpStream>,
-    secret: ClusterSecret,
+    conn: Option<Box<dyn Io>>,
+    creds: Credentials,
     stats: Arc<RaftStats>,
 }
 
@@ -231,8 +244,8 @@ type RpcErr<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftErro
 
 impl Peer {
     /// A peer for one drover request of its own (not openraft's).
-    fn once(addr: &str, secret: &ClusterSecret) -> Peer {
-        Peer { target: 0, addr: addr.to_owned(), conn: None, secret: secret.clone(), stats: Arc::default() }
+    fn once(addr: &str, creds: &Credentials) -> Peer {
+        Peer { target: 0, addr: addr.to_owned(), conn: None, creds: creds.clone(), stats: Arc::default() }
     }
 
     /// Sends `req` and waits for the answer within `ttl`.
@@ -245,12 +258,18 @@ impl Peer {
                     .map_err(|_| CallError::Unreachable(io::Error::from(io::ErrorKind::TimedOut)))?
                     .map_err(CallError::Unreachable)?;
                 let _ = c.set_nodelay(true);
-                let mut c = c;
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, self.secret.prove_as_connector(&mut c))
+                let handshakes = async {
+                    let mut c: Box<dyn Io> = match &self.creds.tls {
+                        Some(tls) => tls.connect(&self.addr, c).await.map_err(FrameError::Io)?,
+                        None => Box::new(c),
+                    };
+                    self.creds.secret.prove_as_connector(&mut *c).await.map_err(FrameError::Secret)?;
+                    Ok::<_, FrameError>(c)
+                };
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, handshakes)
                     .await
                     .map_err(|_| CallError::Network(FrameError::Io(io::Error::from(io::ErrorKind::TimedOut))))?
-                    .map_err(|e| CallError::Network(FrameError::Secret(e)))?;
-                c
+                    .map_err(CallError::Network)?
             }
         };
         let mut conn = conn;

@@ -20,8 +20,7 @@ use std::path::Path;
 
 use hmac::{KeyInit, Mac};
 use sha2::Sha256;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
@@ -121,7 +120,10 @@ impl ClusterSecret {
     }
 
     /// The connecting side of the handshake.
-    pub async fn prove_as_connector(&self, s: &mut TcpStream) -> Result<(), SecretError> {
+    pub async fn prove_as_connector<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
+        &self,
+        s: &mut S,
+    ) -> Result<(), SecretError> {
         let a = nonce()?;
         let mut hello = MAGIC.to_vec();
         hello.extend_from_slice(&a);
@@ -135,7 +137,10 @@ impl ClusterSecret {
     }
 
     /// The listening side of the handshake.
-    pub async fn prove_as_listener(&self, s: &mut TcpStream) -> Result<(), SecretError> {
+    pub async fn prove_as_listener<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
+        &self,
+        s: &mut S,
+    ) -> Result<(), SecretError> {
         let mut hello = [0u8; 8 + NONCE];
         s.read_exact(&mut hello).await?;
         if &hello[..8] != MAGIC {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use openraft::{Raft, ServerState};
 use serde::{Deserialize, Serialize};
 
-use crate::secret::ClusterSecret;
+use crate::tls::Credentials;
 use crate::types::TypeConfig;
 
 /// The addresses a member serves, by name (`raft`, `grpc`, `http`, `admission`).
@@ -108,12 +108,7 @@ impl ClusterStatus {
 
 /// Asks every member of `raft`'s current membership for its status (this member
 /// answers from its own metrics), each within `ttl`, and puts the answers together.
-pub async fn gather(
-    raft: &Raft<TypeConfig>,
-    secret: &ClusterSecret,
-    about: &Addresses,
-    ttl: Duration,
-) -> ClusterStatus {
+pub async fn gather(raft: &Raft<TypeConfig>, creds: &Credentials, about: &Addresses, ttl: Duration) -> ClusterStatus {
     let metrics = raft.metrics().borrow().clone();
     let membership = metrics.membership_config.membership().clone();
     let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
@@ -124,9 +119,9 @@ pub async fn gather(
         if id == metrics.id {
             continue;
         }
-        let secret = secret.clone();
+        let creds = creds.clone();
         set.spawn(async move {
-            let answer = tokio::time::timeout(ttl, crate::network::ask_status(&addr, &secret, ttl)).await;
+            let answer = tokio::time::timeout(ttl, crate::network::ask_status(&addr, &creds, ttl)).await;
             match answer {
                 Ok(Ok(s)) => (id, Some(s)),
                 Ok(Err(e)) => {

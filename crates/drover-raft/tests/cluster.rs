@@ -15,6 +15,7 @@ use drover_journal::{FsStorage, Storage, machine::encode_input};
 use drover_raft::log_store::journal_config;
 use drover_raft::network::{Network, serve};
 use drover_raft::secret::ClusterSecret;
+use drover_raft::tls::{Credentials, RaftTls};
 use drover_raft::{Inputs, RaftLog, RaftMachine, TypeConfig};
 use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
 
@@ -44,12 +45,17 @@ fn secret() -> ClusterSecret {
 }
 
 async fn start(id: u64, dir: &std::path::Path, addr: &str) -> Replica {
+    start_with(id, dir, addr, Credentials::plain(secret())).await
+}
+
+async fn start_with(id: u64, dir: &std::path::Path, addr: &str, creds: Credentials) -> Replica {
     let storage: Arc<dyn Storage> = Arc::new(FsStorage);
     let log = RaftLog::open(journal_config(dir.join("journal")), storage.clone()).unwrap();
     let machine = RaftMachine::open(dir.join("journal"), storage, Sum::default).unwrap();
-    let raft = Raft::new(id, config(), Network::new(secret(), Default::default()), log, machine.clone()).await.unwrap();
+    let raft =
+        Raft::new(id, config(), Network::new(creds.clone(), Default::default()), log, machine.clone()).await.unwrap();
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let server = tokio::spawn(serve(listener, raft.clone(), secret(), Default::default()));
+    let server = tokio::spawn(serve(listener, raft.clone(), creds, Default::default()));
     Replica { raft, machine, server }
 }
 
@@ -106,6 +112,15 @@ async fn write(rafts: &BTreeMap<u64, Raft<TypeConfig>>, v: u64) -> u64 {
 /// Data directories and free loopback addresses for `n` replicas; replicas 1 to
 /// `founders` started and initialised, each with the same list of those members.
 async fn launch(n: usize, founders: u64) -> (Vec<tempfile::TempDir>, Vec<String>, BTreeMap<u64, Replica>) {
+    launch_with(n, founders, Credentials::plain(secret())).await
+}
+
+/// [`launch`] with `creds` on every replica.
+async fn launch_with(
+    n: usize,
+    founders: u64,
+    creds: Credentials,
+) -> (Vec<tempfile::TempDir>, Vec<String>, BTreeMap<u64, Replica>) {
     let dirs: Vec<tempfile::TempDir> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
     let addrs: Vec<String> =
         (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()).collect();
@@ -113,7 +128,7 @@ async fn launch(n: usize, founders: u64) -> (Vec<tempfile::TempDir>, Vec<String>
         (1..=founders).map(|id| (id, BasicNode::new(&addrs[id as usize - 1]))).collect();
     let mut replicas = BTreeMap::new();
     for id in 1..=founders {
-        replicas.insert(id, start(id, dirs[id as usize - 1].path(), &addrs[id as usize - 1]).await);
+        replicas.insert(id, start_with(id, dirs[id as usize - 1].path(), &addrs[id as usize - 1], creds.clone()).await);
     }
     // Every member initialises itself with the same list; no separate init step.
     for r in replicas.values() {
@@ -279,8 +294,9 @@ async fn only_a_holder_of_the_cluster_secret_can_speak_raft() {
     let ask = openraft::raft::VoteRequest::new(openraft::Vote::new(term + 100, 99), None);
     let option = RPCOption::new(Duration::from_secs(2));
     let target = BasicNode::new(&addrs[l as usize - 1]);
-    let mut stranger =
-        Network::new(ClusterSecret::generate().unwrap(), Default::default()).new_client(l, &target).await;
+    let mut stranger = Network::new(Credentials::plain(ClusterSecret::generate().unwrap()), Default::default())
+        .new_client(l, &target)
+        .await;
     let refused = stranger.vote(ask.clone(), option.clone()).await;
     assert!(refused.is_err(), "a wrong secret is refused: {refused:?}");
     // Raw Raft bytes without the handshake: closed without an answer.
@@ -296,9 +312,71 @@ async fn only_a_holder_of_the_cluster_secret_can_speak_raft() {
     // The same request with the secret is heard and answered in Raft (not granted: the
     // leader's lease is live and the asker's log is empty); the check is what kept the
     // stranger out.
-    let mut member = Network::new(secret(), Default::default()).new_client(l, &target).await;
+    let mut member = Network::new(Credentials::plain(secret()), Default::default()).new_client(l, &target).await;
     let heard = member.vote(ask, option).await.unwrap();
     assert!(!heard.vote_granted && heard.vote.leader_id().term >= term, "{heard:?}");
+    for (_, r) in std::mem::take(&mut replicas) {
+        stop(r).await;
+    }
+}
+
+/// A CA and a certificate it issued for 127.0.0.1 (PEM: CA, certificate, key).
+fn ca_and_member(ca_name: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let params = || {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, ca_name);
+        p
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = params().self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(params(), ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&key, &issuer).unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// With mutual TLS on, replicas holding certificates of the cluster CA replicate; a
+/// peer with the secret but a certificate of another CA, or with no TLS at all, is
+/// refused and not heard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_on_only_members_with_a_certificate_of_the_cluster_ca_speak_raft() {
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    let (ca, cert, key) = ca_and_member("cluster CA");
+    let tls = RaftTls::new(cert.as_bytes(), key.as_bytes(), ca.as_bytes()).unwrap();
+    let (_dirs, addrs, mut replicas) =
+        launch_with(3, 3, Credentials { secret: secret(), tls: Some(tls.clone()) }).await;
+    let mut last = 0;
+    for v in 1..=20u64 {
+        last = write(&handles(&replicas), v).await;
+    }
+    assert_eq!(sums(&replicas, last).await, vec![210; 3], "three TLS replicas agree");
+    let l = leader(&handles(&replicas)).await;
+    let term = replicas[&l].raft.metrics().borrow().current_term;
+    let ask = openraft::raft::VoteRequest::new(openraft::Vote::new(term + 100, 99), None);
+    let option = RPCOption::new(Duration::from_secs(2));
+    let target = BasicNode::new(&addrs[l as usize - 1]);
+    // The right secret under another CA's certificate: the TLS handshake fails.
+    let (other_ca, other_cert, other_key) = ca_and_member("another CA");
+    let foreign = RaftTls::new(other_cert.as_bytes(), other_key.as_bytes(), other_ca.as_bytes()).unwrap();
+    let mut stranger = Network::new(Credentials { secret: secret(), tls: Some(foreign) }, Default::default())
+        .new_client(l, &target)
+        .await;
+    let refused = stranger.vote(ask.clone(), option.clone()).await;
+    assert!(refused.is_err(), "a certificate of another CA is refused: {refused:?}");
+    // The right secret without TLS: refused too.
+    let mut plain = Network::new(Credentials::plain(secret()), Default::default()).new_client(l, &target).await;
+    let refused = plain.vote(ask.clone(), option.clone()).await;
+    assert!(refused.is_err(), "a peer without TLS is refused: {refused:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let m = replicas[&l].raft.metrics().borrow().clone();
+    assert_eq!((m.current_term, m.current_leader), (term, Some(l)), "the cluster heard neither");
+    // A member's credentials are heard (and answered in Raft).
+    let mut member =
+        Network::new(Credentials { secret: secret(), tls: Some(tls) }, Default::default()).new_client(l, &target).await;
+    let heard = member.vote(ask, option).await.unwrap();
+    assert!(!heard.vote_granted, "{heard:?}");
     for (_, r) in std::mem::take(&mut replicas) {
         stop(r).await;
     }

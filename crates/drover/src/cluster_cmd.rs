@@ -11,12 +11,27 @@ use hyper::body::Bytes;
 /// How long one HTTP exchange may take (adding a member waits for it to catch up).
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Sends `method path` to `addr` (HOST:PORT, plain HTTP/1.1) with an optional bearer
-/// token; the status code and body.
-async fn request(addr: &str, method: &str, path: &str, token: Option<&str>) -> anyhow::Result<(u16, String)> {
+/// Sends `method path` to `addr` (HOST:PORT, HTTP/1.1; HTTPS verified against `ca` when
+/// given) with an optional bearer token; the status code and body.
+async fn request(
+    addr: &str,
+    ca: Option<&[u8]>,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
     let exchange = async {
         let tcp = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("cannot connect to {addr}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        let io: Box<dyn Io> = match ca {
+            None => Box::new(tcp),
+            Some(ca) => {
+                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+                let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+                    .with_context(|| format!("{host} is not a host name or address"))?;
+                Box::new(tls_connector(ca)?.connect(name, tcp).await.with_context(|| format!("TLS with {addr}"))?)
+            }
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
         tokio::spawn(conn);
         let mut req = hyper::Request::builder().method(method).uri(path).header("host", addr);
         if let Some(t) = token {
@@ -32,9 +47,29 @@ async fn request(addr: &str, method: &str, path: &str, token: Option<&str>) -> a
         .with_context(|| format!("{addr} did not answer within {TIMEOUT:?}"))?
 }
 
+/// A byte stream: plain TCP or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// A TLS client trusting the CA certificates in `ca` (PEM).
+fn tls_connector(ca: &[u8]) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca) {
+        roots.add(c.context("the CA file")?).context("the CA certificate")?;
+    }
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)))
+}
+
 /// The cluster view, asked of the member whose HTTP port is `http`.
-pub async fn status(http: &str) -> anyhow::Result<ClusterStatus> {
-    let (code, body) = request(http, "GET", "/api/cluster", None).await?;
+pub async fn status(http: &str, ca: Option<&[u8]>) -> anyhow::Result<ClusterStatus> {
+    let (code, body) = request(http, ca, "GET", "/api/cluster", None).await?;
     if code != 200 {
         bail!("{http} answered {code}: {}", body.trim());
     }
@@ -75,8 +110,14 @@ pub enum Change<'a> {
 }
 
 /// Makes `change` about member `id` on the leader found through `http`.
-pub async fn change(http: &str, token: &str, id: u64, change: Change<'_>) -> anyhow::Result<ClusterStatus> {
-    let view = status(http).await?;
+pub async fn change(
+    http: &str,
+    ca: Option<&[u8]>,
+    token: &str,
+    id: u64,
+    change: Change<'_>,
+) -> anyhow::Result<ClusterStatus> {
+    let view = status(http, ca).await?;
     let leader_http = view
         .leader_addresses()
         .and_then(|a| a.get("http").cloned())
@@ -86,7 +127,7 @@ pub async fn change(http: &str, token: &str, id: u64, change: Change<'_>) -> any
         Change::Remove => format!("/api/cluster/remove?id={id}"),
         Change::Transfer => format!("/api/cluster/transfer?id={id}"),
     };
-    let (code, body) = request(&leader_http, "POST", &path, Some(token)).await?;
+    let (code, body) = request(&leader_http, ca, "POST", &path, Some(token)).await?;
     if code != 200 {
         bail!("the leader ({leader_http}) answered {code}: {}", body.trim());
     }

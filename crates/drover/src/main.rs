@@ -120,9 +120,19 @@ struct ClusterAt {
     /// Admin token (default: the `admin.token` file in $DROVER_DATA_DIR or ./drover-data).
     #[arg(long, env = "DROVER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificate (PEM) to verify the members' HTTPS (controllers run with TLS).
+    #[arg(long, env = "DROVER_CA")]
+    ca: Option<std::path::PathBuf>,
 }
 
 impl ClusterAt {
+    fn ca(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        self.ca
+            .as_ref()
+            .map(|p| anyhow::Context::with_context(std::fs::read(p), || format!("cannot read --ca {}", p.display())))
+            .transpose()
+    }
+
     fn token(&self) -> anyhow::Result<String> {
         token_or_admin_file(self.token.clone())
             .ok_or_else(|| anyhow::anyhow!("an admin token is needed (--token, DROVER_TOKEN, or admin.token)"))
@@ -458,7 +468,7 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Demo(a) => demo::demo(a).await,
         Command::Coordinator(a) => coordinator::run(a).await,
         Command::Cluster(ClusterCommand::Status { at, json }) => {
-            let view = cluster_cmd::status(&at.http).await?;
+            let view = cluster_cmd::status(&at.http, at.ca()?.as_deref()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&view)?);
             } else {
@@ -467,17 +477,23 @@ async fn dispatch(command: Command) -> anyhow::Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Cluster(ClusterCommand::Add { at, id, raft }) => {
-            let view = cluster_cmd::change(&at.http, &at.token()?, id, cluster_cmd::Change::Add(&raft)).await?;
+            let view =
+                cluster_cmd::change(&at.http, at.ca()?.as_deref(), &at.token()?, id, cluster_cmd::Change::Add(&raft))
+                    .await?;
             cluster_cmd::print(&view);
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Cluster(ClusterCommand::Remove { at, id }) => {
-            let view = cluster_cmd::change(&at.http, &at.token()?, id, cluster_cmd::Change::Remove).await?;
+            let view =
+                cluster_cmd::change(&at.http, at.ca()?.as_deref(), &at.token()?, id, cluster_cmd::Change::Remove)
+                    .await?;
             cluster_cmd::print(&view);
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Cluster(ClusterCommand::TransferLeader { at, id }) => {
-            let view = cluster_cmd::change(&at.http, &at.token()?, id, cluster_cmd::Change::Transfer).await?;
+            let view =
+                cluster_cmd::change(&at.http, at.ca()?.as_deref(), &at.token()?, id, cluster_cmd::Change::Transfer)
+                    .await?;
             cluster_cmd::print(&view);
             Ok(std::process::ExitCode::SUCCESS)
         }

@@ -166,6 +166,12 @@ pub struct ControllerArgs {
     /// makes one).
     #[arg(long, env = "DROVER_CLUSTER_SECRET_FILE", requires = "member")]
     pub cluster_secret_file: Option<PathBuf>,
+    /// The cluster CA (PEM, `drover cert init`): with it, the Raft port is mutual TLS,
+    /// each member presenting its --tls-cert/--tls-key (issued by this CA) and
+    /// accepting only peers whose certificates it signed. The cluster secret is still
+    /// proved inside.
+    #[arg(long, env = "DROVER_CLUSTER_CA", requires = "member")]
+    pub cluster_ca: Option<PathBuf>,
     /// A member that hears no leader for this long to twice this long campaigns
     /// (heartbeats every quarter of it). A lost leader is replaced after about 3 to 4
     /// times this; raise it where machines stall for longer (slow disks, overload).
@@ -276,10 +282,23 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             {
                 anyhow::bail!("--peers lists member {member} at {listed}, but --raft is {addr}");
             }
+            let tls = match &args.cluster_ca {
+                None => None,
+                Some(ca) => {
+                    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+                        anyhow::bail!(
+                            "--cluster-ca needs --tls-cert and --tls-key (this member's certificate, issued by that CA)"
+                        );
+                    };
+                    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+                    Some(drover_raft::tls::RaftTls::new(&read(cert)?, &read(key)?, &read(ca)?)?)
+                }
+            };
             config.cluster = Some(drover_controller::ClusterSettings {
                 member: *member,
                 peers,
                 secret,
+                tls,
                 timing: drover_raft::member::Timing::from_election_timeout(args.election_timeout),
             });
             Some(
