@@ -745,9 +745,17 @@ impl Owner {
             return Err(ShellError::Cluster(format!("the Raft engine failed: {e}")));
         }
         let leads = m.state == openraft::ServerState::Leader && m.current_leader == Some(m.id);
+        let id = m.vote.leader_id();
+        let fence = v1::LeaderFence { term: id.term, member: id.node_id };
+        // Metrics coalesce: a leader deposed and elected again in a later term may
+        // never be seen not leading. A new term is a new leadership: its own fence, and
+        // everything proposed in the old one is settled again from the commit.
+        let renewed = leads && r.leading && r.fence.as_ref().is_some_and(|f| *f != fence);
+        if renewed {
+            self.step_down(release, format!("this controller (member {}) was elected again in term {}", m.id, id.term));
+        }
+        let Backend::Replicated(r) = &self.log else { return Ok(()) };
         if leads && !r.leading {
-            let id = m.vote.leader_id();
-            let fence = v1::LeaderFence { term: id.term, member: id.node_id };
             self.take_lead(release, fence).await?;
         } else if !leads && r.leading {
             self.step_down(release, format!("this controller (member {}) stopped leading", m.id));

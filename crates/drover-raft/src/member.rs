@@ -54,30 +54,42 @@ impl Default for Timing {
 
 impl Timing {
     /// The timing for election timeout `t`: followers campaign after `t` to `2t` of
-    /// silence, the leader sends heartbeats every `t/4`, a snapshot every 50,000
+    /// silence, the leader sends heartbeats every `t/8`, a snapshot every 50,000
     /// entries.
     ///
-    /// openraft's followers also honour the silent leader's lease (the longest
-    /// timeout, `2t`) before they vote for anyone, so a leader lost at once is
-    /// replaced after `3t` to `4t` plus one tick (`1.5` heartbeats) and a vote round:
-    /// 0.6 to 0.9 s with the default `t` of 200 ms. Needless elections need `3t` of
-    /// silence: twelve heartbeats missed in a row.
+    /// openraft's followers also honour the silent leader's lease (their longest
+    /// timeout) before they vote for anyone, and look at their timer on a tick of 1.5
+    /// heartbeats. See [`Timing::config`] for how each member's timeout is placed in
+    /// the range; a leader lost at once is replaced after about 0.5 to 0.75 s with the
+    /// default `t` of 200 ms. Needless elections need more than `2t` of silence.
     pub fn from_election_timeout(t: Duration) -> Timing {
-        let t = t.max(Duration::from_millis(20));
-        Timing { heartbeat: t / 4, election: (t, t * 2), snapshot_every: 50_000 }
+        let t = t.max(Duration::from_millis(40));
+        Timing { heartbeat: t / 8, election: (t, t * 2), snapshot_every: 50_000 }
     }
 
-    /// openraft's configuration for this timing.
-    pub fn config(&self) -> Result<Config, MemberError> {
+    /// openraft's configuration for `member` under this timing.
+    ///
+    /// openraft draws one election timeout per process and checks it on a tick, so two
+    /// followers whose timeouts fall within a tick of each other campaign together and
+    /// split the vote (measured: 4 of 50 leader kills took a second round). Each member
+    /// therefore gets its own quarter of the range, by id (`(id - 1) mod 4`), and draws
+    /// within it; as openraft's lease is the top of a member's own range, the quarters'
+    /// campaign times (lease plus timeout) are apart by more than a tick, and members
+    /// in different quarters cannot split a vote.
+    pub fn config(&self, member: u64) -> Result<Config, MemberError> {
+        let (min, max) = (self.election.0.as_millis() as u64, self.election.1.as_millis() as u64);
+        let width = (max.saturating_sub(min) / 4).max(2);
+        let low = min + (member.saturating_sub(1) % 4) * width;
         let c = Config {
             cluster_name: "drover".into(),
             heartbeat_interval: self.heartbeat.as_millis() as u64,
-            election_timeout_min: self.election.0.as_millis() as u64,
-            election_timeout_max: self.election.1.as_millis() as u64,
+            election_timeout_min: low,
+            election_timeout_max: low + width,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
-            // Entries behind the snapshot are kept a while, so a follower briefly away
-            // catches up from the log rather than by a whole snapshot.
-            max_in_snapshot_log_to_keep: 10_000,
+            // Entries behind the snapshot are kept a while (a fifth of the interval, at
+            // most 10,000), so a follower briefly away catches up from the log rather
+            // than by a whole snapshot.
+            max_in_snapshot_log_to_keep: (self.snapshot_every / 5).min(10_000),
             // At most 8 entries per AppendEntries: a controller's entry is one batch
             // (about 1 MiB, at most a few), so a request stays far below the Raft
             // port's 64 MiB frame limit.
@@ -151,7 +163,7 @@ where
         storage: Arc<dyn Storage>,
         fresh: impl FnOnce() -> M,
     ) -> Result<Member<M>, MemberError> {
-        let config = Arc::new(settings.timing.config()?);
+        let config = Arc::new(settings.timing.config(settings.id)?);
         let log = RaftLog::open(journal_config(&settings.dir), storage.clone())?;
         let journal = log.journal();
         let machine = RaftMachine::open(&settings.dir, storage, fresh)?;
@@ -300,7 +312,8 @@ impl Leadership {
             Ok(Ok(())) => {}
         }
         // 2. The followers' lease on this leader runs out (nothing has been sent to
-        //    them since the last entry was acknowledged, heartbeats being off).
+        //    them since the last entry was acknowledged, heartbeats being off): the
+        //    longest member's lease is the top of the range.
         tokio::time::sleep(self.timing.election.1 + self.timing.heartbeat).await;
         // 3. The target campaigns; its log is complete, so it can win.
         crate::network::ask_to_elect(addr, &self.creds, Duration::from_secs(2))

@@ -28,7 +28,7 @@ fn start(m: &mut Member, peers: &str, secret: &Path) {
         format!("127.0.0.1:{}", m.raft),
     );
     let (id, data, secret) = (m.id.to_string(), m.ctl.data.to_str().unwrap().to_owned(), secret.to_str().unwrap());
-    let args = [
+    let mut args = vec![
         "controller",
         "--listen",
         &g,
@@ -42,14 +42,17 @@ fn start(m: &mut Member, peers: &str, secret: &Path) {
         &id,
         "--raft",
         &r,
-        "--peers",
-        peers,
         "--cluster-secret-file",
         secret,
         // Nodes are judged quickly, so the test's nodes show up at once.
         "--node-timeout",
         "3s",
     ];
+    // A member joining later starts without the initial list.
+    if !peers.is_empty() {
+        args.extend(["--peers", peers]);
+    }
+    args.extend(m.ctl.extra.iter().map(String::as_str));
     m.ctl.proc = Some(spawn(&args, &m.ctl.log));
 }
 
@@ -164,9 +167,16 @@ fn three_controllers_form_a_group_replicate_hand_over_and_survive_the_leaders_si
     let mut node: Killed =
         spawn(&["node", "--admission", &adm, "--token", &join, "--name", "n1", "--pairs", "EURUSD"], &node_log);
     // Fencing: the leader stamps its leader id (term, member) on every command to a node.
+    // (A loaded machine may hold a needless election meanwhile: the fence is then the
+    // later term's, so the term is read on both sides of the command.)
     let term = status(members[l].ctl.http).unwrap()["term"].as_u64().unwrap();
-    let fence = first_command_fence(&adm, &join);
-    assert_eq!(fence, Some(drover_proto::v1::LeaderFence { term, member: first }), "the leader's id, term {term}");
+    let fence = first_command_fence(&adm, &join).expect("a fenced command");
+    let after = status(members[l].ctl.http).unwrap();
+    assert_eq!(fence.member, first, "the leader's id: {fence:?}");
+    assert!(
+        (term..=after["term"].as_u64().unwrap()).contains(&fence.term),
+        "the leader's term: {fence:?}, status {term} then {after}"
+    );
 
     // Followers are hot: the node the leader admitted is in a follower's state.
     let follower_http = follower.ctl.http;
@@ -304,4 +314,183 @@ fn first_command_fence(admission: &str, join: &str) -> Option<drover_proto::v1::
         drop(tx);
         first.expect("a command within 10 s").expect("the stream").expect("a message").fence
     })
+}
+
+/// Membership 3 → 5 → 3 under a load of acknowledged commands, and a member away while
+/// the others compacted their logs is caught up by a snapshot: every acknowledged
+/// command is on the leader at the end, and the returning member holds them too.
+#[test]
+fn membership_grows_to_five_and_back_to_three_under_load_and_a_member_away_catches_up_by_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("cluster.secret");
+    let made = std::process::Command::new(drover_bin()).args(["cluster", "secret"]).output().unwrap();
+    std::fs::write(&secret, &made.stdout).unwrap();
+    // Snapshots every 20 entries, 4 kept behind: a member away for a few dozen
+    // commands finds the others' logs compacted past its own.
+    let mut members: Vec<Member> = (1..=5)
+        .map(|id| {
+            let d = dir.path().join(format!("m{id}"));
+            std::fs::create_dir_all(&d).unwrap();
+            Member { id, raft: free_port(), ctl: Controller::new(&d, &["--snapshot-every", "20"]) }
+        })
+        .collect();
+    let peers = members[..3].iter().map(|m| format!("{}=127.0.0.1:{}", m.id, m.raft)).collect::<Vec<_>>().join(",");
+    for m in &mut members[..3] {
+        start(m, &peers, &secret);
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || leader_via(members[0].ctl.http, 3).is_some()),
+        "no leader with three caught-up members"
+    );
+    let admin = wait_for_admin_token(&members);
+    let grpc = |ms: &[Member]| ms.iter().map(|m| format!("127.0.0.1:{}", m.ctl.grpc)).collect::<Vec<_>>().join(",");
+    let create = |list: &str, description: &str| {
+        let out = cli_at(list, &admin, &["token", "create", "--role", "read", "--description", description]);
+        out.status.success()
+    };
+    let mut acknowledged = Vec::new();
+
+    // Member 3 goes away (unless it leads: then member 2 does) while 40 commands are
+    // committed by the other two, each snapshot compacting the log past it.
+    let first = leader_via(members[0].ctl.http, 3).unwrap();
+    let away = if first == 3 { 1 } else { 2 };
+    members[away].ctl.kill();
+    let list3 = grpc(&members[..3]);
+    for i in 0..40 {
+        let d = format!("while-away-{i}");
+        if create(&list3, &d) {
+            acknowledged.push(d);
+        }
+    }
+    assert!(acknowledged.len() >= 38, "the two left commit: {} of 40", acknowledged.len());
+    start(&mut members[away], &peers, &secret);
+    let back_http = members[away].ctl.http;
+    assert!(
+        wait_until(Duration::from_secs(30), || leader_via(back_http, 3).is_some()),
+        "the member back did not catch up: {:?}",
+        status(back_http)
+    );
+    let installed = common::http_get(back_http, "/metrics")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("drover_raft_snapshots_installed_total ").map(|v| v.trim().parse::<u64>().unwrap())
+        })
+        .unwrap_or(0);
+    assert!(installed >= 1, "caught up by a snapshot (the others' logs were compacted past it)");
+
+    // 3 → 5 → 3 while a node streams prices to the leader and a loop of commands runs
+    // through the member list.
+    let join = cli_at(&grpc(&members[..3]), &admin, &["token", "create", "--role", "join"]);
+    assert!(join.status.success(), "{}", text(&join));
+    let join = String::from_utf8(join.stdout).unwrap().trim().to_owned();
+    let leader_now = leader_via(members[0].ctl.http, 0).unwrap();
+    let adm = format!("127.0.0.1:{}", members[leader_now as usize - 1].ctl.admission);
+    let mut node = spawn(
+        &["node", "--admission", &adm, "--token", &join, "--name", "n1", "--pairs", "EURUSD,GBPUSD,USDJPY"],
+        &dir.path().join("n1.log"),
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, list, admin) = (stop.clone(), grpc(&members), admin.clone());
+        std::thread::spawn(move || {
+            let mut done = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let d = format!("under-change-{i}");
+                let out = cli_at(&list, &admin, &["token", "create", "--role", "read", "--description", &d]);
+                if out.status.success() {
+                    done.push(d);
+                }
+                i += 1;
+            }
+            (done, i)
+        })
+    };
+    let any_http = format!("127.0.0.1:{}", members[0].ctl.http);
+    let cluster = |args: &[&str]| {
+        let mut all = vec!["cluster"];
+        all.extend_from_slice(args);
+        all.extend(["--http", &any_http, "--token", &admin]);
+        std::process::Command::new(drover_bin()).args(&all).output().unwrap()
+    };
+    for m in &mut members[3..] {
+        start(m, "", &secret);
+        let raft = format!("127.0.0.1:{}", m.raft);
+        let added = cluster(&["add", &m.id.to_string(), &raft]);
+        assert!(added.status.success(), "add {}: {}", m.id, text(&added));
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || leader_via(members[0].ctl.http, 5).is_some()),
+        "five caught-up members: {:?}",
+        status(members[0].ctl.http)
+    );
+    // Back to three: remove two members that do not lead.
+    let leader = leader_via(members[0].ctl.http, 0).unwrap();
+    let away_id = members[away].id;
+    let leaving: Vec<u64> =
+        [5u64, 4, 3, 2, 1].into_iter().filter(|&id| id != leader && id != away_id).take(2).collect();
+    for id in &leaving {
+        let removed = cluster(&["remove", &id.to_string()]);
+        assert!(removed.status.success(), "remove {id}: {}", text(&removed));
+    }
+    // The load runs on a while after the last change.
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (under_change, tried) = load.join().unwrap();
+    node.kill();
+    let prices = common::http_get(members[leader as usize - 1].ctl.http, "/metrics")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("drover_price_updates_total{outcome=\"accepted\"} ")
+                .map(|v| v.trim().parse::<u64>().unwrap())
+        })
+        .unwrap_or(0);
+    assert!(prices > 0, "the node's prices were accepted during the changes");
+    assert!(under_change.len() * 10 >= tried * 9, "commands kept committing: {} of {tried}", under_change.len());
+    eprintln!(
+        "{} commands while member {} was away ({installed} snapshot installed on its return), {} of {tried} during 3 -> 5 -> 3, {prices} prices accepted",
+        acknowledged.len(),
+        away + 1,
+        under_change.len()
+    );
+    let s = status(members[0].ctl.http).or_else(|| status(members[leader as usize - 1].ctl.http)).unwrap();
+    let ids: Vec<u64> = s["members"].as_array().unwrap().iter().map(|m| m["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids.len(), 3, "three members again: {s}");
+    assert!(leaving.iter().all(|id| !ids.contains(id)), "{s}");
+
+    // Every acknowledged command is on the leader, and on the member that came back.
+    acknowledged.extend(under_change);
+    let remaining: Vec<&Member> = members.iter().filter(|m| ids.contains(&m.id)).collect();
+    let listed = text(&cli_at(&grpc_of(&remaining), &admin, &["token", "list"]));
+    let missing: Vec<&String> = acknowledged.iter().filter(|d| !listed.contains(d.as_str())).collect();
+    assert!(missing.is_empty(), "acknowledged but missing: {missing:?}");
+    // The member that came back by snapshot stayed, and is caught up (lag 0).
+    assert!(ids.contains(&members[away].id));
+    let back = s["members"].as_array().unwrap().iter().find(|m| m["id"] == members[away].id).unwrap().clone();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            status(members[away].ctl.http)
+                .and_then(|s| s["members"].as_array().unwrap().iter().find(|m| m["id"] == members[away].id).cloned())
+                .is_some_and(|m| m["lag"] == 0)
+        }),
+        "{back}"
+    );
+}
+
+/// The gRPC addresses of `ms` as a list.
+fn grpc_of(ms: &[&Member]) -> String {
+    ms.iter().map(|m| format!("127.0.0.1:{}", m.ctl.grpc)).collect::<Vec<_>>().join(",")
+}
+
+/// The admin token the first leader wrote into its data directory.
+fn wait_for_admin_token(members: &[Member]) -> String {
+    let mut token = None;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            token = members.iter().find_map(|m| std::fs::read_to_string(m.ctl.data.join("admin.token")).ok());
+            token.is_some()
+        }),
+        "no admin.token"
+    );
+    token.unwrap().trim().to_owned()
 }
