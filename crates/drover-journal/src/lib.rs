@@ -88,6 +88,11 @@ pub struct JournalConfig {
     pub limits: Limits,
     /// Appends queued to the writer before `append` waits.
     pub queue_depth: usize,
+    /// Run the writer as a task on the caller's tokio runtime instead of a thread of
+    /// its own: for deterministic simulation on a single-threaded runtime with virtual
+    /// time, over in-memory storage (the writer's file operations block its task).
+    /// `max_batch_delay` must then be zero.
+    pub writer_task: bool,
 }
 
 impl JournalConfig {
@@ -105,6 +110,7 @@ impl JournalConfig {
             recovery: RecoveryMode::Strict,
             limits: Limits::default(),
             queue_depth: 65_536,
+            writer_task: false,
         }
     }
 }

@@ -208,11 +208,17 @@ impl Journal {
             storage,
             config,
         };
-        let thread = std::thread::Builder::new()
-            .name("journal-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| JournalError::io("spawn writer for", std::path::Path::new("journal"), e))?;
-        Ok((Journal { tx, shared, committer_id: recovery.committer_id, max_entry, thread: Some(thread) }, recovery))
+        let thread = if writer.config.writer_task {
+            tokio::spawn(writer.run_task(rx));
+            None
+        } else {
+            let thread = std::thread::Builder::new()
+                .name("journal-writer".into())
+                .spawn(move || writer.run(rx))
+                .map_err(|e| JournalError::io("spawn writer for", std::path::Path::new("journal"), e))?;
+            Some(thread)
+        };
+        Ok((Journal { tx, shared, committer_id: recovery.committer_id, max_entry, thread }, recovery))
     }
 
     /// The most bytes one `append_batch` may carry: a caller splits larger batches and
@@ -404,41 +410,65 @@ impl Writer {
                     None => break,
                 },
             };
-            match cmd {
-                Cmd::Append { messages, done, at } => {
-                    self.start_record();
-                    let mut entries = 0;
-                    add(&mut self.buf, &mut entries, &mut batch, messages, (done, at));
-                    pending = self.gather(&mut rx, &mut batch, &mut entries);
-                    self.commit(&mut batch, entries);
+            pending = self.step(cmd, &mut rx, &mut batch);
+        }
+    }
+
+    /// [`Writer::run`] as a task (see [`crate::JournalConfig::writer_task`]).
+    async fn run_task(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        let mut batch: Vec<Waiter> = Vec::new();
+        let mut pending: Option<Cmd> = None;
+        loop {
+            let cmd = match pending.take() {
+                Some(c) => c,
+                None => match rx.recv().await {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
+            pending = self.step(cmd, &mut rx, &mut batch);
+        }
+    }
+
+    /// Carries out one command (an append gathers what else is queued into its
+    /// record); returns a command taken from the queue and not yet carried out.
+    fn step(&mut self, cmd: Cmd, rx: &mut mpsc::Receiver<Cmd>, batch: &mut Vec<Waiter>) -> Option<Cmd> {
+        match cmd {
+            Cmd::Append { messages, done, at } => {
+                self.start_record();
+                let mut entries = 0;
+                add(&mut self.buf, &mut entries, batch, messages, (done, at));
+                let pending = self.gather(rx, batch, &mut entries);
+                self.commit(batch, entries);
+                return pending;
+            }
+            Cmd::Checkpoint { state, at, done } => {
+                let _ = done.send(self.checkpoint(&state, at));
+            }
+            Cmd::Flush { done } => {
+                let _ = done.send(match &self.poisoned {
+                    Some(p) => Err(JournalError::Poisoned(p.clone())),
+                    None => Ok(self.next_seq),
+                });
+            }
+            Cmd::Read { from, done } => {
+                let _ = done.send(self.read_from(from));
+            }
+            Cmd::Truncate { from, done } => {
+                let result = self.truncate_from(from);
+                if let Err(e) = &result
+                    && !matches!(e, JournalError::OutOfRange { .. } | JournalError::Poisoned(_))
+                {
+                    // Half a truncation leaves the files in doubt, like a failed write.
+                    self.poison(e);
                 }
-                Cmd::Checkpoint { state, at, done } => {
-                    let _ = done.send(self.checkpoint(&state, at));
-                }
-                Cmd::Flush { done } => {
-                    let _ = done.send(match &self.poisoned {
-                        Some(p) => Err(JournalError::Poisoned(p.clone())),
-                        None => Ok(self.next_seq),
-                    });
-                }
-                Cmd::Read { from, done } => {
-                    let _ = done.send(self.read_from(from));
-                }
-                Cmd::Truncate { from, done } => {
-                    let result = self.truncate_from(from);
-                    if let Err(e) = &result
-                        && !matches!(e, JournalError::OutOfRange { .. } | JournalError::Poisoned(_))
-                    {
-                        // Half a truncation leaves the files in doubt, like a failed write.
-                        self.poison(e);
-                    }
-                    let _ = done.send(result);
-                }
-                Cmd::Purge { seq, done } => {
-                    let _ = done.send(self.purge_before(seq));
-                }
+                let _ = done.send(result);
+            }
+            Cmd::Purge { seq, done } => {
+                let _ = done.send(self.purge_before(seq));
             }
         }
+        None
     }
 
     fn start_record(&mut self) {
@@ -461,7 +491,7 @@ impl Writer {
                     add(&mut self.buf, entries, batch, messages, (done, at));
                 }
                 Ok(other) => return Some(other),
-                Err(mpsc::error::TryRecvError::Empty) if Instant::now() < deadline => {
+                Err(mpsc::error::TryRecvError::Empty) if Instant::now() < deadline && !self.config.writer_task => {
                     std::thread::sleep(Duration::from_micros(20));
                 }
                 Err(_) => return None,

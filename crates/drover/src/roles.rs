@@ -173,7 +173,7 @@ pub struct ControllerArgs {
     #[arg(long, env = "DROVER_CLUSTER_CA", requires = "member")]
     pub cluster_ca: Option<PathBuf>,
     /// A member that hears no leader for this long to twice this long campaigns
-    /// (heartbeats every eighth of it). A lost leader is replaced after about 2.5 to 4
+    /// (heartbeats every quarter of it). A lost leader is replaced after about 3 to 4
     /// times this; raise it where machines stall for longer (slow disks, overload).
     #[arg(long, env = "DROVER_ELECTION_TIMEOUT", default_value = "200ms", value_parser = parse_duration)]
     pub election_timeout: Duration,
