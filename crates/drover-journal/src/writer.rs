@@ -7,7 +7,8 @@
 //! log record, calls `fdatasync` once, and only then resolves the batch's tickets. A
 //! failed write or fsync resolves every waiting ticket with the error and poisons the
 //! journal: after a failed fsync the page cache can no longer be trusted, so nothing
-//! more is accepted.
+//! more is accepted. For simulation the writer can run as a task on the caller's
+//! runtime instead (`JournalConfig::writer_task`), doing the same steps.
 
 use std::future::Future;
 use std::path::PathBuf;

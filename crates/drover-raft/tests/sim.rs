@@ -18,7 +18,7 @@
 //!   an input of the common history.
 //!
 //! A failure names the seed; `DROVER_SIM_SEED=N` runs that one seed,
-//! `DROVER_SIM_SEEDS=K` runs K seeds (CI runs 100). Determinism is partial: openraft's
+//! `DROVER_SIM_SEEDS=K` runs K seeds (CI runs 300). Determinism is partial: openraft's
 //! own `select!` loops pick among ready branches at random, and tokio's random source
 //! cannot be seeded without `tokio_unstable`, so a failing seed may need a few runs to
 //! repeat; the fault schedule itself is the seed's.
@@ -225,10 +225,8 @@ type Acked = BTreeMap<u64, (u64, (u64, u64))>;
 
 /// Checks the invariants on the running replicas; `Err` says which broke.
 fn check(replicas: &BTreeMap<u64, Replica>, acked: &Acked) -> Result<Vec<u64>, String> {
-    let histories: Vec<(u64, Vec<u64>)> = replicas
-        .iter()
-        .filter_map(|(id, r)| r.machine.as_ref().map(|m| (*id, m.with_core(|h| h.0.clone()))))
-        .collect();
+    let histories: Vec<(u64, Vec<u64>)> =
+        replicas.iter().filter_map(|(id, r)| r.machine.as_ref().map(|m| (*id, m.with_core(|h| h.0.clone())))).collect();
     let longest = histories.iter().map(|(_, h)| h).max_by_key(|h| h.len()).cloned().unwrap_or_default();
     for (id, h) in &histories {
         if longest[..h.len()] != h[..] {
@@ -295,10 +293,7 @@ async fn simulate(seed: u64) -> Result<String, String> {
         for _ in 0..rng.below(4) {
             let leader = {
                 let w = lock(&world);
-                w.running
-                    .values()
-                    .find(|r| r.metrics().borrow().state == openraft::ServerState::Leader)
-                    .cloned()
+                w.running.values().find(|r| r.metrics().borrow().state == openraft::ServerState::Leader).cloned()
             };
             if let Some(raft) = leader {
                 let v = next_value.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -418,9 +413,23 @@ fn lock_acked(a: &Mutex<Acked>) -> std::sync::MutexGuard<'_, Acked> {
     a.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Real time one seed may take before the run is called stuck (a livelock in virtual
+/// time shows up as a seed that never ends).
+const STUCK_AFTER: Duration = Duration::from_secs(120);
+
 fn run(seed: u64) -> Result<String, String> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
-    rt.block_on(simulate(seed))
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        let _ = tx.send(rt.block_on(simulate(seed)));
+    });
+    match rx.recv_timeout(STUCK_AFTER) {
+        Ok(result) => result,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            Err(format!("seed {seed}: still running after {STUCK_AFTER:?} of real time (stuck)"))
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(format!("seed {seed}: the simulation panicked")),
+    }
 }
 
 #[test]
@@ -428,7 +437,7 @@ fn seeded_simulation_keeps_every_acknowledged_input_and_the_replicas_agree() {
     let seeds: Vec<u64> = match std::env::var("DROVER_SIM_SEED") {
         Ok(s) => vec![s.parse().expect("DROVER_SIM_SEED is a number")],
         Err(_) => {
-            let k = std::env::var("DROVER_SIM_SEEDS").ok().and_then(|k| k.parse().ok()).unwrap_or(100u64);
+            let k = std::env::var("DROVER_SIM_SEEDS").ok().and_then(|k| k.parse().ok()).unwrap_or(300u64);
             (1..=k).collect()
         }
     };
