@@ -61,7 +61,7 @@ impl StateMachine for History {
         Ok(self.0.iter().flat_map(|v| v.to_le_bytes()).collect())
     }
     fn restore(bytes: &[u8]) -> Result<Self, DecodeError> {
-        if bytes.len() % 8 != 0 {
+        if !bytes.len().is_multiple_of(8) {
             return Err(DecodeError("not a multiple of 8 bytes".into()));
         }
         Ok(History(bytes.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect()))
