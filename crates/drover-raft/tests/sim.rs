@@ -265,7 +265,7 @@ fn check(replicas: &BTreeMap<u64, Replica>, acked: &Acked) -> Result<Vec<u64>, S
 
 async fn simulate(seed: u64) -> Result<String, String> {
     let mut rng = Rng::new(seed);
-    let n: u64 = if seed % 2 == 0 { 3 } else { 5 };
+    let n: u64 = if seed.is_multiple_of(2) { 3 } else { 5 };
     let world: Shared = Arc::new(Mutex::new(World {
         rng: Rng::new(seed ^ 0xABCD),
         running: BTreeMap::new(),
