@@ -14,24 +14,12 @@ use std::sync::Arc;
 
 mod common;
 
-use common::Sum;
-use drover_journal::{FsStorage, Storage, machine::encode_input};
+use common::{Sum, id, normal};
+use drover_journal::{FsStorage, Storage};
 use drover_raft::log_store::journal_config;
-use drover_raft::{Inputs, RaftLog, RaftMachine};
+use drover_raft::{RaftLog, RaftMachine};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
-use openraft::{BasicNode, CommittedLeaderId, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, Vote};
-
-fn id(term: u64, index: u64) -> LogId<u64> {
-    LogId::new(CommittedLeaderId::new(term, 1), index)
-}
-
-fn normal(term: u64, index: u64, values: &[u64]) -> drover_raft::types::Entry {
-    let mut data = Vec::new();
-    for v in values {
-        data.extend_from_slice(&encode_input::<Sum>(v).unwrap());
-    }
-    openraft::Entry { log_id: id(term, index), payload: EntryPayload::Normal(Inputs(data)) }
-}
+use openraft::{BasicNode, EntryPayload, RaftLogReader, RaftSnapshotBuilder, Vote};
 
 fn golden() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/raft1")

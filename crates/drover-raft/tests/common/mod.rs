@@ -1,7 +1,9 @@
 //! Shared by the drover-raft tests: a tiny core whose state is the sum of its inputs.
 #![allow(dead_code)]
 
-use drover_journal::{DecodeError, EncodeError, StateMachine};
+use drover_journal::{DecodeError, EncodeError, StateMachine, machine::encode_input};
+use drover_raft::Inputs;
+use openraft::{CommittedLeaderId, EntryPayload, LogId};
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Sum(pub u64);
@@ -26,4 +28,18 @@ impl StateMachine for Sum {
     fn restore(bytes: &[u8]) -> Result<Self, DecodeError> {
         Sum::decode_input(bytes).map(Sum)
     }
+}
+
+/// The log id of entry `index` of `term` (led by member 1).
+pub fn id(term: u64, index: u64) -> LogId<u64> {
+    LogId::new(CommittedLeaderId::new(term, 1), index)
+}
+
+/// A normal entry committing the inputs `values` (to [`Sum`]).
+pub fn normal(term: u64, index: u64, values: &[u64]) -> drover_raft::types::Entry {
+    let mut data = Vec::new();
+    for v in values {
+        data.extend_from_slice(&encode_input::<Sum>(v).unwrap());
+    }
+    openraft::Entry { log_id: id(term, index), payload: EntryPayload::Normal(Inputs(data)) }
 }
