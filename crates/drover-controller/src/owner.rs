@@ -751,11 +751,22 @@ impl Owner {
         // never be seen not leading. A new term is a new leadership: its own fence, and
         // everything proposed in the old one is settled again from the commit.
         let renewed = leads && r.leading && r.fence.as_ref().is_some_and(|f| *f != fence);
+        let lease = r.member.leadership.lease();
         if renewed {
             self.step_down(release, format!("this controller (member {}) was elected again in term {}", m.id, id.term));
         }
+        // A leader that has not heard a majority for longer than the followers' lease
+        // may already be replaced on the other side of a partition: it stops serving at
+        // once (openraft keeps it leader until it hears the newer term) and serves
+        // again only once a majority acknowledges it.
+        let unheard = m.millis_since_quorum_ack.filter(|&ms| ms > lease.as_millis() as u64);
         let Backend::Replicated(r) = &self.log else { return Ok(()) };
-        if leads && !r.leading {
+        if let Some(ms) = unheard.filter(|_| leads && r.leading) {
+            tracing::warn!(since_ms = ms, "no majority has acknowledged this leader within the lease: stepping down");
+            self.step_down(release, format!("this controller (member {}) lost its majority ({ms} ms unheard)", m.id));
+        }
+        let Backend::Replicated(r) = &self.log else { return Ok(()) };
+        if leads && !r.leading && unheard.is_none() {
             self.take_lead(release, fence).await?;
         } else if !leads && r.leading {
             self.step_down(release, format!("this controller (member {}) stopped leading", m.id));

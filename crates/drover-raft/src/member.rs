@@ -249,6 +249,12 @@ pub enum TransferError {
 }
 
 impl Leadership {
+    /// The followers' lease on a leader (the longest election timeout): a leader no
+    /// majority acknowledged for longer may have been replaced.
+    pub fn lease(&self) -> Duration {
+        self.timing.election.1
+    }
+
     /// Whether a handover is under way (the shell proposes nothing meanwhile).
     pub fn handing_over(&self) -> bool {
         self.handing_over.load(Ordering::SeqCst)

@@ -318,9 +318,11 @@ fn first_command_fence(admission: &str, join: &str) -> Option<drover_proto::v1::
 
 /// Membership 3 → 5 → 3 under a load of acknowledged commands, and a member away while
 /// the others compacted their logs is caught up by a snapshot: every acknowledged
-/// command is on the leader at the end, and the returning member holds them too.
+/// command is on the leader at the end, and the returning member holds them too. Then
+/// a leader whose followers stop answering stops serving, and serves again after.
 #[test]
-fn membership_grows_to_five_and_back_to_three_under_load_and_a_member_away_catches_up_by_snapshot() {
+fn membership_grows_to_five_and_back_to_three_under_load_a_member_away_catches_up_by_snapshot_and_an_isolated_leader_steps_down()
+ {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("cluster.secret");
     let made = std::process::Command::new(drover_bin()).args(["cluster", "secret"]).output().unwrap();
@@ -464,6 +466,36 @@ fn membership_grows_to_five_and_back_to_three_under_load_and_a_member_away_catch
     let listed = text(&cli_at(&grpc_of(&remaining), &admin, &["token", "list"]));
     let missing: Vec<&String> = acknowledged.iter().filter(|d| !listed.contains(d.as_str())).collect();
     assert!(missing.is_empty(), "acknowledged but missing: {missing:?}");
+    // A leader cut off from its majority (both followers stopped with SIGSTOP) stops
+    // serving within its lease, and serves again once they answer.
+    let followers: Vec<u32> =
+        remaining.iter().filter(|m| m.id != leader).map(|m| m.ctl.proc.as_ref().unwrap().pid()).collect();
+    let signal = |sig: &str| {
+        for pid in &followers {
+            assert!(std::process::Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
+        }
+    };
+    let leader_member = remaining.iter().find(|m| m.id == leader).unwrap();
+    signal("-STOP");
+    let stepped = wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&leader_member.ctl.log)
+            .is_ok_and(|l| l.contains("no majority has acknowledged this leader within the lease"))
+    });
+    let alone = cli(leader_member.ctl.grpc, &admin, &["token", "list"]);
+    signal("-CONT");
+    assert!(stepped, "the isolated leader did not step down");
+    assert!(
+        !alone.status.success() && text(&alone).contains("does not lead"),
+        "the isolated leader refuses, naming why: {}",
+        text(&alone)
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || cli_at(&grpc_of(&remaining), &admin, &["token", "list"])
+            .status
+            .success()),
+        "the group serves again once the followers answer"
+    );
+
     // The member that came back by snapshot stayed, and is caught up (lag 0).
     assert!(ids.contains(&members[away].id));
     let back = s["members"].as_array().unwrap().iter().find(|m| m["id"] == members[away].id).unwrap().clone();
