@@ -417,6 +417,11 @@ fn raft_metrics(c: &crate::cluster::ClusterHandle) -> String {
             "Snapshots this member installed from a leader.",
             st.snapshots_installed,
         ),
+        (
+            "drover_raft_campaigns_after_refusal_total",
+            "Campaigns this member began at once after refusing a candidate whose log was behind its own.",
+            st.campaigns_after_refusal,
+        ),
     ];
     for (name, help, v) in counters {
         family(&mut out, name, "counter", help, &one(v));

@@ -16,6 +16,8 @@
 //!   committed entries are applied to the core in order; snapshots are the core's
 //!   checkpoints plus the applied log id and membership.
 //!
+//! - [`inbound`]: what a member does with requests from the others (openraft's,
+//!   plus a campaign at once after refusing a candidate whose log is behind);
 //! - [`network`]: the Raft port (length-prefixed postcard frames behind the
 //!   cluster-secret handshake of [`secret`], inside mutual TLS of [`tls`] when on);
 //! - [`member`]: one member started the way every replica starts (log, machine,
@@ -23,6 +25,7 @@
 //! - [`status`]: each member's view of itself and the cluster view made of them;
 //! - [`stats`]: elections, leader changes, commit latency and snapshot counts.
 
+pub mod inbound;
 pub mod log_store;
 pub mod machine;
 pub mod member;

@@ -20,6 +20,7 @@ use drover_journal::{Journal, StateMachine, Storage};
 use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
 use tokio::net::TcpListener;
 
+use crate::inbound::Inbound;
 use crate::log_store::{RaftLog, journal_config};
 use crate::machine::RaftMachine;
 use crate::network::{Network, serve};
@@ -169,7 +170,8 @@ where
         let raft = Raft::new(settings.id, config, network, log, machine.clone())
             .await
             .map_err(|e| MemberError::Raft(e.to_string()))?;
-        let server = tokio::spawn(serve(settings.listener, raft.clone(), settings.creds.clone(), settings.about));
+        let inbound = Inbound::new(raft.clone(), &settings.timing, stats.clone());
+        let server = tokio::spawn(serve(settings.listener, inbound, settings.creds.clone(), settings.about));
         let founder = settings.peers.contains_key(&settings.id);
         let initialized = raft.is_initialized().await.map_err(|e| MemberError::Raft(e.to_string()))?;
         if founder && !initialized {

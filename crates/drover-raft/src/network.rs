@@ -15,17 +15,18 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::BasicNode;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
-use openraft::{BasicNode, Raft};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::inbound::Inbound;
 use crate::secret::SecretError;
 use crate::stats::RaftStats;
 use crate::status::{Addresses, MemberStatus};
@@ -118,10 +119,10 @@ pub fn decode_response(body: &[u8]) -> Result<(), FrameError> {
 }
 
 /// Serves the Raft port: every connection that completes TLS (when `creds` has it) and
-/// proves it holds the cluster secret has its requests go to `raft`, in order; a
+/// proves it holds the cluster secret has its requests go to `inbound`, in order; a
 /// status request is answered with this member's view of itself, `about` naming its
 /// addresses.
-pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, creds: Credentials, about: Addresses) {
+pub async fn serve(listener: TcpListener, inbound: Inbound, creds: Credentials, about: Addresses) {
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(a) => a,
@@ -132,7 +133,7 @@ pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, creds: Credent
             }
         };
         let _ = stream.set_nodelay(true);
-        let (raft, creds, about) = (raft.clone(), creds.clone(), about.clone());
+        let (inbound, creds, about) = (inbound.clone(), creds.clone(), about.clone());
         tokio::spawn(async move {
             let handshakes = async {
                 let mut stream: Box<dyn Io> = match &creds.tls {
@@ -157,23 +158,23 @@ pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, creds: Credent
                     return;
                 }
             };
-            if let Err(e) = serve_connection(stream, raft, about).await {
+            if let Err(e) = serve_connection(stream, inbound, about).await {
                 tracing::debug!(%from, error = %e, "raft connection ended");
             }
         });
     }
 }
 
-async fn serve_connection(mut stream: Box<dyn Io>, raft: Raft<TypeConfig>, about: Addresses) -> Result<(), FrameError> {
+async fn serve_connection(mut stream: Box<dyn Io>, inbound: Inbound, about: Addresses) -> Result<(), FrameError> {
     loop {
         let response = match read_frame::<Request>(&mut stream).await {
-            Ok(Request::Status) => Response::Status(MemberStatus::of(&raft, &about)),
-            Ok(Request::Append(r)) => Response::Append(raft.append_entries(r).await),
-            Ok(Request::Vote(r)) => Response::Vote(raft.vote(r).await),
-            Ok(Request::Snapshot(r)) => Response::Snapshot(raft.install_snapshot(r).await),
+            Ok(Request::Status) => Response::Status(MemberStatus::of(inbound.raft(), &about)),
+            Ok(Request::Append(r)) => Response::Append(inbound.append_entries(r).await),
+            Ok(Request::Vote(r)) => Response::Vote(inbound.vote(r).await),
+            Ok(Request::Snapshot(r)) => Response::Snapshot(inbound.install_snapshot(r).await),
             Ok(Request::Elect) => {
                 tracing::info!("campaigning now: the leader hands leadership to this member");
-                Response::Elect(raft.trigger().elect().await.map_err(|e| e.to_string()))
+                Response::Elect(inbound.raft().trigger().elect().await.map_err(|e| e.to_string()))
             }
             Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => {

@@ -22,6 +22,9 @@ pub struct RaftStats {
     pub snapshots_sent: AtomicU64,
     /// Snapshots this member installed from a leader (it had fallen behind).
     pub snapshots_installed: AtomicU64,
+    /// Campaigns this member began at once after refusing a candidate whose log was
+    /// behind its own ([`crate::inbound`]).
+    pub campaigns_after_refusal: AtomicU64,
 }
 
 impl Default for RaftStats {
@@ -33,6 +36,7 @@ impl Default for RaftStats {
             snapshots_built: AtomicU64::new(0),
             snapshots_sent: AtomicU64::new(0),
             snapshots_installed: AtomicU64::new(0),
+            campaigns_after_refusal: AtomicU64::new(0),
         }
     }
 }
@@ -52,6 +56,8 @@ pub struct StatsSnapshot {
     pub snapshots_sent: u64,
     /// See [`RaftStats::snapshots_installed`].
     pub snapshots_installed: u64,
+    /// See [`RaftStats::campaigns_after_refusal`].
+    pub campaigns_after_refusal: u64,
 }
 
 impl RaftStats {
@@ -70,6 +76,7 @@ impl RaftStats {
             snapshots_built: get(&self.snapshots_built),
             snapshots_sent: get(&self.snapshots_sent),
             snapshots_installed: get(&self.snapshots_installed),
+            campaigns_after_refusal: get(&self.campaigns_after_refusal),
         }
     }
 }

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use common::Sum;
 use drover_journal::{FsStorage, Storage, machine::encode_input};
+use drover_raft::inbound::Inbound;
 use drover_raft::log_store::journal_config;
+use drover_raft::member::Timing;
 use drover_raft::network::{Network, serve};
 use drover_raft::secret::ClusterSecret;
 use drover_raft::tls::{Credentials, RaftTls};
@@ -55,7 +57,13 @@ async fn start_with(id: u64, dir: &std::path::Path, addr: &str, creds: Credentia
     let raft =
         Raft::new(id, config(), Network::new(creds.clone(), Default::default()), log, machine.clone()).await.unwrap();
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let server = tokio::spawn(serve(listener, raft.clone(), creds, Default::default()));
+    let timing = Timing::from_election_timeout(Duration::from_millis(400));
+    let server = tokio::spawn(serve(
+        listener,
+        Inbound::new(raft.clone(), &timing, Default::default()),
+        creds,
+        Default::default(),
+    ));
     Replica { raft, machine, server }
 }
 

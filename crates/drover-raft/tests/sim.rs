@@ -28,8 +28,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use drover_journal::{DecodeError, EncodeError, MemStorage, StateMachine, Storage, machine::encode_input};
+use drover_raft::inbound::Inbound;
 use drover_raft::log_store::journal_config;
 use drover_raft::member::Timing;
+use drover_raft::stats::RaftStats;
 use drover_raft::{Inputs, RaftLog, RaftMachine, TypeConfig};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -92,10 +94,12 @@ impl Rng {
 /// The simulated network: who runs, which links are cut, how lossy it is.
 struct World {
     rng: Rng,
-    running: BTreeMap<u64, Raft<TypeConfig>>,
+    running: BTreeMap<u64, Inbound>,
     /// One-way cuts: (from, to).
     cut: BTreeSet<(u64, u64)>,
     loss_per_mille: u64,
+    /// Every replica's counters, summed (campaigns after a refusal, in the summary).
+    stats: Arc<RaftStats>,
 }
 
 type Shared = Arc<Mutex<World>>;
@@ -142,7 +146,7 @@ impl SimPeer {
     async fn call<T, E, F, Fut>(&self, ttl: Duration, f: F) -> Result<T, RPCError<u64, BasicNode, RaftError<u64, E>>>
     where
         E: std::error::Error,
-        F: FnOnce(Raft<TypeConfig>) -> Fut,
+        F: FnOnce(Inbound) -> Fut,
         Fut: std::future::Future<Output = Result<T, RaftError<u64, E>>>,
     {
         let (there, arrives) = self.leg(self.from, self.to);
@@ -206,14 +210,16 @@ async fn boot(id: u64, replica: &mut Replica, world: &Shared) {
     let raft_config = Arc::new(timing.config(id).unwrap());
     let net = SimNet { from: id, world: world.clone() };
     let raft = Raft::new(id, raft_config, net, log, machine.clone()).await.unwrap();
-    lock(world).running.insert(id, raft);
+    let mut w = lock(world);
+    let stats = w.stats.clone();
+    w.running.insert(id, Inbound::new(raft, &timing, stats));
     replica.machine = Some(machine);
 }
 
 async fn crash(id: u64, replica: &mut Replica, world: &Shared) {
-    let raft = lock(world).running.remove(&id);
-    if let Some(raft) = raft {
-        let _ = tokio::time::timeout(Duration::from_secs(5), raft.shutdown()).await;
+    let inbound = lock(world).running.remove(&id);
+    if let Some(inbound) = inbound {
+        let _ = tokio::time::timeout(Duration::from_secs(5), inbound.raft().shutdown()).await;
     }
     replica.machine = None;
     // A power cut: whatever was written and not synced is gone.
@@ -271,6 +277,7 @@ async fn simulate(seed: u64) -> Result<String, String> {
         running: BTreeMap::new(),
         cut: BTreeSet::new(),
         loss_per_mille: 0,
+        stats: Arc::default(),
     }));
     let mut replicas: BTreeMap<u64, Replica> =
         (1..=n).map(|id| (id, Replica { disk: MemStorage::new(), machine: None })).collect();
@@ -278,7 +285,7 @@ async fn simulate(seed: u64) -> Result<String, String> {
         boot(*id, r, &world).await;
     }
     let members: BTreeMap<u64, BasicNode> = (1..=n).map(|id| (id, BasicNode::new(format!("sim-{id}")))).collect();
-    let founders: Vec<Raft<TypeConfig>> = lock(&world).running.values().cloned().collect();
+    let founders: Vec<Raft<TypeConfig>> = lock(&world).running.values().map(|i| i.raft().clone()).collect();
     for raft in founders {
         let _ = raft.initialize(members.clone()).await;
     }
@@ -291,10 +298,7 @@ async fn simulate(seed: u64) -> Result<String, String> {
     for _ in 0..steps {
         // A few client writes through whoever leads right now.
         for _ in 0..rng.below(4) {
-            let leader = {
-                let w = lock(&world);
-                w.running.values().find(|r| r.metrics().borrow().state == openraft::ServerState::Leader).cloned()
-            };
+            let leader = leader_of(&world);
             if let Some(raft) = leader {
                 let v = next_value.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let acked = acked.clone();
@@ -357,10 +361,7 @@ async fn simulate(seed: u64) -> Result<String, String> {
     let final_value = next_value.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let mut committed = false;
     for _ in 0..100 {
-        let leader = {
-            let w = lock(&world);
-            w.running.values().find(|r| r.metrics().borrow().state == openraft::ServerState::Leader).cloned()
-        };
+        let leader = leader_of(&world);
         if let Some(raft) = leader {
             let input = Inputs(encode_input::<History>(&final_value).unwrap().to_vec());
             if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(3), raft.client_write(input)).await {
@@ -398,15 +399,22 @@ async fn simulate(seed: u64) -> Result<String, String> {
     if let Some(v) = outputs.iter().find(|v| !held.contains(v)) {
         return Err(format!("seed {seed}: output {v} for an input that is not in the committed history"));
     }
-    let rafts: Vec<Raft<TypeConfig>> = lock(&world).running.values().cloned().collect();
+    let rafts: Vec<Raft<TypeConfig>> = lock(&world).running.values().map(|i| i.raft().clone()).collect();
     for raft in rafts {
         let _ = tokio::time::timeout(Duration::from_secs(5), raft.shutdown()).await;
     }
+    let hastened = lock(&world).stats.campaigns_after_refusal.load(std::sync::atomic::Ordering::Relaxed);
     Ok(format!(
-        "seed {seed}: {n} replicas, {} acknowledged of {} proposed, {crashes} crashes, {partitions} cuts",
+        "seed {seed}: {n} replicas, {} acknowledged of {} proposed, {crashes} crashes, {partitions} cuts, {hastened} campaigns after a refusal",
         acked.len(),
         final_value
     ))
+}
+
+/// Whoever leads right now, if anyone does.
+fn leader_of(world: &Shared) -> Option<Raft<TypeConfig>> {
+    let w = lock(world);
+    w.running.values().map(Inbound::raft).find(|r| r.metrics().borrow().state == openraft::ServerState::Leader).cloned()
 }
 
 fn lock_acked(a: &Mutex<Acked>) -> std::sync::MutexGuard<'_, Acked> {
