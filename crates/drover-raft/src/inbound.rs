@@ -11,6 +11,24 @@
 //! election, 1.2 to 1.5 s with the default timing instead of 0.6 to 0.9 s (the
 //! measured p99 of BENCHMARKS.md before this).
 //!
+//! And a member busy with an append from the leader does not campaign. openraft
+//! restarts a follower's election timer when an append arrives, but answers it only
+//! once the entries are on disk, and the leader sends nothing else to that member
+//! meanwhile, heartbeats included: a follower whose disk (or CPU) stalls for longer
+//! than the lease plus its timeout campaigns against a leader it is hearing, and
+//! deposes it (measured: appends of 1.7 to 2.3 s on a member catching up under load,
+//! each followed by a needless election). So elections are off on a member while an
+//! append is in progress, and back on after the last one ends: at once after a quick
+//! one, a lease after a slow one unless the leader spoke again meanwhile (as if
+//! openraft's timer had restarted when the member answered). If the leader dies
+//! meanwhile, the member campaigns up to a lease later than it would have.
+//!
+//! A member restarting into a running group holds its elections the same way until
+//! the leader reaches it, for at most [`Inbound::hold_elections`]'s grace: openraft
+//! 0.9 has no pre-vote, so a member that campaigns before the leader has reconnected
+//! to it raises the term and deposes a healthy leader (seen in the kill benchmark: a
+//! member restarted 1.8 s earlier campaigned and cost the group a leader change).
+//!
 //! The refuser knows the leader is gone: it has itself heard no leader for a lease
 //! (tracked here from the append and snapshot requests it receives), so it would
 //! campaign within one more timeout anyway; and it has not voted in the candidate's
@@ -44,6 +62,8 @@ pub struct Inbound {
     raft: Raft<TypeConfig>,
     /// The followers' lease: how long a member that heard a leader refuses to vote.
     lease: Duration,
+    /// The leader's heartbeat interval.
+    heartbeat: Duration,
     clock: Arc<Mutex<Clock>>,
     stats: Arc<RaftStats>,
 }
@@ -54,6 +74,12 @@ struct Clock {
     heard_leader: Option<Instant>,
     /// When this member last campaigned after a refusal.
     campaigned: Option<Instant>,
+    /// Appends being handled now (elections are off while any is).
+    appending: usize,
+    /// Counts appends begun, so a delayed re-enabling can tell a newer one came.
+    begun: u64,
+    /// Elections are held until a leader is heard (a restarting member).
+    holding: bool,
 }
 
 /// Whether, after answering `req` with `resp`, a member that has heard no leader for a
@@ -72,7 +98,40 @@ impl Inbound {
     /// The receiving side of `raft`, whose group runs under `timing`; campaigns after
     /// a refusal are counted in `stats`.
     pub fn new(raft: Raft<TypeConfig>, timing: &Timing, stats: Arc<RaftStats>) -> Inbound {
-        Inbound { raft, lease: timing.election.1, clock: Arc::default(), stats }
+        Inbound { raft, lease: timing.election.1, heartbeat: timing.heartbeat, clock: Arc::default(), stats }
+    }
+
+    /// Holds this member's elections ([`Inbound::hold_elections`], for
+    /// [`Timing::restart_grace`]) when it restarts into a group of several voters.
+    pub async fn hold_if_restarting(&self, timing: &Timing) {
+        let initialized = self.raft.is_initialized().await.unwrap_or(false);
+        let voters = self.raft.metrics().borrow().membership_config.membership().voter_ids().count();
+        if initialized && voters > 1 {
+            self.hold_elections(timing.restart_grace());
+        }
+    }
+
+    /// Holds this member's elections until a leader's first append arrives, or `grace`
+    /// passes (for a member restarting into a running group; see the module
+    /// documentation).
+    pub fn hold_elections(&self, grace: Duration) {
+        self.clock().holding = true;
+        self.raft.runtime_config().elect(false);
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let mut clock = me.clock();
+            if clock.holding {
+                clock.holding = false;
+                if clock.appending == 0 {
+                    tracing::info!(
+                        grace_ms = grace.as_millis() as u64,
+                        "no leader reached this member since it started: it may campaign"
+                    );
+                    me.raft.runtime_config().elect(true);
+                }
+            }
+        });
     }
 
     /// The member's openraft.
@@ -89,8 +148,47 @@ impl Inbound {
         &self,
         req: AppendEntriesRequest<TypeConfig>,
     ) -> Result<AppendEntriesResponse<u64>, RaftError<u64>> {
-        self.clock().heard_leader = Some(Instant::now());
-        self.raft.append_entries(req).await
+        let arrived = Instant::now();
+        let begun = {
+            let mut clock = self.clock();
+            clock.heard_leader = Some(arrived);
+            clock.holding = false;
+            clock.appending += 1;
+            clock.begun += 1;
+            self.raft.runtime_config().elect(false);
+            clock.begun
+        };
+        let entries = req.entries.len();
+        let answer = self.raft.append_entries(req).await;
+        let took = arrived.elapsed();
+        let mut clock = self.clock();
+        clock.appending -= 1;
+        if took > self.lease / 2 {
+            tracing::warn!(
+                took_ms = took.as_millis() as u64,
+                entries,
+                "an append from the leader took long (a slow disk?); this member did not campaign meanwhile"
+            );
+        }
+        if clock.appending == 0 {
+            if took < self.heartbeat {
+                // openraft's timer restarted less than a heartbeat ago.
+                self.raft.runtime_config().elect(true);
+            } else {
+                // Counted from the answer, as if openraft's timer restarted now: back
+                // on a lease from now, unless another append began (the leader had that
+                // long to speak again).
+                let me = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(me.lease).await;
+                    let clock = me.clock();
+                    if clock.appending == 0 && clock.begun == begun {
+                        me.raft.runtime_config().elect(true);
+                    }
+                });
+            }
+        }
+        answer
     }
 
     /// A snapshot chunk from a leader.

@@ -68,6 +68,13 @@ impl Timing {
         Timing { heartbeat: t / 4, election: (t, t * 2), snapshot_every: 50_000 }
     }
 
+    /// How long a member restarting into a running group waits for the leader to
+    /// reach it before it may campaign: twice the lease plus the longest timeout (the
+    /// leader retries an unreachable member every 500 ms).
+    pub fn restart_grace(&self) -> Duration {
+        (self.election.1 * 2 + self.election.1).max(Duration::from_millis(1500))
+    }
+
     /// openraft's configuration for `member` under this timing (every member draws its
     /// election timeout from the whole range).
     ///
@@ -171,9 +178,10 @@ where
             .await
             .map_err(|e| MemberError::Raft(e.to_string()))?;
         let inbound = Inbound::new(raft.clone(), &settings.timing, stats.clone());
-        let server = tokio::spawn(serve(settings.listener, inbound, settings.creds.clone(), settings.about));
         let founder = settings.peers.contains_key(&settings.id);
         let initialized = raft.is_initialized().await.map_err(|e| MemberError::Raft(e.to_string()))?;
+        inbound.hold_if_restarting(&settings.timing).await;
+        let server = tokio::spawn(serve(settings.listener, inbound, settings.creds.clone(), settings.about));
         if founder && !initialized {
             let members: BTreeMap<u64, BasicNode> =
                 settings.peers.iter().map(|(id, addr)| (*id, BasicNode::new(addr))).collect();

@@ -210,9 +210,10 @@ async fn boot(id: u64, replica: &mut Replica, world: &Shared) {
     let raft_config = Arc::new(timing.config(id).unwrap());
     let net = SimNet { from: id, world: world.clone() };
     let raft = Raft::new(id, raft_config, net, log, machine.clone()).await.unwrap();
-    let mut w = lock(world);
-    let stats = w.stats.clone();
-    w.running.insert(id, Inbound::new(raft, &timing, stats));
+    let stats = lock(world).stats.clone();
+    let inbound = Inbound::new(raft, &timing, stats);
+    inbound.hold_if_restarting(&timing).await;
+    lock(world).running.insert(id, inbound);
     replica.machine = Some(machine);
 }
 
