@@ -48,6 +48,13 @@ pub(crate) struct ClusterHandle {
 
 /// Starts this controller's member of the group: its log and snapshot in
 /// `DATA_DIR/raft`, the Raft port, and the task keeping the leader hint current.
+/// The core's random seed in a group: derived from the cluster secret, so every
+/// member's core makes the same choices (and a what-if run holding the secret can
+/// replay a log from its first entry).
+pub fn core_seed(secret: &drover_raft::secret::ClusterSecret) -> u64 {
+    u64::from_le_bytes(secret.derive("core seed")[..8].try_into().expect("8 of 32 bytes"))
+}
+
 pub(crate) async fn start(
     config: &ControllerConfig,
     c: &ClusterSettings,
@@ -57,9 +64,8 @@ pub(crate) async fn start(
 ) -> Result<(Backend, ClusterHandle), ShellError> {
     let about: Addresses = Arc::new(about);
     let creds = Credentials { secret: c.secret.clone(), tls: c.tls.clone() };
-    let seed = u64::from_le_bytes(c.secret.derive("core seed")[..8].try_into().expect("8 of 32 bytes"));
     let mut core = config.core.clone();
-    core.seed = seed;
+    core.seed = core_seed(&c.secret);
     let settings = Settings {
         id: c.member,
         dir: config.data_dir.join("raft"),

@@ -31,6 +31,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use cluster::core_seed;
 pub use drover_core::{Config as CoreConfig, Policy};
 pub use drover_journal::{Faults, FaultyStorage, FsStorage, Storage};
 use drover_journal::{FsyncMode, JournalConfig, RecoveryMode};

@@ -9,7 +9,9 @@
 //! membership, saved durably in the file [`SNAPSHOT_FILE`] (format 1: the length of a
 //! header u32, the header (last applied log id and membership log id, each a present
 //! byte and term, node id, index u64; the membership as `record` encodes it; the
-//! snapshot id), then the core's checkpoint bytes).
+//! snapshot id), then the core's checkpoint bytes). The snapshot it replaces is kept,
+//! in the same format, as [`PREVIOUS_SNAPSHOT_FILE`]: with the log the journal keeps
+//! since the previous purge, it is where an upgrade what-if run starts ([`what_if_dir`]).
 
 use std::io::Cursor;
 use std::path::PathBuf;
@@ -29,6 +31,10 @@ use crate::types::{Entry, Inputs, LogId, StorageError, TypeConfig};
 
 /// The file holding the newest snapshot, beside the journal's files.
 pub const SNAPSHOT_FILE: &str = "raft-snapshot";
+
+/// The file holding the snapshot before the newest (written since the format of
+/// release 0.1's `raft2` golden directory; older directories have none).
+pub const PREVIOUS_SNAPSHOT_FILE: &str = "raft-snapshot.prev";
 
 type Meta = SnapshotMeta<u64, BasicNode>;
 
@@ -188,6 +194,26 @@ impl<M: StateMachine> std::ops::Deref for Core<'_, M> {
     }
 }
 
+/// Saves `new` as the snapshot file at `path`, after keeping `old` (the snapshot it
+/// replaces, if any) as [`PREVIOUS_SNAPSHOT_FILE`] beside it. A crash between the two
+/// leaves both files holding the old snapshot, which is still the current one.
+async fn save_snapshot(
+    storage: Arc<dyn Storage>,
+    path: PathBuf,
+    old: Option<Vec<u8>>,
+    new: Vec<u8>,
+) -> Result<(), StorageError> {
+    tokio::task::spawn_blocking(move || {
+        if let Some(old) = old {
+            storage.write_atomic(&path.with_file_name(PREVIOUS_SNAPSHOT_FILE), &old)?;
+        }
+        storage.write_atomic(&path, &new)
+    })
+    .await
+    .map_err(snapshot_err)?
+    .map_err(snapshot_err)
+}
+
 /// The applied state as the snapshot file at `path` holds it (a fresh core from
 /// `fresh` when there is none); `keep`: whether outputs are kept (see
 /// [`RaftMachine::keep_outputs`]).
@@ -264,6 +290,163 @@ pub fn replay_dir<M: StateMachine>(
     Ok(Replayed { core: a.machine, snapshot_index, last: a.last_applied, entries })
 }
 
+/// One stretch of a member's log replayed between two of its states.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Stretch {
+    /// The first entry replayed (the state it started from covers those before).
+    pub first_index: u64,
+    /// The snapshot compared at the end: it covers the entries up to this one.
+    pub snapshot_index: u64,
+    /// Normal entries (batches of inputs) replayed.
+    pub entries: u64,
+}
+
+/// Where a what-if run over a member's directory started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayStart {
+    /// Nowhere: no state the log continues (nothing was replayed).
+    #[default]
+    Nowhere,
+    /// A fresh core, at the group's first entry.
+    FirstEntry,
+    /// The snapshot covering the entries up to this one.
+    Snapshot(u64),
+}
+
+/// The outcome of a what-if run over a member's directory ([`what_if_dir`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MemberWhatIf {
+    /// Where replay started.
+    pub start: ReplayStart,
+    /// The log still starts at the group's first entry, but no seeded core was given
+    /// to replay it from there.
+    pub first_entry_unused: bool,
+    /// Stretches that replayed to exactly the snapshot's state.
+    pub matched: Vec<Stretch>,
+    /// The first stretch that did not, and the first part of the state that differs.
+    pub diverged: Option<(Stretch, String)>,
+    /// Normal entries after the last compared snapshot: replayed, nothing to compare.
+    pub unchecked_entries: u64,
+    /// Snapshots (by the entry they cover) not compared, and why.
+    pub skipped: Vec<(u64, String)>,
+}
+
+fn read_snapshot<M: StateMachine>(storage: &dyn Storage, path: &std::path::Path) -> Result<Option<(u64, M)>, String> {
+    let bytes = match storage.read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+    };
+    let (meta, core) = decode_snapshot(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let core = M::restore(core).map_err(|e| format!("{}: the core does not restore: {e}", path.display()))?;
+    Ok(meta.last_log_id.map(|l| (l.index, core)))
+}
+
+/// Upgrade what-if over the member whose Raft directory is `dir` (give it a copy, as
+/// for [`replay_dir`]): this binary's core replays the log from the oldest state the
+/// directory holds that the log continues (the previous snapshot; the start of the
+/// log when `fresh` is given, since a member's core is seeded from the cluster
+/// secret), and its state is compared with every later snapshot the directory holds.
+/// The journal keeps the log back to the purge before last, so the previous snapshot
+/// is normally covered; a member caught up by a snapshot from the leader has a gap
+/// instead, reported as a snapshot not compared.
+pub fn what_if_dir<M: StateMachine + drover_journal::Divergence>(
+    dir: &std::path::Path,
+    storage: Arc<dyn Storage>,
+    fresh: Option<M>,
+) -> Result<MemberWhatIf, String> {
+    let mut recorded: Vec<(u64, M)> = Vec::new();
+    for name in [PREVIOUS_SNAPSHOT_FILE, SNAPSHOT_FILE] {
+        if let Some(s) = read_snapshot::<M>(&*storage, &dir.join(name))? {
+            recorded.push(s);
+        }
+    }
+    recorded.sort_by_key(|(i, _)| *i);
+    recorded.dedup_by_key(|(i, _)| *i);
+    let recovery = drover_journal::recovery::recover_from(
+        &crate::log_store::journal_config(dir),
+        &storage,
+        drover_journal::recovery::Start::OldestCheckpoint,
+    )
+    .map_err(|e| format!("reading the log: {e}"))?;
+    let decode = |m: Result<ReplayEntry, drover_journal::JournalError>| -> Result<Entry, String> {
+        let m = m.map_err(|e| format!("reading the log: {e}"))?;
+        record::decode_entry(&m.message)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("record {} holds a message that is not a Raft entry", m.seq))
+    };
+    let mut log = recovery.entries().map(decode).peekable();
+    let first = match log.peek() {
+        Some(Ok(e)) => e.log_id.index,
+        Some(Err(e)) => return Err(e.clone()),
+        None => u64::MAX,
+    };
+    let mut report = MemberWhatIf::default();
+    // The oldest state the log continues: the start (entry 0 is the group's first
+    // membership), else the oldest snapshot whose next entry the log holds.
+    let start = match fresh {
+        Some(core) if first == 0 => (None, core),
+        _ => {
+            report.first_entry_unused = first == 0;
+            let Some(at) = recorded.iter().position(|(i, _)| i.saturating_add(1) >= first) else {
+                report.skipped.extend(recorded.iter().map(|(i, _)| (*i, "the log does not reach back to it".into())));
+                return Ok(report);
+            };
+            let (index, core) = recorded.remove(at);
+            report.skipped.extend(recorded.drain(..at).map(|(i, _)| (i, "older than the log".into())));
+            (Some(index), core)
+        }
+    };
+    report.start = start.0.map_or(ReplayStart::FirstEntry, ReplayStart::Snapshot);
+    let mut a = Applied {
+        machine: start.1,
+        last_applied: None,
+        membership: StoredMembership::default(),
+        outputs: Vec::new(),
+        snapshot: None,
+        built: 0,
+        keep: false,
+    };
+    let mut at = start.0;
+    let mut targets = recorded.into_iter().filter(move |(i, _)| Some(*i) > start.0).peekable();
+    let mut stretch = Stretch { first_index: at.map_or(0, |i| i + 1), snapshot_index: 0, entries: 0 };
+    for entry in log {
+        let entry = entry?;
+        let index = entry.log_id.index;
+        if at.is_some_and(|a| index <= a) {
+            continue;
+        }
+        let expected = at.map_or(0, |a| a + 1);
+        if index != expected {
+            let why = format!(
+                "the log skips from entry {expected} to {index} (a snapshot from the leader caught this member up)"
+            );
+            report.skipped.extend(targets.map(|(i, _)| (i, why.clone())));
+            return Ok(report);
+        }
+        if let EntryPayload::Normal(Inputs(data)) = &entry.payload {
+            apply_inputs(&mut a, entry.log_id, data)?;
+            stretch.entries += 1;
+        }
+        at = Some(index);
+        if let Some((_, recorded)) = targets.next_if(|(target, _)| *target == index) {
+            let done = Stretch { snapshot_index: index, ..stretch.clone() };
+            stretch = Stretch { first_index: index + 1, snapshot_index: 0, entries: 0 };
+            match a.machine.first_difference(&recorded) {
+                None => report.matched.push(done),
+                Some(part) => {
+                    report.diverged = Some((done, part));
+                    return Ok(report);
+                }
+            }
+        }
+    }
+    report.skipped.extend(targets.map(|(i, _)| (i, "past the end of the log".into())));
+    report.unchecked_entries = stretch.entries;
+    Ok(report)
+}
+
 /// Applies one normal entry's input messages.
 fn apply_inputs<M: StateMachine>(a: &mut Applied<M>, id: LogId, data: &[u8]) -> Result<(), String> {
     let mut at = 0;
@@ -290,7 +473,7 @@ where
     M::Output: Send + Sync,
 {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (meta, bytes) = {
+        let (meta, bytes, old) = {
             let mut a = lock(&self.applied);
             a.built += 1;
             let core = a.machine.checkpoint().map_err(snapshot_err)?;
@@ -300,13 +483,9 @@ where
             };
             let meta = Meta { last_log_id: a.last_applied, last_membership: a.membership.clone(), snapshot_id };
             let bytes = encode_snapshot(&meta, &core);
-            (meta, bytes)
+            (meta, bytes, a.snapshot.as_ref().map(|(_, old)| old.clone()))
         };
-        let (storage, path, data) = (self.storage.clone(), self.path.clone(), bytes.clone());
-        tokio::task::spawn_blocking(move || storage.write_atomic(&path, &data))
-            .await
-            .map_err(snapshot_err)?
-            .map_err(snapshot_err)?;
+        save_snapshot(self.storage.clone(), self.path.clone(), old, bytes.clone()).await?;
         lock(&self.applied).snapshot = Some((meta.clone(), bytes.clone()));
         RaftStats::bump(&self.stats.snapshots_built);
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
@@ -363,11 +542,8 @@ where
         let (_, core) = decode_snapshot(&bytes).map_err(sm_err)?;
         let machine = M::restore(core).map_err(sm_err)?;
         let file = encode_snapshot(meta, core);
-        let (storage, path, data) = (self.storage.clone(), self.path.clone(), file.clone());
-        tokio::task::spawn_blocking(move || storage.write_atomic(&path, &data))
-            .await
-            .map_err(snapshot_err)?
-            .map_err(snapshot_err)?;
+        let old = lock(&self.applied).snapshot.as_ref().map(|(_, old)| old.clone());
+        save_snapshot(self.storage.clone(), self.path.clone(), old, file.clone()).await?;
         let mut a = lock(&self.applied);
         a.machine = machine;
         a.last_applied = meta.last_log_id;

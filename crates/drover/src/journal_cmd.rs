@@ -41,14 +41,21 @@ pub enum JournalCommand {
     /// recorded there. Exits 1 at the first difference, naming the records and the part
     /// of the state (a node, a pair, a token, a task); 0 when every stretch matches.
     /// Works on a copy: the directory is never written. Keep more checkpoints
-    /// (`--keep-checkpoints`) for a longer and finer check.
+    /// (`--keep-checkpoints`) for a longer and finer check. On a cluster member's
+    /// directory it replays from its previous snapshot (or the start of its log) and
+    /// compares with its newest snapshot.
     WhatIf {
-        /// A data directory (holding `journal/`) or a journal directory.
+        /// A data directory (holding `journal/` or `raft/`) or a journal directory.
         #[arg(env = "DROVER_DATA_DIR", default_value = "./drover-data")]
         dir: PathBuf,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// A cluster member's secret file: with it, a member whose log still starts
+        /// at the group's first entry is replayed from there (its core is seeded from
+        /// the secret).
+        #[arg(long)]
+        cluster_secret_file: Option<PathBuf>,
     },
     /// List checkpoints and records: sequence ids, offsets, sizes, message types.
     Dump {
@@ -190,7 +197,13 @@ pub fn run(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        JournalCommand::WhatIf { dir, json } => what_if(&dir, json),
+        JournalCommand::WhatIf { dir, json, cluster_secret_file } => {
+            if is_raft(&dir) {
+                member_what_if(&dir, json, cluster_secret_file.as_deref())
+            } else {
+                what_if(&dir, json)
+            }
+        }
         JournalCommand::Verify { dir, json } => {
             let ins = load(&dir)?;
             if json {
@@ -259,11 +272,72 @@ pub fn run(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `what-if` on a cluster member's directory: its previous snapshot (or the start of
+/// its log, given the secret) replayed to its newest snapshot.
+fn member_what_if(dir: &Path, json: bool, secret: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let copy = copy_journal(dir)?;
+    let storage: std::sync::Arc<dyn drover_journal::Storage> = std::sync::Arc::new(FsStorage);
+    let fresh = match secret {
+        Some(path) => {
+            let secret = drover_raft::secret::ClusterSecret::from_file(path)?;
+            let core = drover_core::Config { seed: drover_controller::core_seed(&secret), ..Default::default() };
+            Some(drover_core::Controller::new(core))
+        }
+        None => None,
+    };
+    let report = drover_raft::machine::what_if_dir(copy.path(), storage, fresh)
+        .map_err(|e| anyhow::anyhow!("what-if replay of the Raft log failed: {e}"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(if report.diverged.is_some() { ExitCode::FAILURE } else { ExitCode::SUCCESS });
+    }
+    use drover_raft::machine::ReplayStart;
+    match report.start {
+        ReplayStart::Snapshot(i) => {
+            println!("a cluster member's Raft log: replaying from the snapshot covering entries up to {i}")
+        }
+        ReplayStart::FirstEntry => println!("a cluster member's Raft log: replaying from the group's first entry"),
+        ReplayStart::Nowhere => {
+            println!("a cluster member's Raft log: no snapshot the log continues, nothing replayed")
+        }
+    }
+    if report.first_entry_unused {
+        println!(
+            "the log still starts at the group's first entry: --cluster-secret-file replays it from there (the core is seeded from the secret)"
+        );
+    }
+    for s in &report.matched {
+        println!(
+            "entries {} to {}: {} batches of inputs, same state as the snapshot at entry {}",
+            s.first_index, s.snapshot_index, s.entries, s.snapshot_index
+        );
+    }
+    for (index, why) in &report.skipped {
+        println!("snapshot at entry {index} not compared: {why}");
+    }
+    match &report.diverged {
+        Some((s, part)) => println!(
+            "DIVERGED in entries {} to {} ({} batches of inputs): at the snapshot at entry {}, {part}",
+            s.first_index, s.snapshot_index, s.entries, s.snapshot_index
+        ),
+        None => {
+            if report.unchecked_entries > 0 {
+                println!(
+                    "{} batches of inputs after the newest snapshot replayed, with nothing to compare",
+                    report.unchecked_entries
+                );
+            }
+            if report.matched.is_empty() {
+                println!("no snapshot to compare with: a member keeps its previous snapshot once it has taken two");
+            } else {
+                println!("same state at every snapshot ({} compared)", report.matched.len());
+            }
+        }
+    }
+    Ok(if report.diverged.is_some() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
 fn what_if(dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(
-        !is_raft(dir),
-        "what-if does not read a cluster member's Raft log yet (its checkpoints are Raft snapshots); verify, dump and state do"
-    );
     let copy = copy_journal(dir)?;
     let config = drover_journal::JournalConfig::new(copy.path());
     let storage: std::sync::Arc<dyn drover_journal::Storage> = std::sync::Arc::new(FsStorage);

@@ -507,6 +507,19 @@ fn membership_grows_to_five_and_back_to_three_under_load_a_member_away_catches_u
         }),
         "{back}"
     );
+
+    // An upgrade rehearsal on a founding member that was never away (so it holds every
+    // entry since its previous snapshot), stopped first: this binary replays from that
+    // snapshot to the newest and computes the same state.
+    let rehearsed = (0..3).find(|&i| i != away).unwrap();
+    members[rehearsed].ctl.kill();
+    let data = members[rehearsed].ctl.data.to_str().unwrap().to_owned();
+    let whatif = std::process::Command::new(drover_bin()).args(["journal", "what-if", &data]).output().unwrap();
+    assert!(
+        whatif.status.success() && text(&whatif).contains("same state at every snapshot (1 compared)"),
+        "{}",
+        text(&whatif)
+    );
 }
 
 /// The gRPC addresses of `ms` as a list.

@@ -30,6 +30,12 @@ impl StateMachine for Sum {
     }
 }
 
+impl drover_journal::Divergence for Sum {
+    fn first_difference(&self, other: &Self) -> Option<String> {
+        (self.0 != other.0).then(|| format!("the sum: {} replayed, {} recorded", self.0, other.0))
+    }
+}
+
 /// The log id of entry `index` of `term` (led by member 1).
 pub fn id(term: u64, index: u64) -> LogId<u64> {
     LogId::new(CommittedLeaderId::new(term, 1), index)
