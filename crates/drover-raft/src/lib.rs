@@ -6,6 +6,7 @@
 //! unchanged:
 //!
 //! - [`types`]: the Raft type configuration (node ids, what a normal entry carries);
+//! - [`runtime`]: openraft's runtime (tokio, with a random source a simulation seeds);
 //! - [`record`]: how a Raft entry is written into the journal: one AMBROSIA message per
 //!   entry, carrying its Raft log id, so the on-disk format stays AMBROSIA log records;
 //! - [`log_store`]: openraft's log storage over [`drover_journal::Journal`]: appends are
@@ -31,6 +32,7 @@ pub mod machine;
 pub mod member;
 pub mod network;
 pub mod record;
+pub mod runtime;
 pub mod secret;
 pub mod stats;
 pub mod status;

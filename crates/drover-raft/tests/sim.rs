@@ -18,10 +18,12 @@
 //!   an input of the common history.
 //!
 //! A failure names the seed; `DROVER_SIM_SEED=N` runs that one seed,
-//! `DROVER_SIM_SEEDS=K` runs K seeds (CI runs 300). Determinism is partial: openraft's
-//! own `select!` loops pick among ready branches at random, and tokio's random source
-//! cannot be seeded without `tokio_unstable`, so a failing seed may need a few runs to
-//! repeat; the fault schedule itself is the seed's.
+//! `DROVER_SIM_SEEDS=K` runs K seeds (CI runs 300). The seed fixes the fault schedule,
+//! the network's delays and losses, and every replica's election timeout (openraft
+//! draws them from drover's runtime, `drover_raft::runtime`, seeded here). Determinism
+//! is still partial: openraft's own `select!` loops pick among ready branches at
+//! random, and tokio's random source cannot be seeded without `tokio_unstable`, so a
+//! failing seed may need a few runs to repeat.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -271,6 +273,7 @@ fn check(replicas: &BTreeMap<u64, Replica>, acked: &Acked) -> Result<Vec<u64>, S
 }
 
 async fn simulate(seed: u64) -> Result<String, String> {
+    drover_raft::runtime::seed_this_thread(seed);
     let mut rng = Rng::new(seed);
     let n: u64 = if seed.is_multiple_of(2) { 3 } else { 5 };
     let world: Shared = Arc::new(Mutex::new(World {
@@ -306,8 +309,7 @@ async fn simulate(seed: u64) -> Result<String, String> {
                 tokio::spawn(async move {
                     let input = Inputs(encode_input::<History>(&v).unwrap().to_vec());
                     if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(3), raft.client_write(input)).await {
-                        let id = r.log_id;
-                        lock_acked(&acked).insert(v, (id.index, (id.leader_id.term, id.leader_id.node_id)));
+                        acknowledge(&acked, v, r.log_id);
                     }
                 });
             }
@@ -366,8 +368,7 @@ async fn simulate(seed: u64) -> Result<String, String> {
         if let Some(raft) = leader {
             let input = Inputs(encode_input::<History>(&final_value).unwrap().to_vec());
             if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(3), raft.client_write(input)).await {
-                let id = r.log_id;
-                lock_acked(&acked).insert(final_value, (id.index, (id.leader_id.term, id.leader_id.node_id)));
+                acknowledge(&acked, final_value, r.log_id);
                 committed = true;
                 break;
             }
@@ -416,6 +417,11 @@ async fn simulate(seed: u64) -> Result<String, String> {
 fn leader_of(world: &Shared) -> Option<Raft<TypeConfig>> {
     let w = lock(world);
     w.running.values().map(Inbound::raft).find(|r| r.metrics().borrow().state == openraft::ServerState::Leader).cloned()
+}
+
+/// Records that input `v` was committed at `id`.
+fn acknowledge(acked: &Mutex<Acked>, v: u64, id: openraft::LogId<u64>) {
+    lock_acked(acked).insert(v, (id.index, (id.leader_id.term, id.leader_id.node_id)));
 }
 
 fn lock_acked(a: &Mutex<Acked>) -> std::sync::MutexGuard<'_, Acked> {
