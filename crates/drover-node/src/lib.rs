@@ -223,7 +223,7 @@ trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// A TLS client configuration trusting the CA certificates in `ca` (PEM).
-fn tls_client(ca: &[u8], client: Option<&(Vec<u8>, Vec<u8>)>) -> Result<tokio_rustls::TlsConnector, String> {
+pub fn tls_client(ca: &[u8], client: Option<&(Vec<u8>, Vec<u8>)>) -> Result<tokio_rustls::TlsConnector, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();

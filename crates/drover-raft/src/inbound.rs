@@ -29,6 +29,11 @@
 //! to it raises the term and deposes a healthy leader (seen in the kill benchmark: a
 //! member restarted 1.8 s earlier campaigned and cost the group a leader change).
 //!
+//! A split vote (both survivors campaigned in the same term, each voting for itself)
+//! is settled the same way: the candidate whose log, then id, is greater campaigns
+//! again at once, in the next term, and the other grants it; openraft alone would
+//! have both wait out another timeout.
+//!
 //! The refuser knows the leader is gone: it has itself heard no leader for a lease
 //! (tracked here from the append and snapshot requests it receives), so it would
 //! campaign within one more timeout anyway; and it has not voted in the candidate's
@@ -82,14 +87,28 @@ struct Clock {
     holding: bool,
 }
 
-/// Whether, after answering `req` with `resp`, a member that has heard no leader for a
-/// lease should campaign at once, and if so how many times it elects to pass the
-/// candidate's term.
-pub fn terms_to_overtake(req: &VoteRequest<u64>, resp: &VoteResponse<u64>) -> Option<u64> {
+/// Whether member `me`, after answering `req` with `resp`, having heard no leader for a
+/// lease, should campaign at once, and if so how many times it elects to pass the
+/// candidate's term:
+///
+/// - it refused the candidate for its shorter log and has not voted in the
+///   candidate's term: it elects until its term is above the candidate's;
+/// - a split vote (both campaigned in the same term, each voted for itself): the one
+///   whose (log, id) is greater campaigns again at once, in the next term, and the
+///   other grants it; without this both wait out another timeout.
+pub fn terms_to_overtake(me: u64, req: &VoteRequest<u64>, resp: &VoteResponse<u64>) -> Option<u64> {
+    if resp.vote_granted {
+        return None;
+    }
     let (mine, theirs) = (resp.vote.leader_id().term, req.vote.leader_id().term);
-    let refused_for_its_log = !resp.vote_granted && resp.last_log_id > req.last_log_id;
-    // A member that took up the candidate's term (or a later one) has voted there:
-    // campaigning over it would only split that term's vote.
+    let split = mine == theirs && resp.vote.leader_id().node_id == me && !resp.vote.is_committed();
+    if split {
+        let ahead = (resp.last_log_id, me) > (req.last_log_id, req.vote.leader_id().node_id);
+        return ahead.then_some(1);
+    }
+    // A member that took up the candidate's term (or a later one) for another has
+    // voted there: campaigning over it would only split that term's vote.
+    let refused_for_its_log = resp.last_log_id > req.last_log_id;
     let climb = theirs.checked_sub(mine)?.checked_add(1)?;
     (refused_for_its_log && mine < theirs && climb <= MOST_TERMS_CLIMBED).then_some(climb)
 }
@@ -204,7 +223,8 @@ impl Inbound {
     /// refusal.
     pub async fn vote(&self, req: VoteRequest<u64>) -> Result<VoteResponse<u64>, RaftError<u64>> {
         let resp = self.raft.vote(req.clone()).await?;
-        if let Some(climb) = terms_to_overtake(&req, &resp) {
+        let me = self.raft.metrics().borrow().id;
+        if let Some(climb) = terms_to_overtake(me, &req, &resp) {
             self.overtake(&req, climb).await;
         }
         Ok(resp)
@@ -230,7 +250,7 @@ impl Inbound {
         tracing::info!(
             candidate = req.vote.leader_id().node_id,
             term = req.vote.leader_id().term,
-            "campaigning at once: a candidate whose log is behind this member's asked for its vote, and no leader has been heard for a lease"
+            "campaigning at once: this member refused a candidate whose log is behind its own, or split a vote with it, and no leader has been heard for a lease"
         );
         for _ in 0..climb {
             if let Err(e) = self.raft.trigger().elect().await {
@@ -252,28 +272,47 @@ mod tests {
     }
 
     fn resp(term: u64, committed: bool, last: Option<u64>, granted: bool) -> VoteResponse<u64> {
-        let mut vote = Vote::new(term, 0);
+        voted(term, 0, committed, last, granted)
+    }
+
+    fn voted(term: u64, node: u64, committed: bool, last: Option<u64>, granted: bool) -> VoteResponse<u64> {
+        let mut vote = Vote::new(term, node);
         vote.committed = committed;
         VoteResponse::new(vote, last.map(|i| LogId::new(CommittedLeaderId::new(1, 0), i)), granted)
     }
 
+    /// The member answering in these tests (candidates are member 1).
+    const ME: u64 = 9;
+
     #[test]
     fn a_candidate_behind_in_the_next_term_is_passed_in_two_elections() {
-        assert_eq!(terms_to_overtake(&req(5, Some(10)), &resp(4, true, Some(12), false)), Some(2));
-        assert_eq!(terms_to_overtake(&req(7, None), &resp(4, true, Some(1), false)), Some(4));
+        assert_eq!(terms_to_overtake(ME, &req(5, Some(10)), &resp(4, true, Some(12), false)), Some(2));
+        assert_eq!(terms_to_overtake(ME, &req(7, None), &resp(4, true, Some(1), false)), Some(4));
     }
 
     #[test]
     fn no_campaign_after_a_grant_an_equal_log_a_vote_in_that_term_or_a_far_candidate() {
         // Granted.
-        assert_eq!(terms_to_overtake(&req(5, Some(12)), &resp(5, false, Some(12), true)), None);
+        assert_eq!(terms_to_overtake(ME, &req(5, Some(12)), &resp(5, false, Some(12), true)), None);
         // Refused with the same log: by lease (or by vote), not for its log.
-        assert_eq!(terms_to_overtake(&req(5, Some(12)), &resp(4, true, Some(12), false)), None);
+        assert_eq!(terms_to_overtake(ME, &req(5, Some(12)), &resp(4, true, Some(12), false)), None);
         // This member already voted in the candidate's term (for someone else).
-        assert_eq!(terms_to_overtake(&req(5, Some(10)), &resp(5, false, Some(12), false)), None);
+        assert_eq!(terms_to_overtake(ME, &req(5, Some(10)), &resp(5, false, Some(12), false)), None);
         // Or in a later one.
-        assert_eq!(terms_to_overtake(&req(5, Some(10)), &resp(6, false, Some(12), false)), None);
+        assert_eq!(terms_to_overtake(ME, &req(5, Some(10)), &resp(6, false, Some(12), false)), None);
         // A candidate more than four terms ahead is left to openraft's timers.
-        assert_eq!(terms_to_overtake(&req(9, Some(10)), &resp(4, true, Some(12), false)), None);
+        assert_eq!(terms_to_overtake(ME, &req(9, Some(10)), &resp(4, true, Some(12), false)), None);
+    }
+
+    #[test]
+    fn in_a_split_vote_the_greater_log_then_the_greater_id_campaigns_again_at_once() {
+        // Both campaigned in term 5, each voted for itself.
+        assert_eq!(terms_to_overtake(ME, &req(5, Some(10)), &voted(5, ME, false, Some(12), false)), Some(1));
+        assert_eq!(terms_to_overtake(ME, &req(5, Some(12)), &voted(5, ME, false, Some(12), false)), Some(1));
+        // The other side of the same two splits: it waits, and grants.
+        assert_eq!(terms_to_overtake(0, &req(5, Some(12)), &voted(5, 0, false, Some(10), false)), None);
+        assert_eq!(terms_to_overtake(0, &req(5, Some(12)), &voted(5, 0, false, Some(12), false)), None);
+        // A vote for this member that is committed is a leader's, not a split.
+        assert_eq!(terms_to_overtake(ME, &req(5, Some(10)), &voted(5, ME, true, Some(12), false)), None);
     }
 }

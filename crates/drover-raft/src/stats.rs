@@ -23,7 +23,7 @@ pub struct RaftStats {
     /// Snapshots this member installed from a leader (it had fallen behind).
     pub snapshots_installed: AtomicU64,
     /// Campaigns this member began at once after refusing a candidate whose log was
-    /// behind its own ([`crate::inbound`]).
+    /// behind its own, or splitting a vote with it ([`crate::inbound`]).
     pub campaigns_after_refusal: AtomicU64,
 }
 

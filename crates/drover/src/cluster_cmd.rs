@@ -53,18 +53,7 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// A TLS client trusting the CA certificates in `ca` (PEM).
 fn tls_connector(ca: &[u8]) -> anyhow::Result<tokio_rustls::TlsConnector> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca) {
-        roots.add(c.context("the CA file")?).context("the CA certificate")?;
-    }
-    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)))
+    drover_node::tls_client(ca, None).map_err(|e| anyhow::anyhow!("the CA file ({e})"))
 }
 
 /// The cluster view, asked of the member whose HTTP port is `http`.
