@@ -79,9 +79,9 @@ struct Clock {
     heard_leader: Option<Instant>,
     /// When this member last campaigned after a refusal.
     campaigned: Option<Instant>,
-    /// Appends being handled now (elections are off while any is).
+    /// Appends and snapshot chunks being handled now (elections are off meanwhile).
     appending: usize,
-    /// Counts appends begun, so a delayed re-enabling can tell a newer one came.
+    /// Counts those begun, so a delayed re-enabling can tell a newer one came.
     begun: u64,
     /// Elections are held until a leader is heard (a restarting member).
     holding: bool,
@@ -167,6 +167,22 @@ impl Inbound {
         &self,
         req: AppendEntriesRequest<TypeConfig>,
     ) -> Result<AppendEntriesResponse<u64>, RaftError<u64>> {
+        let what = format!("an append of {} entries", req.entries.len());
+        self.heeding_leader(&what, self.raft.append_entries(req)).await
+    }
+
+    /// A snapshot chunk from a leader.
+    pub async fn install_snapshot(
+        &self,
+        req: InstallSnapshotRequest<TypeConfig>,
+    ) -> Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>> {
+        self.heeding_leader("a snapshot chunk", self.raft.install_snapshot(req)).await
+    }
+
+    /// Handles `work`, a request from the leader, with this member's elections off
+    /// (see the module documentation): back on at once after a quick one, a lease
+    /// after a slow one unless the leader spoke again meanwhile.
+    async fn heeding_leader<T>(&self, what: &str, work: impl std::future::Future<Output = T>) -> T {
         let arrived = Instant::now();
         let begun = {
             let mut clock = self.clock();
@@ -177,16 +193,14 @@ impl Inbound {
             self.raft.runtime_config().elect(false);
             clock.begun
         };
-        let entries = req.entries.len();
-        let answer = self.raft.append_entries(req).await;
+        let answer = work.await;
         let took = arrived.elapsed();
         let mut clock = self.clock();
         clock.appending -= 1;
         if took > self.lease / 2 {
             tracing::warn!(
                 took_ms = took.as_millis() as u64,
-                entries,
-                "an append from the leader took long (a slow disk?); this member did not campaign meanwhile"
+                "{what} from the leader took long (a slow disk?); this member did not campaign meanwhile"
             );
         }
         if clock.appending == 0 {
@@ -195,8 +209,8 @@ impl Inbound {
                 self.raft.runtime_config().elect(true);
             } else {
                 // Counted from the answer, as if openraft's timer restarted now: back
-                // on a lease from now, unless another append began (the leader had that
-                // long to speak again).
+                // on a lease from now, unless another request began (the leader had
+                // that long to speak again).
                 let me = self.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(me.lease).await;
@@ -208,15 +222,6 @@ impl Inbound {
             }
         }
         answer
-    }
-
-    /// A snapshot chunk from a leader.
-    pub async fn install_snapshot(
-        &self,
-        req: InstallSnapshotRequest<TypeConfig>,
-    ) -> Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>> {
-        self.clock().heard_leader = Some(Instant::now());
-        self.raft.install_snapshot(req).await
     }
 
     /// A candidate's vote request; see the module documentation for what follows a

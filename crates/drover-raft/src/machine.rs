@@ -29,6 +29,9 @@ use crate::record::{self, RecordError};
 use crate::stats::RaftStats;
 use crate::types::{Entry, Inputs, LogId, StorageError, TypeConfig};
 
+/// A batch of committed entries at least this large is applied off the async workers.
+const LARGE_APPLY_BYTES: usize = 256 << 10;
+
 /// The file holding the newest snapshot, beside the journal's files.
 pub const SNAPSHOT_FILE: &str = "raft-snapshot";
 
@@ -503,24 +506,42 @@ where
         Ok((a.last_applied, a.membership.clone()))
     }
 
+    // openraft's own error type is the large one.
+    #[allow(clippy::result_large_err)]
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<()>, StorageError>
     where
         I: IntoIterator<Item = Entry> + openraft::OptionalSend,
         I::IntoIter: openraft::OptionalSend,
     {
-        let mut a = lock(&self.applied);
-        let mut replies = Vec::new();
-        for e in entries {
-            a.last_applied = Some(e.log_id);
-            match e.payload {
-                EntryPayload::Blank => {}
-                EntryPayload::Normal(Inputs(data)) => apply_inputs(&mut a, e.log_id, &data)
-                    .map_err(|why| StorageError::from(StorageIOError::apply(e.log_id, AnyError::error(why))))?,
-                EntryPayload::Membership(m) => a.membership = StoredMembership::new(Some(e.log_id), m),
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let bytes: usize = entries
+            .iter()
+            .map(|e| match &e.payload {
+                EntryPayload::Normal(Inputs(data)) => data.len(),
+                _ => 0,
+            })
+            .sum();
+        let apply = || {
+            let mut a = lock(&self.applied);
+            let mut replies = Vec::with_capacity(entries.len());
+            for e in entries {
+                a.last_applied = Some(e.log_id);
+                match e.payload {
+                    EntryPayload::Blank => {}
+                    EntryPayload::Normal(Inputs(data)) => apply_inputs(&mut a, e.log_id, &data)
+                        .map_err(|why| StorageError::from(StorageIOError::apply(e.log_id, AnyError::error(why))))?,
+                    EntryPayload::Membership(m) => a.membership = StoredMembership::new(Some(e.log_id), m),
+                }
+                replies.push(());
             }
-            replies.push(());
-        }
-        Ok(replies)
+            Ok(replies)
+        };
+        // A large batch (a member applying its backlog after a restart: thousands of
+        // entries of hundreds of inputs) is CPU work of seconds; on a worker thread of
+        // its own, so the Raft port, heartbeats and timers of this member keep running.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread && bytes >= LARGE_APPLY_BYTES { tokio::task::block_in_place(apply) } else { apply() }
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

@@ -41,7 +41,13 @@ pub struct Timing {
     pub election: (Duration, Duration),
     /// A snapshot is taken after this many entries since the last.
     pub snapshot_every: u64,
+    /// Or after this many bytes of log since the last (the unpurged log is also held
+    /// in memory, and a busy controller's entries are batches of tens of kilobytes).
+    pub snapshot_every_bytes: u64,
 }
+
+/// The default of [`Timing::snapshot_every_bytes`].
+pub const DEFAULT_SNAPSHOT_EVERY_BYTES: u64 = 256 << 20;
 
 /// The default election timeout (see [`Timing::from_election_timeout`]).
 pub const DEFAULT_ELECTION_TIMEOUT: Duration = Duration::from_millis(200);
@@ -65,7 +71,12 @@ impl Timing {
     /// silence: twelve heartbeats missed in a row.
     pub fn from_election_timeout(t: Duration) -> Timing {
         let t = t.max(Duration::from_millis(20));
-        Timing { heartbeat: t / 4, election: (t, t * 2), snapshot_every: 50_000 }
+        Timing {
+            heartbeat: t / 4,
+            election: (t, t * 2),
+            snapshot_every: 50_000,
+            snapshot_every_bytes: DEFAULT_SNAPSHOT_EVERY_BYTES,
+        }
     }
 
     /// How long a member restarting into a running group waits for the leader to
@@ -92,9 +103,10 @@ impl Timing {
             election_timeout_max: self.election.1.as_millis() as u64,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             // Entries behind the snapshot are kept a while (a fifth of the interval, at
-            // most 10,000), so a follower briefly away catches up from the log rather
+            // most 2,000: under load an entry is a batch of tens of kilobytes, held in
+            // memory too), so a follower briefly away catches up from the log rather
             // than by a whole snapshot.
-            max_in_snapshot_log_to_keep: (self.snapshot_every / 5).min(10_000),
+            max_in_snapshot_log_to_keep: (self.snapshot_every / 5).min(2_000),
             // At most 8 entries per AppendEntries: a controller's entry is one batch
             // (about 1 MiB, at most a few), so a request stays far below the Raft
             // port's 64 MiB frame limit.
@@ -154,6 +166,7 @@ pub struct Member<M: StateMachine> {
     pub leadership: Leadership,
     server: tokio::task::JoinHandle<()>,
     watcher: tokio::task::JoinHandle<()>,
+    sizer: tokio::task::JoinHandle<()>,
 }
 
 impl<M: StateMachine + Send + Sync + 'static> Member<M>
@@ -200,13 +213,20 @@ where
             handing_over: Arc::new(AtomicBool::new(false)),
         };
         let watcher = tokio::spawn(watch_leadership(raft.clone(), stats.clone(), leadership.handing_over.clone()));
-        Ok(Member { raft, machine, journal, stats, leadership, server, watcher })
+        let sizer = tokio::spawn(snapshot_by_bytes(
+            raft.clone(),
+            journal.clone(),
+            stats.clone(),
+            settings.timing.snapshot_every_bytes,
+        ));
+        Ok(Member { raft, machine, journal, stats, leadership, server, watcher, sizer })
     }
 
     /// Stops openraft and the Raft port (the log is closed when openraft drops it).
     pub async fn shutdown(self) {
         self.server.abort();
         self.watcher.abort();
+        self.sizer.abort();
         if tokio::time::timeout(Duration::from_secs(10), self.raft.shutdown()).await.is_err() {
             tracing::warn!("raft did not shut down within 10 s");
         }
@@ -354,6 +374,29 @@ impl Leadership {
 
 /// Logs every leadership change this member sees, with the reason as far as this
 /// member can tell, and counts elections (new terms) and leader changes.
+/// Asks openraft for a snapshot whenever `every` bytes of log were written since the
+/// last snapshot this member built or installed (openraft's own policy counts entries
+/// only). Checked four times a second.
+async fn snapshot_by_bytes(raft: Raft<TypeConfig>, journal: Arc<Journal>, stats: Arc<RaftStats>, every: u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let snapshots = || stats.snapshots_built.load(Relaxed) + stats.snapshots_installed.load(Relaxed);
+    let (mut seen, mut since) = (snapshots(), journal.stats().bytes);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let (now, bytes) = (snapshots(), journal.stats().bytes);
+        if now != seen {
+            (seen, since) = (now, bytes);
+        } else if bytes.saturating_sub(since) >= every {
+            tracing::debug!(bytes = bytes - since, "log grew past --snapshot-every-bytes: snapshot");
+            if raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+            since = bytes;
+        }
+    }
+}
+
 async fn watch_leadership(raft: Raft<TypeConfig>, stats: Arc<RaftStats>, handing_over: Arc<AtomicBool>) {
     let mut metrics = raft.metrics();
     let (mut term, mut leader, mut first) = (None::<u64>, None::<u64>, true);

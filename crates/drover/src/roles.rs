@@ -178,10 +178,14 @@ pub struct ControllerArgs {
     #[arg(long, env = "DROVER_ELECTION_TIMEOUT", default_value = "200ms", value_parser = parse_duration)]
     pub election_timeout: Duration,
     /// A member snapshots its core every this many log entries; a fifth of it (at most
-    /// 10,000) stays in the log behind the snapshot, and the log before is removed. A
+    /// 2,000) stays in the log behind the snapshot, and the log before is removed. A
     /// member further behind is caught up by the snapshot.
     #[arg(long, env = "DROVER_SNAPSHOT_EVERY", default_value_t = 50_000)]
     pub snapshot_every: u64,
+    /// A member also snapshots after this many bytes of Raft log since its last
+    /// snapshot (the unpurged log is held in memory as well as on disk).
+    #[arg(long, env = "DROVER_SNAPSHOT_EVERY_BYTES", default_value_t = drover_raft::member::DEFAULT_SNAPSHOT_EVERY_BYTES)]
+    pub snapshot_every_bytes: u64,
 }
 
 /// `--peers`: member id → Raft address.
@@ -306,6 +310,7 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
                 tls,
                 timing: drover_raft::member::Timing {
                     snapshot_every: args.snapshot_every.max(10),
+                    snapshot_every_bytes: args.snapshot_every_bytes.max(1 << 20),
                     ..drover_raft::member::Timing::from_election_timeout(args.election_timeout)
                 },
             });
