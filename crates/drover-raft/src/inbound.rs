@@ -168,7 +168,7 @@ impl Inbound {
         req: AppendEntriesRequest<TypeConfig>,
     ) -> Result<AppendEntriesResponse<u64>, RaftError<u64>> {
         let what = format!("an append of {} entries", req.entries.len());
-        self.heeding_leader(&what, self.raft.append_entries(req)).await
+        self.heeding_leader(what, self.raft.append_entries(req)).await
     }
 
     /// A snapshot chunk from a leader.
@@ -176,52 +176,14 @@ impl Inbound {
         &self,
         req: InstallSnapshotRequest<TypeConfig>,
     ) -> Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>> {
-        self.heeding_leader("a snapshot chunk", self.raft.install_snapshot(req)).await
+        self.heeding_leader("a snapshot chunk".to_owned(), self.raft.install_snapshot(req)).await
     }
 
     /// Handles `work`, a request from the leader, with this member's elections off
-    /// (see the module documentation): back on at once after a quick one, a lease
-    /// after a slow one unless the leader spoke again meanwhile.
-    async fn heeding_leader<T>(&self, what: &str, work: impl std::future::Future<Output = T>) -> T {
-        let arrived = Instant::now();
-        let begun = {
-            let mut clock = self.clock();
-            clock.heard_leader = Some(arrived);
-            clock.holding = false;
-            clock.appending += 1;
-            clock.begun += 1;
-            self.raft.runtime_config().elect(false);
-            clock.begun
-        };
-        let answer = work.await;
-        let took = arrived.elapsed();
-        let mut clock = self.clock();
-        clock.appending -= 1;
-        if took > self.lease / 2 {
-            tracing::warn!(
-                took_ms = took.as_millis() as u64,
-                "{what} from the leader took long (a slow disk?); this member did not campaign meanwhile"
-            );
-        }
-        if clock.appending == 0 {
-            if took < self.heartbeat {
-                // openraft's timer restarted less than a heartbeat ago.
-                self.raft.runtime_config().elect(true);
-            } else {
-                // Counted from the answer, as if openraft's timer restarted now: back
-                // on a lease from now, unless another request began (the leader had
-                // that long to speak again).
-                let me = self.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(me.lease).await;
-                    let clock = me.clock();
-                    if clock.appending == 0 && clock.begun == begun {
-                        me.raft.runtime_config().elect(true);
-                    }
-                });
-            }
-        }
-        answer
+    /// (see the module documentation) until it is answered or dropped.
+    async fn heeding_leader<T>(&self, what: String, work: impl std::future::Future<Output = T>) -> T {
+        let _heeding = Heeding::begin(self, what);
+        work.await
     }
 
     /// A candidate's vote request; see the module documentation for what follows a
@@ -261,6 +223,69 @@ impl Inbound {
             if let Err(e) = self.raft.trigger().elect().await {
                 tracing::warn!(error = %e, "could not campaign");
                 return;
+            }
+        }
+    }
+}
+
+/// A request from the leader being handled: elections are off from [`Heeding::begin`]
+/// until it is dropped, then back on at once after a quick one, a lease after a slow
+/// one unless the leader spoke again meanwhile. Dropping (not only finishing) ends it,
+/// so a request abandoned half-way never leaves elections off.
+struct Heeding {
+    inbound: Inbound,
+    what: String,
+    arrived: Instant,
+    begun: u64,
+}
+
+impl Heeding {
+    fn begin(inbound: &Inbound, what: String) -> Heeding {
+        let arrived = Instant::now();
+        let mut clock = inbound.clock();
+        clock.heard_leader = Some(arrived);
+        clock.holding = false;
+        clock.appending += 1;
+        clock.begun += 1;
+        inbound.raft.runtime_config().elect(false);
+        Heeding { inbound: inbound.clone(), what, arrived, begun: clock.begun }
+    }
+}
+
+impl Drop for Heeding {
+    fn drop(&mut self) {
+        let took = self.arrived.elapsed();
+        let me = &self.inbound;
+        let mut clock = me.clock();
+        clock.appending -= 1;
+        if took > me.lease / 2 {
+            tracing::warn!(
+                took_ms = took.as_millis() as u64,
+                "{} from the leader took long (a slow disk?); this member did not campaign meanwhile",
+                self.what
+            );
+        }
+        if clock.appending > 0 {
+            return;
+        }
+        let handle = tokio::runtime::Handle::try_current();
+        match handle {
+            // openraft's timer restarted less than a heartbeat ago (or the runtime is
+            // gone: nothing more to hold).
+            _ if took < me.heartbeat => me.raft.runtime_config().elect(true),
+            Err(_) => me.raft.runtime_config().elect(true),
+            // Counted from the answer, as if openraft's timer restarted now: back on a
+            // lease from now, unless another request began (the leader had that long
+            // to speak again).
+            Ok(handle) => {
+                let (me, begun) = (me.clone(), self.begun);
+                handle.spawn(async move {
+                    tokio::time::sleep(me.lease).await;
+                    let clock = me.clock();
+                    if clock.appending == 0 && clock.begun == begun {
+                        me.raft.runtime_config().elect(true);
+                    }
+                });
             }
         }
     }

@@ -128,6 +128,16 @@ async fn write_with(dir: &Path, earlier: &[(u64, u64)]) {
     std::fs::remove_file(dir.join("LOCK")).ok();
 }
 
+/// Opens the log in `dir` and checks what both golden directories hold: purged to 45,
+/// entries up to 60, the vote of member 2 in term 2, committed.
+async fn open_log(dir: &Path, storage: &Arc<dyn Storage>) -> RaftLog {
+    let mut log = RaftLog::open(config(dir), storage.clone()).unwrap();
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!((state.last_purged_log_id, state.last_log_id), (Some(id(2, 45)), Some(id(2, 60))));
+    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new_committed(2, 2)));
+    log
+}
+
 #[tokio::test]
 async fn the_first_raft_directory_format_opens_to_the_same_log_vote_and_state() {
     let dir = golden();
@@ -137,10 +147,7 @@ async fn the_first_raft_directory_format_opens_to_the_same_log_vote_and_state() 
     assert!(dir.join(drover_raft::record::STATE_FILE).is_file(), "the golden directory is committed");
     let tmp = copy(&dir);
     let storage: Arc<dyn Storage> = Arc::new(FsStorage);
-    let mut log = RaftLog::open(config(tmp.path()), storage.clone()).unwrap();
-    let state = log.get_log_state().await.unwrap();
-    assert_eq!((state.last_purged_log_id, state.last_log_id), (Some(id(2, 45)), Some(id(2, 60))));
-    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new_committed(2, 2)));
+    let mut log = open_log(tmp.path(), &storage).await;
     let got = log.try_get_log_entries(..).await.unwrap();
     let want: Vec<_> = (46..=60).map(|i| normal(2, i, &[i; 40])).collect();
     assert_eq!(got, want, "entries 46..=60, byte for byte");
@@ -179,11 +186,7 @@ async fn the_second_raft_directory_format_keeps_the_previous_snapshot_and_a_what
     let tmp = copy(&dir);
     let storage: Arc<dyn Storage> = Arc::new(FsStorage);
     // It opens as raft1 does: the same log, vote and state.
-    let mut log = RaftLog::open(config(tmp.path()), storage.clone()).unwrap();
-    let state = log.get_log_state().await.unwrap();
-    assert_eq!((state.last_purged_log_id, state.last_log_id), (Some(id(2, 45)), Some(id(2, 60))));
-    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new_committed(2, 2)));
-    log.close().await;
+    open_log(tmp.path(), &storage).await.close().await;
     let sm = RaftMachine::open(tmp.path(), storage.clone(), Sum::default).unwrap();
     assert_eq!(sm.with_core(|s| s.0), (1..=50u64).map(|i| 40 * i).sum::<u64>());
     // The journal still holds the log since the purge before last (to 25), so the
