@@ -46,8 +46,6 @@ pub(crate) struct ClusterHandle {
     pub(crate) stats: Arc<drover_raft::stats::RaftStats>,
 }
 
-/// Starts this controller's member of the group: its log and snapshot in
-/// `DATA_DIR/raft`, the Raft port, and the task keeping the leader hint current.
 /// The core's random seed in a group: derived from the cluster secret, so every
 /// member's core makes the same choices (and a what-if run holding the secret can
 /// replay a log from its first entry).
@@ -55,6 +53,8 @@ pub fn core_seed(secret: &drover_raft::secret::ClusterSecret) -> u64 {
     u64::from_le_bytes(secret.derive("core seed")[..8].try_into().expect("8 of 32 bytes"))
 }
 
+/// Starts this controller's member of the group: its log and snapshot in
+/// `DATA_DIR/raft`, the Raft port, and the task keeping the leader hint current.
 pub(crate) async fn start(
     config: &ControllerConfig,
     c: &ClusterSettings,

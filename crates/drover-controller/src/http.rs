@@ -419,7 +419,7 @@ fn raft_metrics(c: &crate::cluster::ClusterHandle) -> String {
         ),
         (
             "drover_raft_campaigns_after_refusal_total",
-            "Campaigns this member began at once after refusing a candidate whose log was behind its own.",
+            "Campaigns this member began at once after refusing a candidate whose log was behind its own, or splitting a vote with it.",
             st.campaigns_after_refusal,
         ),
     ];

@@ -268,16 +268,11 @@ impl Drop for Heeding {
         if clock.appending > 0 {
             return;
         }
-        let handle = tokio::runtime::Handle::try_current();
-        match handle {
-            // openraft's timer restarted less than a heartbeat ago (or the runtime is
-            // gone: nothing more to hold).
-            _ if took < me.heartbeat => me.raft.runtime_config().elect(true),
-            Err(_) => me.raft.runtime_config().elect(true),
+        match tokio::runtime::Handle::try_current() {
             // Counted from the answer, as if openraft's timer restarted now: back on a
             // lease from now, unless another request began (the leader had that long
             // to speak again).
-            Ok(handle) => {
+            Ok(handle) if took >= me.heartbeat => {
                 let (me, begun) = (me.clone(), self.begun);
                 handle.spawn(async move {
                     tokio::time::sleep(me.lease).await;
@@ -287,6 +282,9 @@ impl Drop for Heeding {
                     }
                 });
             }
+            // openraft's timer restarted less than a heartbeat ago (or the runtime is
+            // gone: nothing more to hold).
+            _ => me.raft.runtime_config().elect(true),
         }
     }
 }

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+use drover_journal::recovery::{Recovery, Start};
 use drover_journal::{ReplayEntry, StateMachine, Storage};
 use drover_wire::ambrosia::varint;
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -226,27 +227,62 @@ fn load<M: StateMachine>(
     fresh: impl FnOnce() -> M,
     keep: bool,
 ) -> Result<Applied<M>, SnapshotError> {
-    let mut applied = Applied {
-        machine: fresh(),
-        last_applied: None,
-        membership: StoredMembership::default(),
-        outputs: Vec::new(),
-        snapshot: None,
-        built: 0,
-        keep,
-    };
-    match storage.read(path) {
-        Ok(bytes) => {
-            let (meta, core) = decode_snapshot(&bytes).map_err(|e| SnapshotError(e.to_string()))?;
-            applied.machine = M::restore(core).map_err(|e| SnapshotError(format!("the core does not restore: {e}")))?;
-            applied.last_applied = meta.last_log_id;
-            applied.membership = meta.last_membership.clone();
-            applied.snapshot = Some((meta, bytes));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+    Ok(match read_snapshot(storage, path)? {
+        Some((meta, core, bytes)) => Applied {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            snapshot: Some((meta, bytes)),
+            ..Applied::new(core, keep)
+        },
+        None => Applied::new(fresh(), keep),
+    })
+}
+
+/// The snapshot file at `path` (its header, the core it holds, its bytes), or `None`
+/// when there is none.
+fn read_snapshot<M: StateMachine>(
+    storage: &dyn Storage,
+    path: &std::path::Path,
+) -> Result<Option<(Meta, M, Vec<u8>)>, SnapshotError> {
+    let bytes = match storage.read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(SnapshotError(format!("reading {}: {e}", path.display()))),
+    };
+    let (meta, core) = decode_snapshot(&bytes).map_err(|e| SnapshotError(format!("{}: {e}", path.display())))?;
+    let core =
+        M::restore(core).map_err(|e| SnapshotError(format!("{}: the core does not restore: {e}", path.display())))?;
+    Ok(Some((meta, core, bytes)))
+}
+
+impl<M: StateMachine> Applied<M> {
+    /// `machine` with nothing applied yet.
+    fn new(machine: M, keep: bool) -> Applied<M> {
+        Applied {
+            machine,
+            last_applied: None,
+            membership: StoredMembership::default(),
+            outputs: Vec::new(),
+            snapshot: None,
+            built: 0,
+            keep,
+        }
     }
-    Ok(applied)
+}
+
+/// The Raft entries of the member log in `dir`, read from the checkpoint `start` names
+/// (recovery may repair a torn tail: give it a copy), for tools.
+fn read_log(dir: &std::path::Path, storage: &Arc<dyn Storage>, start: Start) -> Result<Recovery, String> {
+    drover_journal::recovery::recover_from(&crate::log_store::journal_config(dir), storage, start)
+        .map_err(|e| format!("reading the log: {e}"))
+}
+
+/// One logged message of [`read_log`] as the Raft entry it holds.
+fn logged_entry(m: Result<ReplayEntry, drover_journal::JournalError>) -> Result<Entry, String> {
+    let m = m.map_err(|e| format!("reading the log: {e}"))?;
+    record::decode_entry(&m.message)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("record {} holds a message that is not a Raft entry", m.seq))
 }
 
 /// A member's core as its directory holds it (see [`replay_dir`]).
@@ -273,14 +309,10 @@ pub fn replay_dir<M: StateMachine>(
 ) -> Result<Replayed<M>, String> {
     let mut a = load(&*storage, &dir.join(SNAPSHOT_FILE), fresh, false).map_err(|e| e.to_string())?;
     let snapshot_index = a.last_applied.map_or(0, |l| l.index);
-    let recovery = drover_journal::recovery::recover(&crate::log_store::journal_config(dir), &storage)
-        .map_err(|e| format!("reading the log: {e}"))?;
+    let recovery = read_log(dir, &storage, Start::NewestCheckpoint)?;
     let mut entries = 0;
-    for message in recovery.entries() {
-        let message = message.map_err(|e| format!("reading the log: {e}"))?;
-        let entry = record::decode_entry(&message.message)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("record {} holds a message that is not a Raft entry", message.seq))?;
+    for entry in recovery.entries().map(logged_entry) {
+        let entry = entry?;
         if entry.log_id.index <= snapshot_index && snapshot_index > 0 {
             continue;
         }
@@ -335,17 +367,6 @@ pub struct MemberWhatIf {
     pub skipped: Vec<(u64, String)>,
 }
 
-fn read_snapshot<M: StateMachine>(storage: &dyn Storage, path: &std::path::Path) -> Result<Option<(u64, M)>, String> {
-    let bytes = match storage.read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("reading {}: {e}", path.display())),
-    };
-    let (meta, core) = decode_snapshot(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-    let core = M::restore(core).map_err(|e| format!("{}: the core does not restore: {e}", path.display()))?;
-    Ok(meta.last_log_id.map(|l| (l.index, core)))
-}
-
 /// Upgrade what-if over the member whose Raft directory is `dir` (give it a copy, as
 /// for [`replay_dir`]): this binary's core replays the log from the oldest state the
 /// directory holds that the log continues (the previous snapshot; the start of the
@@ -361,25 +382,16 @@ pub fn what_if_dir<M: StateMachine + drover_journal::Divergence>(
 ) -> Result<MemberWhatIf, String> {
     let mut recorded: Vec<(u64, M)> = Vec::new();
     for name in [PREVIOUS_SNAPSHOT_FILE, SNAPSHOT_FILE] {
-        if let Some(s) = read_snapshot::<M>(&*storage, &dir.join(name))? {
-            recorded.push(s);
+        if let Some((meta, core, _)) = read_snapshot::<M>(&*storage, &dir.join(name)).map_err(|e| e.to_string())?
+            && let Some(last) = meta.last_log_id
+        {
+            recorded.push((last.index, core));
         }
     }
     recorded.sort_by_key(|(i, _)| *i);
     recorded.dedup_by_key(|(i, _)| *i);
-    let recovery = drover_journal::recovery::recover_from(
-        &crate::log_store::journal_config(dir),
-        &storage,
-        drover_journal::recovery::Start::OldestCheckpoint,
-    )
-    .map_err(|e| format!("reading the log: {e}"))?;
-    let decode = |m: Result<ReplayEntry, drover_journal::JournalError>| -> Result<Entry, String> {
-        let m = m.map_err(|e| format!("reading the log: {e}"))?;
-        record::decode_entry(&m.message)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("record {} holds a message that is not a Raft entry", m.seq))
-    };
-    let mut log = recovery.entries().map(decode).peekable();
+    let recovery = read_log(dir, &storage, Start::OldestCheckpoint)?;
+    let mut log = recovery.entries().map(logged_entry).peekable();
     let first = match log.peek() {
         Some(Ok(e)) => e.log_id.index,
         Some(Err(e)) => return Err(e.clone()),
@@ -402,15 +414,7 @@ pub fn what_if_dir<M: StateMachine + drover_journal::Divergence>(
         }
     };
     report.start = start.0.map_or(ReplayStart::FirstEntry, ReplayStart::Snapshot);
-    let mut a = Applied {
-        machine: start.1,
-        last_applied: None,
-        membership: StoredMembership::default(),
-        outputs: Vec::new(),
-        snapshot: None,
-        built: 0,
-        keep: false,
-    };
+    let mut a = Applied::new(start.1, false);
     let mut at = start.0;
     let mut targets = recorded.into_iter().filter(move |(i, _)| Some(*i) > start.0).peekable();
     let mut stretch = Stretch { first_index: at.map_or(0, |i| i + 1), snapshot_index: 0, entries: 0 };

@@ -80,10 +80,10 @@ impl Timing {
     }
 
     /// How long a member restarting into a running group waits for the leader to
-    /// reach it before it may campaign: twice the lease plus the longest timeout (the
-    /// leader retries an unreachable member every 500 ms).
+    /// reach it before it may campaign: three longest timeouts (the lease twice, then a
+    /// timeout), at least 1.5 s (the leader retries an unreachable member every 500 ms).
     pub fn restart_grace(&self) -> Duration {
-        (self.election.1 * 2 + self.election.1).max(Duration::from_millis(1500))
+        (self.election.1 * 3).max(Duration::from_millis(1500))
     }
 
     /// openraft's configuration for `member` under this timing (every member draws its
@@ -372,8 +372,6 @@ impl Leadership {
     }
 }
 
-/// Logs every leadership change this member sees, with the reason as far as this
-/// member can tell, and counts elections (new terms) and leader changes.
 /// Asks openraft for a snapshot whenever `every` bytes of log were written since the
 /// last snapshot this member built or installed (openraft's own policy counts entries
 /// only). Checked four times a second.
@@ -397,6 +395,8 @@ async fn snapshot_by_bytes(raft: Raft<TypeConfig>, journal: Arc<Journal>, stats:
     }
 }
 
+/// Logs every leadership change this member sees, with the reason as far as this
+/// member can tell, and counts elections (new terms) and leader changes.
 async fn watch_leadership(raft: Raft<TypeConfig>, stats: Arc<RaftStats>, handing_over: Arc<AtomicBool>) {
     let mut metrics = raft.metrics();
     let (mut term, mut leader, mut first) = (None::<u64>, None::<u64>, true);

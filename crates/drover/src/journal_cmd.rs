@@ -287,9 +287,10 @@ fn member_what_if(dir: &Path, json: bool, secret: Option<&Path>) -> anyhow::Resu
     };
     let report = drover_raft::machine::what_if_dir(copy.path(), storage, fresh)
         .map_err(|e| anyhow::anyhow!("what-if replay of the Raft log failed: {e}"))?;
+    let code = if report.diverged.is_some() { ExitCode::FAILURE } else { ExitCode::SUCCESS };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(if report.diverged.is_some() { ExitCode::FAILURE } else { ExitCode::SUCCESS });
+        return Ok(code);
     }
     use drover_raft::machine::ReplayStart;
     match report.start {
@@ -334,7 +335,7 @@ fn member_what_if(dir: &Path, json: bool, secret: Option<&Path>) -> anyhow::Resu
             }
         }
     }
-    Ok(if report.diverged.is_some() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(code)
 }
 
 fn what_if(dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
