@@ -4,6 +4,13 @@
 //! journaled state, and a use is consumed durably), the ticket is signed here. After
 //! the handshake the connection stays open as the control channel (`conn:alive` both
 //! ways).
+//!
+//! In a cluster every member serves admission. A member that does not lead forwards
+//! the credential's verdict to the leader ([`crate::forward`]) and tells the node to
+//! reach the leader's gRPC (`auth:ack`'s `upstream`); whenever leadership moves, every
+//! member sends each node whose control channel it holds a new `auth:ack` naming the
+//! new leader, with a fresh ticket, and the node moves its stream there without
+//! passing admission again (seed 3's upstream change).
 
 use crate::now_ms;
 use std::net::SocketAddr;
@@ -18,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 
+use crate::cluster::Leader;
 use crate::owner::{Inbox, ShellEvent};
 use crate::ratelog::LogLimiter;
 
@@ -39,6 +47,91 @@ pub(crate) struct Settings {
     /// Most admission connections open at once: every connected node holds one (its
     /// control channel), so this caps the fleet too.
     pub(crate) max_connections: usize,
+    /// Who leads (always [`Leader::Me`] on one controller).
+    pub(crate) leader: watch::Receiver<Leader>,
+    /// How a member that does not lead reaches the leader (`None` on one controller).
+    pub(crate) forwarder: Option<drover_raft::network::Forwarder>,
+}
+
+/// How long an admission may wait for a leader to be elected (or reached) before the
+/// node is told to retry.
+const LEADER_WAIT: Duration = Duration::from_secs(5);
+
+/// What becomes of an admission attempt.
+enum Decision {
+    /// The leader's verdict: `Ok((upstream, generation))` or the refusal (`auth:dec`).
+    Verdict(Result<(String, u64), String>),
+    /// No leader could decide it now (an election): the node is told why with
+    /// `conn:close` and retries, possibly at another member, with its usual backoff
+    /// (a refusal would make it back off as from a bad credential).
+    Retry(String),
+}
+
+/// The verdict on a credential. `None`: the controller is stopping.
+async fn decide(
+    node: &str,
+    presented: Result<drover_core::Credential, String>,
+    peer: SocketAddr,
+    settings: &Settings,
+    events: &Inbox,
+) -> Option<Decision> {
+    let give_up = tokio::time::Instant::now() + LEADER_WAIT;
+    let mut leader = settings.leader.clone();
+    loop {
+        let current = leader.borrow_and_update().clone();
+        let why_not = match (current, &settings.forwarder) {
+            (Leader::Me, _) | (_, None) => {
+                let (reply, verdict) = tokio::sync::oneshot::channel();
+                let ask = ShellEvent::Admission { node: node.to_owned(), presented, peer: peer.ip(), reply };
+                events.send(ask).await.ok()?;
+                return Some(match verdict.await.ok()? {
+                    Ok(generation) => Decision::Verdict(Ok((settings.upstream.clone(), generation))),
+                    Err(drover_core::AdmissionRefusal::NotLeader(why)) => Decision::Retry(why),
+                    Err(refusal) => Decision::Verdict(Err(refusal.to_string())),
+                });
+            }
+            (Leader::Other { raft, .. }, Some(forwarder)) => {
+                let ask = crate::forward::Forwarded::Admission {
+                    node: node.to_owned(),
+                    presented: presented.clone(),
+                    peer: peer.ip(),
+                };
+                let ttl =
+                    give_up.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_millis(500));
+                match forwarder.call(&raft, crate::forward::encode(&ask), ttl).await {
+                    Ok(bytes) => {
+                        use crate::forward::{Answer, Refused};
+                        return Some(match crate::forward::decode_answer(&bytes) {
+                            Ok(Answer::Admission(Ok(a))) => Decision::Verdict(Ok((a.upstream, a.generation))),
+                            Ok(Answer::Admission(Err(Refused { reason, retry: true }))) => Decision::Retry(reason),
+                            Ok(Answer::Admission(Err(Refused { reason, retry: false }))) => {
+                                Decision::Verdict(Err(reason))
+                            }
+                            Err(e) => Decision::Retry(format!("the leader's answer: {e}")),
+                        });
+                    }
+                    Err(e) => e.to_string(),
+                }
+            }
+            (Leader::Unknown, Some(_)) => "no leader is elected right now; retry shortly".to_owned(),
+        };
+        // No leader, or it did not answer: wait for the next one (or a short while).
+        let now = tokio::time::Instant::now();
+        if now >= give_up {
+            tracing::info!(%node, %peer, reason = %why_not, "admission refused: no leader to decide it");
+            return Some(Decision::Retry(format!("no leader could decide this admission: {why_not}")));
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(250).min(give_up - now), leader.changed()).await;
+    }
+}
+
+/// Where an admitted node should stream now: the leader's gRPC address, when known.
+fn leader_upstream(leader: &Leader, settings: &Settings) -> Option<String> {
+    match leader {
+        Leader::Me => Some(settings.upstream.clone()),
+        Leader::Other { grpc, .. } => grpc.clone(),
+        Leader::Unknown => None,
+    }
 }
 
 pub(crate) async fn serve(
@@ -191,6 +284,10 @@ async fn control_loop<S: AsyncRead + AsyncWrite + Unpin>(
     control_id: u64,
     client_cert: Option<&[u8]>,
 ) -> std::io::Result<()> {
+    // After admission: the generation its tickets carry and the upstream it was told.
+    let mut granted: Option<(u64, String)> = None;
+    let mut leader = settings.leader.clone();
+    let mut leader_watched = true;
     loop {
         let deadline = conn.deadline().map(|d| Duration::from_millis((d - now_ms()).max(0) as u64));
         let timer = async {
@@ -233,6 +330,24 @@ async fn control_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             _ = stop.changed() => return Ok(()),
+            changed = leader.changed(), if leader_watched => {
+                if changed.is_err() {
+                    leader_watched = false;
+                    continue;
+                }
+                let now_leads = leader.borrow_and_update().clone();
+                if let (Some(node), Some((generation, told)), Some(upstream)) =
+                    (admitted.as_ref(), granted.as_mut(), leader_upstream(&now_leads, settings))
+                    && *told != upstream
+                {
+                    let ticket = key.issue(node, *generation, now_ms() + settings.ticket_ttl_ms);
+                    if let Some(p) = conn.move_to(&upstream, &ticket) {
+                        tracing::info!(%node, %peer, from = %told, to = %upstream, "leadership moved: node told to stream to the new leader");
+                        send(stream, &p).await?;
+                        *told = upstream;
+                    }
+                }
+            }
             reason = evict_rx.recv() => {
                 if let Some(reason) = reason {
                     tracing::warn!(%peer, %reason, "evicting over the control channel");
@@ -272,19 +387,19 @@ async fn control_loop<S: AsyncRead + AsyncWrite + Unpin>(
                                 .map(|p| drover_core::Credential::Token { id: p.id, secret_hash: p.secret_hash })
                                 .map_err(|_| "credential is not a drover join token".to_owned())
                         };
-                        let (reply, verdict) = tokio::sync::oneshot::channel();
-                        let ask = ShellEvent::Admission { node: node.clone(), presented, peer: peer.ip(), reply };
-                        if events.send(ask).await.is_err() {
-                            return Ok(());
-                        }
-                        let verdict = match verdict.await {
-                            Ok(Ok(generation)) => Ok((
-                                settings.upstream.clone(),
-                                key.issue(&node, generation, now_ms() + settings.ticket_ttl_ms),
-                            )),
-                            Ok(Err(refusal)) => Err(refusal.to_string()),
-                            Err(_) => return Ok(()),
+                        let verdict = match decide(&node, presented, peer, settings, events).await {
+                            None => return Ok(()),
+                            Some(Decision::Verdict(v)) => v,
+                            Some(Decision::Retry(why)) => {
+                                next.extend(conn.evict(&format!("retry: {why}")));
+                                continue;
+                            }
                         };
+                        let verdict = verdict.map(|(upstream, generation)| {
+                            let ticket = key.issue(&node, generation, now_ms() + settings.ticket_ttl_ms);
+                            granted = Some((generation, upstream.clone()));
+                            (upstream, ticket)
+                        });
                         next.extend(conn.on_verdict(verdict));
                     }
                 }

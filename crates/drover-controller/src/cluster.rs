@@ -46,6 +46,33 @@ pub(crate) struct ClusterHandle {
     pub(crate) stats: Arc<drover_raft::stats::RaftStats>,
 }
 
+/// Who leads, as the admission port needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Leader {
+    /// No leader is known (an election, or this member is cut off).
+    Unknown,
+    /// This member leads (or is the one controller): admissions are decided here.
+    Me,
+    /// Another member leads: admissions are forwarded to its Raft address, and nodes
+    /// stream to its gRPC address (`None` until it answered a status request).
+    Other {
+        /// Its Raft address.
+        raft: String,
+        /// Its gRPC address, as nodes reach it.
+        grpc: Option<String>,
+    },
+}
+
+/// What the rest of the shell gets of a started member.
+pub(crate) struct Started {
+    pub(crate) backend: Backend,
+    pub(crate) handle: ClusterHandle,
+    /// Who leads, kept current.
+    pub(crate) leader: tokio::sync::watch::Receiver<Leader>,
+    /// Reaches the leader's forwarded-request handler.
+    pub(crate) forwarder: drover_raft::network::Forwarder,
+}
+
 /// The core's random seed in a group: derived from the cluster secret, so every
 /// member's core makes the same choices (and a what-if run holding the secret can
 /// replay a log from its first entry).
@@ -61,7 +88,9 @@ pub(crate) async fn start(
     listener: TcpListener,
     storage: Arc<dyn drover_journal::Storage>,
     about: BTreeMap<String, String>,
-) -> Result<(Backend, ClusterHandle), ShellError> {
+    events: crate::owner::Inbox,
+) -> Result<Started, ShellError> {
+    let upstream = about.get("grpc").cloned().unwrap_or_default();
     let about: Addresses = Arc::new(about);
     let creds = Credentials { secret: c.secret.clone(), tls: c.tls.clone() };
     let mut core = config.core.clone();
@@ -74,6 +103,7 @@ pub(crate) async fn start(
         creds: creds.clone(),
         about: about.clone(),
         timing: c.timing,
+        forward: Some(crate::forward::handler(events, upstream)),
     };
     let member = Member::start(settings, storage, || drover_core::Controller::new(core))
         .await
@@ -87,24 +117,34 @@ pub(crate) async fn start(
     };
     let hint =
         Arc::new(Mutex::new(LeaderHint { text: "no leader is known yet; retry shortly".to_owned(), grpc: None }));
-    tokio::spawn(watch_leader(member.raft.clone(), creds, hint.clone()));
+    let (leader_tx, leader) = tokio::sync::watch::channel(Leader::Unknown);
+    tokio::spawn(watch_leader(member.raft.clone(), creds.clone(), hint.clone(), leader_tx));
     tokio::spawn(watch_replication(member.raft.clone()));
     tracing::info!(member = c.member, dir = %config.data_dir.join("raft").display(), "cluster member started");
-    Ok((Backend::Replicated(Box::new(Replicated::new(member, hint))), handle))
+    let backend = Backend::Replicated(Box::new(Replicated::new(member, hint)));
+    Ok(Started { backend, handle, leader, forwarder: drover_raft::network::Forwarder::new(creds) })
 }
 
 /// Keeps `hint` saying who leads and where (its gRPC address, asked of the leader
-/// over the Raft port), for refusals on a member that does not lead.
-async fn watch_leader(raft: Raft<TypeConfig>, creds: Credentials, hint: Arc<Mutex<LeaderHint>>) {
+/// over the Raft port), for refusals on a member that does not lead, and `leader` for
+/// the admission port. While the leader's gRPC address is unknown (it did not answer),
+/// it is asked again every [`ASK_AGAIN`].
+async fn watch_leader(
+    raft: Raft<TypeConfig>,
+    creds: Credentials,
+    hint: Arc<Mutex<LeaderHint>>,
+    leader: tokio::sync::watch::Sender<Leader>,
+) {
     let mut metrics = raft.metrics();
     let mut known: Option<Option<u64>> = None;
+    let mut ask_again = false;
     loop {
         let m = metrics.borrow_and_update().clone();
-        if known != Some(m.current_leader) {
+        if known != Some(m.current_leader) || ask_again {
             let mut leader_grpc = None;
-            let text = match m.current_leader {
-                None => "no leader is elected right now; retry shortly".to_owned(),
-                Some(l) if l == m.id => format!("member {l} (this one) leads"),
+            let (text, now) = match m.current_leader {
+                None => ("no leader is elected right now; retry shortly".to_owned(), Leader::Unknown),
+                Some(l) if l == m.id => (format!("member {l} (this one) leads"), Leader::Me),
                 Some(l) => {
                     let addr = m.membership_config.membership().get_node(&l).map(|n| n.addr.clone());
                     let grpc = match &addr {
@@ -115,23 +155,40 @@ async fn watch_leader(raft: Raft<TypeConfig>, creds: Credentials, hint: Arc<Mute
                         None => None,
                     };
                     leader_grpc = grpc.clone();
-                    match grpc {
+                    let text = match &grpc {
                         Some(g) => format!("the leader is member {l}, gRPC at {g}"),
                         None => format!("the leader is member {l} (its gRPC address did not answer)"),
+                    };
+                    match addr {
+                        Some(raft) => (text, Leader::Other { raft, grpc }),
+                        None => (text, Leader::Unknown),
                     }
                 }
             };
             tracing::debug!(leader = ?m.current_leader, term = m.current_term, "{text}");
+            ask_again = matches!(now, Leader::Other { grpc: None, .. });
             if let Ok(mut h) = hint.lock() {
                 *h = LeaderHint { text, grpc: leader_grpc };
             }
+            leader.send_if_modified(|l| {
+                let changed = *l != now;
+                *l = now;
+                changed
+            });
             known = Some(m.current_leader);
         }
-        if metrics.changed().await.is_err() {
+        if ask_again {
+            if let Ok(Err(_)) = tokio::time::timeout(ASK_AGAIN, metrics.changed()).await {
+                return;
+            }
+        } else if metrics.changed().await.is_err() {
             return;
         }
     }
 }
+
+/// How soon a leader whose gRPC address did not answer is asked again.
+const ASK_AGAIN: Duration = Duration::from_millis(500);
 
 /// On the leader: logs once when a member stops taking entries (nothing acknowledged
 /// for [`STALLED_AFTER`] while it is behind) and once when it resumes.

@@ -20,6 +20,7 @@
 mod admission;
 mod cluster;
 mod conns;
+mod forward;
 mod grpc;
 mod http;
 mod owner;
@@ -396,6 +397,10 @@ pub async fn run(
     let min_node = drover_admission::version::Version::parse(&config.min_node_version)
         .ok_or_else(|| ShellError::Config(format!("min node version {:?} is not x.y.z", config.min_node_version)))?;
     let mut cluster_handle = None;
+    let (events_tx, events_rx) = owner::Inbox::new(65_536);
+    // One controller always leads; a member learns who does from its group.
+    let (_one_leader, mut leader) = tokio::sync::watch::channel(cluster::Leader::Me);
+    let mut forwarder = None;
     let (backend, replay_us, replayed) = match (&config.cluster, listeners.raft) {
         (None, _) => {
             let (core, journal, replay_us, replayed) = open_local(&config, storage).await?;
@@ -413,12 +418,13 @@ pub async fn run(
             if let Some(a) = &listeners.admission {
                 about.insert("admission".to_owned(), a.local_addr()?.to_string());
             }
-            let (backend, handle) = cluster::start(&config, c, raft_listener, storage, about).await?;
-            cluster_handle = Some(handle);
-            (backend, 0, 0)
+            let started = cluster::start(&config, c, raft_listener, storage, about, events_tx.clone()).await?;
+            cluster_handle = Some(started.handle);
+            leader = started.leader;
+            forwarder = Some(started.forwarder);
+            (started.backend, 0, 0)
         }
     };
-    let (events_tx, events_rx) = owner::Inbox::new(65_536);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let health = Arc::new(Health::default());
     let logs = Arc::new(ratelog::LogLimiter::default());
@@ -435,6 +441,8 @@ pub async fn run(
                 handshake_deadline_ms: config.handshake_deadline_ms,
                 ticket_ttl_ms: config.ticket_ttl_ms,
                 max_connections: config.max_connections,
+                leader: leader.clone(),
+                forwarder: forwarder.clone(),
             };
             let tls = match &config.tls {
                 Some(id) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(id.rustls(config.client_ca.as_deref())?))),

@@ -32,8 +32,10 @@ const ALIVE_EVERY: Duration = Duration::from_secs(5);
 /// Settings of a node.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
-    /// The controller's admission address, e.g. `127.0.0.1:7401`. The gRPC address to
-    /// use comes back in `auth:ack`.
+    /// The controllers' admission addresses, comma-separated, e.g. `127.0.0.1:7401` or
+    /// `a:7401,b:7401,c:7401` (every member of a cluster admits). The gRPC address to
+    /// use (the leader's) comes back in `auth:ack`; admission tries the addresses in
+    /// turn, starting after the last one that failed.
     pub controller: String,
     /// The join token (`drover token create --role join`).
     pub token: String,
@@ -151,11 +153,12 @@ pub async fn run(
     let mut last_refusal: Option<String> = None;
     let mut jitter = drover_proto_free_rng(&config.id);
     let mut fence = fence::Fence::default();
+    let mut next_controller = 0;
     loop {
         let started = Instant::now();
         let end = tokio::select! {
             _ = &mut shutdown => return Exit::Stopped,
-            end = session(&config, &source, &stats, &mut tasks, &mut fence) => end,
+            end = session(&config, &source, &stats, &mut tasks, &mut fence, &mut next_controller) => end,
         };
         match end {
             End::Shutdown => return Exit::Shutdown,
@@ -270,9 +273,43 @@ struct Control {
     conn: NodeConn,
 }
 
-/// Passes admission: returns the upstream, the ticket and the control channel.
-async fn admit(config: &NodeConfig) -> Result<(String, String, ControlChannel), End> {
-    let addr = config.controller.trim_start_matches("http://").to_owned();
+/// The admission addresses in `config.controller` (comma-separated).
+pub fn admission_addresses(config: &NodeConfig) -> Vec<String> {
+    config
+        .controller
+        .split(',')
+        .map(|a| a.trim().trim_start_matches("http://").to_owned())
+        .filter(|a| !a.is_empty())
+        .collect()
+}
+
+/// Passes admission at one of the controllers, trying each in turn from `*next` (a
+/// controller that is down or cannot decide is passed over; a refused credential ends
+/// the round, since every controller judges it alike). `*next` is left at the one that
+/// admitted, or after the last one tried.
+async fn admit_any(config: &NodeConfig, next: &mut usize) -> Result<(String, String, ControlChannel), End> {
+    let addrs = admission_addresses(config);
+    if addrs.is_empty() {
+        return Err(End::Refused("no controller address given".into()));
+    }
+    let mut failures = Vec::new();
+    for _ in 0..addrs.len() {
+        let addr = &addrs[*next % addrs.len()];
+        match admit(config, addr).await {
+            Ok(admitted) => return Ok(admitted),
+            Err(End::Closed(why)) => {
+                *next = (*next + 1) % addrs.len();
+                failures.push(why);
+            }
+            Err(end) => return Err(end),
+        }
+    }
+    Err(End::Closed(failures.join("; ")))
+}
+
+/// Passes admission at `addr`: returns the upstream, the ticket and the control channel.
+async fn admit(config: &NodeConfig, addr: &str) -> Result<(String, String, ControlChannel), End> {
+    let addr = addr.to_owned();
     let tcp = tokio::net::TcpStream::connect(&addr)
         .await
         .map_err(|e| End::Closed(format!("admission connect {addr}: {e}")))?;
@@ -365,8 +402,13 @@ pub struct ControlChannel {
 pub enum ControlEnd {
     /// `conn:close` from the controller (an eviction), with its reason.
     Closed(String),
-    /// A new `auth:ack` named another upstream.
-    Moved(String),
+    /// A new `auth:ack` named another upstream (the new leader), with a new ticket.
+    Moved {
+        /// The gRPC address to stream to now.
+        upstream: String,
+        /// The ticket to open that stream with.
+        ticket: String,
+    },
     /// The connection ended or broke.
     Lost(String),
 }
@@ -375,7 +417,7 @@ impl std::fmt::Display for ControlEnd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ControlEnd::Closed(reason) => write!(f, "closed by the controller: {reason}"),
-            ControlEnd::Moved(upstream) => write!(f, "moved to {upstream}"),
+            ControlEnd::Moved { upstream, .. } => write!(f, "moved to {upstream}"),
             ControlEnd::Lost(why) => write!(f, "control channel lost: {why}"),
         }
     }
@@ -402,7 +444,7 @@ impl ControlChannel {
                         for a in control.conn.on_packet(p) {
                             match a {
                                 NodeAction::Closed { reason } => return ControlEnd::Closed(reason),
-                                NodeAction::Moved { upstream, .. } => return ControlEnd::Moved(upstream),
+                                NodeAction::Moved { upstream, ticket } => return ControlEnd::Moved { upstream, ticket },
                                 _ => {}
                             }
                         }
@@ -421,26 +463,34 @@ impl ControlChannel {
         }
     }
 
-    /// The stream ended: if an eviction is on its way over the control channel (the
-    /// two connections race), it wins; otherwise the stream's end is just a disconnect.
-    async fn evicted_or(&mut self, open: bool, why: String) -> End {
-        if !open {
-            return End::Closed(why);
+    /// The stream ended: if an eviction (or a move to a new leader) is on its way over
+    /// the control channel (the two connections race), it wins; otherwise the stream's
+    /// end is just a disconnect.
+    async fn evicted_or(&mut self, open: &mut bool, why: String) -> StreamEnd {
+        if !*open {
+            return StreamEnd::Lost(why);
         }
         let ControlChannel { control, buf, .. } = self;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
         loop {
             let n = match tokio::time::timeout_at(deadline, control.stream.read(buf)).await {
                 Ok(Ok(n)) if n > 0 => n,
-                _ => return End::Closed(why),
+                Ok(_) => {
+                    *open = false;
+                    return StreamEnd::Lost(why);
+                }
+                Err(_) => return StreamEnd::Lost(why),
             };
             if control.decoder.feed(&buf[..n]).is_err() {
-                return End::Closed(why);
+                *open = false;
+                return StreamEnd::Lost(why);
             }
             while let Some(p) = control.decoder.next_packet() {
                 for a in control.conn.on_packet(p) {
-                    if let NodeAction::Closed { reason } = a {
-                        return End::Evicted(reason);
+                    match a {
+                        NodeAction::Closed { reason } => return StreamEnd::Over(End::Evicted(reason)),
+                        NodeAction::Moved { upstream, ticket } => return StreamEnd::Moved { upstream, ticket },
+                        _ => {}
                     }
                 }
             }
@@ -451,7 +501,7 @@ impl ControlChannel {
 /// Passes admission once for `config` and returns the gRPC address, the session ticket
 /// and the open control channel (for tools that simulate many nodes).
 pub async fn admit_session(config: &NodeConfig) -> Result<(String, String, ControlChannel), String> {
-    match admit(config).await {
+    match admit_any(config, &mut 0).await {
         Ok(admitted) => Ok(admitted),
         Err(End::Closed(why) | End::Evicted(why) | End::Refused(why)) => Err(why),
         Err(End::Shutdown) => Err("shut down during admission".into()),
@@ -543,20 +593,106 @@ fn is_task_plane(p: &Payload) -> bool {
     )
 }
 
+/// How long a node whose stream ended, its control channel still open, waits for
+/// the controller holding that channel to name a new leader (or for its stream to
+/// open again) before it passes admission afresh, possibly at another controller.
+const REJOIN_WAIT: Duration = Duration::from_secs(4);
+
+/// How a stream ended, as the session sees it.
+enum StreamEnd {
+    /// The session is over: shut down, evicted, or nothing left to hold on to.
+    Over(End),
+    /// The controller holding the control channel named a new upstream (a new leader).
+    Moved { upstream: String, ticket: String },
+    /// The stream ended or could not open (the control channel may still be open).
+    Lost(String),
+}
+
+/// What a session keeps from one stream to the next: the pairs it streams (under their
+/// epochs, so a move to a new leader that kept the assignments costs no gap) and
+/// whether its control channel is still open.
+struct Held {
+    streaming: BTreeMap<String, Streaming>,
+    control_open: bool,
+    started: Instant,
+}
+
+/// One admitted session: admission at one of the controllers, then streams to the
+/// upstream it names, moving to each new upstream a controller names (a leader change)
+/// without passing admission again.
 async fn session(
     config: &NodeConfig,
     source: &Arc<dyn PriceSource>,
     stats: &NodeStats,
     tasks: &mut Option<Tasks>,
     fence: &mut fence::Fence,
+    next_controller: &mut usize,
 ) -> End {
-    let (upstream, ticket, mut control) = match admit(config).await {
+    let (mut upstream, mut ticket, mut control) = match admit_any(config, next_controller).await {
         Ok(a) => a,
         Err(end) => return end,
     };
-    let mut client = match grpc_channel(&upstream, config.ca.as_deref()).await {
+    let mut held = Held { streaming: BTreeMap::new(), control_open: true, started: Instant::now() };
+    let seed = format!("{}/stream", config.id);
+    let mut jitter = drover_proto_free_rng(&seed);
+    let mut lost_since: Option<Instant> = None;
+    loop {
+        let opened = stats.sessions.load(std::sync::atomic::Ordering::Relaxed);
+        let end = stream(config, source, stats, tasks, fence, &upstream, &ticket, &mut control, &mut held).await;
+        if stats.sessions.load(std::sync::atomic::Ordering::Relaxed) != opened {
+            // That stream did open: a later loss starts a new wait.
+            lost_since = None;
+        }
+        let why = match end {
+            StreamEnd::Over(end) => return end,
+            StreamEnd::Moved { upstream: to, ticket: t } => {
+                tracing::info!(node = %config.id, from = %upstream, to = %to, "leadership moved: streaming to the new leader");
+                (upstream, ticket) = (to, t);
+                lost_since = None;
+                continue;
+            }
+            StreamEnd::Lost(why) => why,
+        };
+        if !held.control_open {
+            return End::Closed(why);
+        }
+        let since = *lost_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= REJOIN_WAIT {
+            return End::Closed(format!("{why}; no leader named within {} s", REJOIN_WAIT.as_secs()));
+        }
+        tracing::info!(node = %config.id, %upstream, reason = %why, "stream lost; waiting for a new leader or retrying");
+        let wait = Duration::from_millis(100 + jitter() % 200);
+        tokio::select! {
+            end = control.hold() => match end {
+                ControlEnd::Closed(reason) => return End::Evicted(reason),
+                ControlEnd::Moved { upstream: to, ticket: t } => {
+                    tracing::info!(node = %config.id, from = %upstream, to = %to, "leadership moved: streaming to the new leader");
+                    (upstream, ticket) = (to, t);
+                    lost_since = None;
+                }
+                ControlEnd::Lost(_) => return End::Closed(why),
+            },
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// One `NodeCommandStream` to `upstream`, until it ends or the node is moved.
+#[allow(clippy::too_many_arguments)]
+async fn stream(
+    config: &NodeConfig,
+    source: &Arc<dyn PriceSource>,
+    stats: &NodeStats,
+    tasks: &mut Option<Tasks>,
+    fence: &mut fence::Fence,
+    upstream: &str,
+    ticket: &str,
+    control: &mut ControlChannel,
+    held: &mut Held,
+) -> StreamEnd {
+    let mut client = match grpc_channel(upstream, config.ca.as_deref()).await {
         Ok(c) => ControllerClient::new(c).max_decoding_message_size(4 << 20),
-        Err(e) => return End::Closed(format!("connect {upstream}: {e}")),
+        Err(e) => return StreamEnd::Lost(format!("connect {upstream}: {e}")),
     };
     let (tx, rx) = mpsc::channel::<v1::StreamFromNode>(1024);
     let node = config.id.clone();
@@ -573,18 +709,23 @@ async fn session(
         worker: config.worker,
     };
     if tx.send(msg(hello.into(), String::new(), None)).await.is_err() {
-        return End::Closed("stream closed".into());
+        return StreamEnd::Lost("stream closed".into());
     }
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
     match tonic::metadata::MetadataValue::try_from(format!("Bearer {ticket}")) {
         Ok(v) => {
             request.metadata_mut().insert("authorization", v);
         }
-        Err(_) => return End::Closed("ticket is not a valid header value".into()),
+        Err(_) => return StreamEnd::Over(End::Closed("ticket is not a valid header value".into())),
     }
     let mut inbound = match client.node_command_stream(request).await {
         Ok(r) => r.into_inner(),
-        Err(e) => return End::Closed(format!("open stream: {e}")),
+        // The ticket is no longer good (evicted, re-admitted elsewhere, expired):
+        // only admission makes a new one.
+        Err(e) if matches!(e.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) => {
+            return StreamEnd::Over(End::Closed(format!("open stream: {}", e.message())));
+        }
+        Err(e) => return StreamEnd::Lost(format!("open stream: {}", e.message())),
     };
     stats.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(node = %config.id, %upstream, "admitted and connected");
@@ -592,23 +733,22 @@ async fn session(
         let actions = t.worker.session_opened(now_ms());
         for (rid, p) in t.act(actions) {
             if tx.send(msg(p, rid, None)).await.is_err() {
-                return End::Closed("stream closed".into());
+                return StreamEnd::Lost("stream closed".into());
             }
         }
     }
     let mut task_tick = tokio::time::interval(Duration::from_millis(250));
-    let mut control_open = true;
-    let started = Instant::now();
-    let mut streaming: BTreeMap<String, Streaming> = BTreeMap::new();
+    let Held { streaming, control_open, started } = held;
+    let started = *started;
     let mut heartbeat = tokio::time::interval(config.heartbeat);
     let mut poll = tokio::time::interval(config.poll);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
-            end = control.hold(), if control_open => match end {
-                ControlEnd::Closed(reason) => return End::Evicted(reason),
-                ControlEnd::Moved(upstream) => return End::Closed(format!("moved to {upstream}")),
-                ControlEnd::Lost(_) => control_open = false,
+            end = control.hold(), if *control_open => match end {
+                ControlEnd::Closed(reason) => return StreamEnd::Over(End::Evicted(reason)),
+                ControlEnd::Moved { upstream, ticket } => return StreamEnd::Moved { upstream, ticket },
+                ControlEnd::Lost(_) => *control_open = false,
             },
             ev = async { match tasks.as_mut() { Some(t) => t.events.recv().await, None => std::future::pending().await } } => {
                 let (Some(t), Some(ev)) = (tasks.as_mut(), ev) else { continue };
@@ -622,7 +762,7 @@ async fn session(
                 };
                 for (rid, p) in t.act(actions) {
                     if tx.send(msg(p, rid, None)).await.is_err() {
-                        return End::Closed("stream closed".into());
+                        return StreamEnd::Lost("stream closed".into());
                     }
                 }
             }
@@ -631,19 +771,19 @@ async fn session(
                 let actions = t.worker.tick(now_ms());
                 for (rid, p) in t.act(actions) {
                     if tx.send(msg(p, rid, None)).await.is_err() {
-                        return End::Closed("stream closed".into());
+                        return StreamEnd::Lost("stream closed".into());
                     }
                 }
             }
             _ = heartbeat.tick() => {
                 let beat = v1::NodeHeartbeatV1Notify { sent_at_ms: now_ms() };
                 if tx.send(msg(beat.into(), String::new(), None)).await.is_err() {
-                    return End::Closed("stream closed".into());
+                    return StreamEnd::Lost("stream closed".into());
                 }
             }
             _ = poll.tick() => {
                 let now = now_ms();
-                for (pair, s) in &mut streaming {
+                for (pair, s) in streaming.iter_mut() {
                     let Some(q) = source.latest(pair, now) else { continue };
                     if q.upstream_time_ms <= s.last_upstream_ms {
                         continue;
@@ -658,7 +798,7 @@ async fn session(
                         epoch: s.epoch,
                     };
                     if tx.send(msg(update.into(), String::new(), None)).await.is_err() {
-                        return End::Closed("stream closed".into());
+                        return StreamEnd::Lost("stream closed".into());
                     }
                     stats.updates_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -682,7 +822,7 @@ async fn session(
                     let actions = t.worker.on_message(&cmd.request_id, p.clone());
                     for (rid, p) in t.act(actions) {
                         if tx.send(msg(p, rid, None)).await.is_err() {
-                            return End::Closed("stream closed".into());
+                            return StreamEnd::Lost("stream closed".into());
                         }
                     }
                     continue;
@@ -697,7 +837,7 @@ async fn session(
                             let kept = streaming.remove(&a.pair).filter(|s| s.epoch == a.epoch);
                             next.insert(a.pair.clone(), kept.unwrap_or(Streaming { epoch: a.epoch, seq: 0, last_upstream_ms: known }));
                         }
-                        streaming = next;
+                        *streaming = next;
                         tracing::info!(node = %config.id, pairs = ?streaming.keys().collect::<Vec<_>>(), "streaming");
                         let streams = m.streams.iter().map(|a| v1::StreamAssignment { pair: a.pair.clone(), epoch: a.epoch, latest: None }).collect();
                         let _ = tx.send(reply(v1::NodeStreamModifyStateV1Reply { streaming: streams }.into())).await;
@@ -724,7 +864,7 @@ async fn session(
                         let _ = tokio::time::timeout(Duration::from_secs(2), async {
                             while let Ok(Some(_)) = inbound.message().await {}
                         }).await;
-                        return End::Shutdown;
+                        return StreamEnd::Over(End::Shutdown);
                     }
                     Ok(other) => {
                         let unknown = v1::UnknownCommandV1Notify { type_url: any.type_url.clone(), reason: format!("node does not handle {}", other.name()) };

@@ -133,6 +133,9 @@ pub struct Settings {
     pub about: Addresses,
     /// Heartbeats, elections, snapshots.
     pub timing: Timing,
+    /// The application's answer to requests its peers forward to it
+    /// ([`crate::network::Forwarder`]); `None`: they are refused.
+    pub forward: Option<crate::network::ForwardHandler>,
 }
 
 /// Why a member could not start.
@@ -194,7 +197,8 @@ where
         let founder = settings.peers.contains_key(&settings.id);
         let initialized = raft.is_initialized().await.map_err(|e| MemberError::Raft(e.to_string()))?;
         inbound.hold_if_restarting(&settings.timing).await;
-        let server = tokio::spawn(serve(settings.listener, inbound, settings.creds.clone(), settings.about));
+        let server =
+            tokio::spawn(serve(settings.listener, inbound, settings.creds.clone(), settings.about, settings.forward));
         if founder && !initialized {
             let members: BTreeMap<u64, BasicNode> =
                 settings.peers.iter().map(|(id, addr)| (*id, BasicNode::new(addr))).collect();

@@ -49,6 +49,10 @@ enum Request {
     /// drover's own: campaign now (a leader handing over; see
     /// [`crate::member::Leadership::transfer`]). The campaign is openraft's own.
     Elect,
+    /// drover's own: a request for the application on this member (the leader), in
+    /// bytes the application defines: a follower passing on what only the leader may
+    /// decide (an admission, say). Answered by the member's [`ForwardHandler`].
+    Forward(Vec<u8>),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -59,7 +63,18 @@ enum Response {
     Status(MemberStatus),
     /// The campaign was started (`Err`: why not).
     Elect(Result<(), String>),
+    /// The application's answer (`Err`: this member takes no forwarded requests).
+    Forward(Result<Vec<u8>, String>),
 }
+
+/// What a forwarded request's handler returns.
+pub type ForwardFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send>>;
+
+/// The application's handler of requests forwarded to this member by its peers
+/// ([`Forwarder`]): bytes in, bytes (or a refusal) out. The peers are the group's
+/// members, authenticated by the cluster secret; the handler still treats the bytes as
+/// untrusted input (decodes them with limits, never panics).
+pub type ForwardHandler = Arc<dyn Fn(Vec<u8>) -> ForwardFuture + Send + Sync>;
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +137,13 @@ pub fn decode_response(body: &[u8]) -> Result<(), FrameError> {
 /// proves it holds the cluster secret has its requests go to `inbound`, in order; a
 /// status request is answered with this member's view of itself, `about` naming its
 /// addresses.
-pub async fn serve(listener: TcpListener, inbound: Inbound, creds: Credentials, about: Addresses) {
+pub async fn serve(
+    listener: TcpListener,
+    inbound: Inbound,
+    creds: Credentials,
+    about: Addresses,
+    forward: Option<ForwardHandler>,
+) {
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(a) => a,
@@ -133,7 +154,7 @@ pub async fn serve(listener: TcpListener, inbound: Inbound, creds: Credentials, 
             }
         };
         let _ = stream.set_nodelay(true);
-        let (inbound, creds, about) = (inbound.clone(), creds.clone(), about.clone());
+        let (inbound, creds, about, forward) = (inbound.clone(), creds.clone(), about.clone(), forward.clone());
         tokio::spawn(async move {
             let handshakes = async {
                 let mut stream: Box<dyn Io> = match &creds.tls {
@@ -158,14 +179,19 @@ pub async fn serve(listener: TcpListener, inbound: Inbound, creds: Credentials, 
                     return;
                 }
             };
-            if let Err(e) = serve_connection(stream, inbound, about).await {
+            if let Err(e) = serve_connection(stream, inbound, about, forward).await {
                 tracing::debug!(%from, error = %e, "raft connection ended");
             }
         });
     }
 }
 
-async fn serve_connection(mut stream: Box<dyn Io>, inbound: Inbound, about: Addresses) -> Result<(), FrameError> {
+async fn serve_connection(
+    mut stream: Box<dyn Io>,
+    inbound: Inbound,
+    about: Addresses,
+    forward: Option<ForwardHandler>,
+) -> Result<(), FrameError> {
     loop {
         let response = match read_frame::<Request>(&mut stream).await {
             Ok(Request::Status) => Response::Status(MemberStatus::of(inbound.raft(), &about)),
@@ -176,6 +202,10 @@ async fn serve_connection(mut stream: Box<dyn Io>, inbound: Inbound, about: Addr
                 tracing::info!("campaigning now: the leader hands leadership to this member");
                 Response::Elect(inbound.raft().trigger().elect().await.map_err(|e| e.to_string()))
             }
+            Ok(Request::Forward(body)) => Response::Forward(match &forward {
+                Some(handle) => handle(body).await,
+                None => Err("this member takes no forwarded requests".to_owned()),
+            }),
             Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => {
                 tracing::warn!(error = %e, "bad request on the raft port; closing the connection");
@@ -207,6 +237,66 @@ pub async fn ask_to_elect(addr: &str, creds: &Credentials, ttl: Duration) -> Res
         Ok(_) => Err(FrameError::Mismatch),
         Err(CallError::Unreachable(e)) => Err(FrameError::Io(e)),
         Err(CallError::Network(e)) => Err(e),
+    }
+}
+
+/// Passes requests to another member's [`ForwardHandler`] (a follower to its leader),
+/// over the Raft port's authenticated connections. Idle connections are kept (up to
+/// [`FORWARD_IDLE`] per member) and several calls run at once, each on a connection of
+/// its own, so a burst of forwarded requests (a fleet re-admitting after a leader
+/// change) is not serialised behind one round trip.
+#[derive(Clone)]
+pub struct Forwarder {
+    creds: Credentials,
+    idle: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<Peer>>>>,
+}
+
+/// Idle forwarding connections kept per member.
+pub const FORWARD_IDLE: usize = 32;
+
+/// Why a forwarded request got no answer from the application.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The member could not be reached or the exchange failed.
+    #[error("forwarding to {addr}: {error}")]
+    Network {
+        /// The member's Raft address.
+        addr: String,
+        /// What failed.
+        error: FrameError,
+    },
+    /// The member answered but takes no forwarded requests.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl Forwarder {
+    /// Forwards with `creds` (the cluster secret, and TLS when it is on).
+    pub fn new(creds: Credentials) -> Forwarder {
+        Forwarder { creds, idle: Arc::default() }
+    }
+
+    /// Sends `body` to the member at `addr` (its Raft address) and returns the
+    /// application's answer, within `ttl`.
+    pub async fn call(&self, addr: &str, body: Vec<u8>, ttl: Duration) -> Result<Vec<u8>, ForwardError> {
+        let pooled = self.idle.lock().ok().and_then(|mut idle| idle.get_mut(addr).and_then(Vec::pop));
+        let mut peer = pooled.unwrap_or_else(|| Peer::once(addr, &self.creds));
+        let net = |error| ForwardError::Network { addr: addr.to_owned(), error };
+        let answer = match peer.call(&Request::Forward(body), ttl).await {
+            Ok(Response::Forward(answer)) => answer,
+            Ok(_) => return Err(net(FrameError::Mismatch)),
+            Err(CallError::Unreachable(e)) => return Err(net(FrameError::Io(e))),
+            Err(CallError::Network(e)) => return Err(net(e)),
+        };
+        if peer.conn.is_some()
+            && let Ok(mut idle) = self.idle.lock()
+        {
+            let kept = idle.entry(addr.to_owned()).or_default();
+            if kept.len() < FORWARD_IDLE {
+                kept.push(peer);
+            }
+        }
+        answer.map_err(ForwardError::Refused)
     }
 }
 

@@ -63,6 +63,7 @@ async fn start_with(id: u64, dir: &std::path::Path, addr: &str, creds: Credentia
         Inbound::new(raft.clone(), &timing, Default::default()),
         creds,
         Default::default(),
+        None,
     ));
     Replica { raft, machine, server }
 }

@@ -575,7 +575,7 @@ fn main() -> std::process::ExitCode {
     // openraft logs every failed attempt to reach a member (several lines a second
     // while one is down); the controller logs leader changes and members that stop or
     // resume replicating itself, once each. DROVER_LOG=openraft=info brings them back.
-    init_logging(&cli.log_format, if quiet { "warn" } else { "info,openraft=off" });
+    init_logging(&cli.log_format, if quiet { "warn,openraft=off" } else { "info,openraft=off" });
     if !matches!(
         cli.command,
         Command::Controller(_) | Command::Node(_) | Command::Coordinator(_) | Command::Demo(_) | Command::Bench(_)

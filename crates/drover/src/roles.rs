@@ -357,8 +357,10 @@ pub struct NodeArgs {
     #[arg(long)]
     pub print_config: bool,
     /// The controller's admission address (its --admission port, not the gRPC port the
-    /// CLI uses: admission then tells the node where gRPC is). `--controller` is an old
-    /// spelling of this flag.
+    /// CLI uses: admission then tells the node where gRPC is). For a cluster, every
+    /// member's, comma-separated (`a:7401,b:7401,c:7401`): any member admits, nodes
+    /// stream to the leader and follow it, and a node re-admits at the next address
+    /// when one is down. `--controller` is another spelling of this flag.
     #[arg(long, alias = "controller", env = "DROVER_ADMISSION", default_value = "127.0.0.1:7401")]
     pub admission: String,
     /// Join token (`drover token create --role join`); or use --cert/--key.

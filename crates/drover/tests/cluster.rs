@@ -8,89 +8,12 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{Controller, Killed, drover_bin, free_port, spawn, text, wait_until};
-
-struct Member {
-    id: u64,
-    raft: u16,
-    ctl: Controller,
-}
-
-fn start(m: &mut Member, peers: &str, secret: &Path) {
-    let (g, a, h, r) = (
-        format!("127.0.0.1:{}", m.ctl.grpc),
-        format!("127.0.0.1:{}", m.ctl.admission),
-        format!("127.0.0.1:{}", m.ctl.http),
-        format!("127.0.0.1:{}", m.raft),
-    );
-    let (id, data, secret) = (m.id.to_string(), m.ctl.data.to_str().unwrap().to_owned(), secret.to_str().unwrap());
-    let mut args = vec![
-        "controller",
-        "--listen",
-        &g,
-        "--admission",
-        &a,
-        "--http",
-        &h,
-        "--data-dir",
-        &data,
-        "--member",
-        &id,
-        "--raft",
-        &r,
-        "--cluster-secret-file",
-        secret,
-        // Nodes are judged quickly, so the test's nodes show up at once.
-        "--node-timeout",
-        "3s",
-    ];
-    // A member joining later starts without the initial list.
-    if !peers.is_empty() {
-        args.extend(["--peers", peers]);
-    }
-    args.extend(m.ctl.extra.iter().map(String::as_str));
-    m.ctl.proc = Some(spawn(&args, &m.ctl.log));
-}
-
-/// `drover cluster status --json` through member `http`'s port, if it answers.
-fn status(http: u16) -> Option<serde_json::Value> {
-    let out = std::process::Command::new(drover_bin())
-        .args(["cluster", "status", "--json", "--http", &format!("127.0.0.1:{http}")])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
-}
-
-/// The leader `http`'s member reports, once every one of `expect` members answers
-/// with no lag (or, with `expect` 0, once any leader is reported).
-fn leader_via(http: u16, expect: usize) -> Option<u64> {
-    let s = status(http)?;
-    let leader = s["leader"].as_u64()?;
-    let members = s["members"].as_array()?;
-    let caught_up = members.iter().filter(|m| m["lag"] == 0 && m["role"] != "unreachable").count();
-    (caught_up >= expect).then_some(leader)
-}
-
-fn cli(grpc: u16, token: &str, args: &[&str]) -> Output {
-    cli_at(&format!("127.0.0.1:{grpc}"), token, args)
-}
-
-/// The CLI with `DROVER_CONTROLLER` set to `controllers` (one address or a list).
-fn cli_at(controllers: &str, token: &str, args: &[&str]) -> Output {
-    std::process::Command::new(drover_bin())
-        .args(args)
-        .env("DROVER_CONTROLLER", controllers)
-        .env("DROVER_TOKEN", token)
-        .output()
-        .expect("run cli")
-}
+use common::{
+    Controller, Killed, Member, cli, cli_at, drover_bin, free_port, leader_via, spawn, start_member as start, status,
+    text, wait_until,
+};
 
 #[test]
 fn three_controllers_form_a_group_replicate_hand_over_and_survive_the_leaders_sigkill() {

@@ -378,6 +378,43 @@ fn demo_runs_and_shows_a_failover() {
     assert!(text.contains("demo finished"), "{text}");
 }
 
+/// `drover demo --ha`: the leader is stopped, another member leads, and every pair is
+/// streamed by the same node under the same epoch as before (no reshuffle), with
+/// prices still moving.
+#[test]
+fn ha_demo_shows_a_new_leader_with_the_same_streamers_and_epochs() {
+    let out = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["demo", "--ha", "--duration", "11s", "--kill-after", "4s"])
+        .output()
+        .expect("run demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let (before, after) = text.split_once("*** stopped the leader, member ").expect("the leader was stopped");
+    let old: u64 = after.split_whitespace().next().unwrap().parse().unwrap();
+    // The last table before the stop and the last table of the run.
+    let rows = |t: &str| -> Vec<(String, String, String, String)> {
+        let last = t.rsplit("PAIR     PRICE").next().unwrap();
+        last.lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|c| c.len() == 4 && c[0].len() == 6 && c[0].chars().all(|ch| ch.is_ascii_uppercase()))
+            .map(|c| (c[0].to_owned(), c[1].to_owned(), c[2].to_owned(), c[3].to_owned()))
+            .collect()
+    };
+    let (was, now) = (rows(before), rows(after));
+    assert_eq!(was.len(), 4, "{text}");
+    assert_eq!(now.len(), 4, "{text}");
+    for ((pair, p0, s0, e0), (pair1, p1, s1, e1)) in was.iter().zip(&now) {
+        assert_eq!((pair, s0, e0), (pair1, s1, e1), "a pair moved on the leader change:\n{text}");
+        let _ = (p0, p1);
+    }
+    assert!(was.iter().zip(&now).any(|(a, b)| a.1 != b.1), "no price moved after the stop:\n{text}");
+    let leader = after.lines().rev().find_map(|l| l.trim().strip_prefix("leader: member ")).expect("a leader line");
+    let new: u64 = leader.split_whitespace().next().unwrap().parse().unwrap();
+    assert_ne!(new, old, "{text}");
+    assert!(text.contains("demo finished"), "{text}");
+}
+
 #[test]
 fn evicted_node_stops_and_stays_out() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,6 +3,8 @@
 //! its first admin, and polling with a deadline (no fixed sleeps).
 #![allow(dead_code)]
 
+pub mod history;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -202,4 +204,87 @@ pub fn cli_command(grpc: u16, data: &Path, args: &[&str]) -> Command {
         .env("DROVER_DATA_DIR", data)
         .env_remove("DROVER_TOKEN");
     cmd
+}
+
+// Controller groups (clusters).
+
+/// A member of a controller group: its id, Raft port and controller.
+pub struct Member {
+    pub id: u64,
+    pub raft: u16,
+    pub ctl: Controller,
+}
+
+/// Starts member `m` of the group whose initial list is `peers` (empty for a member
+/// joining later), with its node timeout at 3 s.
+pub fn start_member(m: &mut Member, peers: &str, secret: &Path) {
+    let (g, a, h, r) = (
+        format!("127.0.0.1:{}", m.ctl.grpc),
+        format!("127.0.0.1:{}", m.ctl.admission),
+        format!("127.0.0.1:{}", m.ctl.http),
+        format!("127.0.0.1:{}", m.raft),
+    );
+    let (id, data, secret) = (m.id.to_string(), m.ctl.data.to_str().unwrap().to_owned(), secret.to_str().unwrap());
+    let mut args = vec![
+        "controller",
+        "--listen",
+        &g,
+        "--admission",
+        &a,
+        "--http",
+        &h,
+        "--data-dir",
+        &data,
+        "--member",
+        &id,
+        "--raft",
+        &r,
+        "--cluster-secret-file",
+        secret,
+        // Nodes are judged quickly, so the test's nodes show up at once.
+        "--node-timeout",
+        "3s",
+    ];
+    // A member joining later starts without the initial list.
+    if !peers.is_empty() {
+        args.extend(["--peers", peers]);
+    }
+    args.extend(m.ctl.extra.iter().map(String::as_str));
+    m.ctl.proc = Some(spawn(&args, &m.ctl.log));
+}
+
+/// `drover cluster status --json` through member `http`'s port, if it answers.
+pub fn status(http: u16) -> Option<serde_json::Value> {
+    let out = std::process::Command::new(drover_bin())
+        .args(["cluster", "status", "--json", "--http", &format!("127.0.0.1:{http}")])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// The leader `http`'s member reports, once every one of `expect` members answers
+/// with no lag (or, with `expect` 0, once any leader is reported).
+pub fn leader_via(http: u16, expect: usize) -> Option<u64> {
+    let s = status(http)?;
+    let leader = s["leader"].as_u64()?;
+    let members = s["members"].as_array()?;
+    let caught_up = members.iter().filter(|m| m["lag"] == 0 && m["role"] != "unreachable").count();
+    (caught_up >= expect).then_some(leader)
+}
+
+pub fn cli(grpc: u16, token: &str, args: &[&str]) -> Output {
+    cli_at(&format!("127.0.0.1:{grpc}"), token, args)
+}
+
+/// The CLI with `DROVER_CONTROLLER` set to `controllers` (one address or a list).
+pub fn cli_at(controllers: &str, token: &str, args: &[&str]) -> Output {
+    std::process::Command::new(drover_bin())
+        .args(args)
+        .env("DROVER_CONTROLLER", controllers)
+        .env("DROVER_TOKEN", token)
+        .output()
+        .expect("run cli")
 }

@@ -1,0 +1,560 @@
+//! The chaos suite of high availability, part 2 (issue 16): three `drover controller`
+//! processes as one group, nodes given every member's admission address, and the
+//! leader killed while the fleet streams and an operator works. What must hold:
+//!
+//! - **no reshuffle**: a leader change moves no pair to another node (the new leader
+//!   holds the assignments and gives every node the rejoin grace to reappear);
+//! - **nothing acknowledged is lost**: every token `token create` acknowledged is
+//!   there after all the kills, and the history of adds and reads through the CLI is
+//!   linearizable (`common::history`);
+//! - **nothing runs twice**: every task submitted takes effect exactly once;
+//! - **a node that dies with the leader** has its pairs moved within the rejoin grace
+//!   plus the node timeout (plus the election).
+//!
+//! Each scenario prints a summary line (`CHAOS SUMMARY {...}`) and appends it to
+//! `target/tmp/chaos-summary.jsonl`; RELIABILITY.md holds the figures of a long run.
+//! Profiles as in `chaos.rs`:
+//!
+//! ```sh
+//! cargo test -p drover --test ha_chaos -- --nocapture
+//! DROVER_CHAOS_PROFILE=long cargo test -p drover --test ha_chaos -- --nocapture
+//! ```
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::history::{Kind, Op, check};
+use common::{Controller, Killed, Member, cli_at, drover_bin, free_port, leader_via, spawn, start_member, wait_until};
+use serde_json::{Value, json};
+
+/// Scenarios run one at a time: they measure timings on a 2-core machine.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Profile {
+    name: &'static str,
+    leader_kills: usize,
+    together_rounds: usize,
+}
+
+/// The profile, with `DROVER_CHAOS_LEADER_KILLS=N` overriding its number of leader kills.
+fn profile() -> Profile {
+    let mut p = match std::env::var("DROVER_CHAOS_PROFILE").as_deref() {
+        Ok("long") => Profile { name: "long", leader_kills: 100, together_rounds: 10 },
+        _ => Profile { name: "ci", leader_kills: 20, together_rounds: 2 },
+    };
+    if let Some(n) = std::env::var("DROVER_CHAOS_LEADER_KILLS").ok().and_then(|v| v.parse().ok()) {
+        p.leader_kills = n;
+    }
+    p
+}
+
+fn report(scenario: &str, figures: Value) {
+    let line = json!({"scenario": scenario, "profile": profile().name, "figures": figures});
+    eprintln!("CHAOS SUMMARY {line}");
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-summary.jsonl");
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// A group of controllers, its secret, and its first admin token.
+struct Group {
+    dir: tempfile::TempDir,
+    secret: PathBuf,
+    peers: String,
+    members: Vec<Member>,
+    admin: String,
+}
+
+impl Group {
+    /// Starts `n` members and waits for a leader every member follows.
+    fn start(n: u64) -> Group {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("cluster.secret");
+        let made = std::process::Command::new(drover_bin()).args(["cluster", "secret"]).output().unwrap();
+        assert!(made.status.success());
+        std::fs::write(&secret, &made.stdout).unwrap();
+        let mut members: Vec<Member> = (1..=n)
+            .map(|id| {
+                let d = dir.path().join(format!("m{id}"));
+                std::fs::create_dir_all(&d).unwrap();
+                Member { id, raft: free_port(), ctl: Controller::new(&d, &[]) }
+            })
+            .collect();
+        let peers = members.iter().map(|m| format!("{}=127.0.0.1:{}", m.id, m.raft)).collect::<Vec<_>>().join(",");
+        for m in &mut members {
+            start_member(m, &peers, &secret);
+        }
+        let mut g = Group { dir, secret, peers, members, admin: String::new() };
+        assert!(g.wait_healthy(Duration::from_secs(40)).is_some(), "no leader with every member caught up");
+        let mut admin = None;
+        assert!(
+            wait_until(Duration::from_secs(20), || {
+                admin = g.members.iter().find_map(|m| std::fs::read_to_string(m.ctl.data.join("admin.token")).ok());
+                admin.is_some()
+            }),
+            "no admin.token"
+        );
+        g.admin = admin.unwrap().trim().to_owned();
+        g
+    }
+
+    fn at(&self, id: u64) -> usize {
+        self.members.iter().position(|m| m.id == id).unwrap()
+    }
+
+    /// The leader, once every running member reports it with no lag.
+    fn wait_healthy(&self, limit: Duration) -> Option<u64> {
+        let running = self.members.iter().filter(|m| m.ctl.proc.is_some()).count();
+        let mut leader = None;
+        wait_until(limit, || {
+            leader = self.members.iter().filter(|m| m.ctl.proc.is_some()).find_map(|m| leader_via(m.ctl.http, running));
+            leader.is_some()
+        });
+        leader
+    }
+
+    /// The leader as any member other than `not` reports it, when it is not `not`.
+    fn new_leader(&self, not: u64, limit: Duration) -> Option<u64> {
+        let mut leader = None;
+        wait_until(limit, || {
+            leader = self
+                .members
+                .iter()
+                .filter(|m| m.id != not && m.ctl.proc.is_some())
+                .find_map(|m| leader_via(m.ctl.http, 0))
+                .filter(|&l| l != not);
+            leader.is_some()
+        });
+        leader
+    }
+
+    fn grpcs(&self) -> String {
+        self.members.iter().map(|m| format!("127.0.0.1:{}", m.ctl.grpc)).collect::<Vec<_>>().join(",")
+    }
+
+    /// The CLI against the whole member list (it finds the leader).
+    fn cli(&self, args: &[&str]) -> Output {
+        cli_at(&self.grpcs(), &self.admin, args)
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_slice(&self.cli(args).stdout).unwrap_or(Value::Null)
+    }
+
+    /// A node given every member's admission address, the list rotated by a hash of
+    /// its name (so nodes hold their control channels at different members, the
+    /// leader's among them).
+    fn node(&self, name: &str, token: &str, extra: &[&str]) -> Killed {
+        let mut all: Vec<String> = self.members.iter().map(|m| format!("127.0.0.1:{}", m.ctl.admission)).collect();
+        let turn = name.bytes().map(usize::from).sum::<usize>() % all.len();
+        all.rotate_left(turn);
+        let list = all.join(",");
+        let mut args = vec!["node", "--admission", &list, "--token", token, "--name", name];
+        args.extend_from_slice(extra);
+        spawn(&args, &self.dir.path().join(format!("{name}.log")))
+    }
+
+    /// Who streams each pair (`None` when nobody does), read through the leader.
+    fn streamers(&self) -> Option<BTreeMap<String, Option<String>>> {
+        let prices = self.json(&["prices", "--json"]);
+        let rows = prices.as_array()?;
+        Some(
+            rows.iter()
+                .map(|r| (r["pair"].as_str().unwrap_or("").to_owned(), r["streamer"].as_str().map(str::to_owned)))
+                .collect(),
+        )
+    }
+
+    /// Waits until each of `pairs` has a streamer, and returns who streams what.
+    fn wait_all_streamed(&self, pairs: &[&str], limit: Duration) -> Option<BTreeMap<String, String>> {
+        let mut got = None;
+        wait_until(limit, || {
+            got = self.streamers().and_then(|s| {
+                pairs
+                    .iter()
+                    .map(|p| s.get(*p).cloned().flatten().map(|n| (p.to_string(), n)))
+                    .collect::<Option<BTreeMap<_, _>>>()
+            });
+            got.is_some()
+        });
+        got
+    }
+
+    /// The newest `upstream_time_ms` over every pair, read through the leader.
+    fn newest_price_ms(&self) -> Option<i64> {
+        self.json(&["prices", "--json"]).as_array()?.iter().filter_map(|r| r["upstream_time_ms"].as_i64()).max()
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+const PAIRS: [&str; 5] = ["EURUSD", "GBPUSD", "USDJPY", "AUDUSD", "USDCHF"];
+
+/// The operator: token adds and whole-set reads through the member list, recorded for
+/// the checker, and a task now and then; runs until `stop`.
+fn operator(g_grpcs: String, admin: String, effects: PathBuf, stop: Arc<AtomicBool>) -> (Vec<Op>, Vec<String>) {
+    let began = Instant::now();
+    let us = || began.elapsed().as_micros() as u64;
+    let mut history = Vec::new();
+    let mut tasks = Vec::new();
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        i += 1;
+        let element = format!("op-{i}");
+        let invoked = us();
+        let out = std::process::Command::new(drover_bin())
+            .args(["token", "create", "--role", "read", "--description", &element])
+            .env("DROVER_CONTROLLER", &g_grpcs)
+            .env("DROVER_TOKEN", &admin)
+            .env("DROVER_TIMEOUT", "10s")
+            .output()
+            .unwrap();
+        let returned = out.status.success().then(us);
+        history.push(Op { invoked, returned, kind: Kind::Add(element) });
+        if i.is_multiple_of(3) {
+            let invoked = us();
+            let out = std::process::Command::new(drover_bin())
+                .args(["token", "list", "--json"])
+                .env("DROVER_CONTROLLER", &g_grpcs)
+                .env("DROVER_TOKEN", &admin)
+                .env("DROVER_TIMEOUT", "10s")
+                .output()
+                .unwrap();
+            let returned = us();
+            if out.status.success() {
+                let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+                let seen: BTreeSet<String> = list
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|t| t["description"].as_str())
+                            .filter(|d| d.starts_with("op-"))
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                history.push(Op { invoked, returned: Some(returned), kind: Kind::Read(seen) });
+            }
+        }
+        if i.is_multiple_of(7) {
+            let script = format!("echo \"$0\" >> {}", effects.display());
+            let name = format!("task-{i}");
+            let out = std::process::Command::new(drover_bin())
+                .args(["task", "run", "--", "/bin/sh", "-c", &script, &name])
+                .env("DROVER_CONTROLLER", &g_grpcs)
+                .env("DROVER_TOKEN", &admin)
+                .env("DROVER_TIMEOUT", "10s")
+                .output()
+                .unwrap();
+            if out.status.success() {
+                tasks.push(name);
+            }
+        }
+    }
+    (history, tasks)
+}
+
+#[test]
+fn leader_sigkills_under_load_move_no_pair_lose_no_acknowledged_input_and_run_no_task_twice() {
+    let _serial = serial();
+    let p = profile();
+    let mut g = Group::start(3);
+    let join = String::from_utf8(g.cli(&["token", "create", "--role", "join"]).stdout).unwrap().trim().to_owned();
+    assert!(join.starts_with("dt1."), "{join:?}");
+    let _nodes: Vec<Killed> = [
+        ("n1", "EURUSD,GBPUSD,USDJPY"),
+        ("n2", "GBPUSD,USDJPY,AUDUSD"),
+        ("n3", "AUDUSD,EURUSD,USDCHF"),
+        ("n4", "USDCHF,EURUSD"),
+    ]
+    .iter()
+    .map(|(name, pairs)| g.node(name, &join, &["--pairs", pairs]))
+    .chain(std::iter::once(g.node("w1", &join, &["--worker", "--cores", "2"])))
+    .collect();
+    assert!(g.wait_all_streamed(&PAIRS, Duration::from_secs(30)).is_some(), "pairs never all streamed");
+
+    let effects = g.dir.path().join("effects.txt");
+    let stop = Arc::new(AtomicBool::new(false));
+    let op = {
+        let (grpcs, admin, effects, stop) = (g.grpcs(), g.admin.clone(), effects.clone(), stop.clone());
+        std::thread::spawn(move || operator(grpcs, admin, effects, stop))
+    };
+
+    let mut to_price = Vec::new();
+    let mut to_leader = Vec::new();
+    let mut moved_total = 0;
+    let mut failures = Vec::new();
+    for round in 0..p.leader_kills {
+        let Some(leader) = g.wait_healthy(Duration::from_secs(60)) else {
+            failures.push(format!("round {round}: the group did not settle with every member caught up"));
+            break;
+        };
+        let Some(before) = g.wait_all_streamed(&PAIRS, Duration::from_secs(30)) else {
+            failures.push(format!("round {round}: not every pair streamed before the kill"));
+            break;
+        };
+        let l = g.at(leader);
+        let killed_ms = unix_ms();
+        let killed = Instant::now();
+        g.members[l].ctl.kill();
+        let Some(next) = g.new_leader(leader, Duration::from_secs(20)) else {
+            failures.push(format!("round {round}: no new leader within 20 s"));
+            break;
+        };
+        to_leader.push(killed.elapsed().as_millis() as u64);
+        // The first price produced after the kill that the new leader accepted.
+        if wait_until(Duration::from_secs(20), || g.newest_price_ms().is_some_and(|t| t > killed_ms)) {
+            to_price.push(killed.elapsed().as_millis() as u64);
+        } else {
+            failures.push(format!("round {round}: no price accepted within 20 s of the kill"));
+        }
+        match g.wait_all_streamed(&PAIRS, Duration::from_secs(30)) {
+            Some(after) => {
+                let moved: Vec<&String> = PAIRS
+                    .iter()
+                    .map(|p| &before[*p])
+                    .zip(PAIRS.iter().map(|p| &after[*p]))
+                    .filter(|(a, b)| a != b)
+                    .map(|(a, _)| a)
+                    .collect();
+                if !moved.is_empty() {
+                    let changed: Vec<String> = PAIRS
+                        .iter()
+                        .filter(|p| before[**p] != after[**p])
+                        .map(|p| format!("{p}: {} -> {}", before[*p], after[*p]))
+                        .collect();
+                    failures.push(format!("round {round}: pairs moved on the leader change: {changed:?}"));
+                }
+                moved_total += moved.len();
+            }
+            None => failures.push(format!("round {round}: pairs not all streamed after the kill")),
+        }
+        eprintln!(
+            "round {round}: leader {leader} killed; member {next} leads after {} ms, first price after {} ms",
+            to_leader.last().unwrap(),
+            to_price.last().map_or("-".to_owned(), |v| v.to_string())
+        );
+        let (peers, secret) = (g.peers.clone(), g.secret.clone());
+        start_member(&mut g.members[l], &peers, &secret);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (history, tasks) = op.join().unwrap();
+
+    // Everything acknowledged is there, read once more through the leader.
+    g.wait_healthy(Duration::from_secs(60));
+    let began_check = Instant::now();
+    let list = g.json(&["token", "list", "--json"]);
+    let seen: BTreeSet<String> = list
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t["description"].as_str())
+                .filter(|d| d.starts_with("op-"))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    let acknowledged: Vec<&String> = history
+        .iter()
+        .filter_map(|o| match (&o.kind, o.returned) {
+            (Kind::Add(e), Some(_)) => Some(e),
+            _ => None,
+        })
+        .collect();
+    let lost: Vec<&&String> = acknowledged.iter().filter(|e| !seen.contains(**e)).collect();
+    let mut full = history.clone();
+    let end =
+        history.iter().filter_map(|o| o.returned).max().unwrap_or(0) + began_check.elapsed().as_micros() as u64 + 1;
+    full.push(Op { invoked: end, returned: Some(end + 1), kind: Kind::Read(seen.clone()) });
+    let linearizable = check(&full);
+
+    // Every task acknowledged takes effect exactly once.
+    let done = |name: &str, text: &str| text.lines().filter(|l| *l == name).count();
+    wait_until(Duration::from_secs(60), || {
+        let text = std::fs::read_to_string(&effects).unwrap_or_default();
+        tasks.iter().all(|t| done(t, &text) >= 1)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let text = std::fs::read_to_string(&effects).unwrap_or_default();
+    let not_run: Vec<&String> = tasks.iter().filter(|t| done(t, &text) == 0).collect();
+    let twice: Vec<&String> = tasks.iter().filter(|t| done(t, &text) > 1).collect();
+
+    // How the nodes followed: told by the member holding their control channel, or by
+    // passing admission again elsewhere (their channel died with the leader).
+    let logs: String = ["n1", "n2", "n3", "n4", "w1"]
+        .iter()
+        .map(|n| std::fs::read_to_string(g.dir.path().join(format!("{n}.log"))).unwrap_or_default())
+        .collect();
+    let told = logs.lines().filter(|l| l.contains("leadership moved")).count();
+    let readmitted = logs.lines().filter(|l| l.contains("disconnected")).count();
+    to_price.sort_unstable();
+    to_leader.sort_unstable();
+    report(
+        "leader SIGKILL under load",
+        json!({"kills": to_leader.len(), "acknowledged_adds": acknowledged.len(), "lost_acknowledged": lost.len(),
+            "reads": history.iter().filter(|o| matches!(o.kind, Kind::Read(_))).count(),
+            "history_linearizable": linearizable.is_ok(),
+            "tasks": tasks.len(), "tasks_not_run": not_run.len(), "tasks_run_twice": twice.len(),
+            "pairs_moved": moved_total, "nodes_moved_by_auth_ack": told, "nodes_readmitted": readmitted,
+            "kill_to_leader_ms": {"p50": percentile(&to_leader, 0.5), "p99": percentile(&to_leader, 0.99), "max": to_leader.last()},
+            "kill_to_first_price_ms": {"p50": percentile(&to_price, 0.5), "p99": percentile(&to_price, 0.99), "max": to_price.last()}}),
+    );
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(lost.is_empty(), "acknowledged tokens lost: {lost:?}");
+    assert!(linearizable.is_ok(), "the history is not linearizable: {linearizable:?}");
+    assert!(acknowledged.len() >= p.leader_kills, "the operator got too few acknowledgements: {}", acknowledged.len());
+    assert!(not_run.is_empty() && twice.is_empty(), "tasks not run {not_run:?}, run twice {twice:?}:\n{text}");
+    assert!(!tasks.is_empty(), "no task was acknowledged");
+}
+
+/// A node and the leader die at the same moment: the new leader cannot have heard of
+/// the node's death, so it must judge it lost by the grace it gives every node; its
+/// pairs move to the other capable nodes within rejoin grace + node timeout (+ the
+/// election), and no other pair moves.
+#[test]
+fn a_node_that_dies_with_the_leader_has_its_pairs_moved_within_the_grace_and_the_node_timeout() {
+    let _serial = serial();
+    let p = profile();
+    let mut g = Group::start(3);
+    let join = String::from_utf8(g.cli(&["token", "create", "--role", "join"]).stdout).unwrap().trim().to_owned();
+    let mut nodes: BTreeMap<String, Killed> = [
+        ("n1", "EURUSD,GBPUSD,USDJPY"),
+        ("n2", "GBPUSD,USDJPY,AUDUSD"),
+        ("n3", "AUDUSD,EURUSD,USDCHF"),
+        ("n4", "USDCHF,EURUSD,USDJPY,GBPUSD,AUDUSD"),
+    ]
+    .iter()
+    .map(|(name, pairs)| (name.to_string(), g.node(name, &join, &["--pairs", pairs])))
+    .collect();
+    let mut bounds = Vec::new();
+    let mut failures = Vec::new();
+    // The rejoin grace (5 s) + the node timeout (3 s) + an election and some slack.
+    let bound = Duration::from_secs(5 + 3 + 4);
+    for round in 0..p.together_rounds {
+        let leader = g.wait_healthy(Duration::from_secs(60)).expect("a settled group");
+        let before = g.wait_all_streamed(&PAIRS, Duration::from_secs(30)).expect("every pair streamed");
+        let ids = node_ids(&g);
+        // The victim: a node that streams something and is not n4 (which knows every
+        // pair, so there is always somewhere to move to).
+        let Some((victim, victim_id)) = ids
+            .iter()
+            .find(|(name, id)| *name != "n4" && before.values().any(|s| s == id))
+            .map(|(n, i)| (n.clone(), i.clone()))
+        else {
+            failures.push(format!("round {round}: no streaming node to kill"));
+            break;
+        };
+        let theirs: Vec<&str> = PAIRS.iter().copied().filter(|p| before[*p] == victim_id).collect();
+        let l = g.at(leader);
+        let killed = Instant::now();
+        nodes.get_mut(&victim).unwrap().kill();
+        g.members[l].ctl.kill();
+        let mut after = None;
+        let moved = wait_until(Duration::from_secs(30), || {
+            after = g.wait_all_streamed(&PAIRS, Duration::from_secs(1));
+            after.as_ref().is_some_and(|a| theirs.iter().all(|p| a[*p] != victim_id))
+        });
+        let took = killed.elapsed();
+        bounds.push(took.as_millis() as u64);
+        eprintln!("round {round}: {victim} ({theirs:?}) and leader {leader} killed; its pairs moved after {took:?}");
+        if !moved || took > bound {
+            failures.push(format!(
+                "round {round}: {victim}'s pairs {theirs:?} moved: {moved}, after {took:?} (bound {bound:?})"
+            ));
+        }
+        if let Some(a) = &after {
+            let others: Vec<&&str> = PAIRS.iter().filter(|p| !theirs.contains(p) && a[**p] != before[**p]).collect();
+            if !others.is_empty() {
+                failures.push(format!("round {round}: pairs of live nodes moved too: {others:?}"));
+            }
+        }
+        // The node and the member come back for the next round.
+        nodes.insert(victim.clone(), g.node(&victim, &join, &["--pairs", pairs_of(&victim)]));
+        let (peers, secret) = (g.peers.clone(), g.secret.clone());
+        start_member(&mut g.members[l], &peers, &secret);
+    }
+    bounds.sort_unstable();
+    report(
+        "node and leader die together",
+        json!({"rounds": bounds.len(), "bound_ms": bound.as_millis() as u64,
+            "moved_after_ms": {"p50": percentile(&bounds, 0.5), "max": bounds.last()}}),
+    );
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+fn pairs_of(name: &str) -> &'static str {
+    match name {
+        "n1" => "EURUSD,GBPUSD,USDJPY",
+        "n2" => "GBPUSD,USDJPY,AUDUSD",
+        _ => "AUDUSD,EURUSD,USDCHF",
+    }
+}
+
+/// Node names and ids, from `drover nodes --json`.
+fn node_ids(g: &Group) -> Vec<(String, String)> {
+    g.json(&["nodes", "--json"])
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|n| n["state"] != "gone")
+                .filter_map(|n| Some((n["name"].as_str()?.to_owned(), n["id"].as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+mod checker {
+    use super::*;
+
+    fn add(invoked: u64, returned: Option<u64>, e: &str) -> Op {
+        Op { invoked, returned, kind: Kind::Add(e.into()) }
+    }
+
+    fn read(invoked: u64, returned: u64, seen: &[&str]) -> Op {
+        Op { invoked, returned: Some(returned), kind: Kind::Read(seen.iter().map(|s| s.to_string()).collect()) }
+    }
+
+    #[test]
+    fn the_checker_accepts_linearizable_histories_and_rejects_each_kind_of_violation() {
+        // Concurrent add and read may go either way; an unacknowledged add may appear.
+        let ok = [
+            add(0, Some(10), "a"),
+            read(5, 8, &[]),
+            read(11, 20, &["a"]),
+            add(12, None, "b"),
+            read(21, 30, &["a", "b"]),
+        ];
+        assert!(check(&ok).is_ok(), "{:?}", check(&ok));
+        let lost = [add(0, Some(10), "a"), read(11, 20, &[])];
+        assert!(check(&lost).unwrap_err().starts_with("rule 1"));
+        let future = [read(0, 5, &["a"]), add(6, Some(10), "a")];
+        assert!(check(&future).unwrap_err().starts_with("rule 2"));
+        let nowhere = [read(0, 5, &["z"])];
+        assert!(check(&nowhere).unwrap_err().starts_with("rule 2"));
+        let back = [add(0, None, "a"), read(1, 5, &["a"]), read(6, 9, &[])];
+        assert!(check(&back).unwrap_err().starts_with("rule 3"));
+        let unordered = [add(0, None, "a"), add(0, None, "b"), read(1, 10, &["a"]), read(2, 9, &["b"])];
+        assert!(check(&unordered).unwrap_err().starts_with("rule 4"));
+    }
+}
