@@ -206,6 +206,9 @@ impl Replicated {
         leader_hint: Arc<std::sync::Mutex<LeaderHint>>,
     ) -> Replicated {
         member.machine.keep_outputs(false);
+        // A follower may hold an evicted node's control channel (any member admits):
+        // it closes it as the leader would.
+        member.machine.keep_when_following(|o| matches!(o, Output::EvictNode { .. }));
         Replicated { member, leading: false, epoch: 0, fence: None, inflight: 0, proposals: None, leader_hint }
     }
 
@@ -684,6 +687,16 @@ impl Owner {
                 _ = refresh.tick() => {
                     if self.dirty || matches!(self.log, Backend::Replicated(_)) {
                         self.publish();
+                    }
+                    // A follower closes the control channels it holds of nodes the
+                    // group evicted (the leader's releaser does the same for its own).
+                    if let Backend::Replicated(r) = &self.log
+                        && !r.leading
+                    {
+                        let evictions = r.member.machine.take_outputs();
+                        if !evictions.is_empty() {
+                            let _ = release_tx.send(Release::Outputs(None, 0, evictions, None));
+                        }
                     }
                 }
                 ev = events.recv(), if room => {

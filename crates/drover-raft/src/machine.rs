@@ -55,8 +55,11 @@ struct Applied<M: StateMachine> {
     snapshot: Option<(Meta, Vec<u8>)>,
     built: u64,
     /// Whether outputs are kept for the shell (a leader's), or dropped as they are
-    /// made (a follower's: its shell has no one to send them to).
+    /// made (a follower's: its shell has no one to send them to)...
     keep: bool,
+    /// ...except those this says a follower's shell acts on too (the controller's:
+    /// evictions, since a follower may hold the evicted node's control channel).
+    follower_keeps: Option<fn(&M::Output) -> bool>,
 }
 
 /// openraft's state machine over a drover core `M`.
@@ -182,6 +185,12 @@ where
         }
     }
 
+    /// While outputs are not kept (a follower), keep still those `keeps` accepts, for
+    /// [`take_outputs`](Self::take_outputs) (the few a follower's shell acts on).
+    pub fn keep_when_following(&self, keeps: fn(&M::Output) -> bool) {
+        lock(&self.applied).follower_keeps = Some(keeps);
+    }
+
     /// The log id of the last entry applied.
     pub fn last_applied(&self) -> Option<LogId> {
         lock(&self.applied).last_applied
@@ -266,6 +275,7 @@ impl<M: StateMachine> Applied<M> {
             snapshot: None,
             built: 0,
             keep,
+            follower_keeps: None,
         }
     }
 }
@@ -468,7 +478,10 @@ fn apply_inputs<M: StateMachine>(a: &mut Applied<M>, id: LogId, data: &[u8]) -> 
         if let Some(input) = drover_journal::machine::decode_entry::<M>(&entry).map_err(|e| e.to_string())? {
             a.machine.apply(input, &mut a.outputs);
             if !a.keep {
-                a.outputs.clear();
+                match a.follower_keeps {
+                    Some(keeps) => a.outputs.retain(keeps),
+                    None => a.outputs.clear(),
+                }
             }
         }
     }

@@ -558,3 +558,35 @@ mod checker {
         assert!(check(&unordered).unwrap_err().starts_with("rule 4"));
     }
 }
+
+/// Any member admits, so a follower may hold a node's control channel: an eviction
+/// (decided by the leader) reaches the node through that follower, and the node stops
+/// (exit 3) instead of re-admitting.
+#[test]
+fn a_node_admitted_by_a_follower_follows_the_leader_and_its_eviction_reaches_it_there() {
+    let _serial = serial();
+    let g = Group::start(3);
+    let leader = g.wait_healthy(Duration::from_secs(30)).expect("a leader");
+    let follower = g.members.iter().find(|m| m.id != leader).unwrap();
+    let join = String::from_utf8(g.cli(&["token", "create", "--role", "join"]).stdout).unwrap().trim().to_owned();
+    let adm = format!("127.0.0.1:{}", follower.ctl.admission);
+    let log = g.dir.path().join("nf.log");
+    let mut node = spawn(&["node", "--admission", &adm, "--token", &join, "--name", "nf", "--pairs", "EURUSD"], &log);
+    assert!(
+        g.wait_all_streamed(&["EURUSD"], Duration::from_secs(20)).is_some(),
+        "a node admitted by a follower never streamed on the leader:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let out = g.cli(&["evict", "nf", "--reason", "decommissioned"]);
+    assert!(out.status.success(), "{}", common::text(&out));
+    let mut status = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            status = node.0.try_wait().unwrap();
+            status.is_some()
+        }),
+        "the evicted node kept running:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(status.unwrap().code(), Some(3), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+}
