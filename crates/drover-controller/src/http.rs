@@ -340,10 +340,19 @@ async fn readyz(State(s): State<AppState>) -> Response {
     }
     let Some(c) = &s.cluster else { return (StatusCode::OK, "ready\n").into_response() };
     let m = c.raft.metrics().borrow().clone();
+    let serving = s.health.serving.load(Ordering::SeqCst);
     match m.current_leader {
-        Some(l) if l == m.id && m.state == drover_raft::openraft::ServerState::Leader => {
+        Some(l) if l == m.id && m.state == drover_raft::openraft::ServerState::Leader && serving => {
             (StatusCode::OK, format!("ready: member {l} leads (term {})\n", m.current_term)).into_response()
         }
+        Some(l) if l == m.id => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not serving: member {l} was elected (term {}) but is not serving (taking over, or no majority acknowledged it within the lease)\n",
+                m.current_term
+            ),
+        )
+            .into_response(),
         Some(l) => {
             (StatusCode::SERVICE_UNAVAILABLE, format!("following: member {l} leads (term {})\n", m.current_term))
                 .into_response()
@@ -713,6 +722,13 @@ pub(crate) fn render(s: &Snapshot, h: &Health) -> String {
         "gauge",
         "1 once a journal write failed (the controller is stopping), else 0.",
         &one(u64::from(h.journal_failed.load(Ordering::Relaxed))),
+    );
+    family(
+        &mut out,
+        "drover_serving",
+        "gauge",
+        "1 while this controller serves nodes and CLIs (a cluster member: while it leads with a majority behind it), else 0.",
+        &one(u64::from(h.serving.load(Ordering::Relaxed))),
     );
     family(
         &mut out,

@@ -359,6 +359,10 @@ pub struct Health {
     pub durable: AtomicU64,
     /// Set when the journal failed: the controller is broken.
     pub journal_failed: AtomicBool,
+    /// A cluster member serves nodes and CLIs (it leads, its `ControllerStarted` is
+    /// committed, and a majority acknowledged it within the lease). One controller:
+    /// set once ready.
+    pub serving: AtomicBool,
 }
 
 /// Longest string field kept in the digest of an undecodable message.
@@ -617,6 +621,9 @@ impl Owner {
             }
         };
         self.health.ready.store(true, Ordering::SeqCst);
+        if matches!(self.log, Backend::Local { .. }) {
+            self.health.serving.store(true, Ordering::SeqCst);
+        }
         let _ = ready.send(());
         let mut refresh = tokio::time::interval(PUBLISH_EVERY);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -809,6 +816,7 @@ impl Owner {
         if let Backend::Replicated(r) = &mut self.log {
             r.leading = true;
         }
+        self.health.serving.store(true, Ordering::SeqCst);
         self.bootstrap_admin(release).await?;
         tracing::info!(term, "leading: serving nodes and CLIs");
         if let Ok(mut r) = self.recent.lock() {
@@ -824,6 +832,7 @@ impl Owner {
         let Backend::Replicated(r) = &mut self.log else { return };
         let was = r.leading;
         r.leading = false;
+        self.health.serving.store(false, Ordering::SeqCst);
         r.epoch += 1;
         r.inflight = 0;
         r.member.machine.keep_outputs(false);

@@ -255,7 +255,16 @@ pub fn tls_client(ca: &[u8], client: Option<&(Vec<u8>, Vec<u8>)>) -> Result<toki
 pub async fn grpc_channel(upstream: &str, ca: Option<&[u8]>) -> Result<tonic::transport::Channel, String> {
     let host = upstream.trim_start_matches("http://").trim_start_matches("https://");
     let url = format!("{}://{host}", if ca.is_some() { "https" } else { "http" });
-    let mut endpoint = tonic::transport::Endpoint::from_shared(url).map_err(|e| e.to_string())?.tcp_nodelay(true);
+    // HTTP/2 pings find a controller that went silent (a partition, a host that
+    // vanished) within a few seconds, where TCP alone would wait for minutes; the node
+    // then moves to the leader its control channel names, or passes admission again.
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url)
+        .map_err(|e| e.to_string())?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(STREAM_PING_EVERY)
+        .keep_alive_timeout(STREAM_PING_TIMEOUT)
+        .keep_alive_while_idle(true);
     if let Some(ca) = ca {
         let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
         endpoint = endpoint.tls_config(tls).map_err(|e| e.to_string())?;
@@ -293,25 +302,39 @@ async fn admit_any(config: &NodeConfig, next: &mut usize) -> Result<(String, Str
         return Err(End::Refused("no controller address given".into()));
     }
     let mut failures = Vec::new();
+    let mut refused = false;
     for _ in 0..addrs.len() {
         let addr = &addrs[*next % addrs.len()];
         match admit(config, addr).await {
             Ok(admitted) => return Ok(admitted),
-            Err(End::Closed(why)) => {
-                *next = (*next + 1) % addrs.len();
+            // The credential was refused: every controller judges it alike.
+            Err(End::Refused(why)) if why.starts_with(DENIED) => return Err(End::Refused(why)),
+            // Down, unreachable, not deciding now, or not an admission port: the next.
+            Err(End::Closed(why)) => failures.push(why),
+            Err(End::Refused(why)) => {
+                refused = true;
                 failures.push(why);
             }
             Err(end) => return Err(end),
         }
+        *next = (*next + 1) % addrs.len();
     }
-    Err(End::Closed(failures.join("; ")))
+    let why = failures.join("; ");
+    Err(if refused { End::Refused(why) } else { End::Closed(why) })
 }
+
+/// How a refused credential's reason begins.
+const DENIED: &str = "admission refused: ";
+
+/// How long connecting to an admission port may take (an unreachable controller).
+const ADMISSION_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Passes admission at `addr`: returns the upstream, the ticket and the control channel.
 async fn admit(config: &NodeConfig, addr: &str) -> Result<(String, String, ControlChannel), End> {
     let addr = addr.to_owned();
-    let tcp = tokio::net::TcpStream::connect(&addr)
+    let tcp = tokio::time::timeout(ADMISSION_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr))
         .await
+        .map_err(|_| End::Closed(format!("admission connect {addr}: no answer within 2 s")))?
         .map_err(|e| End::Closed(format!("admission connect {addr}: {e}")))?;
     let _ = tcp.set_nodelay(true);
     let mut stream: Box<dyn Io> = match &config.ca {
@@ -347,7 +370,7 @@ async fn admit(config: &NodeConfig, addr: &str) -> Result<(String, String, Contr
                         ControlChannel { control, buf: vec![0u8; 4096], alive: tokio::time::interval(ALIVE_EVERY) };
                     return Ok((upstream, ticket, channel));
                 }
-                NodeAction::Denied { reason } => return Err(End::Refused(format!("admission refused: {reason}"))),
+                NodeAction::Denied { reason } => return Err(End::Refused(format!("{DENIED}{reason}"))),
                 NodeAction::Closed { reason } | NodeAction::Moved { upstream: reason, .. } => {
                     return Err(End::Closed(format!("admission closed: {reason}")));
                 }
@@ -596,7 +619,14 @@ fn is_task_plane(p: &Payload) -> bool {
 /// How long a node whose stream ended, its control channel still open, waits for
 /// the controller holding that channel to name a new leader (or for its stream to
 /// open again) before it passes admission afresh, possibly at another controller.
-const REJOIN_WAIT: Duration = Duration::from_secs(4);
+/// A group elects within about a second of losing its leader, and the controller's
+/// rejoin grace (5 s by default) must still be running when the node is back.
+const REJOIN_WAIT: Duration = Duration::from_secs(2);
+
+/// HTTP/2 ping interval on the command stream's connection.
+const STREAM_PING_EVERY: Duration = Duration::from_secs(1);
+/// A ping unanswered this long ends the stream's connection.
+const STREAM_PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How a stream ended, as the session sees it.
 enum StreamEnd {
@@ -637,10 +667,11 @@ async fn session(
     let mut jitter = drover_proto_free_rng(&seed);
     let mut lost_since: Option<Instant> = None;
     loop {
-        let opened = stats.sessions.load(std::sync::atomic::Ordering::Relaxed);
+        let began = Instant::now();
         let end = stream(config, source, stats, tasks, fence, &upstream, &ticket, &mut control, &mut held).await;
-        if stats.sessions.load(std::sync::atomic::Ordering::Relaxed) != opened {
-            // That stream did open: a later loss starts a new wait.
+        if began.elapsed() >= REJOIN_WAIT {
+            // That stream lived: a later loss starts a new wait. (One that opens and
+            // dies at once, again and again, does not keep the node from moving on.)
             lost_since = None;
         }
         let why = match end {

@@ -36,6 +36,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::netns::Netns;
 use common::{Controller, Killed, cli_command, wait_until};
 use serde_json::{Value, json};
 
@@ -488,56 +489,6 @@ fn node_churn_keeps_one_streamer_per_pair_and_fails_over_in_bounds() {
     assert!(s.violations.is_empty(), "streamer invariant broken:\n{}", s.violations.join("\n"));
     assert!(over.is_empty(), "pairs without accepted updates longer than {} ms: {over:?}", bound.as_millis());
     assert!(kills + stops > 0 && s.updates > 0, "no churn ran");
-}
-
-/// A network namespace with a veth pair to the host, removed when dropped.
-struct Netns {
-    name: String,
-    host_if: String,
-    host_ip: String,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("cannot run `ip` (install iproute2): {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
-
-impl Netns {
-    fn create(tag: u8) -> Result<Netns, String> {
-        let id = std::process::id() % 10_000;
-        let name = format!("drvchaos{id}x{tag}");
-        let (host_if, ns_if) = (format!("dvh{id}x{tag}"), format!("dvn{id}x{tag}"));
-        let net = format!("10.{}.{}", 200 + tag, (id % 250) + 1);
-        let ns = Netns { name: name.clone(), host_if: host_if.clone(), host_ip: format!("{net}.1") };
-        ip(&["netns", "add", &name])?;
-        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if])?;
-        ip(&["link", "set", &ns_if, "netns", &name])?;
-        ip(&["addr", "add", &format!("{net}.1/24"), "dev", &host_if])?;
-        ip(&["link", "set", &host_if, "up"])?;
-        ip(&["netns", "exec", &name, "ip", "addr", "add", &format!("{net}.2/24"), "dev", &ns_if])?;
-        ip(&["netns", "exec", &name, "ip", "link", "set", &ns_if, "up"])?;
-        ip(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    fn cut(&self) -> Result<(), String> {
-        ip(&["link", "set", &self.host_if, "down"])
-    }
-
-    fn heal(&self) -> Result<(), String> {
-        ip(&["link", "set", &self.host_if, "up"])
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = ip(&["link", "del", &self.host_if]);
-        let _ = ip(&["netns", "del", &self.name]);
-    }
 }
 
 /// A streamer cut off by a network partition (its own namespace, link down).

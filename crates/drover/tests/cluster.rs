@@ -167,7 +167,9 @@ fn three_controllers_form_a_group_replicate_hand_over_and_survive_the_leaders_si
     ]);
     assert!(moved.status.success(), "transfer-leader: {}", text(&moved));
     assert_eq!(leader_via(members[n].ctl.http, 0), Some(first), "{:?}", status(members[n].ctl.http));
-    assert!(common::http_get(members[l].ctl.http, "/readyz").starts_with("HTTP/1.1 200"));
+    // Ready once it serves (its takeover committed), a moment after it leads.
+    assert!(wait_until(Duration::from_secs(5), || common::http_get(members[l].ctl.http, "/readyz")
+        .starts_with("HTTP/1.1 200")));
     let readyz = common::http_get(members[n].ctl.http, "/readyz");
     assert!(readyz.starts_with("HTTP/1.1 503") && readyz.contains(&format!("member {first} leads")), "{readyz}");
     let handed = cli(members[l].ctl.grpc, &admin, &["token", "create", "--role", "read", "--description", "handed"]);

@@ -590,3 +590,273 @@ fn a_node_admitted_by_a_follower_follows_the_leader_and_its_eviction_reaches_it_
     );
     assert_eq!(status.unwrap().code(), Some(3), "{}", std::fs::read_to_string(&log).unwrap_or_default());
 }
+
+/// `GET path` on `port` from inside network namespace `ns` (bash's /dev/tcp): the
+/// status line, or "" when nothing answered.
+fn ns_http_status(ns: &str, port: u16, path: &str) -> String {
+    let script =
+        format!("exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3 && head -1 <&3");
+    std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "timeout", "2", "bash", "-c", &script])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The leader is cut off by a network partition (it runs in its own network
+/// namespace, whose link goes down): it stops serving within the lease, the majority
+/// elects a new leader, the nodes (all on the majority's side) follow it with no pair
+/// moved, a write sent to the isolated leader is never acknowledged, and after the heal
+/// the old leader rejoins as a follower and what it took alone is gone.
+#[test]
+fn an_isolated_leader_stops_serving_the_majority_takes_over_and_the_fleet_follows_it() {
+    let _serial = serial();
+    let ns = common::netns::Netns::create(7).unwrap_or_else(|e| {
+        panic!("the partition scenario needs network namespaces (root, iproute2); refusing is a failure: {e}")
+    });
+    let (host, inside) = (ns.host_ip.clone(), ns.ns_ip());
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("cluster.secret");
+    let made = std::process::Command::new(drover_bin()).args(["cluster", "secret"]).output().unwrap();
+    std::fs::write(&secret, &made.stdout).unwrap();
+    // Member 1 inside the namespace, members 2 and 3 on the host; every port listens on
+    // all addresses and is advertised at the address the others reach it by.
+    struct M {
+        id: u64,
+        ip: String,
+        grpc: u16,
+        admission: u16,
+        http: u16,
+        raft: u16,
+        data: PathBuf,
+        proc: Option<Killed>,
+    }
+    let mut ms: Vec<M> = (1..=3u64)
+        .map(|id| M {
+            id,
+            ip: if id == 1 { inside.clone() } else { host.clone() },
+            grpc: free_port(),
+            admission: free_port(),
+            http: free_port(),
+            raft: free_port(),
+            data: dir.path().join(format!("m{id}")),
+            proc: None,
+        })
+        .collect();
+    let peers = ms.iter().map(|m| format!("{}={}:{}", m.id, m.ip, m.raft)).collect::<Vec<_>>().join(",");
+    let launch = |m: &M| -> Killed {
+        let any = |p: u16| format!("0.0.0.0:{p}");
+        // The Raft port must be the address the peers list names (a local address
+        // stays reachable on the host while the link is down).
+        let (g, a, h, r) = (any(m.grpc), any(m.admission), any(m.http), format!("{}:{}", m.ip, m.raft));
+        let (upstream, id, data) =
+            (format!("{}:{}", m.ip, m.grpc), m.id.to_string(), m.data.to_str().unwrap().to_owned());
+        let mut cmd = if m.id == 1 {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_drover")]);
+            c
+        } else {
+            std::process::Command::new(drover_bin())
+        };
+        cmd.args([
+            "controller",
+            "--listen",
+            &g,
+            "--admission",
+            &a,
+            "--http",
+            &h,
+            "--raft",
+            &r,
+            "--upstream",
+            &upstream,
+        ]);
+        cmd.args(["--data-dir", &data, "--member", &id, "--peers", &peers, "--cluster-secret-file"]);
+        cmd.arg(&secret).args(["--node-timeout", "3s"]);
+        let log = std::fs::File::create(dir.path().join(format!("m{}.log", m.id))).unwrap();
+        Killed(cmd.stdout(std::process::Stdio::null()).stderr(log).spawn().expect("spawn a member"))
+    };
+    for m in &mut ms {
+        m.proc = Some(launch(m));
+    }
+    let host_http = |m: &M| m.http;
+    // The majority's view, through member 2's HTTP port (reachable on loopback).
+    let logs = || {
+        (1..=3)
+            .map(|i| {
+                format!(
+                    "--- m{i}:\n{}",
+                    std::fs::read_to_string(dir.path().join(format!("m{i}.log"))).unwrap_or_default()
+                )
+            })
+            .collect::<String>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(40), || leader_via(host_http(&ms[1]), 3).is_some()),
+        "no settled group: {:?}\n{}",
+        common::status(ms[1].http),
+        logs()
+    );
+    let mut admin = None;
+    wait_until(Duration::from_secs(20), || {
+        admin = ms.iter().find_map(|m| std::fs::read_to_string(m.data.join("admin.token")).ok());
+        admin.is_some()
+    });
+    let admin = admin.expect("an admin token").trim().to_owned();
+    let grpcs = ms.iter().map(|m| format!("{}:{}", m.ip, m.grpc)).collect::<Vec<_>>().join(",");
+    let cli = |args: &[&str]| cli_at(&grpcs, &admin, args);
+    // Member 1 leads (handed leadership if it does not already).
+    let leader = leader_via(ms[1].http, 3).unwrap();
+    if leader != 1 {
+        let http = format!("{}:{}", if leader == 1 { &inside } else { &host }, ms[(leader - 1) as usize].http);
+        let out = std::process::Command::new(drover_bin())
+            .args(["cluster", "transfer-leader", "--http", &http, "--token", &admin, "1"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", common::text(&out));
+    }
+    assert!(wait_until(Duration::from_secs(20), || leader_via(ms[1].http, 3) == Some(1)), "member 1 never led");
+    assert!(wait_until(Duration::from_secs(10), || ns_http_status(&ns.name, ms[0].http, "/readyz").contains("200")));
+
+    // Nodes on the host, each given every member's admission address, some with the
+    // isolated member's first (so it holds their control channels).
+    let join = String::from_utf8(cli(&["token", "create", "--role", "join"]).stdout).unwrap().trim().to_owned();
+    let adm: Vec<String> = ms.iter().map(|m| format!("{}:{}", m.ip, m.admission)).collect();
+    let specs = [
+        ("n1", "EURUSD,GBPUSD,USDJPY"),
+        ("n2", "GBPUSD,USDJPY,AUDUSD"),
+        ("n3", "AUDUSD,EURUSD,USDCHF"),
+        ("n4", "USDCHF,EURUSD"),
+    ];
+    let _nodes: Vec<Killed> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, (name, pairs))| {
+            let mut list = adm.clone();
+            list.rotate_left(i % 3);
+            let list = list.join(",");
+            spawn(
+                &["node", "--admission", &list, "--token", &join, "--name", name, "--pairs", pairs],
+                &dir.path().join(format!("{name}.log")),
+            )
+        })
+        .collect();
+    let streamers = || -> Option<BTreeMap<String, String>> {
+        let v: Value = serde_json::from_slice(&cli(&["prices", "--json"]).stdout).ok()?;
+        PAIRS
+            .iter()
+            .map(|p| {
+                v.as_array()?
+                    .iter()
+                    .find(|r| r["pair"] == *p)
+                    .and_then(|r| r["streamer"].as_str())
+                    .map(|s| (p.to_string(), s.to_owned()))
+            })
+            .collect()
+    };
+    let newest = || -> i64 {
+        serde_json::from_slice::<Value>(&cli(&["prices", "--json"]).stdout)
+            .ok()
+            .and_then(|v| {
+                v.as_array().map(|a| a.iter().filter_map(|r| r["upstream_time_ms"].as_i64()).max().unwrap_or(0))
+            })
+            .unwrap_or(0)
+    };
+    let mut before = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            before = streamers();
+            before.is_some()
+        }),
+        "pairs never all streamed"
+    );
+    let before = before.unwrap();
+
+    // The cut. With the link down the host would route the namespace's addresses to
+    // its default gateway; a blackhole route drops them instead, as a partition does.
+    let subnet = format!("{}.0/24", inside.rsplit_once('.').unwrap().0);
+    ns.cut().expect("cut the link");
+    common::netns::ip(&["route", "add", "blackhole", &subnet]).expect("blackhole the namespace's subnet");
+    let cut = Instant::now();
+    let cut_ms = unix_ms();
+    // A write sent to the isolated leader from its own side is never acknowledged.
+    let isolated_write = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            env!("CARGO_BIN_EXE_drover"),
+            "token",
+            "create",
+            "--role",
+            "read",
+            "--description",
+            "isolated",
+        ])
+        .env("DROVER_CONTROLLER", format!("127.0.0.1:{}", ms[0].grpc))
+        .env("DROVER_TOKEN", &admin)
+        .env("DROVER_TIMEOUT", "3s")
+        .spawn()
+        .unwrap();
+    let stopped_serving =
+        wait_until(Duration::from_secs(10), || ns_http_status(&ns.name, ms[0].http, "/readyz").contains("503"));
+    let stop_ms = cut.elapsed().as_millis() as u64;
+    let mut next = None;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            next = leader_via(ms[1].http, 0).filter(|&l| l != 1);
+            next.is_some()
+        }),
+        "the majority elected no leader"
+    );
+    let elected_ms = cut.elapsed().as_millis() as u64;
+    let priced = wait_until(Duration::from_secs(20), || newest() > cut_ms);
+    let price_ms = cut.elapsed().as_millis() as u64;
+    let mut after = None;
+    let all_back = wait_until(Duration::from_secs(20), || {
+        after = streamers();
+        after.is_some()
+    });
+    let moved: Vec<String> = match &after {
+        Some(a) => PAIRS
+            .iter()
+            .filter(|p| a[**p] != before[**p])
+            .map(|p| format!("{p}: {} -> {}", before[*p], a[*p]))
+            .collect(),
+        None => vec!["not every pair streamed after the cut".into()],
+    };
+    let write = isolated_write.wait_with_output().unwrap();
+
+    // The heal: member 1 rejoins as a follower of the new leader.
+    common::netns::ip(&["route", "del", "blackhole", &subnet]).expect("remove the blackhole");
+    ns.heal().expect("heal the link");
+    let healed = Instant::now();
+    let rejoined = wait_until(Duration::from_secs(30), || leader_via(ms[1].http, 3) == next);
+    let rejoin_ms = healed.elapsed().as_millis() as u64;
+    let tokens = String::from_utf8_lossy(&cli(&["token", "list", "--json"]).stdout).into_owned();
+    report(
+        "leader isolated by a partition",
+        json!({"stopped_serving_ms": stop_ms, "majority_leader_ms": elected_ms, "first_price_ms": price_ms,
+            "pairs_moved": moved.len(), "isolated_write_acknowledged": write.status.success(),
+            "rejoined_as_follower_ms": rejoin_ms}),
+    );
+    assert!(stopped_serving, "the isolated leader kept serving");
+    assert!(stop_ms < 3_000, "the isolated leader served {stop_ms} ms into the partition (lease: about 1 s)");
+    let node_logs = || {
+        ["n1", "n2", "n3", "n4"]
+            .iter()
+            .map(|n| {
+                format!(
+                    "--- {n}:\n{}",
+                    std::fs::read_to_string(dir.path().join(format!("{n}.log"))).unwrap_or_default()
+                )
+            })
+            .collect::<String>()
+    };
+    assert!(priced, "no price accepted by the majority's leader:\n{}\n{}", node_logs(), logs());
+    assert!(all_back && moved.is_empty(), "pairs moved on the majority's side: {moved:?}");
+    assert!(!write.status.success(), "a write to the isolated leader was acknowledged");
+    assert!(rejoined, "the old leader did not rejoin as a follower: {:?}", common::status(ms[1].http));
+    assert!(!tokens.contains("\"isolated\""), "what the isolated leader took alone survived: {tokens}");
+    drop(ms);
+}
