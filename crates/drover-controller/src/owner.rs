@@ -193,6 +193,11 @@ pub(crate) struct Replicated {
     fence: Option<v1::LeaderFence>,
     /// Proposed batches not yet committed.
     inflight: usize,
+    /// Since when proposals have waited with none committed (`None`: none waits).
+    waiting_since: Option<std::time::Instant>,
+    /// The term in which this member gave up leading for lack of commits: it does not
+    /// take the lead again in that term (openraft may still call it leader).
+    gave_up_term: Option<u64>,
     /// Where proposals wait for their commit, in order (see [`await_commits`]).
     proposals: Option<mpsc::UnboundedSender<Proposal>>,
     /// What a refused node or CLI is told (who leads, where), kept current by
@@ -209,7 +214,17 @@ impl Replicated {
         // A follower may hold an evicted node's control channel (any member admits):
         // it closes it as the leader would.
         member.machine.keep_when_following(|o| matches!(o, Output::EvictNode { .. }));
-        Replicated { member, leading: false, epoch: 0, fence: None, inflight: 0, proposals: None, leader_hint }
+        Replicated {
+            member,
+            leading: false,
+            epoch: 0,
+            fence: None,
+            inflight: 0,
+            waiting_since: None,
+            gave_up_term: None,
+            proposals: None,
+            leader_hint,
+        }
     }
 
     fn hint(&self) -> String {
@@ -364,6 +379,11 @@ pub struct Health {
     /// set once ready.
     pub serving: AtomicBool,
 }
+
+/// A leader whose proposals wait this long (or three leases, if longer) with none
+/// committed stops serving. Commits under a heavy load take well under a second here;
+/// a member that cannot commit for two is replaced by then.
+const NO_COMMIT_LIMIT: Duration = Duration::from_secs(2);
 
 /// Longest string field kept in the digest of an undecodable message.
 const DIGEST_FIELD: usize = 256;
@@ -677,6 +697,7 @@ impl Owner {
                     }
                     r.inflight -= 1;
                     let settled = r.inflight == 0;
+                    r.waiting_since = (!settled).then(std::time::Instant::now);
                     match result {
                         Ok(()) => {
                             self.committed(n, &release_tx);
@@ -694,6 +715,23 @@ impl Owner {
                 _ = refresh.tick() => {
                     if self.dirty || matches!(self.log, Backend::Replicated(_)) {
                         self.publish();
+                    }
+                    // A leader whose proposals have waited several leases with none
+                    // committed cannot lead (a disk that stalls, a Raft engine that does
+                    // not answer; by then the others have elected another): it stops
+                    // serving, so its nodes and CLIs look for the leader they elected.
+                    if let Backend::Replicated(r) = &self.log
+                        && r.leading
+                        && let Some(since) = r.waiting_since
+                        && since.elapsed() > (r.member.leadership.lease() * 3).max(NO_COMMIT_LIMIT)
+                    {
+                        let ms = since.elapsed().as_millis();
+                        tracing::warn!(waited_ms = ms as u64, "no proposal committed for several leases: stepping down (a slow disk?)");
+                        let term = r.fence.map(|f| f.term);
+                        self.step_down(&release_tx, format!("this controller committed nothing for {ms} ms"));
+                        if let Backend::Replicated(r) = &mut self.log {
+                            r.gave_up_term = term;
+                        }
                     }
                     // A follower closes the control channels it holds of nodes the
                     // group evicted (the leader's releaser does the same for its own).
@@ -786,7 +824,7 @@ impl Owner {
             self.step_down(release, format!("this controller (member {}) lost its majority ({ms} ms unheard)", m.id));
         }
         let Backend::Replicated(r) = &self.log else { return Ok(()) };
-        if leads && !r.leading && unheard.is_none() {
+        if leads && !r.leading && unheard.is_none() && r.gave_up_term != Some(id.term) {
             self.take_lead(release, fence).await?;
         } else if !leads && r.leading {
             self.step_down(release, format!("this controller (member {}) stopped leading", m.id));
@@ -835,6 +873,7 @@ impl Owner {
         self.health.serving.store(false, Ordering::SeqCst);
         r.epoch += 1;
         r.inflight = 0;
+        r.waiting_since = None;
         r.member.machine.keep_outputs(false);
         self.secrets.clear();
         self.peers.clear();
@@ -1281,6 +1320,7 @@ impl Owner {
                         .await
                         .map_err(|e| ShellError::Cluster(format!("the Raft engine stopped: {e}")))?;
                     r.inflight += 1;
+                    r.waiting_since.get_or_insert_with(std::time::Instant::now);
                     let _ = proposals.send((r.epoch, rx, n, proposed));
                 }
             }

@@ -246,12 +246,32 @@ pub struct Faults {
     /// Accept this many more appended bytes, then write a short piece and fail with
     /// ENOSPC.
     pub space_left: AtomicU64,
+    /// A slow disk: while this file exists, every `sync_data` first sleeps for the
+    /// number of milliseconds it holds (a process test's switch; see
+    /// `DROVER_TEST_SLOW_FSYNC` in docs/operations.md).
+    pub stall_while: Option<std::path::PathBuf>,
 }
 
 impl Faults {
     /// No faults: every limit at its maximum.
     pub fn none() -> Arc<Faults> {
-        Arc::new(Faults { fail_sync_after: AtomicU64::new(u64::MAX), space_left: AtomicU64::new(u64::MAX) })
+        Arc::new(Faults::nothing())
+    }
+
+    /// No faults, as a value (to set one field and leave the others).
+    pub fn nothing() -> Faults {
+        Faults { fail_sync_after: AtomicU64::new(u64::MAX), space_left: AtomicU64::new(u64::MAX), stall_while: None }
+    }
+
+    /// How long the next sync stalls (0: the switch file is absent or unreadable).
+    fn stall(&self) -> std::time::Duration {
+        let ms = self
+            .stall_while
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        std::time::Duration::from_millis(ms.min(60_000))
     }
 }
 
@@ -293,6 +313,10 @@ impl AppendFile for FaultyFile {
             return Err(io::Error::other("injected fsync failure (EIO)"));
         }
         self.faults.fail_sync_after.store(left.saturating_sub(1), Ordering::SeqCst);
+        let stall = self.faults.stall();
+        if !stall.is_zero() {
+            std::thread::sleep(stall);
+        }
         self.inner.sync_data()
     }
 }

@@ -325,23 +325,31 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let listeners = drover_controller::Listeners { grpc, admission: Some(admission), http: Some(http), raft };
     let token_file = args.data_dir.join(drover_controller::ADMIN_TOKEN_FILE);
     let tls = config.tls.is_some();
-    drover_controller::run(
-        config,
-        std::sync::Arc::new(drover_controller::FsStorage),
-        listeners,
-        shutdown_signal(),
-        move |r| {
-            let or_none = |a: Option<std::net::SocketAddr>| a.map_or("off".to_owned(), |a| a.to_string());
-            let scheme = if tls { "https" } else { "http" };
-            tracing::info!(
-                grpc = %r.addr,
-                admission = %or_none(r.admission),
-                dashboard = %r.http.map_or("off".to_owned(), |a| format!("{scheme}://{a}/")),
-                admin_token_file = %token_file.display(),
-                "controller ready"
-            );
-        },
-    )
+    // A test's slow disk: every journal fsync stalls while the named file exists (for
+    // the chaos suite; never set in production, and said loudly when it is).
+    let storage: std::sync::Arc<dyn drover_controller::Storage> = match std::env::var_os("DROVER_TEST_SLOW_FSYNC") {
+        Some(switch) => {
+            tracing::warn!(switch = %std::path::Path::new(&switch).display(), "DROVER_TEST_SLOW_FSYNC is set: journal fsyncs stall while that file exists (a test hook)");
+            let faults =
+                drover_controller::Faults { stall_while: Some(switch.into()), ..drover_controller::Faults::nothing() };
+            std::sync::Arc::new(drover_controller::FaultyStorage::new(
+                std::sync::Arc::new(drover_controller::FsStorage),
+                std::sync::Arc::new(faults),
+            ))
+        }
+        None => std::sync::Arc::new(drover_controller::FsStorage),
+    };
+    drover_controller::run(config, storage, listeners, shutdown_signal(), move |r| {
+        let or_none = |a: Option<std::net::SocketAddr>| a.map_or("off".to_owned(), |a| a.to_string());
+        let scheme = if tls { "https" } else { "http" };
+        tracing::info!(
+            grpc = %r.addr,
+            admission = %or_none(r.admission),
+            dashboard = %r.http.map_or("off".to_owned(), |a| format!("{scheme}://{a}/")),
+            admin_token_file = %token_file.display(),
+            "controller ready"
+        );
+    })
     .await
     .context("controller stopped")?;
     Ok(ExitCode::SUCCESS)

@@ -80,6 +80,12 @@ struct Group {
 impl Group {
     /// Starts `n` members and waits for a leader every member follows.
     fn start(n: u64) -> Group {
+        Group::start_with(n, false)
+    }
+
+    /// `start`, each member's journal fsyncs stalling while `DIR/slow-m{id}` exists
+    /// (`slow_disks`), holding the stall in milliseconds.
+    fn start_with(n: u64, slow_disks: bool) -> Group {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("cluster.secret");
         let made = std::process::Command::new(drover_bin()).args(["cluster", "secret"]).output().unwrap();
@@ -89,7 +95,12 @@ impl Group {
             .map(|id| {
                 let d = dir.path().join(format!("m{id}"));
                 std::fs::create_dir_all(&d).unwrap();
-                Member { id, raft: free_port(), ctl: Controller::new(&d, &[]) }
+                let mut ctl = Controller::new(&d, &[]);
+                if slow_disks {
+                    let switch = dir.path().join(format!("slow-m{id}")).display().to_string();
+                    ctl.env.push(("DROVER_TEST_SLOW_FSYNC".into(), switch));
+                }
+                Member { id, raft: free_port(), ctl }
             })
             .collect();
         let peers = members.iter().map(|m| format!("{}=127.0.0.1:{}", m.id, m.raft)).collect::<Vec<_>>().join(",");
@@ -859,4 +870,116 @@ fn an_isolated_leader_stops_serving_the_majority_takes_over_and_the_fleet_follow
     assert!(rejoined, "the old leader did not rejoin as a follower: {:?}", common::status(ms[1].http));
     assert!(!tokens.contains("\"isolated\""), "what the isolated leader took alone survived: {tokens}");
     drop(ms);
+}
+
+/// The leader's disk turns slow (each journal fsync stalls 1.5 s, for 8 s) while the
+/// fleet streams and the operator works: no election storm (at most one leader
+/// change), nothing acknowledged lost, the history linearizable, no pair moved.
+#[test]
+fn a_slow_disk_on_the_leader_causes_no_election_storm_and_loses_nothing() {
+    let _serial = serial();
+    let g = Group::start_with(3, true);
+    let join = String::from_utf8(g.cli(&["token", "create", "--role", "join"]).stdout).unwrap().trim().to_owned();
+    let _nodes: Vec<Killed> = [
+        ("n1", "EURUSD,GBPUSD,USDJPY"),
+        ("n2", "GBPUSD,USDJPY,AUDUSD"),
+        ("n3", "AUDUSD,EURUSD,USDCHF"),
+        ("n4", "USDCHF,EURUSD"),
+    ]
+    .iter()
+    .map(|(name, pairs)| g.node(name, &join, &["--pairs", pairs]))
+    .chain(std::iter::once(g.node("w1", &join, &["--worker", "--cores", "2"])))
+    .collect();
+    let before = g.wait_all_streamed(&PAIRS, Duration::from_secs(30)).expect("every pair streamed");
+    let leader = g.wait_healthy(Duration::from_secs(30)).expect("a settled group");
+    let term = |http: u16| common::status(http).and_then(|s| s["term"].as_u64());
+    let term_before = term(g.members[g.at(leader)].ctl.http).unwrap_or(0);
+    let effects = g.dir.path().join("effects.txt");
+    let stop = Arc::new(AtomicBool::new(false));
+    let op = {
+        let (grpcs, admin, effects, stop) = (g.grpcs(), g.admin.clone(), effects.clone(), stop.clone());
+        std::thread::spawn(move || operator(grpcs, admin, effects, stop))
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let switch = g.dir.path().join(format!("slow-m{leader}"));
+    std::fs::write(&switch, "1500").unwrap();
+    // Who leads, sampled through the slow period and a little after.
+    let mut leaders: Vec<(u64, u64)> = Vec::new();
+    let slow = Instant::now();
+    while slow.elapsed() < Duration::from_secs(10) {
+        if slow.elapsed() >= Duration::from_secs(8) && switch.exists() {
+            std::fs::remove_file(&switch).unwrap();
+        }
+        let seen = g
+            .members
+            .iter()
+            .find_map(|m| common::status(m.ctl.http).and_then(|s| Some((s["leader"].as_u64()?, s["term"].as_u64()?))));
+        if let Some(l) = seen
+            && leaders.last() != Some(&l)
+        {
+            leaders.push(l);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = std::fs::remove_file(&switch);
+    stop.store(true, Ordering::Relaxed);
+    let (history, tasks) = op.join().unwrap();
+    let settled = g.wait_healthy(Duration::from_secs(30));
+    let term_after = settled.and_then(|l| term(g.members[g.at(l)].ctl.http)).unwrap_or(0);
+    let distinct_leaders: BTreeSet<(u64, u64)> = leaders.iter().copied().collect();
+    let changes = distinct_leaders.iter().filter(|(l, t)| (*l, *t) != (leader, term_before)).count();
+    let list = g.json(&["token", "list", "--json"]);
+    let seen: BTreeSet<String> = list
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t["description"].as_str())
+                .filter(|d| d.starts_with("op-"))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut full = history.clone();
+    let end = history.iter().filter_map(|o| o.returned.max(Some(o.invoked))).max().unwrap_or(0) + 10_000_000;
+    full.push(Op { invoked: end, returned: Some(end + 1), kind: Kind::Read(seen.clone()) });
+    let acknowledged = history.iter().filter(|o| matches!(o.kind, Kind::Add(_)) && o.returned.is_some()).count();
+    let lost = history
+        .iter()
+        .filter(|o| o.returned.is_some())
+        .filter_map(|o| if let Kind::Add(e) = &o.kind { Some(e) } else { None })
+        .filter(|e| !seen.contains(*e))
+        .count();
+    let linearizable = check(&full);
+    let after = g.wait_all_streamed(&PAIRS, Duration::from_secs(30));
+    let moved = after.as_ref().map_or(PAIRS.len(), |a| PAIRS.iter().filter(|p| a[**p] != before[**p]).count());
+    let done = |name: &str, text: &str| text.lines().filter(|l| *l == name).count();
+    wait_until(Duration::from_secs(60), || {
+        let text = std::fs::read_to_string(&effects).unwrap_or_default();
+        tasks.iter().all(|t| done(t, &text) >= 1)
+    });
+    let text = std::fs::read_to_string(&effects).unwrap_or_default();
+    let wrong_tasks = tasks.iter().filter(|t| done(t, &text) != 1).count();
+    report(
+        "slow disk on the leader",
+        json!({"stall_ms_per_fsync": 1500, "slow_for_ms": 8000, "leaders_seen": leaders, "leader_changes": changes,
+            "terms": [term_before, term_after], "acknowledged_adds": acknowledged, "lost_acknowledged": lost,
+            "history_linearizable": linearizable.is_ok(), "pairs_moved": moved, "tasks": tasks.len(), "tasks_not_exactly_once": wrong_tasks}),
+    );
+    if std::env::var_os("DROVER_CHAOS_DUMP").is_some() {
+        for m in &g.members {
+            let log = std::fs::read_to_string(&m.ctl.log).unwrap_or_default();
+            eprintln!("--- member {}:", m.id);
+            for l in log.lines().filter(|l| l.contains("WARN") || l.contains("leader") || l.contains("ERROR")) {
+                eprintln!("{l}");
+            }
+        }
+    }
+    assert!(changes <= 1, "an election storm: {leaders:?}");
+    assert_eq!(lost, 0);
+    assert!(linearizable.is_ok(), "{linearizable:?}");
+    assert!(acknowledged > 0, "nothing was acknowledged");
+    assert_eq!(wrong_tasks, 0, "{text}");
+    if changes == 0 {
+        assert_eq!(moved, 0, "pairs moved without a leader change: {before:?} -> {after:?}");
+    }
 }

@@ -89,8 +89,15 @@ pub fn text(out: &Output) -> String {
 
 /// Runs `drover ARGS`, stderr appended to `log`.
 pub fn spawn(args: &[&str], log: &Path) -> Killed {
+    spawn_env(args, &[], log)
+}
+
+/// `spawn` with more environment variables.
+pub fn spawn_env(args: &[&str], env: &[(String, String)], log: &Path) -> Killed {
     let err = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Killed(Command::new(drover_bin()).args(args).stdout(Stdio::null()).stderr(err).spawn().expect("spawn drover"))
+    let mut cmd = Command::new(drover_bin());
+    cmd.args(args).envs(env.iter().map(|(k, v)| (k, v))).stdout(Stdio::null()).stderr(err);
+    Killed(cmd.spawn().expect("spawn drover"))
 }
 
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -112,6 +119,8 @@ pub struct Controller {
     pub data: PathBuf,
     pub log: PathBuf,
     pub extra: Vec<String>,
+    /// More environment variables for the process.
+    pub env: Vec<(String, String)>,
     pub proc: Option<Killed>,
     /// The address the ports bind to (default 127.0.0.1).
     pub bind: String,
@@ -128,6 +137,7 @@ impl Controller {
             data: dir.join("data"),
             log: dir.join("controller.log"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             proc: None,
             bind: "127.0.0.1".into(),
             upstream_host: None,
@@ -149,7 +159,7 @@ impl Controller {
             args.extend(["--upstream", u.as_str()]);
         }
         args.extend(self.extra.iter().map(String::as_str));
-        self.proc = Some(spawn(&args, &self.log));
+        self.proc = Some(spawn_env(&args, &self.env, &self.log));
         assert!(
             wait_until(Duration::from_secs(20), || self.cli(&["version"]).status.success()),
             "controller did not start"
@@ -251,7 +261,7 @@ pub fn start_member(m: &mut Member, peers: &str, secret: &Path) {
         args.extend(["--peers", peers]);
     }
     args.extend(m.ctl.extra.iter().map(String::as_str));
-    m.ctl.proc = Some(spawn(&args, &m.ctl.log));
+    m.ctl.proc = Some(spawn_env(&args, &m.ctl.env, &m.ctl.log));
 }
 
 /// `drover cluster status --json` through member `http`'s port, if it answers.
