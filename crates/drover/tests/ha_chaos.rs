@@ -983,3 +983,127 @@ fn a_slow_disk_on_the_leader_causes_no_election_storm_and_loses_nothing() {
         assert_eq!(moved, 0, "pairs moved without a leader change: {before:?} -> {after:?}");
     }
 }
+
+/// Membership changes under faults: the group grows from three to five while the
+/// fleet streams and the operator works, its leader is SIGKILLed, and it shrinks back
+/// to three (the killed member and one more removed): nothing acknowledged is lost,
+/// the history is linearizable, no pair moves on the leader change, every task takes
+/// effect once.
+#[test]
+fn membership_three_to_five_to_three_with_the_leader_killed_loses_nothing() {
+    let _serial = serial();
+    let mut g = Group::start(3);
+    let join = String::from_utf8(g.cli(&["token", "create", "--role", "join"]).stdout).unwrap().trim().to_owned();
+    let _nodes: Vec<Killed> = [
+        ("n1", "EURUSD,GBPUSD,USDJPY"),
+        ("n2", "GBPUSD,USDJPY,AUDUSD"),
+        ("n3", "AUDUSD,EURUSD,USDCHF"),
+        ("n4", "USDCHF,EURUSD"),
+    ]
+    .iter()
+    .map(|(name, pairs)| g.node(name, &join, &["--pairs", pairs]))
+    .chain(std::iter::once(g.node("w1", &join, &["--worker", "--cores", "2"])))
+    .collect();
+    g.wait_all_streamed(&PAIRS, Duration::from_secs(30)).expect("every pair streamed");
+    let effects = g.dir.path().join("effects.txt");
+    let stop = Arc::new(AtomicBool::new(false));
+    let op = {
+        let (grpcs, admin, effects, stop) = (g.grpcs(), g.admin.clone(), effects.clone(), stop.clone());
+        std::thread::spawn(move || operator(grpcs, admin, effects, stop))
+    };
+    let cluster = |g: &Group, args: &[&str]| {
+        let mut leader = None;
+        wait_until(Duration::from_secs(30), || {
+            leader = g.members.iter().filter(|m| m.ctl.proc.is_some()).find_map(|m| leader_via(m.ctl.http, 0));
+            leader.is_some()
+        });
+        let leader = leader.expect("a leader");
+        let http = format!("127.0.0.1:{}", g.members[g.at(leader)].ctl.http);
+        let mut all = vec!["cluster"];
+        all.extend_from_slice(args);
+        all.extend(["--http", &http, "--token", &g.admin]);
+        std::process::Command::new(drover_bin()).args(&all).output().unwrap()
+    };
+    // 3 -> 5.
+    for id in [4u64, 5] {
+        let d = g.dir.path().join(format!("m{id}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let mut m = Member { id, raft: free_port(), ctl: Controller::new(&d, &[]) };
+        start_member(&mut m, "", &g.secret);
+        let raft = format!("127.0.0.1:{}", m.raft);
+        g.members.push(m);
+        let added = cluster(&g, &["add", &id.to_string(), &raft]);
+        assert!(added.status.success(), "add {id}: {}", common::text(&added));
+        // The load runs on between the changes.
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let leader = g.wait_healthy(Duration::from_secs(60)).expect("five caught-up members");
+    // The leader dies.
+    let before = g.wait_all_streamed(&PAIRS, Duration::from_secs(30)).expect("every pair streamed");
+    let l = g.at(leader);
+    g.members[l].ctl.kill();
+    let next = g.new_leader(leader, Duration::from_secs(20)).expect("a new leader among the four");
+    let after = g.wait_all_streamed(&PAIRS, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    let moved: Vec<&&str> = PAIRS.iter().filter(|p| after.as_ref().is_none_or(|a| a[**p] != before[**p])).collect();
+    // 5 -> 3: the dead member and one more that does not lead.
+    let other = g.members.iter().map(|m| m.id).find(|&id| id != leader && id != next).unwrap();
+    for id in [leader, other] {
+        let removed = cluster(&g, &["remove", &id.to_string()]);
+        assert!(removed.status.success(), "remove {id}: {}", common::text(&removed));
+        let at = g.at(id);
+        g.members[at].ctl.kill();
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (history, tasks) = op.join().unwrap();
+    let settled = g.wait_healthy(Duration::from_secs(30)).expect("a settled group of three");
+    let s = common::status(g.members[g.at(settled)].ctl.http).unwrap();
+    let ids: Vec<u64> = s["members"].as_array().unwrap().iter().filter_map(|m| m["id"].as_u64()).collect();
+    let list = g.json(&["token", "list", "--json"]);
+    let seen: BTreeSet<String> = list
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t["description"].as_str())
+                .filter(|d| d.starts_with("op-"))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut full = history.clone();
+    let end = history.iter().filter_map(|o| o.returned.max(Some(o.invoked))).max().unwrap_or(0) + 10_000_000;
+    full.push(Op { invoked: end, returned: Some(end + 1), kind: Kind::Read(seen.clone()) });
+    let acknowledged: Vec<&String> = history
+        .iter()
+        .filter(|o| o.returned.is_some())
+        .filter_map(|o| if let Kind::Add(e) = &o.kind { Some(e) } else { None })
+        .collect();
+    let lost = acknowledged.iter().filter(|e| !seen.contains(**e)).count();
+    let linearizable = check(&full);
+    let done = |name: &str, text: &str| text.lines().filter(|l| *l == name).count();
+    wait_until(Duration::from_secs(60), || {
+        let text = std::fs::read_to_string(&effects).unwrap_or_default();
+        tasks.iter().all(|t| done(t, &text) >= 1)
+    });
+    let text = std::fs::read_to_string(&effects).unwrap_or_default();
+    let wrong_tasks = tasks.iter().filter(|t| done(t, &text) != 1).count();
+    report(
+        "membership 3 -> 5 -> 3 with a leader SIGKILL",
+        json!({"members_after": ids, "acknowledged_adds": acknowledged.len(), "lost_acknowledged": lost,
+            "history_linearizable": linearizable.is_ok(), "pairs_moved": moved.len(), "tasks": tasks.len(),
+            "tasks_not_exactly_once": wrong_tasks}),
+    );
+    assert_eq!(ids.len(), 3, "three members again: {s}");
+    assert!(!ids.contains(&leader) && !ids.contains(&other), "{s}");
+    assert_eq!(lost, 0);
+    assert!(linearizable.is_ok(), "{linearizable:?}");
+    assert!(moved.is_empty(), "pairs moved on the leader change: {moved:?}");
+    assert_eq!(wrong_tasks, 0, "{text}");
+    assert!(
+        acknowledged.len() >= 20 && !tasks.is_empty(),
+        "too little load: {} adds, {} tasks",
+        acknowledged.len(),
+        tasks.len()
+    );
+}
