@@ -22,17 +22,17 @@ use std::time::{Duration, Instant};
 use drover_proto::{Payload, v1};
 
 /// A `drover controller` child process and its ports.
-struct Proc {
+pub(crate) struct Proc {
     child: Option<Child>,
     args: Vec<String>,
-    grpc: String,
-    admission: String,
-    http: String,
-    data: std::path::PathBuf,
+    pub(crate) grpc: String,
+    pub(crate) admission: String,
+    pub(crate) http: String,
+    pub(crate) data: std::path::PathBuf,
 }
 
 impl Proc {
-    fn spawn(&mut self) {
+    pub(crate) fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data.with_extension("log")).unwrap();
         self.child = Some(
             Command::new(crate::drover_bin())
@@ -44,7 +44,7 @@ impl Proc {
         );
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -58,11 +58,11 @@ impl Drop for Proc {
     }
 }
 
-fn port() -> String {
+pub(crate) fn port() -> String {
     format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
 }
 
-fn controller(dir: &Path, name: &str, extra: &[String]) -> Proc {
+pub(crate) fn controller(dir: &Path, name: &str, extra: &[String]) -> Proc {
     let (grpc, admission, http) = (port(), port(), port());
     let data = dir.join(name);
     let mut args: Vec<String> = ["controller", "--listen", &grpc, "--admission", &admission, "--http", &http]
@@ -100,7 +100,7 @@ async fn released(http: &str) -> u64 {
 }
 
 /// The leader `http`'s member reports, with how many members answered with no lag.
-async fn leader_of(http: &str) -> Option<(u64, usize)> {
+pub(crate) async fn leader_of(http: &str) -> Option<(u64, usize)> {
     let body = get(http, "/api/cluster").await?;
     let v: serde_json::Value = serde_json::from_str(&body).ok()?;
     let leader = v["leader"].as_u64()?;
@@ -388,14 +388,9 @@ pub async fn run(nodes: usize, secs: f64, kills: usize) {
     println!(
         "\n| commit round trip | 1 at a time (2000 requests): p50 µs | p99 µs | 64 at once (64 sessions × 100): p50 µs | p99 µs |\n| --- | --- | --- | --- | --- |"
     );
-    for (name, one, many) in [("one controller", &one_lat, &one_lat64), ("three controllers", &three_lat, &three_lat64)] {
-        println!(
-            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} |",
-            p(one, 0.5),
-            p(one, 0.99),
-            p(many, 0.5),
-            p(many, 0.99)
-        );
+    for (name, one, many) in [("one controller", &one_lat, &one_lat64), ("three controllers", &three_lat, &three_lat64)]
+    {
+        println!("| {name} | {:.0} | {:.0} | {:.0} | {:.0} |", p(one, 0.5), p(one, 0.99), p(many, 0.5), p(many, 0.99));
     }
     if !elections.is_empty() {
         println!(

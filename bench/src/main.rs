@@ -39,6 +39,7 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
+mod ha;
 mod ingest;
 mod recovery;
 mod tasks;
@@ -66,6 +67,14 @@ async fn main() {
             )
             .await
         }
+        "ha" => {
+            ha::run(
+                arg("--kills", "50").parse().unwrap(),
+                arg("--transfers", "30").parse().unwrap(),
+                arg("--nodes", "12").parse().unwrap(),
+            )
+            .await
+        }
         "ingest" => ingest::run(arg("--nodes", "64").parse().unwrap(), arg("--secs", "5").parse().unwrap()).await,
         "failover" => failover::run(arg("--trials", "100").parse().unwrap(), arg("--fsync", "always") != "never").await,
         "recovery" => recovery::run(arg("--updates", "1000000").parse().unwrap()).await,
@@ -81,7 +90,7 @@ async fn main() {
         }
         _ => {
             eprintln!(
-                "usage: drover-bench cluster|ingest|failover|recovery|tasks|coordinator [--nodes N --secs S [--kills K] | --trials N [--fsync never] | --updates N | --tasks N --workers W --cores C --submitters S]"
+                "usage: drover-bench cluster|ha|ingest|failover|recovery|tasks|coordinator [--nodes N --secs S [--kills K] | --kills K --transfers T --nodes N | --trials N [--fsync never] | --updates N | --tasks N --workers W --cores C --submitters S]"
             );
             std::process::exit(2);
         }

@@ -818,6 +818,9 @@ impl Owner {
         // once (openraft keeps it leader until it hears the newer term) and serves
         // again only once a majority acknowledges it.
         let unheard = m.millis_since_quorum_ack.filter(|&ms| ms > lease.as_millis() as u64);
+        // The deliberately broken build keeps serving without a majority too.
+        #[cfg(feature = "broken-ack-before-commit")]
+        let unheard = unheard.filter(|_| false);
         let Backend::Replicated(r) = &self.log else { return Ok(()) };
         if let Some(ms) = unheard.filter(|_| leads && r.leading) {
             tracing::warn!(since_ms = ms, "no majority has acknowledged this leader within the lease: stepping down");
@@ -1307,6 +1310,20 @@ impl Owner {
                 }
             }
             Backend::Replicated(r) => {
+                // DELIBERATELY BROKEN, only in a build with the feature
+                // `broken-ack-before-commit` (never a default): the leader applies the
+                // batch to a copy of its core and releases the outputs at once, before
+                // the group commits it. It exists to show that the chaos suite's
+                // history checker catches a build that acknowledges before commit.
+                #[cfg(feature = "broken-ack-before-commit")]
+                {
+                    let mut shadow = r.member.machine.with_core(|c| c.clone());
+                    let mut early = Vec::new();
+                    for input in &inputs {
+                        shadow.apply(input.clone(), &mut early);
+                    }
+                    let _ = release.send(Release::Outputs(None, 0, early, r.fence));
+                }
                 // One entry per run that fits; each waits for its commit in order.
                 let Some(proposals) = r.proposals.clone() else { return Ok(()) };
                 for chunk in drover_journal::split_by_size(encoded, limit) {

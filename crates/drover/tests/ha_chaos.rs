@@ -783,6 +783,7 @@ fn an_isolated_leader_stops_serving_the_majority_takes_over_and_the_fleet_follow
     );
     let before = before.unwrap();
 
+    let began = Instant::now();
     // The cut. With the link down the host would route the namespace's addresses to
     // its default gateway; a blackhole route drops them instead, as a partition does.
     let subnet = format!("{}.0/24", inside.rsplit_once('.').unwrap().0);
@@ -791,6 +792,7 @@ fn an_isolated_leader_stops_serving_the_majority_takes_over_and_the_fleet_follow
     let cut = Instant::now();
     let cut_ms = unix_ms();
     // A write sent to the isolated leader from its own side is never acknowledged.
+    let write_invoked = began.elapsed().as_micros() as u64;
     let isolated_write = std::process::Command::new("ip")
         .args([
             "netns",
@@ -837,6 +839,7 @@ fn an_isolated_leader_stops_serving_the_majority_takes_over_and_the_fleet_follow
         None => vec!["not every pair streamed after the cut".into()],
     };
     let write = isolated_write.wait_with_output().unwrap();
+    let write_returned = write.status.success().then(|| began.elapsed().as_micros() as u64);
 
     // The heal: member 1 rejoins as a follower of the new leader.
     common::netns::ip(&["route", "del", "blackhole", &subnet]).expect("remove the blackhole");
@@ -844,13 +847,33 @@ fn an_isolated_leader_stops_serving_the_majority_takes_over_and_the_fleet_follow
     let healed = Instant::now();
     let rejoined = wait_until(Duration::from_secs(30), || leader_via(ms[1].http, 3) == next);
     let rejoin_ms = healed.elapsed().as_millis() as u64;
+    let read_invoked = began.elapsed().as_micros() as u64;
     let tokens = String::from_utf8_lossy(&cli(&["token", "list", "--json"]).stdout).into_owned();
+    let read_returned = began.elapsed().as_micros() as u64;
+    // The write and the read after the heal, as the history checker sees them: an
+    // acknowledged write missing from a later read is a lost write.
+    let listed: BTreeSet<String> = serde_json::from_str::<Value>(&tokens)
+        .ok()
+        .and_then(|v| {
+            v.as_array().map(|a| a.iter().filter_map(|t| t["description"].as_str().map(str::to_owned)).collect())
+        })
+        .unwrap_or_default();
+    let history = [
+        Op { invoked: write_invoked, returned: write_returned, kind: Kind::Add("isolated".into()) },
+        Op {
+            invoked: read_invoked,
+            returned: Some(read_returned),
+            kind: Kind::Read(listed.into_iter().filter(|d| d == "isolated").collect()),
+        },
+    ];
+    let linearizable = check(&history);
     report(
         "leader isolated by a partition",
         json!({"stopped_serving_ms": stop_ms, "majority_leader_ms": elected_ms, "first_price_ms": price_ms,
             "pairs_moved": moved.len(), "isolated_write_acknowledged": write.status.success(),
-            "rejoined_as_follower_ms": rejoin_ms}),
+            "rejoined_as_follower_ms": rejoin_ms, "history_linearizable": linearizable.is_ok()}),
     );
+    assert!(linearizable.is_ok(), "the history is not linearizable: {linearizable:?}");
     assert!(stopped_serving, "the isolated leader kept serving");
     assert!(stop_ms < 3_000, "the isolated leader served {stop_ms} ms into the partition (lease: about 1 s)");
     let node_logs = || {
