@@ -198,6 +198,9 @@ pub(crate) struct Replicated {
     /// The term in which this member gave up leading for lack of commits: it does not
     /// take the lead again in that term (openraft may still call it leader).
     gave_up_term: Option<u64>,
+    /// The deliberately broken build's core, applied as batches are proposed.
+    #[cfg(feature = "broken-ack-before-commit")]
+    shadow: Option<Box<Controller>>,
     /// Where proposals wait for their commit, in order (see [`await_commits`]).
     proposals: Option<mpsc::UnboundedSender<Proposal>>,
     /// What a refused node or CLI is told (who leads, where), kept current by
@@ -222,6 +225,8 @@ impl Replicated {
             inflight: 0,
             waiting_since: None,
             gave_up_term: None,
+            #[cfg(feature = "broken-ack-before-commit")]
+            shadow: None,
             proposals: None,
             leader_hint,
         }
@@ -877,6 +882,10 @@ impl Owner {
         r.epoch += 1;
         r.inflight = 0;
         r.waiting_since = None;
+        #[cfg(feature = "broken-ack-before-commit")]
+        {
+            r.shadow = None;
+        }
         r.member.machine.keep_outputs(false);
         self.secrets.clear();
         self.peers.clear();
@@ -895,6 +904,13 @@ impl Owner {
     fn committed(&mut self, n: u64, release: &mpsc::UnboundedSender<Release>) {
         let Backend::Replicated(r) = &self.log else { return };
         let out = r.member.machine.take_outputs();
+        // The deliberately broken build released these batches' outputs before their
+        // commit (see `inputs_with_secrets`): not twice.
+        #[cfg(feature = "broken-ack-before-commit")]
+        if n > 0 {
+            drop(out);
+            return;
+        }
         let fence = r.fence;
         self.settle(None, n, out, fence, release);
     }
@@ -1285,6 +1301,8 @@ impl Owner {
         // nothing it would cause is released, nothing is skipped silently.
         let encoded = inputs.iter().map(encode_input::<Controller>).collect::<Result<Vec<_>, _>>()?;
         let limit = self.max_entry();
+        #[cfg(feature = "broken-ack-before-commit")]
+        let mut broken_early = None;
         match &mut self.log {
             Backend::Local { core, journal } => {
                 // One append per run of inputs that fits in a journal entry; the last
@@ -1317,12 +1335,13 @@ impl Owner {
                 // history checker catches a build that acknowledges before commit.
                 #[cfg(feature = "broken-ack-before-commit")]
                 {
-                    let mut shadow = r.member.machine.with_core(|c| c.clone());
+                    let machine = &r.member.machine;
+                    let shadow = r.shadow.get_or_insert_with(|| Box::new(machine.with_core(|c| c.clone())));
                     let mut early = Vec::new();
                     for input in &inputs {
                         shadow.apply(input.clone(), &mut early);
                     }
-                    let _ = release.send(Release::Outputs(None, 0, early, r.fence));
+                    broken_early = Some((early, inputs.len() as u64, r.fence));
                 }
                 // One entry per run that fits; each waits for its commit in order.
                 let Some(proposals) = r.proposals.clone() else { return Ok(()) };
@@ -1341,6 +1360,10 @@ impl Owner {
                     let _ = proposals.send((r.epoch, rx, n, proposed));
                 }
             }
+        }
+        #[cfg(feature = "broken-ack-before-commit")]
+        if let Some((early, n, fence)) = broken_early {
+            self.settle(None, n, early, fence, release);
         }
         Ok(())
     }
