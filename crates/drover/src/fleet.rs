@@ -10,6 +10,13 @@
 //! controller's resident memory and CPU, how long `drover nodes` and `drover status
 //! --all` take, and the failover latency under that load (a streamer's stream is
 //! dropped; the time until another simulated node is assigned its pair).
+//!
+//! With `--cluster 3` it runs a group of three controller processes instead, the
+//! simulated nodes spread over the members' admission ports (each node's list
+//! rotated); they follow the leader as the node agent does (a new `auth:ack` on the
+//! control channel moves the stream; a stream lost with the leader re-admits at the
+//! next member). Once the fleet is settled the leader is SIGKILLed, and the tool reports
+//! how long until every node streams to the new leader and how many pairs moved.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +55,10 @@ pub struct FleetArgs {
     /// during the measurement window.
     #[arg(long, default_value_t = 0.0)]
     pub churn: f64,
+    /// Run a group of this many controllers (3 or 5) and kill its leader once, instead
+    /// of one controller.
+    #[arg(long, default_value_t = 0)]
+    pub cluster: usize,
 }
 
 /// Where assignments are reported: pair → (node, when assigned).
@@ -61,12 +72,20 @@ struct Shared {
     rejoined: AtomicUsize,
     /// Measurements are over: nodes ending now are the teardown, not failures.
     done: std::sync::atomic::AtomicBool,
-    grpc: String,
     admission: String,
     join: String,
     pairs: usize,
     rate: f64,
-    channels: Mutex<HashMap<usize, tonic::transport::Channel>>,
+    channels: Mutex<HashMap<(String, usize), tonic::transport::Channel>>,
+    /// Follow the leader (a cluster): moves and re-admission instead of failing.
+    follow: bool,
+    /// When the leader was killed (a cluster run).
+    killed: std::sync::Mutex<Option<Instant>>,
+    /// Per node: its stream reopened after the kill.
+    back: Vec<std::sync::atomic::AtomicBool>,
+    /// Nodes whose stream reopened after the kill, and when the last one did.
+    back_count: AtomicUsize,
+    last_back: std::sync::Mutex<Option<Instant>>,
     per_channel: usize,
     connected: AtomicUsize,
     updates: AtomicU64,
@@ -97,12 +116,17 @@ fn proc_stats(pid: u32) -> (u64, u64) {
 async fn node(i: usize, shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) -> anyhow::Result<()> {
     let mut churned = false;
     loop {
-        match session(i, &shared, &mut stop, churned).await? {
-            Ended::Stopped => return Ok(()),
-            Ended::Churned => {
+        match session(i, &shared, &mut stop, churned).await {
+            Ok(Ended::Stopped) => return Ok(()),
+            Ok(Ended::Churned) => {
                 shared.churned.fetch_add(1, Ordering::Relaxed);
                 churned = true;
             }
+            // Following a group: the session's member died; admission again elsewhere.
+            Err(_) if shared.follow && !shared.done.load(Ordering::Relaxed) => {
+                tokio::time::sleep(Duration::from_millis(50 + (i as u64 * 7919) % 250)).await;
+            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -113,7 +137,15 @@ enum Ended {
     Churned,
 }
 
-/// One session of a simulated node: admission, stream, traffic.
+/// Why one stream of a session ended.
+enum StreamEnd {
+    Over(Ended),
+    /// The control channel named a new upstream (a new leader), with a new ticket.
+    Moved(String, String),
+}
+
+/// One session of a simulated node: admission, then streams to the upstream it names
+/// (and to each new one a leader change names), traffic.
 async fn session(
     i: usize,
     shared: &Shared,
@@ -121,18 +153,46 @@ async fn session(
     after_churn: bool,
 ) -> anyhow::Result<Ended> {
     let id = format!("sim-{i:05}");
-    let mut admission = drover_node::NodeConfig::new(shared.admission.clone(), shared.join.clone(), Vec::new());
+    // A group's admission ports, rotated per node so control channels spread out.
+    let mut list: Vec<&str> = shared.admission.split(',').collect();
+    let turn = i % list.len();
+    list.rotate_left(turn);
+    let mut admission = drover_node::NodeConfig::new(list.join(","), shared.join.clone(), Vec::new());
     admission.id = id.clone();
     // Like a real node, each simulated node holds its admission connection open as the
     // control channel for as long as its session lasts.
-    let (_upstream, ticket, mut control) = drover_node::admit_session(&admission).await.map_err(anyhow::Error::msg)?;
+    let (mut upstream, mut ticket, mut control) =
+        drover_node::admit_session(&admission).await.map_err(anyhow::Error::msg)?;
+    let mut control_open = true;
+    loop {
+        match stream(i, shared, stop, after_churn, &upstream, &ticket, &mut control, &mut control_open).await? {
+            StreamEnd::Over(ended) => return Ok(ended),
+            StreamEnd::Moved(u, t) => (upstream, ticket) = (u, t),
+        }
+    }
+}
+
+/// One `NodeCommandStream` of a simulated node, until it ends or the node is moved.
+#[allow(clippy::too_many_arguments)]
+async fn stream(
+    i: usize,
+    shared: &Shared,
+    stop: &mut oneshot::Receiver<()>,
+    after_churn: bool,
+    upstream: &str,
+    ticket: &str,
+    control: &mut drover_node::ControlChannel,
+    control_open: &mut bool,
+) -> anyhow::Result<StreamEnd> {
+    let id = format!("sim-{i:05}");
     let channel = {
+        let key = (upstream.to_owned(), i / shared.per_channel);
         let mut channels = shared.channels.lock().await;
-        match channels.get(&(i / shared.per_channel)) {
+        match channels.get(&key) {
             Some(c) => c.clone(),
             None => {
-                let c = drover_node::grpc_channel(&shared.grpc, None).await.map_err(anyhow::Error::msg)?;
-                channels.insert(i / shared.per_channel, c.clone());
+                let c = drover_node::grpc_channel(upstream, None).await.map_err(anyhow::Error::msg)?;
+                channels.insert(key, c.clone());
                 c
             }
         }
@@ -153,6 +213,11 @@ async fn session(
     req.metadata_mut().insert("authorization", format!("Bearer {ticket}").parse()?);
     let mut inbound = client.node_command_stream(req).await?.into_inner();
     shared.connected.fetch_add(1, Ordering::Relaxed);
+    let killed = *shared.killed.lock().unwrap_or_else(|p| p.into_inner());
+    if killed.is_some() && !shared.back[i].swap(true, Ordering::Relaxed) {
+        shared.back_count.fetch_add(1, Ordering::Relaxed);
+        *shared.last_back.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
     if after_churn {
         shared.rejoined.fetch_add(1, Ordering::Relaxed);
     }
@@ -162,11 +227,16 @@ async fn session(
         tokio::time::interval_at(tokio::time::Instant::now() + period.mul_f64((i % 97) as f64 / 97.0), period);
     let mut beat = tokio::time::interval(Duration::from_secs(1));
     let mut seq = 0u64;
-    let result = loop {
+    let result: anyhow::Result<StreamEnd> = loop {
         tokio::select! {
-            _ = &mut *stop => break Ok(Ended::Stopped),
-            _ = shared.churn[i].notified() => break Ok(Ended::Churned),
-            why = control.hold() => break Err(anyhow::anyhow!("{id}: {why}")),
+            _ = &mut *stop => break Ok(StreamEnd::Over(Ended::Stopped)),
+            _ = shared.churn[i].notified() => break Ok(StreamEnd::Over(Ended::Churned)),
+            why = control.hold(), if *control_open => match why {
+                drover_node::ControlEnd::Moved { upstream, ticket } if shared.follow => break Ok(StreamEnd::Moved(upstream, ticket)),
+                // The member holding the channel died: the stream (at the leader) goes on.
+                drover_node::ControlEnd::Lost(_) if shared.follow => *control_open = false,
+                why => break Err(anyhow::anyhow!("{id}: {why}")),
+            },
             _ = beat.tick() => {
                 let b = v1::NodeHeartbeatV1Notify { sent_at_ms: 0 };
                 if tx.send(msg(b.into(), String::new())).await.is_err() {
@@ -242,38 +312,52 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<std::process::ExitCode> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
     let (g, a, h) = (free_port()?, free_port()?, free_port()?);
-    let grpc = format!("127.0.0.1:{g}");
-    let log = std::fs::File::create(dir.path().join("controller.log"))?;
-    let mut controller = std::process::Command::new(&bin)
-        .args([
-            "controller",
-            "--listen",
-            &grpc,
-            "--admission",
-            &format!("127.0.0.1:{a}"),
-            "--http",
-            &format!("127.0.0.1:{h}"),
-        ])
-        .args(["--data-dir", data.to_str().unwrap_or("."), "--max-failed-admissions", "1000000"])
-        .env("DROVER_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()?;
-    let pid = controller.id();
+    let group = (args.cluster > 0).then(|| start_group(&bin, dir.path(), args.cluster)).transpose()?;
+    let (mut controller, grpc, admission, data) = match &group {
+        None => {
+            let grpc = format!("127.0.0.1:{g}");
+            let log = std::fs::File::create(dir.path().join("controller.log"))?;
+            let child = std::process::Command::new(&bin)
+                .args([
+                    "controller",
+                    "--listen",
+                    &grpc,
+                    "--admission",
+                    &format!("127.0.0.1:{a}"),
+                    "--http",
+                    &format!("127.0.0.1:{h}"),
+                ])
+                .args(["--data-dir", data.to_str().unwrap_or("."), "--max-failed-admissions", "1000000"])
+                .env("DROVER_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()?;
+            (Some(child), grpc, format!("127.0.0.1:{a}"), data)
+        }
+        Some(group) => (None, group.grpc(), group.admission(), group.members[0].data.clone()),
+    };
+    let pid = controller.as_ref().map_or(0, |c| c.id());
     let up = Instant::now();
-    while !cli(&bin, &grpc, &data, &["version"])?.0 {
-        if up.elapsed() > Duration::from_secs(20) {
+    let cli_data = |group: &Option<Group>| -> PathBuf {
+        // A group's admin token is in the data directory of its first leader.
+        group
+            .as_ref()
+            .and_then(|g| g.members.iter().find(|m| m.data.join("admin.token").exists()).map(|m| m.data.clone()))
+            .unwrap_or_else(|| data.clone())
+    };
+    while !cli(&bin, &grpc, &cli_data(&group), &["version"])?.0 {
+        if up.elapsed() > Duration::from_secs(30) {
             bail!("the controller did not start");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let data = cli_data(&group);
     let (ok, _, join) = cli(&bin, &grpc, &data, &["token", "create", "--role", "join"])?;
     if !ok {
         bail!("could not create a join token");
     }
     let shared = Arc::new(Shared {
-        grpc: grpc.clone(),
-        admission: format!("127.0.0.1:{a}"),
+        admission,
         join: join.trim().to_owned(),
         pairs: args.pairs,
         rate: args.rate,
@@ -286,6 +370,11 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<std::process::ExitCode> {
         rejoined: AtomicUsize::new(0),
         done: std::sync::atomic::AtomicBool::new(false),
         assignments: Arc::new(Mutex::new(HashMap::new())),
+        follow: group.is_some(),
+        killed: std::sync::Mutex::new(None),
+        back: (0..args.nodes).map(|_| std::sync::atomic::AtomicBool::new(false)).collect(),
+        back_count: AtomicUsize::new(0),
+        last_back: std::sync::Mutex::new(None),
     });
     let (idle_rss, _) = proc_stats(pid);
     let started = Instant::now();
@@ -326,6 +415,15 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<std::process::ExitCode> {
         connect_time.as_secs_f64(),
         failed.load(Ordering::Relaxed)
     );
+    if let Some(mut group) = group {
+        let code = kill_the_leader(&args, &shared, &mut group, connect_time).await;
+        shared.done.store(true, Ordering::Relaxed);
+        for s in stops.into_iter().flatten() {
+            let _ = s.send(());
+        }
+        drop(group);
+        return code;
+    }
     // Steady state: CPU over 10 s.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (_, t0) = proc_stats(pid);
@@ -419,7 +517,141 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<std::process::ExitCode> {
     for s in stops.into_iter().flatten() {
         let _ = s.send(());
     }
-    let _ = controller.kill();
-    let _ = controller.wait();
+    if let Some(c) = controller.as_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// One member of the bench's group: its child process and addresses.
+struct GroupMember {
+    child: Option<std::process::Child>,
+    grpc: String,
+    admission: String,
+    http: String,
+    data: PathBuf,
+}
+
+/// The bench's group of controllers (killed when dropped).
+struct Group {
+    members: Vec<GroupMember>,
+}
+
+impl Group {
+    fn grpc(&self) -> String {
+        self.members.iter().map(|m| m.grpc.clone()).collect::<Vec<_>>().join(",")
+    }
+    fn admission(&self) -> String {
+        self.members.iter().map(|m| m.admission.clone()).collect::<Vec<_>>().join(",")
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            if let Some(mut c) = m.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// Starts `n` members of one group on loopback.
+fn start_group(bin: &Path, dir: &Path, n: usize) -> anyhow::Result<Group> {
+    let secret = dir.join("cluster.secret");
+    let made = std::process::Command::new(bin).args(["cluster", "secret"]).output()?;
+    std::fs::write(&secret, &made.stdout)?;
+    let rafts: Vec<String> = (0..n).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
+    let peers = rafts.iter().enumerate().map(|(k, r)| format!("{}={r}", k + 1)).collect::<Vec<_>>().join(",");
+    let mut members = Vec::new();
+    for (k, raft) in rafts.iter().enumerate() {
+        let (g, a, h) = (free_port()?, free_port()?, free_port()?);
+        let m = GroupMember {
+            child: None,
+            grpc: format!("127.0.0.1:{g}"),
+            admission: format!("127.0.0.1:{a}"),
+            http: format!("127.0.0.1:{h}"),
+            data: dir.join(format!("m{}", k + 1)),
+        };
+        let log = std::fs::File::create(dir.join(format!("m{}.log", k + 1)))?;
+        let child = std::process::Command::new(bin)
+            .args(["controller", "--listen", &m.grpc, "--admission", &m.admission, "--http", &m.http])
+            .args(["--data-dir", m.data.to_str().unwrap_or("."), "--max-failed-admissions", "1000000"])
+            .args(["--member", &(k + 1).to_string(), "--raft", raft, "--peers", &peers])
+            .arg("--cluster-secret-file")
+            .arg(&secret)
+            .env("DROVER_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        members.push(GroupMember { child: Some(child), ..m });
+    }
+    Ok(Group { members })
+}
+
+/// The leader as `drover cluster status --json` on a member says, once it answers.
+fn leader_of(bin: &Path, group: &Group, not: Option<u64>) -> Option<u64> {
+    group.members.iter().filter(|m| m.child.is_some()).find_map(|m| {
+        let out =
+            std::process::Command::new(bin).args(["cluster", "status", "--json", "--http", &m.http]).output().ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["leader"].as_u64().filter(|l| Some(*l) != not)
+    })
+}
+
+/// The cluster run: the fleet settled, the leader SIGKILLed, every node back on the
+/// new leader; how long that took, and how many pairs moved.
+async fn kill_the_leader(
+    args: &FleetArgs,
+    shared: &Arc<Shared>,
+    group: &mut Group,
+    connect_time: Duration,
+) -> anyhow::Result<std::process::ExitCode> {
+    let bin: PathBuf = std::env::current_exe()?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let Some(leader) = leader_of(&bin, group, None) else { bail!("no leader") };
+    let before: HashMap<String, usize> =
+        shared.assignments.lock().await.iter().map(|(p, (n, _))| (p.clone(), *n)).collect();
+    let at = Instant::now();
+    *shared.killed.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+    if let Some(mut c) = group.members[leader as usize - 1].child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let new_leader = loop {
+        if let Some(l) = leader_of(&bin, group, Some(leader)) {
+            break l;
+        }
+        if at.elapsed() > Duration::from_secs(30) {
+            bail!("no new leader within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let elected = at.elapsed();
+    while shared.back_count.load(Ordering::Relaxed) < args.nodes {
+        if at.elapsed() > Duration::from_secs(300) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let back = shared.back_count.load(Ordering::Relaxed);
+    let settled = shared.last_back.lock().unwrap_or_else(|p| p.into_inner()).map(|t| t.duration_since(at));
+    // Pairs whose streamer changed after the kill (a grace past the rejoin grace).
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let after = shared.assignments.lock().await.clone();
+    let moved = before.iter().filter(|(p, n)| after.get(*p).is_some_and(|(m, t)| m != *n && *t > at)).count();
+    println!(
+        "| {} nodes, {} pairs, {} members | connect {:.1} s | leader {leader} SIGKILLed: member {new_leader} leads after {:.2} s | {back} of {} nodes streaming to it after {} | {moved} of {} pairs moved |",
+        args.nodes,
+        args.pairs,
+        group.members.len(),
+        connect_time.as_secs_f64(),
+        elected.as_secs_f64(),
+        args.nodes,
+        settled.map_or("(none)".to_owned(), |d| format!("{:.2} s", d.as_secs_f64())),
+        before.len()
+    );
+    Ok(if back == args.nodes && moved == 0 { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
 }
