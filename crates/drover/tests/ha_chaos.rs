@@ -1135,3 +1135,20 @@ fn membership_three_to_five_to_three_with_the_leader_killed_loses_nothing() {
         tasks.len()
     );
 }
+
+/// `drover bench fleet --cluster 3` at a small size: simulated nodes spread over the
+/// members follow the leader through its SIGKILL; every one streams to the new leader
+/// and no pair moves (the tool exits 1 otherwise).
+#[test]
+fn the_fleet_bench_follows_a_killed_leader_with_every_node_and_no_pair_moved() {
+    let _serial = serial();
+    let out = std::process::Command::new(drover_bin())
+        .args(["bench", "fleet", "--nodes", "90", "--pairs", "30", "--cluster", "3"])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_owned();
+    report("fleet bench across a leader SIGKILL", json!({"output": table}));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("90 of 90 nodes streaming to it") && text.contains("| 0 of 30 pairs moved"), "{text}");
+}
