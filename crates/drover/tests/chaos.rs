@@ -37,15 +37,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::netns::Netns;
-use common::{Controller, Killed, cli_command, wait_until};
+use common::{Controller, Killed, cli_command, serial, wait_until};
 use serde_json::{Value, json};
-
-/// Scenarios run one at a time: they measure timings on a 2-core machine.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 struct Profile {
     name: &'static str,
@@ -107,12 +100,7 @@ impl Rng {
 
 /// One scenario's figures, printed and appended to the summary file.
 fn report(scenario: &str, figures: Value) {
-    let line = json!({"scenario": scenario, "profile": profile().name, "figures": figures});
-    eprintln!("CHAOS SUMMARY {line}");
-    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-summary.jsonl");
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-        let _ = writeln!(f, "{line}");
-    }
+    common::chaos_report(scenario, profile().name, figures);
 }
 
 /// What a price watcher saw, checked as it arrives.

@@ -23,23 +23,17 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::history::{Kind, Op, check};
-use common::{Controller, Killed, Member, cli_at, drover_bin, free_port, leader_via, spawn, start_member, wait_until};
+use common::{
+    Controller, Killed, Member, cli_at, drover_bin, free_port, leader_via, serial, spawn, start_member, wait_until,
+};
 use serde_json::{Value, json};
-
-/// Scenarios run one at a time: they measure timings on a 2-core machine.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 struct Profile {
     name: &'static str,
@@ -60,12 +54,7 @@ fn profile() -> Profile {
 }
 
 fn report(scenario: &str, figures: Value) {
-    let line = json!({"scenario": scenario, "profile": profile().name, "figures": figures});
-    eprintln!("CHAOS SUMMARY {line}");
-    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-summary.jsonl");
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-        let _ = writeln!(f, "{line}");
-    }
+    common::chaos_report(scenario, profile().name, figures);
 }
 
 /// A group of controllers, its secret, and its first admin token.
@@ -222,9 +211,17 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 const PAIRS: [&str; 5] = ["EURUSD", "GBPUSD", "USDJPY", "AUDUSD", "USDCHF"];
 
+/// What the operator did: its adds and reads (times in µs since `began`) and the tasks
+/// it got acknowledged.
+struct Recorded {
+    history: Vec<Op>,
+    tasks: Vec<String>,
+    began: Instant,
+}
+
 /// The operator: token adds and whole-set reads through the member list, recorded for
 /// the checker, and a task now and then; runs until `stop`.
-fn operator(g_grpcs: String, admin: String, effects: PathBuf, stop: Arc<AtomicBool>) -> (Vec<Op>, Vec<String>) {
+fn operator(g_grpcs: String, admin: String, effects: PathBuf, stop: Arc<AtomicBool>) -> Recorded {
     let began = Instant::now();
     let us = || began.elapsed().as_micros() as u64;
     let mut history = Vec::new();
@@ -283,7 +280,106 @@ fn operator(g_grpcs: String, admin: String, effects: PathBuf, stop: Arc<AtomicBo
             }
         }
     }
-    (history, tasks)
+    Recorded { history, tasks, began }
+}
+
+/// What an operator's run left, checked once the faults are over.
+struct Outcome {
+    acknowledged: usize,
+    reads: usize,
+    /// Acknowledged adds missing from the final read.
+    lost: Vec<String>,
+    /// The checker's verdict on the history plus the final read.
+    linearizable: Result<(), String>,
+    tasks: usize,
+    not_run: Vec<String>,
+    twice: Vec<String>,
+    /// The tasks' effects file.
+    effects: String,
+}
+
+/// Reads the token set once more through the group (after every recorded operation),
+/// checks the history with that read appended, and waits (up to a minute) for every
+/// acknowledged task's effect, then 2 s more for a duplicate.
+fn outcome(g: &Group, r: &Recorded, effects: &Path) -> Outcome {
+    let invoked = r.began.elapsed().as_micros() as u64;
+    let list = g.json(&["token", "list", "--json"]);
+    let returned = r.began.elapsed().as_micros() as u64;
+    let seen: BTreeSet<String> = list
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t["description"].as_str())
+                .filter(|d| d.starts_with("op-"))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    let acknowledged: Vec<&String> = r
+        .history
+        .iter()
+        .filter_map(|o| match (&o.kind, o.returned) {
+            (Kind::Add(e), Some(_)) => Some(e),
+            _ => None,
+        })
+        .collect();
+    let lost = acknowledged.iter().filter(|e| !seen.contains(**e)).map(|e| e.to_string()).collect();
+    let mut full = r.history.clone();
+    full.push(Op { invoked, returned: Some(returned), kind: Kind::Read(seen) });
+    let done = |name: &str, text: &str| text.lines().filter(|l| *l == name).count();
+    wait_until(Duration::from_secs(60), || {
+        let text = std::fs::read_to_string(effects).unwrap_or_default();
+        r.tasks.iter().all(|t| done(t, &text) >= 1)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let text = std::fs::read_to_string(effects).unwrap_or_default();
+    Outcome {
+        acknowledged: acknowledged.len(),
+        reads: r.history.iter().filter(|o| matches!(o.kind, Kind::Read(_))).count(),
+        lost,
+        linearizable: check(&full),
+        tasks: r.tasks.len(),
+        not_run: r.tasks.iter().filter(|t| done(t, &text) == 0).cloned().collect(),
+        twice: r.tasks.iter().filter(|t| done(t, &text) > 1).cloned().collect(),
+        effects: text,
+    }
+}
+
+impl Outcome {
+    /// The figures every scenario reports.
+    fn figures(&self) -> Value {
+        json!({"acknowledged_adds": self.acknowledged, "reads": self.reads, "lost_acknowledged": self.lost.len(),
+            "history_linearizable": self.linearizable.is_ok(), "tasks": self.tasks,
+            "tasks_not_run": self.not_run.len(), "tasks_run_twice": self.twice.len()})
+    }
+
+    /// Nothing acknowledged lost, the history linearizable, every task once, and at
+    /// least `adds` adds and one task acknowledged (so the run checked something).
+    fn assert_sound(&self, adds: usize) {
+        assert!(self.lost.is_empty(), "acknowledged tokens lost: {:?}", self.lost);
+        assert!(self.linearizable.is_ok(), "the history is not linearizable: {:?}", self.linearizable);
+        assert!(
+            self.not_run.is_empty() && self.twice.is_empty(),
+            "tasks not run {:?}, run twice {:?}:\n{}",
+            self.not_run,
+            self.twice,
+            self.effects
+        );
+        assert!(
+            self.acknowledged >= adds && self.tasks > 0,
+            "too little load: {} adds, {} tasks",
+            self.acknowledged,
+            self.tasks
+        );
+    }
+}
+
+/// Merges two JSON objects (the second's keys win).
+fn merged(mut a: Value, b: Value) -> Value {
+    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
+        a.extend(b);
+    }
+    a
 }
 
 #[test]
@@ -370,46 +466,10 @@ fn leader_sigkills_under_load_move_no_pair_lose_no_acknowledged_input_and_run_no
         start_member(&mut g.members[l], &peers, &secret);
     }
     stop.store(true, Ordering::Relaxed);
-    let (history, tasks) = op.join().unwrap();
-
+    let recorded = op.join().unwrap();
     // Everything acknowledged is there, read once more through the leader.
     g.wait_healthy(Duration::from_secs(60));
-    let began_check = Instant::now();
-    let list = g.json(&["token", "list", "--json"]);
-    let seen: BTreeSet<String> = list
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|t| t["description"].as_str())
-                .filter(|d| d.starts_with("op-"))
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default();
-    let acknowledged: Vec<&String> = history
-        .iter()
-        .filter_map(|o| match (&o.kind, o.returned) {
-            (Kind::Add(e), Some(_)) => Some(e),
-            _ => None,
-        })
-        .collect();
-    let lost: Vec<&&String> = acknowledged.iter().filter(|e| !seen.contains(**e)).collect();
-    let mut full = history.clone();
-    let end =
-        history.iter().filter_map(|o| o.returned).max().unwrap_or(0) + began_check.elapsed().as_micros() as u64 + 1;
-    full.push(Op { invoked: end, returned: Some(end + 1), kind: Kind::Read(seen.clone()) });
-    let linearizable = check(&full);
-
-    // Every task acknowledged takes effect exactly once.
-    let done = |name: &str, text: &str| text.lines().filter(|l| *l == name).count();
-    wait_until(Duration::from_secs(60), || {
-        let text = std::fs::read_to_string(&effects).unwrap_or_default();
-        tasks.iter().all(|t| done(t, &text) >= 1)
-    });
-    std::thread::sleep(Duration::from_secs(2));
-    let text = std::fs::read_to_string(&effects).unwrap_or_default();
-    let not_run: Vec<&String> = tasks.iter().filter(|t| done(t, &text) == 0).collect();
-    let twice: Vec<&String> = tasks.iter().filter(|t| done(t, &text) > 1).collect();
+    let o = outcome(&g, &recorded, &effects);
 
     // How the nodes followed: told by the member holding their control channel, or by
     // passing admission again elsewhere (their channel died with the leader).
@@ -423,20 +483,16 @@ fn leader_sigkills_under_load_move_no_pair_lose_no_acknowledged_input_and_run_no
     to_leader.sort_unstable();
     report(
         "leader SIGKILL under load",
-        json!({"kills": to_leader.len(), "acknowledged_adds": acknowledged.len(), "lost_acknowledged": lost.len(),
-            "reads": history.iter().filter(|o| matches!(o.kind, Kind::Read(_))).count(),
-            "history_linearizable": linearizable.is_ok(),
-            "tasks": tasks.len(), "tasks_not_run": not_run.len(), "tasks_run_twice": twice.len(),
+        merged(
+            o.figures(),
+            json!({"kills": to_leader.len(),
             "pairs_moved": moved_total, "nodes_moved_by_auth_ack": told, "nodes_readmitted": readmitted,
             "kill_to_leader_ms": {"p50": percentile(&to_leader, 0.5), "p99": percentile(&to_leader, 0.99), "max": to_leader.last()},
             "kill_to_first_price_ms": {"p50": percentile(&to_price, 0.5), "p99": percentile(&to_price, 0.99), "max": to_price.last()}}),
+        ),
     );
     assert!(failures.is_empty(), "{failures:#?}");
-    assert!(lost.is_empty(), "acknowledged tokens lost: {lost:?}");
-    assert!(linearizable.is_ok(), "the history is not linearizable: {linearizable:?}");
-    assert!(acknowledged.len() >= p.leader_kills, "the operator got too few acknowledgements: {}", acknowledged.len());
-    assert!(not_run.is_empty() && twice.is_empty(), "tasks not run {not_run:?}, run twice {twice:?}:\n{text}");
-    assert!(!tasks.is_empty(), "no task was acknowledged");
+    o.assert_sound(p.leader_kills);
 }
 
 /// A node and the leader die at the same moment: the new leader cannot have heard of
@@ -951,47 +1007,21 @@ fn a_slow_disk_on_the_leader_causes_no_election_storm_and_loses_nothing() {
     }
     let _ = std::fs::remove_file(&switch);
     stop.store(true, Ordering::Relaxed);
-    let (history, tasks) = op.join().unwrap();
+    let recorded = op.join().unwrap();
     let settled = g.wait_healthy(Duration::from_secs(30));
     let term_after = settled.and_then(|l| term(g.members[g.at(l)].ctl.http)).unwrap_or(0);
     let distinct_leaders: BTreeSet<(u64, u64)> = leaders.iter().copied().collect();
     let changes = distinct_leaders.iter().filter(|(l, t)| (*l, *t) != (leader, term_before)).count();
-    let list = g.json(&["token", "list", "--json"]);
-    let seen: BTreeSet<String> = list
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|t| t["description"].as_str())
-                .filter(|d| d.starts_with("op-"))
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut full = history.clone();
-    let end = history.iter().filter_map(|o| o.returned.max(Some(o.invoked))).max().unwrap_or(0) + 10_000_000;
-    full.push(Op { invoked: end, returned: Some(end + 1), kind: Kind::Read(seen.clone()) });
-    let acknowledged = history.iter().filter(|o| matches!(o.kind, Kind::Add(_)) && o.returned.is_some()).count();
-    let lost = history
-        .iter()
-        .filter(|o| o.returned.is_some())
-        .filter_map(|o| if let Kind::Add(e) = &o.kind { Some(e) } else { None })
-        .filter(|e| !seen.contains(*e))
-        .count();
-    let linearizable = check(&full);
+    let o = outcome(&g, &recorded, &effects);
     let after = g.wait_all_streamed(&PAIRS, Duration::from_secs(30));
     let moved = after.as_ref().map_or(PAIRS.len(), |a| PAIRS.iter().filter(|p| a[**p] != before[**p]).count());
-    let done = |name: &str, text: &str| text.lines().filter(|l| *l == name).count();
-    wait_until(Duration::from_secs(60), || {
-        let text = std::fs::read_to_string(&effects).unwrap_or_default();
-        tasks.iter().all(|t| done(t, &text) >= 1)
-    });
-    let text = std::fs::read_to_string(&effects).unwrap_or_default();
-    let wrong_tasks = tasks.iter().filter(|t| done(t, &text) != 1).count();
     report(
         "slow disk on the leader",
-        json!({"stall_ms_per_fsync": 1500, "slow_for_ms": 8000, "leaders_seen": leaders, "leader_changes": changes,
-            "terms": [term_before, term_after], "acknowledged_adds": acknowledged, "lost_acknowledged": lost,
-            "history_linearizable": linearizable.is_ok(), "pairs_moved": moved, "tasks": tasks.len(), "tasks_not_exactly_once": wrong_tasks}),
+        merged(
+            o.figures(),
+            json!({"stall_ms_per_fsync": 1500, "slow_for_ms": 8000, "leaders_seen": leaders,
+            "leader_changes": changes, "terms": [term_before, term_after], "pairs_moved": moved}),
+        ),
     );
     if std::env::var_os("DROVER_CHAOS_DUMP").is_some() {
         for m in &g.members {
@@ -1003,10 +1033,7 @@ fn a_slow_disk_on_the_leader_causes_no_election_storm_and_loses_nothing() {
         }
     }
     assert!(changes <= 1, "an election storm: {leaders:?}");
-    assert_eq!(lost, 0);
-    assert!(linearizable.is_ok(), "{linearizable:?}");
-    assert!(acknowledged > 0, "nothing was acknowledged");
-    assert_eq!(wrong_tasks, 0, "{text}");
+    o.assert_sound(1);
     if changes == 0 {
         assert_eq!(moved, 0, "pairs moved without a leader change: {before:?} -> {after:?}");
     }
@@ -1084,56 +1111,19 @@ fn membership_three_to_five_to_three_with_the_leader_killed_loses_nothing() {
         std::thread::sleep(Duration::from_secs(2));
     }
     stop.store(true, Ordering::Relaxed);
-    let (history, tasks) = op.join().unwrap();
+    let recorded = op.join().unwrap();
     let settled = g.wait_healthy(Duration::from_secs(30)).expect("a settled group of three");
     let s = common::status(g.members[g.at(settled)].ctl.http).unwrap();
     let ids: Vec<u64> = s["members"].as_array().unwrap().iter().filter_map(|m| m["id"].as_u64()).collect();
-    let list = g.json(&["token", "list", "--json"]);
-    let seen: BTreeSet<String> = list
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|t| t["description"].as_str())
-                .filter(|d| d.starts_with("op-"))
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut full = history.clone();
-    let end = history.iter().filter_map(|o| o.returned.max(Some(o.invoked))).max().unwrap_or(0) + 10_000_000;
-    full.push(Op { invoked: end, returned: Some(end + 1), kind: Kind::Read(seen.clone()) });
-    let acknowledged: Vec<&String> = history
-        .iter()
-        .filter(|o| o.returned.is_some())
-        .filter_map(|o| if let Kind::Add(e) = &o.kind { Some(e) } else { None })
-        .collect();
-    let lost = acknowledged.iter().filter(|e| !seen.contains(**e)).count();
-    let linearizable = check(&full);
-    let done = |name: &str, text: &str| text.lines().filter(|l| *l == name).count();
-    wait_until(Duration::from_secs(60), || {
-        let text = std::fs::read_to_string(&effects).unwrap_or_default();
-        tasks.iter().all(|t| done(t, &text) >= 1)
-    });
-    let text = std::fs::read_to_string(&effects).unwrap_or_default();
-    let wrong_tasks = tasks.iter().filter(|t| done(t, &text) != 1).count();
+    let o = outcome(&g, &recorded, &effects);
     report(
         "membership 3 -> 5 -> 3 with a leader SIGKILL",
-        json!({"members_after": ids, "acknowledged_adds": acknowledged.len(), "lost_acknowledged": lost,
-            "history_linearizable": linearizable.is_ok(), "pairs_moved": moved.len(), "tasks": tasks.len(),
-            "tasks_not_exactly_once": wrong_tasks}),
+        merged(o.figures(), json!({"members_after": ids, "pairs_moved": moved.len()})),
     );
     assert_eq!(ids.len(), 3, "three members again: {s}");
     assert!(!ids.contains(&leader) && !ids.contains(&other), "{s}");
-    assert_eq!(lost, 0);
-    assert!(linearizable.is_ok(), "{linearizable:?}");
     assert!(moved.is_empty(), "pairs moved on the leader change: {moved:?}");
-    assert_eq!(wrong_tasks, 0, "{text}");
-    assert!(
-        acknowledged.len() >= 20 && !tasks.is_empty(),
-        "too little load: {} adds, {} tasks",
-        acknowledged.len(),
-        tasks.len()
-    );
+    o.assert_sound(20);
 }
 
 /// `drover bench fleet --cluster 3` at a small size: simulated nodes spread over the

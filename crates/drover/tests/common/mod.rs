@@ -299,3 +299,25 @@ pub fn cli_at(controllers: &str, token: &str, args: &[&str]) -> Output {
         .output()
         .expect("run cli")
 }
+
+// The chaos suites.
+
+/// Chaos scenarios run one at a time: they measure timings on a 2-core machine.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds the chaos suites' one-at-a-time lock.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One chaos scenario's figures: printed as `CHAOS SUMMARY {...}` and appended to
+/// `target/tmp/chaos-summary.jsonl`.
+pub fn chaos_report(scenario: &str, profile: &str, figures: serde_json::Value) {
+    use std::io::Write;
+    let line = serde_json::json!({"scenario": scenario, "profile": profile, "figures": figures});
+    eprintln!("CHAOS SUMMARY {line}");
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-summary.jsonl");
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(f, "{line}");
+    }
+}
