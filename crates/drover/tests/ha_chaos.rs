@@ -25,8 +25,8 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::history::{Kind, Op, check};
@@ -166,6 +166,33 @@ impl Group {
         spawn(&args, &self.dir.path().join(format!("{name}.log")))
     }
 
+    /// The usual fleet: four nodes with overlapping pairs (every pair known by two or
+    /// more) and a worker, all given every member's admission address.
+    fn fleet(&self) -> Vec<Killed> {
+        let join =
+            String::from_utf8(self.cli(&["token", "create", "--role", "join"]).stdout).unwrap().trim().to_owned();
+        assert!(join.starts_with("dt1."), "{join:?}");
+        [
+            ("n1", "EURUSD,GBPUSD,USDJPY"),
+            ("n2", "GBPUSD,USDJPY,AUDUSD"),
+            ("n3", "AUDUSD,EURUSD,USDCHF"),
+            ("n4", "USDCHF,EURUSD"),
+        ]
+        .iter()
+        .map(|(name, pairs)| self.node(name, &join, &["--pairs", pairs]))
+        .chain(std::iter::once(self.node("w1", &join, &["--worker", "--cores", "2"])))
+        .collect()
+    }
+
+    /// Starts the operator thread; its tasks' effects file, its stop switch, and it.
+    fn operate(&self) -> (PathBuf, Arc<AtomicBool>, std::thread::JoinHandle<Recorded>) {
+        let effects = self.dir.path().join("effects.txt");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (grpcs, admin, file, flag) = (self.grpcs(), self.admin.clone(), effects.clone(), stop.clone());
+        let op = std::thread::spawn(move || operator(grpcs, admin, file, flag));
+        (effects, stop, op)
+    }
+
     /// Who streams each pair (`None` when nobody does), read through the leader.
     fn streamers(&self) -> Option<BTreeMap<String, Option<String>>> {
         let prices = self.json(&["prices", "--json"]);
@@ -251,17 +278,7 @@ fn operator(g_grpcs: String, admin: String, effects: PathBuf, stop: Arc<AtomicBo
                 .unwrap();
             let returned = us();
             if out.status.success() {
-                let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-                let seen: BTreeSet<String> = list
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|t| t["description"].as_str())
-                            .filter(|d| d.starts_with("op-"))
-                            .map(str::to_owned)
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let seen = operator_tokens(&serde_json::from_slice(&out.stdout).unwrap_or(Value::Null));
                 history.push(Op { invoked, returned: Some(returned), kind: Kind::Read(seen) });
             }
         }
@@ -281,6 +298,19 @@ fn operator(g_grpcs: String, admin: String, effects: PathBuf, stop: Arc<AtomicBo
         }
     }
     Recorded { history, tasks, began }
+}
+
+/// The operator's tokens (descriptions `op-N`) in a `token list --json` document.
+fn operator_tokens(list: &Value) -> BTreeSet<String> {
+    list.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t["description"].as_str())
+                .filter(|d| d.starts_with("op-"))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// What an operator's run left, checked once the faults are over.
@@ -305,16 +335,7 @@ fn outcome(g: &Group, r: &Recorded, effects: &Path) -> Outcome {
     let invoked = r.began.elapsed().as_micros() as u64;
     let list = g.json(&["token", "list", "--json"]);
     let returned = r.began.elapsed().as_micros() as u64;
-    let seen: BTreeSet<String> = list
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|t| t["description"].as_str())
-                .filter(|d| d.starts_with("op-"))
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default();
+    let seen = operator_tokens(&list);
     let acknowledged: Vec<&String> = r
         .history
         .iter()
@@ -387,26 +408,10 @@ fn leader_sigkills_under_load_move_no_pair_lose_no_acknowledged_input_and_run_no
     let _serial = serial();
     let p = profile();
     let mut g = Group::start(3);
-    let join = String::from_utf8(g.cli(&["token", "create", "--role", "join"]).stdout).unwrap().trim().to_owned();
-    assert!(join.starts_with("dt1."), "{join:?}");
-    let _nodes: Vec<Killed> = [
-        ("n1", "EURUSD,GBPUSD,USDJPY"),
-        ("n2", "GBPUSD,USDJPY,AUDUSD"),
-        ("n3", "AUDUSD,EURUSD,USDCHF"),
-        ("n4", "USDCHF,EURUSD"),
-    ]
-    .iter()
-    .map(|(name, pairs)| g.node(name, &join, &["--pairs", pairs]))
-    .chain(std::iter::once(g.node("w1", &join, &["--worker", "--cores", "2"])))
-    .collect();
+    let _nodes = g.fleet();
     assert!(g.wait_all_streamed(&PAIRS, Duration::from_secs(30)).is_some(), "pairs never all streamed");
 
-    let effects = g.dir.path().join("effects.txt");
-    let stop = Arc::new(AtomicBool::new(false));
-    let op = {
-        let (grpcs, admin, effects, stop) = (g.grpcs(), g.admin.clone(), effects.clone(), stop.clone());
-        std::thread::spawn(move || operator(grpcs, admin, effects, stop))
-    };
+    let (effects, stop, op) = g.operate();
 
     let mut to_price = Vec::new();
     let mut to_leader = Vec::new();
@@ -963,27 +968,12 @@ fn an_isolated_leader_stops_serving_the_majority_takes_over_and_the_fleet_follow
 fn a_slow_disk_on_the_leader_causes_no_election_storm_and_loses_nothing() {
     let _serial = serial();
     let g = Group::start_with(3, true);
-    let join = String::from_utf8(g.cli(&["token", "create", "--role", "join"]).stdout).unwrap().trim().to_owned();
-    let _nodes: Vec<Killed> = [
-        ("n1", "EURUSD,GBPUSD,USDJPY"),
-        ("n2", "GBPUSD,USDJPY,AUDUSD"),
-        ("n3", "AUDUSD,EURUSD,USDCHF"),
-        ("n4", "USDCHF,EURUSD"),
-    ]
-    .iter()
-    .map(|(name, pairs)| g.node(name, &join, &["--pairs", pairs]))
-    .chain(std::iter::once(g.node("w1", &join, &["--worker", "--cores", "2"])))
-    .collect();
+    let _nodes = g.fleet();
     let before = g.wait_all_streamed(&PAIRS, Duration::from_secs(30)).expect("every pair streamed");
     let leader = g.wait_healthy(Duration::from_secs(30)).expect("a settled group");
     let term = |http: u16| common::status(http).and_then(|s| s["term"].as_u64());
     let term_before = term(g.members[g.at(leader)].ctl.http).unwrap_or(0);
-    let effects = g.dir.path().join("effects.txt");
-    let stop = Arc::new(AtomicBool::new(false));
-    let op = {
-        let (grpcs, admin, effects, stop) = (g.grpcs(), g.admin.clone(), effects.clone(), stop.clone());
-        std::thread::spawn(move || operator(grpcs, admin, effects, stop))
-    };
+    let (effects, stop, op) = g.operate();
     std::thread::sleep(Duration::from_secs(1));
     let switch = g.dir.path().join(format!("slow-m{leader}"));
     std::fs::write(&switch, "1500").unwrap();
@@ -1048,24 +1038,9 @@ fn a_slow_disk_on_the_leader_causes_no_election_storm_and_loses_nothing() {
 fn membership_three_to_five_to_three_with_the_leader_killed_loses_nothing() {
     let _serial = serial();
     let mut g = Group::start(3);
-    let join = String::from_utf8(g.cli(&["token", "create", "--role", "join"]).stdout).unwrap().trim().to_owned();
-    let _nodes: Vec<Killed> = [
-        ("n1", "EURUSD,GBPUSD,USDJPY"),
-        ("n2", "GBPUSD,USDJPY,AUDUSD"),
-        ("n3", "AUDUSD,EURUSD,USDCHF"),
-        ("n4", "USDCHF,EURUSD"),
-    ]
-    .iter()
-    .map(|(name, pairs)| g.node(name, &join, &["--pairs", pairs]))
-    .chain(std::iter::once(g.node("w1", &join, &["--worker", "--cores", "2"])))
-    .collect();
+    let _nodes = g.fleet();
     g.wait_all_streamed(&PAIRS, Duration::from_secs(30)).expect("every pair streamed");
-    let effects = g.dir.path().join("effects.txt");
-    let stop = Arc::new(AtomicBool::new(false));
-    let op = {
-        let (grpcs, admin, effects, stop) = (g.grpcs(), g.admin.clone(), effects.clone(), stop.clone());
-        std::thread::spawn(move || operator(grpcs, admin, effects, stop))
-    };
+    let (effects, stop, op) = g.operate();
     let cluster = |g: &Group, args: &[&str]| {
         let mut leader = None;
         wait_until(Duration::from_secs(30), || {
