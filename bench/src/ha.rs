@@ -82,8 +82,17 @@ async fn all_streamed(grpcs: &str, admin: &str) -> BTreeMap<String, String> {
 }
 
 pub async fn run(kills: usize, transfers: usize, nodes: usize) {
+    // BENCH_KEEP=1 keeps the data directories and every process's log.
     let tmp = tempfile::tempdir().unwrap();
-    let dir: &Path = tmp.path();
+    let (_tmp, root) = if std::env::var_os("BENCH_KEEP").is_some() {
+        let p = tmp.keep();
+        eprintln!("keeping {}", p.display());
+        (None, p)
+    } else {
+        let p = tmp.path().to_owned();
+        (Some(tmp), p)
+    };
+    let dir: &Path = &root;
     let secret = dir.join("cluster.secret");
     let made = std::process::Command::new(crate::drover_bin()).args(["cluster", "secret"]).output().unwrap();
     std::fs::write(&secret, &made.stdout).unwrap();
