@@ -268,35 +268,28 @@ async fn nats_r3(publishers: usize, secs: f64, size: usize, dir: &Path) -> Optio
     rate
 }
 
-pub async fn run(nodes: usize, secs: f64, kills: usize) {
-    // BENCH_KEEP=1 keeps the data directories and the controllers' logs (DIR/NAME.log).
+/// The bench's directory: a temporary one, removed at the end unless `BENCH_KEEP` is
+/// set (then kept, with every process's log as DIR/NAME.log, and its path printed).
+pub(crate) fn bench_dir() -> (Option<tempfile::TempDir>, std::path::PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
-    let (_tmp, root) = if std::env::var_os("BENCH_KEEP").is_some() {
+    if std::env::var_os("BENCH_KEEP").is_some() {
         let p = tmp.keep();
         eprintln!("keeping {}", p.display());
         (None, p)
     } else {
         let p = tmp.path().to_owned();
         (Some(tmp), p)
-    };
-    let dir = root.as_path();
-    let size = crate::ingest::message_size();
+    }
+}
 
-    // One controller.
-    let single = controller(dir, "single", &[]);
-    let t = Target::new(&single, &single.data).await;
-    let one_rate = ingest(&t, nodes, secs).await;
-    let one_lat = latency(&t, 1, 2000).await;
-    let one_lat64 = latency(&t, 64, 100).await;
-    drop(single);
-
-    // Three members.
+/// `n` members of one group (ids 1..=n) in `dir`, founded from the same peer list.
+pub(crate) fn group(dir: &Path, n: usize) -> Vec<Proc> {
     let secret = dir.join("cluster.secret");
     let made = Command::new(crate::drover_bin()).args(["cluster", "secret"]).output().unwrap();
     std::fs::write(&secret, &made.stdout).unwrap();
-    let rafts: Vec<String> = (0..3).map(|_| port()).collect();
+    let rafts: Vec<String> = (0..n).map(|_| port()).collect();
     let peers = rafts.iter().enumerate().map(|(i, r)| format!("{}={r}", i + 1)).collect::<Vec<_>>().join(",");
-    let mut members: Vec<Proc> = (0..3)
+    (0..n)
         .map(|i| {
             let extra: Vec<String> = vec![
                 "--member".into(),
@@ -310,7 +303,24 @@ pub async fn run(nodes: usize, secs: f64, kills: usize) {
             ];
             controller(dir, &format!("m{}", i + 1), &extra)
         })
-        .collect();
+        .collect()
+}
+
+pub async fn run(nodes: usize, secs: f64, kills: usize) {
+    let (_tmp, root) = bench_dir();
+    let dir = root.as_path();
+    let size = crate::ingest::message_size();
+
+    // One controller.
+    let single = controller(dir, "single", &[]);
+    let t = Target::new(&single, &single.data).await;
+    let one_rate = ingest(&t, nodes, secs).await;
+    let one_lat = latency(&t, 1, 2000).await;
+    let one_lat64 = latency(&t, 64, 100).await;
+    drop(single);
+
+    // Three members.
+    let mut members = group(dir, 3);
     // The first leader writes admin.token.
     let deadline = Instant::now() + Duration::from_secs(30);
     let first = loop {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use drover_proto::{Payload, v1};
 
-use crate::cluster::{Proc, controller, leader_of};
+use crate::cluster::{Proc, leader_of};
 
 const PAIRS: [&str; 6] = ["EURUSD", "GBPUSD", "USDJPY", "AUDUSD", "USDCHF", "NZDUSD"];
 
@@ -82,40 +82,9 @@ async fn all_streamed(grpcs: &str, admin: &str) -> BTreeMap<String, String> {
 }
 
 pub async fn run(kills: usize, transfers: usize, nodes: usize) {
-    // BENCH_KEEP=1 keeps the data directories and every process's log.
-    let tmp = tempfile::tempdir().unwrap();
-    let (_tmp, root) = if std::env::var_os("BENCH_KEEP").is_some() {
-        let p = tmp.keep();
-        eprintln!("keeping {}", p.display());
-        (None, p)
-    } else {
-        let p = tmp.path().to_owned();
-        (Some(tmp), p)
-    };
+    let (_tmp, root) = crate::cluster::bench_dir();
     let dir: &Path = &root;
-    let secret = dir.join("cluster.secret");
-    let made = std::process::Command::new(crate::drover_bin()).args(["cluster", "secret"]).output().unwrap();
-    std::fs::write(&secret, &made.stdout).unwrap();
-    let rafts: Vec<String> = (0..3).map(|_| crate::cluster::port()).collect();
-    let peers = rafts.iter().enumerate().map(|(i, r)| format!("{}={r}", i + 1)).collect::<Vec<_>>().join(",");
-    let mut members: Vec<Proc> = (0..3)
-        .map(|i| {
-            let extra: Vec<String> = [
-                "--member",
-                &(i + 1).to_string(),
-                "--raft",
-                &rafts[i],
-                "--peers",
-                &peers,
-                "--cluster-secret-file",
-                secret.to_str().unwrap(),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            controller(dir, &format!("m{}", i + 1), &extra)
-        })
-        .collect();
+    let mut members = crate::cluster::group(dir, 3);
     let deadline = Instant::now() + Duration::from_secs(30);
     let admin = loop {
         if let Some(t) = members.iter().find_map(|m| std::fs::read_to_string(m.data.join("admin.token")).ok()) {
