@@ -145,17 +145,75 @@ pub fn set_peer(log_dir: &Path, meta: &mut Instance, addr: &str) -> Result<(), I
     write(log_dir, meta)
 }
 
-/// Where instance `name` takes links: from `peers` (lines `name host:port`) if given,
-/// else from its `instance.json` in `log_dir`.
-pub fn lookup_peer(log_dir: &Path, peers: Option<&Path>, name: &str) -> Option<String> {
+/// Where instance `name` takes links, every address it may take them at (each replica
+/// of a replicated instance has its own; only the primary accepts): from `peers`
+/// (lines `name host:port`, one per replica) if given, else from the log directory:
+/// its `instance.json` and its replicas' `replica-K/peer-address` files.
+pub fn lookup_peers(log_dir: &Path, peers: Option<&Path>, name: &str) -> Vec<String> {
     if let Some(file) = peers {
-        let text = std::fs::read_to_string(file).ok()?;
-        return text.lines().find_map(|l| {
-            let mut it = l.split_whitespace();
-            (it.next() == Some(name)).then(|| it.next().map(str::to_owned)).flatten()
-        });
+        let Ok(text) = std::fs::read_to_string(file) else { return Vec::new() };
+        return text
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                (it.next() == Some(name)).then(|| it.next().map(str::to_owned)).flatten()
+            })
+            .collect();
     }
-    load(log_dir, name).ok()?.peer
+    let mut out: Vec<String> = load(log_dir, name).ok().and_then(|m| m.peer).into_iter().collect();
+    if valid(name)
+        && let Ok(entries) = std::fs::read_dir(dir(log_dir, name))
+    {
+        let mut replicas: Vec<(String, String)> = entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("replica-"))
+            .filter_map(|e| {
+                let addr = std::fs::read_to_string(e.path().join(PEER_FILE)).ok()?;
+                Some((e.file_name().to_string_lossy().into_owned(), addr.trim().to_owned()))
+            })
+            .collect();
+        replicas.sort();
+        out.extend(replicas.into_iter().map(|(_, a)| a).filter(|a| !a.is_empty()));
+    }
+    out
+}
+
+/// The file in a replica's directory naming where it takes links.
+pub const PEER_FILE: &str = "peer-address";
+
+/// The file in a replica's directory naming its Raft address.
+pub const RAFT_FILE: &str = "raft-address";
+
+/// Records where replica `id` of instance `name` takes links (`replica-K/peer-address`)
+/// and its Raft address (`replica-K/raft-address`, where the replica commands find it).
+pub fn set_replica_addresses(log_dir: &Path, name: &str, id: u64, peer: &str, raft: &str) -> Result<(), InstanceError> {
+    if !valid(name) {
+        return Err(InstanceError::BadName(name.to_owned()));
+    }
+    let d = dir(log_dir, name).join(format!("replica-{id}"));
+    std::fs::create_dir_all(&d).map_err(io(&d))?;
+    for (file, value) in [(PEER_FILE, peer), (RAFT_FILE, raft)] {
+        let path = d.join(file);
+        let tmp = d.join(format!("{file}.tmp"));
+        std::fs::write(&tmp, value).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    }
+    Ok(())
+}
+
+/// The Raft addresses of the replicas of `name` found in `log_dir`.
+pub fn replica_raft_addresses(log_dir: &Path, name: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir(log_dir, name)) else { return Vec::new() };
+    let mut out: Vec<(String, String)> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("replica-"))
+        .filter_map(|e| {
+            let addr = std::fs::read_to_string(e.path().join(RAFT_FILE)).ok()?;
+            Some((e.file_name().to_string_lossy().into_owned(), addr.trim().to_owned()))
+        })
+        .collect();
+    out.sort();
+    out.into_iter().map(|(_, a)| a).filter(|a| !a.is_empty()).collect()
 }
 
 /// Moves the instance to `version` (after the upgrade checkpoint is durable).

@@ -17,9 +17,12 @@
 //! - [`link`]: links between coordinators (`ReplayFrom`, `Commit`, `TrimTo`), so calls
 //!   between instances are delivered exactly once across crashes of either side.
 
+pub mod admin;
 pub mod debug;
 pub mod instance;
 pub mod link;
+pub mod replica;
+pub mod replicated;
 pub mod server;
 pub mod session;
 

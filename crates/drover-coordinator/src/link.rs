@@ -92,23 +92,36 @@ pub async fn outgoing(
     mut cmds: mpsc::UnboundedReceiver<LinkCmd>,
     events: mpsc::UnboundedSender<PeerEvent>,
 ) {
+    // A replicated destination has an address per replica; only its primary takes the
+    // link, so a failed or refused attempt moves on to the next address.
+    let mut next = 0usize;
     loop {
-        let Some(addr) = crate::instance::lookup_peer(&log_dir, peers.as_deref(), &dest) else {
+        let addrs = crate::instance::lookup_peers(&log_dir, peers.as_deref(), &dest);
+        if addrs.is_empty() {
             tracing::debug!(%dest, "no address for the instance yet");
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
-        };
-        let Ok(mut s) = TcpStream::connect(&addr).await else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let addr = addrs[next % addrs.len()].clone();
+        let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&addr)).await else {
+            next += 1;
+            tokio::time::sleep(Duration::from_millis(if addrs.len() > 1 { 20 } else { 200 })).await;
             continue;
         };
         let _ = s.set_nodelay(true);
         if s.write_all(&control(&Message::AttachTo { destination: own.clone() })).await.is_err() {
             continue;
         }
+        let began = tokio::time::Instant::now();
         let why = run_link(&mut s, committer_id, &dest, &mut cmds, &events).await;
-        tracing::info!(%dest, %why, "link to the instance ended; reconnecting");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tracing::info!(%dest, %addr, %why, "link to the instance ended; reconnecting");
+        // A link closed at once was refused (a secondary): try the next replica.
+        if began.elapsed() < Duration::from_secs(1) && addrs.len() > 1 {
+            next += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 

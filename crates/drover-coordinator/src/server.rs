@@ -307,7 +307,7 @@ async fn closed_now(s: &TcpStream) -> bool {
 const SECOND_APP_GRACE: Duration = Duration::from_millis(250);
 
 /// A connection on an application port made while a session was active.
-struct Waiting {
+pub(crate) struct Waiting {
     stream: TcpStream,
     from: std::net::SocketAddr,
     port: &'static str,
@@ -317,7 +317,7 @@ struct Waiting {
 /// The application ports, watched during a session so that a second application is
 /// refused at once (and a leftover connection never waits for the next session).
 #[derive(Clone, Copy)]
-struct Ports<'a> {
+pub(crate) struct Ports<'a> {
     receive: &'a TcpListener,
     send: Option<&'a TcpListener>,
 }
@@ -338,7 +338,7 @@ impl Ports<'_> {
 }
 
 /// Reads the application's bytes into frames for the session.
-async fn read_frames(mut input: TcpStream, tx: mpsc::Sender<Result<Frame, String>>, limits: Limits) {
+pub(crate) async fn read_frames(mut input: TcpStream, tx: mpsc::Sender<Result<Frame, String>>, limits: Limits) {
     let mut reader = MessageReader::new(Direction::ToCoordinator, limits);
     let mut buf = vec![0u8; 256 * 1024];
     loop {
@@ -373,7 +373,7 @@ async fn read_frames(mut input: TcpStream, tx: mpsc::Sender<Result<Frame, String
 
 /// The links of one session: outgoing link tasks by destination, incoming writers by
 /// source, and the tasks to stop when the session ends.
-struct Links {
+pub(crate) struct Links {
     own: String,
     committer_id: i32,
     log_dir: PathBuf,
@@ -385,6 +385,91 @@ struct Links {
 }
 
 impl Links {
+    /// The links of a session of `config`'s instance, and where their events arrive.
+    pub(crate) fn new(
+        config: &CoordinatorConfig,
+        committer_id: i32,
+    ) -> (Links, mpsc::UnboundedReceiver<crate::link::PeerEvent>) {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let links = Links {
+            own: config.instance.clone(),
+            committer_id,
+            log_dir: config.log_dir.clone(),
+            peers: config.peers.clone(),
+            out: Default::default(),
+            inbound: Default::default(),
+            events: events_tx,
+            tasks: Vec::new(),
+        };
+        (links, events)
+    }
+
+    /// A coordinator connected to the peer port: read its link (up to [`MAX_LINKS`]).
+    pub(crate) fn accept(&mut self, s: TcpStream, from: std::net::SocketAddr) {
+        self.tasks.retain(|t| !t.is_finished());
+        if self.tasks.len() >= MAX_LINKS {
+            tracing::warn!(%from, limit = MAX_LINKS, "peer link refused: too many open links");
+        } else {
+            self.tasks.push(tokio::spawn(crate::link::incoming(s, self.events.clone())));
+        }
+    }
+
+    /// Carries out a link action of the session (`Forward`, `Commit`); other actions
+    /// are returned.
+    pub(crate) fn act(&mut self, a: Action) -> Option<Action> {
+        match a {
+            Action::Forward { dest, seq, message } => {
+                let _ = self.to(&dest).send(crate::link::LinkCmd::Forward(seq, message));
+            }
+            Action::Commit { source, seq } => {
+                if let Some(w) = self.inbound.get(&source) {
+                    let _ = w.send(crate::link::commit(seq));
+                }
+            }
+            other => return Some(other),
+        }
+        None
+    }
+
+    /// Links to every destination with calls still to be committed.
+    pub(crate) fn open_pending(&mut self, session: &Session) {
+        for dest in session.destinations() {
+            self.to(&dest);
+        }
+    }
+
+    /// A link event, handled for `session`; the actions it causes.
+    pub(crate) fn on_event(
+        &mut self,
+        instance: &str,
+        session: &mut Session,
+        ev: Option<crate::link::PeerEvent>,
+    ) -> Vec<Action> {
+        use crate::link::PeerEvent;
+        match ev {
+            Some(PeerEvent::InboundOpened { source, writer }) => {
+                let _ = writer.send(crate::link::greeting(session.next_from(&source)));
+                tracing::info!(%instance, %source, "instance linked");
+                self.inbound.insert(source, writer);
+            }
+            Some(PeerEvent::Remote { source, seq, payload }) if !session.backpressure() => {
+                return session.on_remote(&source, seq, &payload);
+            }
+            // Over the limit: the call is dropped now and resent after a reconnect.
+            Some(PeerEvent::Remote { source, .. }) => {
+                self.inbound.remove(&source);
+            }
+            Some(PeerEvent::ReplayFrom { dest, seq }) => {
+                session.on_commit(&dest, seq - 1);
+                let resend = session.outbox_from(&dest, seq);
+                let _ = self.to(&dest).send(crate::link::LinkCmd::Resend(resend));
+            }
+            Some(PeerEvent::Commit { dest, seq }) => session.on_commit(&dest, seq),
+            None => {}
+        }
+        Vec::new()
+    }
+
     fn to(&mut self, dest: &str) -> &mpsc::UnboundedSender<crate::link::LinkCmd> {
         if !self.out.contains_key(dest) {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -426,23 +511,10 @@ async fn serve(
     ports: Ports<'_>,
     waiting: &mut Option<Waiting>,
 ) -> Result<String, CoordinatorError> {
-    use crate::link::PeerEvent;
     let (mut session, first) = started;
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let mut links = Links {
-        own: config.instance.clone(),
-        committer_id: journal.committer_id(),
-        log_dir: config.log_dir.clone(),
-        peers: config.peers.clone(),
-        out: Default::default(),
-        inbound: Default::default(),
-        events: events_tx,
-        tasks: Vec::new(),
-    };
+    let (mut links, mut events) = Links::new(config, journal.committer_id());
     // Calls recovered from the checkpoint still to be committed: link at once.
-    for dest in session.destinations() {
-        links.to(&dest);
-    }
+    links.open_pending(&session);
     let mut out = BufWriter::with_capacity(256 * 1024, output);
     let limits = Limits { max_checkpoint: config.max_checkpoint, max_message: MAX_CALL, ..Limits::default() };
     let (tx, mut frames) = mpsc::channel(1024);
@@ -479,13 +551,8 @@ async fn serve(
                         tracing::error!(instance = %config.instance, reason = %why, "application misbehaved; ending its session");
                         return Ok(why);
                     }
-                    Action::Forward { dest, seq, message } => {
-                        let _ = links.to(&dest).send(crate::link::LinkCmd::Forward(seq, message));
-                    }
-                    Action::Commit { source, seq } => {
-                        if let Some(w) = links.inbound.get(&source) {
-                            let _ = w.send(crate::link::commit(seq));
-                        }
+                    link => {
+                        links.act(link);
                     }
                 }
             }
@@ -543,41 +610,14 @@ async fn serve(
                     }
                 }
                 accepted = peer.accept() => match accepted {
-                    Ok((s, from)) => {
-                        links.tasks.retain(|t| !t.is_finished());
-                        if links.tasks.len() >= MAX_LINKS {
-                            tracing::warn!(%from, limit = MAX_LINKS, "peer link refused: too many open links");
-                        } else {
-                            links.tasks.push(tokio::spawn(crate::link::incoming(s, links.events.clone())));
-                        }
-                    }
+                    Ok((s, from)) => links.accept(s, from),
                     // Out of descriptors: do not spin on the error.
                     Err(e) => {
                         tracing::warn!(error = %e, "peer accept failed; pausing 100 ms");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
-                ev = events.recv() => match ev {
-                    Some(PeerEvent::InboundOpened { source, writer }) => {
-                        let _ = writer.send(crate::link::greeting(session.next_from(&source)));
-                        tracing::info!(instance = %config.instance, %source, "instance linked");
-                        links.inbound.insert(source, writer);
-                    }
-                    Some(PeerEvent::Remote { source, seq, payload }) if !session.backpressure() => {
-                        actions = session.on_remote(&source, seq, &payload);
-                    }
-                    // Over the limit: the call is dropped now and resent after a reconnect.
-                    Some(PeerEvent::Remote { source, .. }) => {
-                        links.inbound.remove(&source);
-                    }
-                    Some(PeerEvent::ReplayFrom { dest, seq }) => {
-                        session.on_commit(&dest, seq - 1);
-                        let resend = session.outbox_from(&dest, seq);
-                        let _ = links.to(&dest).send(crate::link::LinkCmd::Resend(resend));
-                    }
-                    Some(PeerEvent::Commit { dest, seq }) => session.on_commit(&dest, seq),
-                    None => {}
-                },
+                ev = events.recv() => actions = links.on_event(&config.instance, &mut session, ev),
             }
         }
     }

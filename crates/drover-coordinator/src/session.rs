@@ -388,6 +388,10 @@ enum Phase {
     Writing(After),
     /// Normal operation.
     Normal,
+    /// A secondary replica's session: committed records are delivered as they commit
+    /// ([`Session::on_committed`]); nothing the application sends is logged until the
+    /// replica becomes primary ([`Session::become_primary`]).
+    Secondary,
 }
 
 /// One application session.
@@ -419,6 +423,11 @@ pub struct Session {
     sent: BTreeMap<String, i64>,
     /// Per destination: calls it has not committed yet.
     outbox: BTreeMap<String, VecDeque<(i64, Bytes)>>,
+    /// A secondary's stream: what the next committed record is (the InitialMessage
+    /// after a first checkpoint, or an ordinary record).
+    initial_next: InitialNext,
+    /// A secondary's calls read and dropped because the log already held them.
+    dropped: u64,
 }
 
 impl Session {
@@ -441,6 +450,8 @@ impl Session {
             inflight_commits: Vec::new(),
             sent: BTreeMap::new(),
             outbox: BTreeMap::new(),
+            initial_next: InitialNext::No,
+            dropped: 0,
         }
     }
 
@@ -461,9 +472,39 @@ impl Session {
         upgrade: bool,
         max_checkpoint: u64,
     ) -> Result<(Session, Vec<Action>), String> {
+        let phase = Phase::AwaitCheckpoint(After::Recovered { upgrade });
+        let (s, mut out) = Session::replayed(committer_id, name, stored_checkpoint, records, phase, max_checkpoint)?;
+        let ask = if upgrade { Message::UpgradeTakeCheckpoint } else { Message::TakeBecomingPrimaryCheckpoint };
+        out.push(Action::Send(control(committer_id, &ask).into()));
+        Ok((s, out))
+    }
+
+    /// A secondary replica's session (seed 4's "starting as a non-upgrading secondary"
+    /// or "as an upgrading secondary"): the checkpoint and the records after it, as a
+    /// recovery sends them; then every record as it commits ([`Session::on_committed`]),
+    /// until this replica becomes primary ([`Session::become_primary`]).
+    pub fn secondary(
+        committer_id: i32,
+        name: &str,
+        stored_checkpoint: &Bytes,
+        records: impl IntoIterator<Item = (i64, Bytes)>,
+        max_checkpoint: u64,
+    ) -> Result<(Session, Vec<Action>), String> {
+        Session::replayed(committer_id, name, stored_checkpoint, records, Phase::Secondary, max_checkpoint)
+    }
+
+    /// The checkpoint and the records after it, sent as a recovery sends them; the
+    /// session then is in `phase`.
+    fn replayed(
+        committer_id: i32,
+        name: &str,
+        stored_checkpoint: &Bytes,
+        records: impl IntoIterator<Item = (i64, Bytes)>,
+        phase: Phase,
+        max_checkpoint: u64,
+    ) -> Result<(Session, Vec<Action>), String> {
         let (header, app) = CheckpointHeader::decode(stored_checkpoint)?;
-        let mut s =
-            Session::new(committer_id, name, Phase::AwaitCheckpoint(After::Recovered { upgrade }), max_checkpoint);
+        let mut s = Session::new(committer_id, name, phase, max_checkpoint);
         let mut out = vec![Action::Send(checkpoint_announcement(committer_id, &app).into())];
         let mut logged = header.self_calls - header.pending.min(header.self_calls);
         let mut initial_next = header.initial_next;
@@ -492,9 +533,81 @@ impl Session {
         }
         s.self_calls = header.self_calls;
         s.logged_self_calls = logged;
-        let ask = if upgrade { Message::UpgradeTakeCheckpoint } else { Message::TakeBecomingPrimaryCheckpoint };
-        out.push(Action::Send(control(committer_id, &ask).into()));
+        s.initial_next = initial_next;
         Ok((s, out))
+    }
+
+    /// Whether the session is in normal operation (a primary's, live).
+    pub fn is_live(&self) -> bool {
+        matches!(self.phase, Phase::Normal)
+    }
+
+    /// Whether this is a secondary's session (not yet primary).
+    pub fn is_secondary(&self) -> bool {
+        matches!(self.phase, Phase::Secondary)
+    }
+
+    /// Calls a secondary's application sent that the log already held (dropped).
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// A secondary: record `seq` committed; deliver it as a replayed record. Its
+    /// replayable self-calls are counted as logged, so the application's own copies of
+    /// them (regenerated as it handles the records before) are dropped; copies of calls
+    /// the log does not hold yet wait, and are logged if this replica becomes primary
+    /// before the old primary's record holding them commits.
+    pub fn on_committed(&mut self, seq: i64, payload: &Bytes) -> Vec<Action> {
+        if !self.is_secondary() {
+            return Vec::new();
+        }
+        if self.initial_next != InitialNext::No {
+            let whole = self.initial_next.deliverable(payload);
+            self.initial_next = InitialNext::No;
+            return vec![Action::Send(record(self.committer_id, seq, &whole).into())];
+        }
+        for (source, last, _) in strip_tags(payload).1 {
+            let r = self.received.entry(source).or_insert(0);
+            *r = (*r).max(last);
+        }
+        let (replayable, view) = replay_view(payload);
+        self.logged_self_calls = self.logged_self_calls.saturating_add(replayable);
+        self.drop_logged();
+        view.map(|p| vec![Action::Send(record(self.committer_id, seq, &p).into())]).unwrap_or_default()
+    }
+
+    /// A secondary: drops the waiting calls the log now holds (the oldest first: the
+    /// application regenerates its calls in the order they were logged).
+    fn drop_logged(&mut self) {
+        let waiting = self.pending.len() as u64;
+        let first = self.self_calls.saturating_sub(waiting);
+        let logged = self.logged_self_calls.saturating_sub(first).min(waiting) as usize;
+        for (b, _) in self.pending.drain(..logged) {
+            self.pending_bytes -= b.len();
+            self.dropped += 1;
+        }
+    }
+
+    /// A secondary: a checkpoint committed; calls to other instances it records as
+    /// committed by them are forgotten here too.
+    pub fn on_checkpoint_committed(&mut self, stored: &Bytes) {
+        let Ok((header, _)) = CheckpointHeader::decode(stored) else { return };
+        for (dest, (count, outbox)) in header.sent {
+            let acked = outbox.first().map_or(count, |(seq, _)| seq - 1);
+            self.on_commit(&dest, acked);
+        }
+    }
+
+    /// This replica became primary: ask the application for the checkpoint that makes
+    /// it live (`UpgradeTakeCheckpoint` when upgrading); calls waiting since it was a
+    /// secondary are logged after it.
+    pub fn become_primary(&mut self, upgrade: bool) -> Vec<Action> {
+        if !self.is_secondary() {
+            return Vec::new();
+        }
+        self.phase = Phase::AwaitCheckpoint(After::Recovered { upgrade });
+        let ask = if upgrade { Message::UpgradeTakeCheckpoint } else { Message::TakeBecomingPrimaryCheckpoint };
+        vec![Action::Send(control(self.committer_id, &ask).into())]
     }
 
     /// What a debug run (seed 4's repro and upgrade what-if flows) sends: the
@@ -604,6 +717,7 @@ impl Session {
                 }
                 _ => self.close("an InitialMessage outside the first start"),
             },
+            Message::Ping(_) | Message::PingReturn(_) if self.is_secondary() => Vec::new(),
             Message::Ping(_) | Message::PingReturn(_) => {
                 self.pending.push((m.to_bytes().into(), false));
                 self.flush()
@@ -632,7 +746,10 @@ impl Session {
                 if outbox.back().is_none_or(|(last, _)| *last < seq) {
                     outbox.push_back((seq, message.clone()));
                 }
-                out.push(Action::Forward { dest, seq, message });
+                // A secondary sends nothing: its calls go out if it becomes primary.
+                if !self.is_secondary() {
+                    out.push(Action::Forward { dest, seq, message });
+                }
                 continue;
             }
             let replayable = rpc.body.rpc_type() != RpcType::Impulse;
@@ -640,12 +757,23 @@ impl Session {
                 self.self_calls += 1;
                 if self.self_calls <= self.logged_self_calls {
                     // Regenerated during replay: already in the log.
+                    self.dropped += 1;
                     continue;
                 }
+            } else if self.is_secondary() {
+                // An impulse comes from outside; a secondary's is not the primary's.
+                self.dropped += 1;
+                continue;
             }
             let bytes: Bytes = Message::Rpc(Rpc::incoming(rpc.body)).to_bytes().into();
             self.pending_bytes += bytes.len();
             self.pending.push((bytes, replayable));
+        }
+        if self.is_secondary() && self.backpressure() {
+            return self.close(format!(
+                "a secondary's application sent {} bytes of calls the log does not hold (limit {}): it is not replaying what the primary's did",
+                self.pending_bytes, self.max_pending_bytes
+            ));
         }
         out.extend(self.flush());
         out

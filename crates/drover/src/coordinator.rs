@@ -53,9 +53,47 @@ pub struct RunArgs {
     /// for instances in the same --log-dir).
     #[arg(long, default_value_t = 0)]
     pub peer_port: u16,
-    /// Instance addresses for instances in other log directories: lines `name host:port`.
+    /// Without --replica: the instance registry, a file of lines `name host:port` for
+    /// instances in other log directories (also --registry). With --replica: the
+    /// group's initial replicas, this one included, ID=HOST:PORT,... (their Raft
+    /// addresses); every founder starts with the same list.
     #[arg(long)]
-    pub peers: Option<PathBuf>,
+    pub peers: Option<String>,
+    /// The instance registry: lines `name host:port` (a replicated instance has a line
+    /// per replica).
+    #[arg(long)]
+    pub registry: Option<PathBuf>,
+    /// Run as replica K of the instance (with --raft, --peers and
+    /// --cluster-secret-file): the replicas form one Raft group whose log is the
+    /// instance's; the leader is the primary, the others are hot secondaries.
+    #[arg(long, requires_all = ["raft", "cluster_secret_file"])]
+    pub replica: Option<u64>,
+    /// The Raft address this replica listens on.
+    #[arg(long, requires = "replica")]
+    pub raft: Option<String>,
+    /// The file holding the secret the replicas share (`drover cluster secret` makes one).
+    #[arg(long, env = "DROVER_CLUSTER_SECRET_FILE", requires = "replica")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// A replica that hears no primary for this long to twice this long campaigns.
+    #[arg(long, default_value = "200ms", value_parser = crate::util::parse_duration, requires = "replica")]
+    pub election_timeout: std::time::Duration,
+}
+
+/// How the replica commands reach an instance's replicas.
+#[derive(Debug, Args)]
+pub struct ReplicaTarget {
+    /// The instance.
+    #[arg(long, env = "DROVER_INSTANCE")]
+    pub instance: String,
+    /// Where instances live (the replicas' directories there name their Raft addresses).
+    #[arg(long, env = "DROVER_LOG_DIR", default_value = "./ambrosia-logs")]
+    pub log_dir: PathBuf,
+    /// Raft addresses of replicas to ask (HOST:PORT,...; default: those found in --log-dir).
+    #[arg(long)]
+    pub via: Option<String>,
+    /// The replicas' shared secret.
+    #[arg(long, env = "DROVER_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,6 +154,44 @@ pub enum CoordinatorAction {
         /// The application version it starts at.
         #[arg(long = "app-version", default_value_t = 0)]
         app_version: u64,
+    },
+    /// Show an instance's replicas: the primary, the term, the commit index, and each
+    /// replica's lag and its application's replay position.
+    Status {
+        #[command(flatten)]
+        target: ReplicaTarget,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add replica K to an instance's group (start it first with --replica K and no
+    /// --peers, or --peers without itself: it waits to be added).
+    AddReplica {
+        #[command(flatten)]
+        target: ReplicaTarget,
+        /// The new replica's id.
+        #[arg(long)]
+        replica: u64,
+        /// Its Raft address.
+        #[arg(long)]
+        raft: String,
+    },
+    /// Remove replica K from an instance's group.
+    RemoveReplica {
+        #[command(flatten)]
+        target: ReplicaTarget,
+        /// The replica's id.
+        #[arg(long)]
+        replica: u64,
+    },
+    /// Hand the primary role to replica K (an upgrading secondary becomes the upgraded
+    /// primary this way): about one election of downtime.
+    TransferPrimary {
+        #[command(flatten)]
+        target: ReplicaTarget,
+        /// The replica to become primary.
+        #[arg(long)]
+        to: u64,
     },
     /// Run a shipped example service against a coordinator: `hello` calls itself once
     /// and prints what it received; `counter` counts to --target by calling itself.
@@ -199,6 +275,32 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Some(CoordinatorAction::Status { target, json }) => {
+            let (addrs, creds) = replica_target(&target)?;
+            let answer =
+                drover_coordinator::admin::ask(&addrs, &creds, &drover_coordinator::admin::Request::Status).await?;
+            let drover_coordinator::admin::Answer::Status(st) = answer else {
+                anyhow::bail!("the replica answered something else than a status");
+            };
+            if st.instance != target.instance {
+                anyhow::bail!("those replicas serve instance {:?}, not {:?}", st.instance, target.instance);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print_status(&st);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(CoordinatorAction::AddReplica { target, replica, raft }) => {
+            replica_change(&target, drover_coordinator::admin::Request::Add { id: replica, raft }).await
+        }
+        Some(CoordinatorAction::RemoveReplica { target, replica }) => {
+            replica_change(&target, drover_coordinator::admin::Request::Remove { id: replica }).await
+        }
+        Some(CoordinatorAction::TransferPrimary { target, to }) => {
+            replica_change(&target, drover_coordinator::admin::Request::Transfer { to }).await
+        }
         Some(CoordinatorAction::Example { name, own, server, receive_port, send_port, target, listen_send }) => {
             let connection = if listen_send {
                 drover_ambrosia::Connection::ConnectingCoordinator { receive_port, send_port }
@@ -244,9 +346,93 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             config.max_checkpoint = a.max_checkpoint;
             config.checkpoint_every_bytes = a.checkpoint_every_bytes.max(1 << 20);
             config.peer_port = a.peer_port;
-            config.peers = a.peers;
-            drover_coordinator::run(config, shutdown_signal(), |_| {}).await?;
+            let Some(id) = a.replica else {
+                config.peers = a.registry.or(a.peers.map(PathBuf::from));
+                drover_coordinator::run(config, shutdown_signal(), |_| {}).await?;
+                return Ok(ExitCode::SUCCESS);
+            };
+            config.peers = a.registry;
+            let raft_addr = a.raft.context("--replica needs --raft")?;
+            let peers = match &a.peers {
+                Some(p) => crate::roles::parse_peers(p).map_err(|e| anyhow::anyhow!("--peers: {e}"))?.0,
+                None => Default::default(),
+            };
+            if let Some(listed) = peers.get(&id)
+                && *listed != raft_addr
+            {
+                anyhow::bail!("--peers lists replica {id} at {listed}, but --raft is {raft_addr}");
+            }
+            let secret_file = a.cluster_secret_file.context("--replica needs --cluster-secret-file")?;
+            let secret = drover_raft::secret::ClusterSecret::from_file(&secret_file)?;
+            let raft = tokio::net::TcpListener::bind(&raft_addr)
+                .await
+                .with_context(|| format!("cannot listen on {raft_addr} for Raft (in use? see --raft)"))?;
+            let replica = drover_coordinator::replica::ReplicaConfig {
+                coordinator: config,
+                id,
+                raft,
+                raft_addr,
+                peers,
+                creds: drover_raft::tls::Credentials::plain(secret),
+                timing: drover_raft::member::Timing::from_election_timeout(a.election_timeout),
+            };
+            drover_coordinator::replica::run_replica(replica, shutdown_signal(), |_| {}).await?;
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The replicas' Raft addresses to ask, and the credentials to ask with.
+fn replica_target(t: &ReplicaTarget) -> anyhow::Result<(Vec<String>, drover_raft::tls::Credentials)> {
+    let secret = drover_raft::secret::ClusterSecret::from_file(&t.cluster_secret_file)?;
+    let addrs: Vec<String> = match &t.via {
+        Some(v) => v.split(',').map(str::trim).filter(|a| !a.is_empty()).map(str::to_owned).collect(),
+        None => drover_coordinator::instance::replica_raft_addresses(&t.log_dir, &t.instance),
+    };
+    if addrs.is_empty() {
+        anyhow::bail!(
+            "no replica of {} found in {} (give their Raft addresses with --via)",
+            t.instance,
+            t.log_dir.display()
+        );
+    }
+    Ok((addrs, drover_raft::tls::Credentials::plain(secret)))
+}
+
+async fn replica_change(t: &ReplicaTarget, request: drover_coordinator::admin::Request) -> anyhow::Result<ExitCode> {
+    let (addrs, creds) = replica_target(t)?;
+    match drover_coordinator::admin::ask(&addrs, &creds, &request).await? {
+        drover_coordinator::admin::Answer::Done(what) => {
+            println!("{what}");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    }
+}
+
+fn print_status(st: &drover_coordinator::admin::InstanceStatus) {
+    let primary = st.primary.map_or_else(|| "none".to_owned(), |p| format!("replica {p}"));
+    let commit = st.commit_index.map_or_else(|| "-".to_owned(), |c| c.to_string());
+    println!("instance {}: primary {primary}, term {}, commit index {commit}", st.instance, st.term);
+    println!(
+        "{:>7}  {:<12}  {:<21}  {:>9}  {:>6}  {:<16}  {:>10}  {:>8}  {:>7}",
+        "replica", "role", "raft", "records", "lag", "application", "replay at", "dropped", "version"
+    );
+    for r in &st.replicas {
+        match &r.info {
+            Some(i) => println!(
+                "{:>7}  {:<12}  {:<21}  {:>9}  {:>6}  {:<16}  {:>10}  {:>8}  {:>7}",
+                r.id,
+                if r.voter { i.role.clone() } else { format!("{} (learner)", i.role) },
+                r.raft,
+                i.records,
+                r.lag.map_or_else(|| "-".to_owned(), |l| l.to_string()),
+                i.app.phase,
+                i.app.next_seq,
+                i.app.dropped,
+                i.version
+            ),
+            None => println!("{:>7}  {:<12}  {:<21}", r.id, "unreachable", r.raft),
         }
     }
 }
