@@ -287,7 +287,7 @@ enum Command {
     Bench(BenchCommand),
     /// Run an AMBROSIA-compatible reliability coordinator for one instance.
     Coordinator(coordinator::CoordinatorArgs),
-    /// Controller clusters (replication is being built: issue 15).
+    /// Replicated controllers: the group's secret, status, membership and leadership.
     #[command(subcommand)]
     Cluster(ClusterCommand),
     /// Run a controller and three nodes in one process and show a failover.
