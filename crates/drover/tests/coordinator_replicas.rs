@@ -1,0 +1,487 @@
+//! Coordinator replicas with real processes: three `drover coordinator --replica K`
+//! per instance, each with its own application (`drover coordinator example ...`),
+//! primaries and their applications SIGKILLed while they work. An application whose
+//! session ends (its replica was killed, or stopped being primary) is restarted, as a
+//! supervisor would, and comes back as a secondary.
+//!
+//! - The counter counts to its target by calling itself once per step: a lost call
+//!   stops it short, a repeated one makes it overshoot (every application, primary or
+//!   secondary, prints each count it reaches). At the end every replica holds the same
+//!   records (count and digest, `drover coordinator status`).
+//! - A client and a server instance, three replicas each, exchange acknowledged calls
+//!   while primaries on both sides are killed: every add and every ack exactly once.
+//! - An upgrade by `transfer-primary` to an upgrading secondary under load: the
+//!   upgrade hook runs once, the count is exact, the instance is at the new version.
+//!
+//! Profiles: the CI profile counts to 20,000 with 10 kills (the figure) and
+//! exchanges 2,500 calls with 8 kills; `DROVER_CHAOS_PROFILE=long` counts to 50,000
+//! with 25 kills and exchanges 10,000 calls with 8 kills.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Killed, chaos_report, free_port, serial, wait_until};
+
+fn long() -> bool {
+    std::env::var("DROVER_CHAOS_PROFILE").is_ok_and(|p| p == "long")
+}
+
+fn profile() -> &'static str {
+    if long() { "long" } else { "ci" }
+}
+
+/// One replica: its ports, its process, its application.
+struct Replica {
+    id: u64,
+    raft: u16,
+    receive: u16,
+    send: u16,
+    upgrade: Option<u64>,
+    process: Option<Killed>,
+    app: Option<Killed>,
+}
+
+/// The replicas of one instance.
+struct Instance {
+    dir: PathBuf,
+    name: String,
+    app: &'static str,
+    /// Arguments of the application after its ports (`--target N`).
+    app_args: Vec<String>,
+    replicas: Vec<Replica>,
+    rounds: usize,
+}
+
+fn secret(dir: &Path) -> PathBuf {
+    let path = dir.join("secret");
+    if !path.exists() {
+        let out = Command::new(env!("CARGO_BIN_EXE_drover")).args(["cluster", "secret"]).output().unwrap();
+        assert!(out.status.success());
+        std::fs::write(&path, out.stdout).unwrap();
+    }
+    path
+}
+
+impl Instance {
+    fn new(dir: &Path, name: &str, app: &'static str, app_args: &[&str]) -> Instance {
+        secret(dir);
+        let replicas = (1..=3)
+            .map(|id| Replica {
+                id,
+                raft: free_port(),
+                receive: free_port(),
+                send: free_port(),
+                upgrade: None,
+                process: None,
+                app: None,
+            })
+            .collect();
+        let mut i = Instance {
+            dir: dir.to_owned(),
+            name: name.to_owned(),
+            app,
+            app_args: app_args.iter().map(|s| s.to_string()).collect(),
+            replicas,
+            rounds: 0,
+        };
+        for k in 0..3 {
+            i.start(k);
+        }
+        for k in 0..3 {
+            i.start_app(k);
+        }
+        i
+    }
+
+    fn peers(&self) -> String {
+        self.replicas.iter().map(|r| format!("{}=127.0.0.1:{}", r.id, r.raft)).collect::<Vec<_>>().join(",")
+    }
+
+    fn log(&self, k: usize) -> PathBuf {
+        self.dir.join(format!("{}-replica-{}.log", self.name, self.replicas[k].id))
+    }
+
+    fn start(&mut self, k: usize) {
+        let peers = self.peers();
+        let r = &self.replicas[k];
+        let err = std::fs::OpenOptions::new().create(true).append(true).open(self.log(k)).unwrap();
+        let (id, raft, rp, sp) =
+            (r.id.to_string(), format!("127.0.0.1:{}", r.raft), r.receive.to_string(), r.send.to_string());
+        let logs = self.dir.join("logs");
+        let sec = secret(&self.dir);
+        let mut args = vec![
+            "coordinator",
+            "--instance",
+            &self.name,
+            "--log-dir",
+            logs.to_str().unwrap(),
+            "--replica",
+            &id,
+            "--raft",
+            &raft,
+            "--peers",
+            &peers,
+            "--cluster-secret-file",
+            sec.to_str().unwrap(),
+            "--receive-port",
+            &rp,
+            "--send-port",
+            &sp,
+        ];
+        let v = r.upgrade.map(|v| v.to_string());
+        if let Some(v) = &v {
+            args.extend(["--upgrade-version", v]);
+        }
+        let child =
+            Command::new(env!("CARGO_BIN_EXE_drover")).args(args).stdout(Stdio::null()).stderr(err).spawn().unwrap();
+        self.replicas[k].process = Some(Killed(child));
+    }
+
+    fn start_app(&mut self, k: usize) {
+        self.rounds += 1;
+        let r = &self.replicas[k];
+        let out =
+            std::fs::File::create(self.dir.join(format!("{}-app-{}-{}.out", self.name, r.id, self.rounds))).unwrap();
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{}-apps.err", self.name)))
+            .unwrap();
+        let (rp, sp) = (r.receive.to_string(), r.send.to_string());
+        let mut args = vec!["coordinator", "example", self.app, "--receive-port", &rp, "--send-port", &sp];
+        args.extend(self.app_args.iter().map(String::as_str));
+        let child = Command::new(env!("CARGO_BIN_EXE_drover")).args(args).stdout(out).stderr(err).spawn().unwrap();
+        self.replicas[k].app = Some(Killed(child));
+    }
+
+    /// Restarts applications whose sessions ended (a supervisor's job).
+    fn tend(&mut self) {
+        for k in 0..3 {
+            let exited = self.replicas[k].app.as_mut().is_none_or(|a| a.0.try_wait().ok().flatten().is_some());
+            if exited && self.replicas[k].process.is_some() {
+                self.start_app(k);
+            }
+        }
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
+        let sec = secret(&self.dir);
+        let out = Command::new(env!("CARGO_BIN_EXE_drover"))
+            .args(["coordinator", "status", "--json", "--instance", &self.name, "--log-dir"])
+            .arg(self.dir.join("logs"))
+            .arg("--cluster-secret-file")
+            .arg(sec)
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// The primary's index in `replicas`, once one leads and its application is primary.
+    fn primary(&self) -> Option<usize> {
+        let s = self.status()?;
+        let p = s["primary"].as_u64()?;
+        self.replicas.iter().position(|r| r.id == p)
+    }
+
+    fn kill_replica(&mut self, k: usize) {
+        if let Some(mut p) = self.replicas[k].process.take() {
+            p.kill();
+        }
+        if let Some(mut a) = self.replicas[k].app.take() {
+            a.kill();
+        }
+    }
+
+    fn kill_app(&mut self, k: usize) {
+        if let Some(mut a) = self.replicas[k].app.take() {
+            a.kill();
+        }
+    }
+
+    /// Numbers after `prefix` in every output of this instance's applications.
+    fn numbers(&self, prefix: &str) -> Vec<u64> {
+        let mut all = Vec::new();
+        for e in std::fs::read_dir(&self.dir).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("{}-app-", self.name)) && name.ends_with(".out") {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                all.extend(
+                    text.lines()
+                        .filter_map(|l| l.strip_prefix(prefix))
+                        .filter_map(|n| n.split_whitespace().next()?.parse::<u64>().ok()),
+                );
+            }
+        }
+        all
+    }
+
+    /// Every replica answers with the same record count and digest.
+    fn replicas_identical(&self) -> Option<(i64, u64)> {
+        let s = self.status()?;
+        let infos: Vec<&serde_json::Value> = s["replicas"].as_array()?.iter().map(|r| &r["info"]).collect();
+        if infos.len() != 3 || infos.iter().any(|i| i.is_null()) {
+            return None;
+        }
+        let first = (infos[0]["records"].as_i64()?, infos[0]["digest"].as_u64()?);
+        infos
+            .iter()
+            .all(|i| (i["records"].as_i64(), i["digest"].as_u64()) == (Some(first.0), Some(first.1)))
+            .then_some(first)
+    }
+
+    fn tail(&self) -> String {
+        let mut out = String::new();
+        for k in 0..3 {
+            let t = std::fs::read_to_string(self.log(k)).unwrap_or_default();
+            let lines: Vec<&str> = t.lines().rev().take(10).collect();
+            out += &format!("--- replica {}:\n{}\n", k + 1, lines.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
+        out
+    }
+}
+
+/// A small xorshift: the kill schedule is reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Waits `ms` while tending the instances' applications.
+fn tend_for(instances: &mut [&mut Instance], ms: u64) {
+    let until = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < until {
+        for i in instances.iter_mut() {
+            i.tend();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills the primary replica (`coordinator`) or only its application; restarts it.
+/// Returns what was killed, or `None` when no primary was found in time.
+fn kill_primary(i: &mut Instance, coordinator: bool) -> Option<&'static str> {
+    let mut p = None;
+    wait_until(Duration::from_secs(10), || {
+        i.tend();
+        p = i.primary();
+        p.is_some()
+    });
+    let p = p?;
+    if coordinator {
+        i.kill_replica(p);
+        i.start(p);
+        Some("coordinator")
+    } else {
+        i.kill_app(p);
+        Some("application")
+    }
+}
+
+#[test]
+fn the_counter_on_three_replicas_counts_exactly_across_sigkills_of_primaries_and_their_applications() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let target: u64 = if long() { 50_000 } else { 20_000 };
+    let t = target.to_string();
+    let mut inst = Instance::new(dir.path(), "counter", "counter", &["--target", &t]);
+    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+    let (mut coordinator_kills, mut app_kills, mut mid) = (0, 0, 0);
+    let started = Instant::now();
+    // Let the count start.
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            inst.tend();
+            inst.numbers("count ").into_iter().max().unwrap_or(0) > 0
+        }),
+        "the counter never started\n{}",
+        inst.tail()
+    );
+    let kills = if long() { 25 } else { 10 };
+    let spacing = 2_500;
+    for _ in 0..kills {
+        tend_for(&mut [&mut inst], spacing / 2 + rng.next() % spacing);
+        if inst.numbers("count ").into_iter().max().unwrap_or(0) < target {
+            mid += 1;
+        }
+        match kill_primary(&mut inst, rng.next() % 3 != 0) {
+            Some("coordinator") => coordinator_kills += 1,
+            Some(_) => app_kills += 1,
+            None => panic!("no primary\n{}", inst.tail()),
+        }
+    }
+    let finished = wait_until(Duration::from_secs(300), || {
+        inst.tend();
+        inst.numbers("done ").contains(&target) || inst.numbers("count ").iter().any(|c| *c > target)
+    });
+    let max = inst.numbers("count ").into_iter().max().unwrap_or(0);
+    assert!(max <= target, "a repeated call made the counter overshoot to {max}");
+    assert!(finished, "the counter stopped at {max} of {target}: a call was lost\n{}", inst.tail());
+    let mut same = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            inst.tend();
+            same = inst.replicas_identical();
+            same.is_some()
+        }),
+        "the replicas' logs differ: {:#?}",
+        inst.status()
+    );
+    let (records, digest) = same.unwrap();
+    assert!(records as u64 > target, "{records} records for {target} counts");
+    assert!(mid >= kills * 4 / 5, "only {mid} of the kills came while the counter was counting");
+    chaos_report(
+        "coordinator replicas: counter with primary kills",
+        profile(),
+        serde_json::json!({
+            "target": target, "coordinator_kills": coordinator_kills, "application_kills": app_kills,
+            "kills_mid_count": mid, "max_count": max, "records": records, "digest": format!("{digest:016x}"),
+            "seconds": started.elapsed().as_secs_f64(),
+        }),
+    );
+}
+
+#[test]
+fn two_replicated_instances_deliver_every_call_exactly_once_while_primaries_die_on_both_sides() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let target: u64 = if long() { 10_000 } else { 2_500 };
+    let t = target.to_string();
+    let mut server = Instance::new(dir.path(), "server", "pair-server", &[]);
+    let mut client = Instance::new(dir.path(), "client", "pair-client", &["--target", &t]);
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut kills = [0usize; 4];
+    let mut mid = 0;
+    let started = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            server.tend();
+            client.tend();
+            !client.numbers("ack ").is_empty()
+        }),
+        "no acknowledgement ever came\n{}\n{}",
+        server.tail(),
+        client.tail()
+    );
+    for _ in 0..8 {
+        tend_for(&mut [&mut server, &mut client], 300 + rng.next() % 500);
+        if client.numbers("ack ").into_iter().max().unwrap_or(0) < target {
+            mid += 1;
+        }
+        let victim = (rng.next() % 4) as usize;
+        let side = if victim % 2 == 0 { &mut server } else { &mut client };
+        if kill_primary(side, victim >= 2).is_none() {
+            panic!("no primary\n{}", side.tail());
+        }
+        kills[victim] += 1;
+    }
+    let finished = wait_until(Duration::from_secs(180), || {
+        server.tend();
+        client.tend();
+        client.numbers("done ").contains(&target) || server.numbers("count ").iter().any(|c| *c > target)
+    });
+    let counts = server.numbers("count ");
+    let acks = client.numbers("ack ");
+    let max = counts.iter().copied().max().unwrap_or(0);
+    assert!(max <= target, "the server counted {max}: an add was delivered twice");
+    assert!(acks.iter().all(|a| *a <= target), "an acknowledgement was delivered twice");
+    if !finished {
+        let kept = dir.keep();
+        panic!(
+            "stuck at {max} of {target}: a call was lost (files kept in {})\nserver: {:#?}\nclient: {:#?}\n{}\n{}",
+            kept.display(),
+            server.status(),
+            client.status(),
+            server.tail(),
+            client.tail()
+        );
+    }
+    assert_eq!(max, target);
+    assert!(mid >= 6, "only {mid} kills came while the pair was exchanging calls");
+    chaos_report(
+        "coordinator replicas: two instances with primary kills",
+        profile(),
+        serde_json::json!({
+            "target": target, "server_app_kills": kills[0], "client_app_kills": kills[1],
+            "server_coordinator_kills": kills[2], "client_coordinator_kills": kills[3], "kills_mid_exchange": mid,
+            "seconds": started.elapsed().as_secs_f64(),
+        }),
+    );
+}
+
+#[test]
+fn transfer_primary_to_an_upgrading_secondary_upgrades_once_under_load_and_loses_nothing() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let target: u64 = 3_000;
+    let t = target.to_string();
+    let mut inst = Instance::new(dir.path(), "up", "counter", &["--target", &t]);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            inst.tend();
+            inst.numbers("count ").into_iter().max().unwrap_or(0) > 200
+        }),
+        "the counter never started\n{}",
+        inst.tail()
+    );
+    // Replica 3 comes back as an upgrading secondary (version 1); if it leads, the
+    // primary role moves away first, so the upgrade happens by transfer-primary.
+    let p = inst.primary().expect("a primary");
+    let up = if p == 2 { 1 } else { 2 };
+    inst.kill_replica(up);
+    inst.replicas[up].upgrade = Some(1);
+    inst.start(up);
+    inst.start_app(up);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            inst.tend();
+            inst.status().is_some_and(|s| {
+                s["replicas"].as_array().is_some_and(|rs| {
+                    rs.iter()
+                        .any(|r| r["id"].as_u64() == Some(up as u64 + 1) && r["info"]["app"]["phase"] == "secondary")
+                })
+            })
+        }),
+        "the upgrading secondary never followed\n{}",
+        inst.tail()
+    );
+    let before = inst.numbers("count ").into_iter().max().unwrap_or(0);
+    let sec = secret(&inst.dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["coordinator", "transfer-primary", "--instance", "up", "--to", &(up + 1).to_string(), "--log-dir"])
+        .arg(inst.dir.join("logs"))
+        .arg("--cluster-secret-file")
+        .arg(sec)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "transfer-primary: {}", common::text(&out));
+    let finished = wait_until(Duration::from_secs(120), || {
+        inst.tend();
+        inst.numbers("done ").contains(&target) || inst.numbers("count ").iter().any(|c| *c > target)
+    });
+    let max = inst.numbers("count ").into_iter().max().unwrap_or(0);
+    assert!(max <= target, "overshoot to {max}");
+    assert!(finished, "stopped at {max}\n{}", inst.tail());
+    let upgrades = inst.numbers("upgraded at ");
+    assert_eq!(upgrades.len(), 1, "the upgrade hook ran {} times: {upgrades:?}", upgrades.len());
+    assert!(upgrades[0] >= before && upgrades[0] < target, "upgraded at {} (count was {before} before)", upgrades[0]);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            inst.tend();
+            inst.status().is_some_and(|s| {
+                s["primary"].as_u64() == Some(up as u64 + 1)
+                    && s["replicas"].as_array().is_some_and(|rs| rs.iter().all(|r| r["info"]["version"] == 1))
+            }) && inst.replicas_identical().is_some()
+        }),
+        "not every replica at version 1 with the same log: {:#?}",
+        inst.status()
+    );
+}
