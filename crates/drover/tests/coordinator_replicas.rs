@@ -312,7 +312,7 @@ fn the_counter_on_three_replicas_counts_exactly_across_sigkills_of_primaries_and
         if inst.numbers("count ").into_iter().max().unwrap_or(0) < target {
             mid += 1;
         }
-        match kill_primary(&mut inst, rng.next() % 3 != 0) {
+        match kill_primary(&mut inst, !rng.next().is_multiple_of(3)) {
             Some("coordinator") => coordinator_kills += 1,
             Some(_) => app_kills += 1,
             None => panic!("no primary\n{}", inst.tail()),
@@ -377,7 +377,7 @@ fn two_replicated_instances_deliver_every_call_exactly_once_while_primaries_die_
             mid += 1;
         }
         let victim = (rng.next() % 4) as usize;
-        let side = if victim % 2 == 0 { &mut server } else { &mut client };
+        let side = if victim.is_multiple_of(2) { &mut server } else { &mut client };
         if kill_primary(side, victim >= 2).is_none() {
             panic!("no primary\n{}", side.tail());
         }
