@@ -29,6 +29,12 @@ impl Countdown {
     }
 }
 
+/// A service flooding itself with `total` calls of `size` bytes, `window` in flight;
+/// `done` fires when all were delivered.
+pub(crate) fn flood(size: usize, window: usize, total: u64, done: tokio::sync::oneshot::Sender<()>) -> impl Service {
+    Flood { size, window, sent: 0, delivered: Countdown::new(total, done) }
+}
+
 struct Flood {
     size: usize,
     window: usize,
@@ -183,7 +189,7 @@ fn raw_sequential_mb_s(dir: &std::path::Path) -> f64 {
     rate
 }
 
-async fn one(size: usize, calls: u64, window: usize) -> (f64, f64) {
+pub(crate) async fn one(size: usize, calls: u64, window: usize) -> (f64, f64) {
     let dir = tempfile::tempdir().unwrap();
     let (l, coordinator) = start(dir.path(), "bench").await;
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();

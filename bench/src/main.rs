@@ -42,6 +42,7 @@ static GLOBAL: Counting = Counting;
 mod ha;
 mod ingest;
 mod recovery;
+mod replicas;
 mod tasks;
 
 fn arg(name: &str, default: &str) -> String {
@@ -79,6 +80,14 @@ async fn main() {
         "failover" => failover::run(arg("--trials", "100").parse().unwrap(), arg("--fsync", "always") != "never").await,
         "recovery" => recovery::run(arg("--updates", "1000000").parse().unwrap()).await,
         "coordinator" => coordinator::run(arg("--window", "256").parse().unwrap()).await,
+        "replicas" => {
+            replicas::run(
+                arg("--trials", "30").parse().unwrap(),
+                arg("--calls", "100000").parse().unwrap(),
+                arg("--window", "256").parse().unwrap(),
+            )
+            .await
+        }
         "tasks" => {
             tasks::run(
                 arg("--tasks", "4000").parse().unwrap(),
@@ -90,7 +99,7 @@ async fn main() {
         }
         _ => {
             eprintln!(
-                "usage: drover-bench cluster|ha|ingest|failover|recovery|tasks|coordinator [--nodes N --secs S [--kills K] | --kills K --transfers T --nodes N | --trials N [--fsync never] | --updates N | --tasks N --workers W --cores C --submitters S]"
+                "usage: drover-bench cluster|ha|ingest|failover|recovery|tasks|coordinator|replicas [--trials N --calls C | --nodes N --secs S [--kills K] | --kills K --transfers T --nodes N | --trials N [--fsync never] | --updates N | --tasks N --workers W --cores C --submitters S]"
             );
             std::process::exit(2);
         }

@@ -70,6 +70,11 @@ pub struct ReplicaConfig {
     pub timing: Timing,
 }
 
+/// A replica asks for a checkpoint at least every this many bytes of records: every
+/// replica holds the records after the last checkpoint in memory, and a Raft snapshot
+/// of the instance carries them.
+pub const REPLICA_CHECKPOINT_EVERY: u64 = 64 << 20;
+
 /// The directory of replica `id` of an instance: its Raft log and snapshot.
 pub fn replica_dir(log_dir: &std::path::Path, name: &str, id: u64) -> PathBuf {
     instance::dir(log_dir, name).join(format!("replica-{id}"))
@@ -380,7 +385,9 @@ impl Replica<'_> {
         let (tx, mut frames) = mpsc::channel(1024);
         let reader = tokio::spawn(read_frames(input, tx, limits));
         let (mut links, mut events) = Links::new(self.c(), self.committer_id);
-        let (failed_tx, mut failed) = mpsc::unbounded_channel::<String>();
+        // What the proposals say: `Ok` once committed and applied (the loop takes the
+        // outputs at once), `Err` when this replica no longer leads.
+        let (failed_tx, mut failed) = mpsc::unbounded_channel::<Result<(), String>>();
         let mut metrics = self.member.raft.metrics();
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         let mut app = App::Waiting(Vec::new());
@@ -467,9 +474,9 @@ impl Replica<'_> {
                         }
                     }
                     _ = tick.tick() => {}
-                    why = failed.recv() => {
-                        return Ok(format!("a proposal was not committed: {}", why.unwrap_or_default()));
-                    }
+                    proposed = failed.recv() => if let Some(Err(why)) = proposed {
+                        return Ok(format!("a proposal was not committed: {why}"));
+                    },
                     accepted = peer.accept() => match accepted {
                         Ok((s, from)) if primary => links.accept(s, from),
                         // Only the primary takes links; the sender tries the next replica.
@@ -493,7 +500,7 @@ impl Replica<'_> {
     /// Hands what was committed since the last call to the session.
     fn committed(&mut self, app: &mut App) -> Result<Vec<Action>, CoordinatorError> {
         let mut actions = Vec::new();
-        let every = self.c().checkpoint_every_bytes;
+        let every = self.c().checkpoint_every_bytes.min(REPLICA_CHECKPOINT_EVERY);
         for o in self.member.machine.take_outputs() {
             let App::Live { session, next_seq, app_version, .. } = app else {
                 if let Output::Checkpoint { version, .. } = o {
@@ -545,7 +552,7 @@ impl Replica<'_> {
 
     /// Proposes `inputs` in order (the session has at most one record or checkpoint
     /// in flight); a failure (this replica no longer leads) is reported on `failed`.
-    fn propose(&self, inputs: Vec<Input>, failed: &mpsc::UnboundedSender<String>) {
+    fn propose(&self, inputs: Vec<Input>, failed: &mpsc::UnboundedSender<Result<(), String>>) {
         let raft = self.member.raft.clone();
         let leadership = self.member.leadership.clone();
         let failed = failed.clone();
@@ -558,15 +565,16 @@ impl Replica<'_> {
                 let data = match drover_journal::machine::encode_input::<InstanceLog>(&input) {
                     Ok(d) => d.to_vec(),
                     Err(e) => {
-                        let _ = failed.send(e.to_string());
+                        let _ = failed.send(Err(e.to_string()));
                         return;
                     }
                 };
                 if let Err(e) = raft.client_write(drover_raft::Inputs(data)).await {
-                    let _ = failed.send(e.to_string());
+                    let _ = failed.send(Err(e.to_string()));
                     return;
                 }
             }
+            let _ = failed.send(Ok(()));
         });
     }
 

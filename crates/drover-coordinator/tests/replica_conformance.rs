@@ -39,10 +39,14 @@ struct Group {
 impl Group {
     /// Three replicas; replica 3 runs an upgrading secondary (version 1).
     async fn start() -> Group {
-        let dir = tempfile::tempdir().unwrap();
+        Group::start_in(tempfile::tempdir().unwrap(), 3, Timing::default()).await
+    }
+
+    /// `n` replicas of instance `app` in `dir`.
+    async fn start_in(dir: tempfile::TempDir, n: u64, timing: Timing) -> Group {
         let creds = Credentials::plain(ClusterSecret::generate().unwrap());
         let mut listeners = BTreeMap::new();
-        for id in 1..=3u64 {
+        for id in 1..=n {
             let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
             listeners.insert(id, l);
         }
@@ -59,7 +63,7 @@ impl Group {
                 raft_addr: peers[&id].clone(),
                 peers: peers.clone(),
                 creds: creds.clone(),
-                timing: Timing::default(),
+                timing,
             };
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -113,13 +117,15 @@ impl Group {
         (to, from)
     }
 
-    async fn stop(mut self) {
+    /// Stops every replica; the directory is removed when the returned handle drops.
+    async fn stop(mut self) -> tempfile::TempDir {
         for r in self.replicas.values_mut() {
             let _ = r.stop.take().unwrap().send(());
         }
         for (_, r) in std::mem::take(&mut self.replicas) {
             r.task.await.unwrap().unwrap();
         }
+        self._dir
     }
 }
 
@@ -285,5 +291,96 @@ async fn secondaries_follow_the_log_byte_for_byte_and_take_over_by_becoming_prim
     assert!(digests.windows(2).all(|w| w[0] == w[1]), "{digests:?}");
     assert!(s.term >= 2);
     drop((pto, pfrom, sto, sfrom, uto, ufrom));
+    g.stop().await;
+}
+
+/// Copies a directory tree (golden directories are used on copies).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+fn golden(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
+}
+
+/// `tests/golden/replica-v1`: a one-replica instance written by the release that
+/// introduced replicas (Raft entries holding `InstanceLog` inputs, and a Raft snapshot
+/// holding an `InstanceLog`): a first start ("hi", checkpoint AA), three self calls, a
+/// checkpoint asked by the application (CC), three more calls. Recreate (with that
+/// release only) by `DROVER_WRITE_GOLDEN=replica-v1 cargo test -p drover-coordinator
+/// --test replica_conformance golden`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_replica_v1_directory_recovers_its_checkpoint_and_records() {
+    if std::env::var("DROVER_WRITE_GOLDEN").as_deref() == Ok("replica-v1") {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        let timing = Timing { snapshot_every: 4, ..Timing::default() };
+        let g = Group::start_in(dir, 1, timing).await;
+        g.wait("a primary", |s| s.primary.is_some()).await;
+        let (mut to, mut from) = g.connect(1).await;
+        read_exact(&mut from, 26).await;
+        to.write_all(&[0x06, 0x09, b'h', b'i']).await.unwrap();
+        to.write_all(&[0x04, 0x08, 0x02, 0xAA]).await.unwrap();
+        read_record(&mut from).await;
+        for arg in [1u8, 2, 3] {
+            to.write_all(&self_call(arg)).await.unwrap();
+            read_record(&mut from).await;
+        }
+        to.write_all(&[0x02, 0x02]).await.unwrap(); // TakeCheckpoint
+        assert_eq!(&read_record(&mut from).await[24..], &[0x02, 0x02]);
+        to.write_all(&[0x04, 0x08, 0x02, 0xCC]).await.unwrap();
+        for arg in [4u8, 5, 6] {
+            to.write_all(&self_call(arg)).await.unwrap();
+            read_record(&mut from).await;
+        }
+        let s = g.status().await;
+        eprintln!("written: {s:#?}");
+        drop((to, from));
+        let _dir = g.stop().await;
+        let target = golden("replica-v1");
+        let _ = std::fs::remove_dir_all(&target);
+        copy_dir(&root.join("app/replica-1"), &target);
+        for f in ["LOCK", "peer-address", "raft-address"] {
+            std::fs::remove_file(target.join(f)).ok();
+        }
+        assert!(target.join(drover_raft::machine::SNAPSHOT_FILE).exists(), "no snapshot was taken");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&golden("replica-v1"), &dir.path().join("app/replica-1"));
+    let g = Group::start_in(dir, 1, Timing::default()).await;
+    let s = g.wait("the replica leads", |s| s.primary == Some(1)).await;
+    let info = s.replicas[0].info.clone().unwrap();
+    assert_eq!((info.records, info.checkpoints, info.version), (7, 2, 0), "{info:#?}");
+    // The application recovers as the primary: checkpoint CC, records 4 to 6, then
+    // TakeBecomingPrimaryCheckpoint; a new call is record 7.
+    let (mut to, mut from) = g.connect(1).await;
+    let head = read_exact(&mut from, 24).await;
+    assert_eq!(seq(&head), -2);
+    assert_eq!(read_exact(&mut from, 4).await, [0x04, 0x08, 0x02, 0xCC]);
+    for (want, arg) in [(4, 4u8), (5, 5), (6, 6)] {
+        let r = read_record(&mut from).await;
+        assert_eq!((seq(&r), &r[24..]), (want, &[0x0A, 0x00, 0x00, 0x40, 0x01, arg][..]));
+        assert_eq!(&r[8..16], &check(&r[24..]));
+    }
+    let ask = read_record(&mut from).await;
+    assert_eq!((seq(&ask), &ask[24..]), (-1, &[0x02, 0x0B][..]));
+    for arg in [4u8, 5, 6] {
+        to.write_all(&self_call(arg)).await.unwrap(); // regenerated: dropped
+    }
+    to.write_all(&[0x04, 0x08, 0x02, 0xDD]).await.unwrap();
+    to.write_all(&self_call(7)).await.unwrap();
+    let r = read_record(&mut from).await;
+    assert_eq!((seq(&r), r.last()), (7, Some(&7)));
+    drop((to, from));
     g.stop().await;
 }
