@@ -161,21 +161,27 @@ pub fn lookup_peers(log_dir: &Path, peers: Option<&Path>, name: &str) -> Vec<Str
             .collect();
     }
     let mut out: Vec<String> = load(log_dir, name).ok().and_then(|m| m.peer).into_iter().collect();
-    if valid(name)
-        && let Ok(entries) = std::fs::read_dir(dir(log_dir, name))
-    {
-        let mut replicas: Vec<(String, String)> = entries
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("replica-"))
-            .filter_map(|e| {
-                let addr = std::fs::read_to_string(e.path().join(PEER_FILE)).ok()?;
-                Some((e.file_name().to_string_lossy().into_owned(), addr.trim().to_owned()))
-            })
-            .collect();
-        replicas.sort();
-        out.extend(replicas.into_iter().map(|(_, a)| a).filter(|a| !a.is_empty()));
-    }
+    out.extend(replica_files(log_dir, name, PEER_FILE));
     out
+}
+
+/// The contents of `file` in each `replica-K` directory of instance `name`, by
+/// directory name.
+fn replica_files(log_dir: &Path, name: &str, file: &str) -> Vec<String> {
+    if !valid(name) {
+        return Vec::new();
+    }
+    let Ok(entries) = std::fs::read_dir(dir(log_dir, name)) else { return Vec::new() };
+    let mut found: Vec<(String, String)> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("replica-"))
+        .filter_map(|e| {
+            let text = std::fs::read_to_string(e.path().join(file)).ok()?;
+            Some((e.file_name().to_string_lossy().into_owned(), text.trim().to_owned()))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, a)| a).filter(|a| !a.is_empty()).collect()
 }
 
 /// The file in a replica's directory naming where it takes links.
@@ -203,17 +209,7 @@ pub fn set_replica_addresses(log_dir: &Path, name: &str, id: u64, peer: &str, ra
 
 /// The Raft addresses of the replicas of `name` found in `log_dir`.
 pub fn replica_raft_addresses(log_dir: &Path, name: &str) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(dir(log_dir, name)) else { return Vec::new() };
-    let mut out: Vec<(String, String)> = entries
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("replica-"))
-        .filter_map(|e| {
-            let addr = std::fs::read_to_string(e.path().join(RAFT_FILE)).ok()?;
-            Some((e.file_name().to_string_lossy().into_owned(), addr.trim().to_owned()))
-        })
-        .collect();
-    out.sort();
-    out.into_iter().map(|(_, a)| a).filter(|a| !a.is_empty()).collect()
+    replica_files(log_dir, name, RAFT_FILE)
 }
 
 /// Moves the instance to `version` (after the upgrade checkpoint is durable).

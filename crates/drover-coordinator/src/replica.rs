@@ -48,7 +48,9 @@ use tokio::sync::mpsc;
 
 use crate::instance;
 use crate::replicated::{Input, InstanceLog, Output};
-use crate::server::{CoordinatorConfig, CoordinatorError, Links, Listening, MAX_CALL, connect_output, read_frames};
+use crate::server::{
+    CoordinatorConfig, CoordinatorError, Links, Listening, MAX_CALL, accepted, read_frames, session_connections,
+};
 use crate::session::{Action, Session};
 
 /// How a replica is started.
@@ -74,6 +76,9 @@ pub struct ReplicaConfig {
 /// replica holds the records after the last checkpoint in memory, and a Raft snapshot
 /// of the instance carries them.
 pub const REPLICA_CHECKPOINT_EVERY: u64 = 64 << 20;
+
+/// Most messages kept from an application whose session cannot start yet.
+const MAX_EARLY_FRAMES: usize = 1024;
 
 /// The directory of replica `id` of an instance: its Raft log and snapshot.
 pub fn replica_dir(log_dir: &std::path::Path, name: &str, id: u64) -> PathBuf {
@@ -302,27 +307,18 @@ impl Replica<'_> {
                     drop(a);
                     continue;
                 }
-                a = receive.accept() => match a {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept on the receive port failed; pausing 100 ms");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
+                a = receive.accept() => match accepted(a).await {
+                    Some(a) => a,
+                    None => continue,
                 },
             };
-            let _ = input.set_nodelay(true);
-            let output = tokio::select! {
+            let (input, output) = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                o = connect_output(self.c(), send, &input) => match o {
-                    Ok(o) => o,
-                    Err(e) => {
-                        tracing::warn!(%from, error = %e, "no application session; waiting for the next application");
-                        continue;
-                    }
+                c = session_connections(self.c(), send, input, from) => match c {
+                    Some(c) => c,
+                    None => continue,
                 },
             };
-            let _ = output.set_nodelay(true);
             let end = tokio::select! {
                 _ = &mut shutdown => None,
                 end = self.serve(input, output, peer) => Some(end),
@@ -464,7 +460,14 @@ impl Replica<'_> {
                 tokio::select! {
                     f = frames.recv(), if reading => match (f, &mut app) {
                         (Some(Ok(frame)), App::Live { session, .. }) => actions = session.on_frame(frame),
-                        (Some(Ok(frame)), App::Waiting(early)) => early.push(frame),
+                        (Some(Ok(frame)), App::Waiting(early)) => {
+                            // An application speaks after it is spoken to: a few frames
+                            // may race the start, a stream of them is a misbehaving one.
+                            if early.len() >= MAX_EARLY_FRAMES {
+                                return Ok(format!("the application sent {MAX_EARLY_FRAMES} messages before its session could start"));
+                            }
+                            early.push(frame);
+                        }
                         (Some(Err(why)), _) => return Ok(why),
                         (None, _) => return Ok("the application's connection ended".into()),
                     },

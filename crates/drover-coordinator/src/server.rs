@@ -152,27 +152,18 @@ pub async fn run(
                 let w = w.expect("checked");
                 (w.stream, w.from)
             }
-            a = receive.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept on the receive port failed; pausing 100 ms");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+            a = receive.accept() => match accepted(a).await {
+                Some(a) => a,
+                None => continue,
             },
         };
-        let _ = input.set_nodelay(true);
-        let output = tokio::select! {
+        let (input, output) = tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            o = connect_output(&config, send.as_ref(), &input) => match o {
-                Ok(o) => o,
-                Err(e) => {
-                    tracing::warn!(%from, error = %e, "no application session; waiting for the next application");
-                    continue;
-                }
+            c = session_connections(&config, send.as_ref(), input, from) => match c {
+                Some(c) => c,
+                None => continue,
             },
         };
-        let _ = output.set_nodelay(true);
         let journal_config = journal_config(&config);
         let opened = tokio::task::spawn_blocking(move || Journal::open(journal_config, Arc::new(FsStorage)))
             .await
@@ -236,6 +227,41 @@ pub(crate) fn journal_config(config: &CoordinatorConfig) -> JournalConfig {
     // the session's pending limit plus one message (MAX_CALL), well under a record.
     j.max_batch_bytes = j.limits.max_record - drover_wire::ambrosia::HEADER_LEN;
     j
+}
+
+/// A receive-port accept's connection; after an error (logged), none, 100 ms later.
+pub(crate) async fn accepted(
+    a: std::io::Result<(TcpStream, std::net::SocketAddr)>,
+) -> Option<(TcpStream, std::net::SocketAddr)> {
+    match a {
+        Ok(a) => Some(a),
+        Err(e) => {
+            tracing::warn!(error = %e, "accept on the receive port failed; pausing 100 ms");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            None
+        }
+    }
+}
+
+/// The application's two connections (see [`connect_output`]), without Nagle's delay;
+/// none (logged) when the send connection does not come.
+pub(crate) async fn session_connections(
+    config: &CoordinatorConfig,
+    send: Option<&TcpListener>,
+    input: TcpStream,
+    from: std::net::SocketAddr,
+) -> Option<(TcpStream, TcpStream)> {
+    let _ = input.set_nodelay(true);
+    match connect_output(config, send, &input).await {
+        Ok(output) => {
+            let _ = output.set_nodelay(true);
+            Some((input, output))
+        }
+        Err(e) => {
+            tracing::warn!(%from, error = %e, "no application session; waiting for the next application");
+            None
+        }
+    }
 }
 
 /// Waits for the application's send connection (accepted on the send port, or made to

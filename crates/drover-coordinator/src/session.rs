@@ -925,6 +925,47 @@ impl Session {
 mod tests {
     use super::*;
 
+    fn logged(arg: u8) -> Bytes {
+        use drover_wire::ambrosia::{RpcBody, RpcKind};
+        Message::Rpc(Rpc::incoming(RpcBody::new(RpcKind::Call, 32, RpcType::FireAndForget, &[arg]))).to_bytes().into()
+    }
+
+    fn sent(arg: u8) -> Frame {
+        use drover_wire::ambrosia::{RpcBody, RpcKind};
+        Frame::Message(Message::Rpc(Rpc::outgoing("", RpcBody::new(RpcKind::Call, 32, RpcType::FireAndForget, &[arg]))))
+    }
+
+    #[test]
+    fn a_secondary_drops_what_the_log_holds_keeps_what_it_does_not_and_logs_it_once_primary() {
+        let stored = Bytes::from(CheckpointHeader::default().encode(b"s"));
+        let (mut s, out) = Session::secondary(7, "app", &stored, vec![(0, logged(1))], 1 << 20).unwrap();
+        assert_eq!(out.len(), 2, "[-2] with the checkpoint, then record 0: {out:?}");
+        assert!(s.is_secondary());
+        // The application regenerates call 1 (in the log: dropped) and makes call 2
+        // (not in the log yet: it waits); a secondary sends nothing and logs nothing.
+        assert!(s.on_frame(sent(1)).is_empty());
+        assert!(s.on_frame(sent(2)).is_empty());
+        assert_eq!(s.dropped(), 1);
+        // Record 1 (the primary's call 2) commits: delivered, and the waiting copy dropped.
+        let out = s.on_committed(1, &logged(2));
+        assert_eq!(out, vec![Action::Send(record(7, 1, &logged(2)).into())]);
+        assert_eq!(s.dropped(), 2);
+        // Call 3 waits; on becoming primary the application is asked for a checkpoint,
+        // after which call 3 is logged, once.
+        assert!(s.on_frame(sent(3)).is_empty());
+        let ask = s.become_primary(false);
+        assert_eq!(ask, vec![Action::Send(control(7, &Message::TakeBecomingPrimaryCheckpoint).into())]);
+        let write = s.on_frame(Frame::Message(Message::Checkpoint { len: 0, fixed_length: false }));
+        let [Action::WriteCheckpoint(state)] = write.as_slice() else { panic!("{write:?}") };
+        let (header, _) = CheckpointHeader::decode(&Bytes::from(state.clone())).unwrap();
+        assert_eq!((header.self_calls, header.pending), (3, 1));
+        assert_eq!(s.on_checkpoint_written(), vec![Action::Append(logged(3))]);
+        // An upgrading secondary is asked with UpgradeTakeCheckpoint instead.
+        let (mut u, _) = Session::secondary(7, "app", &stored, Vec::new(), 1 << 20).unwrap();
+        assert_eq!(u.become_primary(true), vec![Action::Send(control(7, &Message::UpgradeTakeCheckpoint).into())]);
+        assert!(u.become_primary(true).is_empty(), "only once");
+    }
+
     #[test]
     fn a_checkpoint_header_length_from_disk_cannot_overflow() {
         // The first 8 bytes are the header's length, read from disk: the largest one

@@ -2,9 +2,12 @@
 //! raw sockets in the test (no drover code on the application side for the first-start
 //! exchange: bytes are written and checked by hand against AMBROSIA-WIRE.md).
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
+use common::{copy_dir, golden, read_exact};
 use drover_coordinator::{CoordinatorConfig, instance};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -51,12 +54,6 @@ async fn connect(c: &Coordinator) -> (TcpStream, TcpStream) {
     let to = TcpStream::connect(("127.0.0.1", c.receive)).await.unwrap();
     let from = TcpStream::connect(("127.0.0.1", c.send)).await.unwrap();
     (to, from)
-}
-
-async fn read_exact(s: &mut TcpStream, n: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; n];
-    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf)).await.expect("in time").expect("read");
-    buf
 }
 
 /// Reads one record: (committer, check bytes, seq, payload).
@@ -318,24 +315,6 @@ async fn a_torn_log_tail_is_cut_at_the_last_whole_record_and_logging_goes_on_in_
         .filter(|p| p.extension().is_some_and(|e| e == "log") && !segments.contains(p))
         .collect();
     assert_eq!(after.len(), 1, "record 2 went to a fresh log file: {after:?}");
-}
-
-/// Copies a directory tree (golden data directories are used on copies).
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).unwrap();
-        }
-    }
-}
-
-fn golden(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
 }
 
 /// The C client's InitialMessage (AMBROSIA-WIRE.md "Start-up sequences"): a whole

@@ -10,9 +10,12 @@
 //! - An upgrading secondary gets `UpgradeTakeCheckpoint` instead, and the instance
 //!   moves to its version once its checkpoint is committed.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use common::{copy_dir, golden, read_exact};
 use drover_coordinator::CoordinatorConfig;
 use drover_coordinator::admin::{Answer, InstanceStatus, Request};
 use drover_coordinator::replica::{ReplicaConfig, run_replica};
@@ -127,12 +130,6 @@ impl Group {
         }
         self._dir
     }
-}
-
-async fn read_exact(s: &mut TcpStream, n: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; n];
-    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf)).await.expect("in time").expect("read");
-    buf
 }
 
 /// One whole record, as bytes (header and payload).
@@ -292,24 +289,6 @@ async fn secondaries_follow_the_log_byte_for_byte_and_take_over_by_becoming_prim
     assert!(s.term >= 2);
     drop((pto, pfrom, sto, sfrom, uto, ufrom));
     g.stop().await;
-}
-
-/// Copies a directory tree (golden directories are used on copies).
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).unwrap();
-        }
-    }
-}
-
-fn golden(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
 }
 
 /// `tests/golden/replica-v1`: a one-replica instance written by the release that

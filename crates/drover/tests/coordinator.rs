@@ -176,19 +176,7 @@ fn pair_app(dir: &Path, which: &str, receive: u16, send: u16, target: u64, round
 
 /// Numbers after `prefix` in every output of `which`.
 fn numbers(dir: &Path, which: &str, prefix: &str) -> Vec<u64> {
-    let mut all = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with(&format!("{which}-")) && name.ends_with(".out") {
-            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-            all.extend(
-                text.lines()
-                    .filter_map(|l| l.strip_prefix(prefix))
-                    .filter_map(|n| n.split_whitespace().next()?.parse::<u64>().ok()),
-            );
-        }
-    }
-    all
+    common::numbers(dir, &format!("{which}-"), prefix)
 }
 
 #[test]

@@ -203,19 +203,7 @@ impl Instance {
 
     /// Numbers after `prefix` in every output of this instance's applications.
     fn numbers(&self, prefix: &str) -> Vec<u64> {
-        let mut all = Vec::new();
-        for e in std::fs::read_dir(&self.dir).unwrap().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&format!("{}-app-", self.name)) && name.ends_with(".out") {
-                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-                all.extend(
-                    text.lines()
-                        .filter_map(|l| l.strip_prefix(prefix))
-                        .filter_map(|n| n.split_whitespace().next()?.parse::<u64>().ok()),
-                );
-            }
-        }
-        all
+        common::numbers(&self.dir, &format!("{}-app-", self.name), prefix)
     }
 
     /// Every replica answers with the same record count and digest.

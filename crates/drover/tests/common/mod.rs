@@ -100,6 +100,24 @@ pub fn spawn_env(args: &[&str], env: &[(String, String)], log: &Path) -> Killed 
     Killed(cmd.spawn().expect("spawn drover"))
 }
 
+/// The numbers after `line_prefix` (the first word) in every `FILE_PREFIX*.out` file
+/// of `dir`: what example services printed (`count N`, `ack N`, `done N`).
+pub fn numbers(dir: &Path, file_prefix: &str, line_prefix: &str) -> Vec<u64> {
+    let mut all = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(file_prefix) && name.ends_with(".out") {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            all.extend(
+                text.lines()
+                    .filter_map(|l| l.strip_prefix(line_prefix))
+                    .filter_map(|n| n.split_whitespace().next()?.parse::<u64>().ok()),
+            );
+        }
+    }
+    all
+}
+
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
