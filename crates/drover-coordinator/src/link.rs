@@ -137,7 +137,13 @@ async fn run_link(
     let mut buf = vec![0u8; 64 * 1024];
     let mut ready = false;
     let greeted = tokio::time::Instant::now();
+    // Calls written on this connection and not yet committed by the other side, with
+    // when: one left uncommitted for COMMIT_WAIT ends the link, and the handshake on
+    // the next connection resends it (a receiver that dropped a call, say on its way to
+    // becoming primary, would otherwise wait for it forever).
+    let mut unanswered: std::collections::VecDeque<(i64, tokio::time::Instant)> = Default::default();
     loop {
+        let overdue = unanswered.front().map(|(_, at)| *at + COMMIT_WAIT);
         tokio::select! {
             n = rd.read(&mut buf) => {
                 let n = match n {
@@ -153,6 +159,9 @@ async fn run_link(
                             let _ = events.send(PeerEvent::ReplayFrom { dest: dest.to_owned(), seq });
                         }
                         Ok(Some(Frame::Message(Message::Commit { seq, .. } | Message::TrimTo { seq }))) => {
+                            while unanswered.front().is_some_and(|(s, _)| *s <= seq) {
+                                unanswered.pop_front();
+                            }
                             let _ = events.send(PeerEvent::Commit { dest: dest.to_owned(), seq });
                         }
                         Ok(Some(other)) => return format!("unexpected control frame {other:?}"),
@@ -172,8 +181,12 @@ async fn run_link(
                     }
                 };
                 let mut bytes = Vec::new();
+                let now = tokio::time::Instant::now();
                 for (seq, msg) in batch {
                     bytes.extend_from_slice(&record(committer_id, seq, &msg));
+                    if unanswered.back().is_none_or(|(last, _)| *last < seq) {
+                        unanswered.push_back((seq, now));
+                    }
                 }
                 if let Err(e) = wr.write_all(&bytes).await {
                     return e.to_string();
@@ -182,9 +195,18 @@ async fn run_link(
             _ = tokio::time::sleep_until(greeted + Duration::from_secs(5)), if !ready => {
                 return "no ReplayFrom within 5 s".into();
             }
+            _ = async { tokio::time::sleep_until(overdue.expect("guarded")).await }, if overdue.is_some() => {
+                let seq = unanswered.front().map_or(0, |(s, _)| *s);
+                tracing::warn!(%dest, seq, "call not committed by the other coordinator within {COMMIT_WAIT:?}; reconnecting to resend it");
+                return format!("call {seq} not committed within {COMMIT_WAIT:?}");
+            }
         }
     }
 }
+
+/// How long a call sent on a link may wait for the other side's `Commit` before the
+/// link is made again (a commit takes a log write: milliseconds).
+const COMMIT_WAIT: Duration = Duration::from_secs(3);
 
 /// Most bytes a link may send before its `AttachTo` (which holds only a name).
 const HELLO_LIMIT: usize = 4096;

@@ -220,6 +220,7 @@ pub async fn run_replica(
         shared,
         version_file: registered,
         committer_id: committer_id(&c.instance),
+        proposing: Arc::default(),
     };
     let result = replica.run(shutdown, &receive, send.as_ref(), &peer).await;
     if let Ok(mut s) = slot.lock() {
@@ -237,6 +238,18 @@ struct Replica<'a> {
     /// The version in this log directory's `instance.json` (None: not registered here).
     version_file: Option<u64>,
     committer_id: i32,
+    /// Proposals of this replica not yet answered, whichever session made them: until
+    /// they are, no session may start or become primary (a record an ended session
+    /// proposed may still commit, and its calls must be counted as logged first).
+    proposing: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// What a primary's session waits to see committed (what it proposed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Awaiting {
+    Nothing,
+    Record,
+    Checkpoint,
 }
 
 /// Where an application's session stands.
@@ -245,7 +258,7 @@ enum App {
     /// the primary of an empty log).
     Waiting(Vec<Frame>),
     /// In session. `next_seq`: the next record it is to be sent.
-    Live { session: Box<Session>, next_seq: i64, upgrade: bool, app_version: u64 },
+    Live { session: Box<Session>, next_seq: i64, upgrade: bool, app_version: u64, awaiting: Awaiting },
 }
 
 impl Replica<'_> {
@@ -259,8 +272,13 @@ impl Replica<'_> {
         let m = self.member.raft.metrics().borrow().clone();
         m.state == ServerState::Leader
             && m.current_leader == Some(m.id)
+            // An entry of this term is applied (the leader's first, blank one): so every
+            // entry of an earlier term in its log is committed and applied too...
+            && m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
+            // ...and nothing it has is waiting to be applied.
             && m.last_applied.map(|l| l.index) == m.last_log_index
             && !self.member.leadership.handing_over()
+            && self.proposing.load(std::sync::atomic::Ordering::SeqCst) == 0
     }
 
     fn leads(&self) -> bool {
@@ -341,6 +359,10 @@ impl Replica<'_> {
         let name = self.c().instance.clone();
         let (max, id) = (self.c().max_checkpoint, self.committer_id);
         let upgrade_to = self.c().upgrade_version;
+        if self.proposing.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            // An ended session's proposal may still commit: start after it is settled.
+            return None;
+        }
         let core = self.member.machine.core();
         if core.is_empty() {
             drop(core);
@@ -350,7 +372,14 @@ impl Replica<'_> {
             tracing::info!(instance = %name, replica = self.id, "first start (primary)");
             let (session, actions) = Session::first_start(id, &name, max);
             let app_version = upgrade_to.unwrap_or(self.version_file.unwrap_or(0));
-            return Some((App::Live { session: Box::new(session), next_seq: 0, upgrade: false, app_version }, actions));
+            let live = App::Live {
+                session: Box::new(session),
+                next_seq: 0,
+                upgrade: false,
+                app_version,
+                awaiting: Awaiting::Nothing,
+            };
+            return Some((live, actions));
         }
         let (stored, records) = core.start()?;
         let (next_seq, version) = (core.next_seq(), core.version());
@@ -360,7 +389,14 @@ impl Replica<'_> {
         match Session::secondary(id, &name, &stored, records, max) {
             Ok((session, actions)) => {
                 tracing::info!(instance = %name, replica = self.id, next_seq, upgrade, "application started as a secondary");
-                Some((App::Live { session: Box::new(session), next_seq, upgrade, app_version }, actions))
+                let live = App::Live {
+                    session: Box::new(session),
+                    next_seq,
+                    upgrade,
+                    app_version,
+                    awaiting: Awaiting::Nothing,
+                };
+                Some((live, actions))
             }
             Err(e) => {
                 tracing::error!(instance = %name, error = %e, "the committed checkpoint does not decode");
@@ -428,10 +464,18 @@ impl Replica<'_> {
                                 return Ok(format!("writing to the application: {e}"));
                             }
                         }
-                        Action::Append(entry) => self.propose(vec![Input::Record(entry)], &failed_tx),
+                        Action::Append(entry) => {
+                            if let App::Live { awaiting, .. } = &mut app {
+                                *awaiting = Awaiting::Record;
+                            }
+                            self.propose(vec![Input::Record(entry)], &failed_tx);
+                        }
                         Action::WriteCheckpoint(state) => {
-                            let version = match &app {
-                                App::Live { app_version, .. } => *app_version,
+                            let version = match &mut app {
+                                App::Live { app_version, awaiting, .. } => {
+                                    *awaiting = Awaiting::Checkpoint;
+                                    *app_version
+                                }
                                 App::Waiting(_) => 0,
                             };
                             self.propose(InstanceLog::checkpoint_inputs(&state, version), &failed_tx);
@@ -505,7 +549,7 @@ impl Replica<'_> {
         let mut actions = Vec::new();
         let every = self.c().checkpoint_every_bytes.min(REPLICA_CHECKPOINT_EVERY);
         for o in self.member.machine.take_outputs() {
-            let App::Live { session, next_seq, app_version, .. } = app else {
+            let App::Live { session, next_seq, app_version, awaiting, .. } = app else {
                 if let Output::Checkpoint { version, .. } = o {
                     self.note_version(version);
                 }
@@ -527,7 +571,15 @@ impl Replica<'_> {
                     *next_seq += 1;
                     if session.is_secondary() {
                         actions.extend(session.on_committed(seq, &payload));
+                    } else if *awaiting != Awaiting::Record {
+                        // Cannot happen while sessions start only with no proposal in
+                        // flight; should it, the calls in it would be logged twice.
+                        actions.push(Action::Close(format!(
+                            "record {seq} was committed but this primary's session did not propose it"
+                        )));
+                        break;
                     } else {
+                        *awaiting = Awaiting::Nothing;
                         actions.extend(session.on_durable(seq, &payload));
                         if self.member.machine.with_core(|c| c.bytes_since_checkpoint()) >= every {
                             actions.extend(session.request_checkpoint());
@@ -544,7 +596,13 @@ impl Replica<'_> {
                             )));
                             break;
                         }
+                    } else if *awaiting != Awaiting::Checkpoint {
+                        actions.push(Action::Close(
+                            "a checkpoint was committed but this primary's session did not propose it".into(),
+                        ));
+                        break;
                     } else {
+                        *awaiting = Awaiting::Nothing;
                         actions.extend(session.on_checkpoint_written());
                     }
                 }
@@ -559,7 +617,17 @@ impl Replica<'_> {
         let raft = self.member.raft.clone();
         let leadership = self.member.leadership.clone();
         let failed = failed.clone();
+        let proposing = self.proposing.clone();
+        proposing.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
+            // Counted down however the task ends (answered, failed, or the runtime stopping).
+            struct Done(Arc<std::sync::atomic::AtomicUsize>);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            let _done = Done(proposing);
             for input in inputs {
                 // A handover waits for the target to hold the whole log: no proposal meanwhile.
                 while leadership.handing_over() {
