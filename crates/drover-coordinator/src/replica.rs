@@ -250,6 +250,9 @@ enum Awaiting {
     Nothing,
     Record,
     Checkpoint,
+    /// The first start's checkpoint with record 0 in the same entry: the `Append` the
+    /// session answers the written checkpoint with is not proposed again.
+    InitialBundled,
 }
 
 /// Where an application's session stands.
@@ -279,6 +282,13 @@ impl Replica<'_> {
             && m.last_applied.map(|l| l.index) == m.last_log_index
             && !self.member.leadership.handing_over()
             && self.proposing.load(std::sync::atomic::Ordering::SeqCst) == 0
+    }
+
+    /// Whether this replica was in the group and has been removed from it (it gets no
+    /// records any more).
+    fn removed(&self) -> bool {
+        let m = self.member.raft.metrics().borrow().clone();
+        m.membership_config.log_id().is_some() && m.membership_config.membership().get_node(&self.id).is_none()
     }
 
     fn leads(&self) -> bool {
@@ -359,8 +369,9 @@ impl Replica<'_> {
         let name = self.c().instance.clone();
         let (max, id) = (self.c().max_checkpoint, self.committer_id);
         let upgrade_to = self.c().upgrade_version;
-        if self.proposing.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        if self.proposing.load(std::sync::atomic::Ordering::SeqCst) > 0 || self.removed() {
             // An ended session's proposal may still commit: start after it is settled.
+            // A replica removed from the group has nothing to hand out.
             return None;
         }
         let core = self.member.machine.core();
@@ -443,6 +454,9 @@ impl Replica<'_> {
                 }
                 // Committed records and checkpoints, then the role.
                 actions.extend(self.committed(&mut app)?);
+                if matches!(app, App::Live { .. }) && self.removed() {
+                    return Ok("this replica was removed from the instance's group: it receives no records".into());
+                }
                 if let App::Live { session, upgrade, .. } = &mut app {
                     if session.is_secondary() && self.leads_caught_up() {
                         tracing::info!(instance = %self.c().instance, replica = self.id, upgrade = *upgrade,
@@ -468,17 +482,26 @@ impl Replica<'_> {
                             if let App::Live { awaiting, .. } = &mut app {
                                 *awaiting = Awaiting::Record;
                             }
-                            self.propose(vec![Input::Record(entry)], &failed_tx);
+                            self.propose(vec![vec![Input::Record(entry)]], &failed_tx);
                         }
                         Action::WriteCheckpoint(state) => {
-                            let version = match &mut app {
-                                App::Live { app_version, awaiting, .. } => {
-                                    *awaiting = Awaiting::Checkpoint;
-                                    *app_version
+                            let (version, initial) = match &mut app {
+                                App::Live { app_version, awaiting, session, .. } => {
+                                    let initial = session.initial_to_log();
+                                    *awaiting = if initial.is_some() { Awaiting::InitialBundled } else { Awaiting::Checkpoint };
+                                    (*app_version, initial)
                                 }
-                                App::Waiting(_) => 0,
+                                App::Waiting(_) => (0, None),
                             };
-                            self.propose(InstanceLog::checkpoint_inputs(&state, version), &failed_tx);
+                            // One entry per part; the last part and, at a first start, the
+                            // InitialMessage (record 0) in one entry: committed together, so
+                            // no primary can ever start from that checkpoint without record 0.
+                            let mut entries: Vec<Vec<Input>> =
+                                InstanceLog::checkpoint_inputs(&state, version).into_iter().map(|i| vec![i]).collect();
+                            if let (Some(initial), Some(last)) = (initial, entries.last_mut()) {
+                                last.push(Input::Record(initial));
+                            }
+                            self.propose(entries, &failed_tx);
                         }
                         Action::Upgraded => {
                             tracing::info!(instance = %self.c().instance, replica = self.id, "upgraded: the upgrade checkpoint is committed");
@@ -596,14 +619,25 @@ impl Replica<'_> {
                             )));
                             break;
                         }
-                    } else if *awaiting != Awaiting::Checkpoint {
+                    } else if !matches!(*awaiting, Awaiting::Checkpoint | Awaiting::InitialBundled) {
                         actions.push(Action::Close(
                             "a checkpoint was committed but this primary's session did not propose it".into(),
                         ));
                         break;
                     } else {
-                        *awaiting = Awaiting::Nothing;
-                        actions.extend(session.on_checkpoint_written());
+                        // With record 0 bundled, the Append the session answers with is
+                        // already committed with the checkpoint (its output comes next).
+                        if *awaiting == Awaiting::Checkpoint {
+                            *awaiting = Awaiting::Nothing;
+                        }
+                        let written = session.on_checkpoint_written();
+                        let bundled = *awaiting == Awaiting::InitialBundled;
+                        for a in written {
+                            match a {
+                                Action::Append(_) if bundled => *awaiting = Awaiting::Record,
+                                other => actions.push(other),
+                            }
+                        }
                     }
                 }
             }
@@ -611,9 +645,10 @@ impl Replica<'_> {
         Ok(actions)
     }
 
-    /// Proposes `inputs` in order (the session has at most one record or checkpoint
-    /// in flight); a failure (this replica no longer leads) is reported on `failed`.
-    fn propose(&self, inputs: Vec<Input>, failed: &mpsc::UnboundedSender<Result<(), String>>) {
+    /// Proposes `entries` in order, each a Raft entry of one or more inputs applied
+    /// together (the session has at most one record or checkpoint in flight); a failure
+    /// (this replica no longer leads) is reported on `failed`.
+    fn propose(&self, entries: Vec<Vec<Input>>, failed: &mpsc::UnboundedSender<Result<(), String>>) {
         let raft = self.member.raft.clone();
         let leadership = self.member.leadership.clone();
         let failed = failed.clone();
@@ -628,18 +663,21 @@ impl Replica<'_> {
                 }
             }
             let _done = Done(proposing);
-            for input in inputs {
+            for inputs in entries {
                 // A handover waits for the target to hold the whole log: no proposal meanwhile.
                 while leadership.handing_over() {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                let data = match drover_journal::machine::encode_input::<InstanceLog>(&input) {
-                    Ok(d) => d.to_vec(),
-                    Err(e) => {
-                        let _ = failed.send(Err(e.to_string()));
-                        return;
+                let mut data = Vec::new();
+                for input in &inputs {
+                    match drover_journal::machine::encode_input::<InstanceLog>(input) {
+                        Ok(d) => data.extend_from_slice(&d),
+                        Err(e) => {
+                            let _ = failed.send(Err(e.to_string()));
+                            return;
+                        }
                     }
-                };
+                }
                 if let Err(e) = raft.client_write(drover_raft::Inputs(data)).await {
                     let _ = failed.send(Err(e.to_string()));
                     return;

@@ -537,6 +537,15 @@ impl Session {
         Ok((s, out))
     }
 
+    /// At a first start, while its checkpoint is being written: the InitialMessage the
+    /// session logs as record 0 right after (a replicated log commits both together).
+    pub fn initial_to_log(&self) -> Option<Bytes> {
+        match &self.phase {
+            Phase::Writing(After::FirstStart(initial)) => Some(initial.clone()),
+            _ => None,
+        }
+    }
+
     /// Whether the session is in normal operation (a primary's, live).
     pub fn is_live(&self) -> bool {
         matches!(self.phase, Phase::Normal)
