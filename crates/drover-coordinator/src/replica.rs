@@ -149,6 +149,11 @@ impl Shared {
     }
 }
 
+/// Whether the member these metrics describe leads (one view, read once).
+fn leading(m: &drover_raft::openraft::RaftMetrics<u64, drover_raft::openraft::BasicNode>) -> bool {
+    m.state == ServerState::Leader && m.current_leader == Some(m.id)
+}
+
 /// The replica's state machine handle and openraft.
 type M = Member<InstanceLog>;
 
@@ -273,8 +278,7 @@ impl Replica<'_> {
     /// earlier primary committed has been handed out).
     fn leads_caught_up(&self) -> bool {
         let m = self.member.raft.metrics().borrow().clone();
-        m.state == ServerState::Leader
-            && m.current_leader == Some(m.id)
+        leading(&m)
             // An entry of this term is applied (the leader's first, blank one): so every
             // entry of an earlier term in its log is committed and applied too...
             && m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term)
@@ -292,8 +296,7 @@ impl Replica<'_> {
     }
 
     fn leads(&self) -> bool {
-        let m = self.member.raft.metrics().borrow().clone();
-        m.state == ServerState::Leader && m.current_leader == Some(m.id)
+        leading(&self.member.raft.metrics().borrow())
     }
 
     /// Notes a committed version in this directory's `instance.json` (when registered
@@ -430,7 +433,7 @@ impl Replica<'_> {
         let (mut links, mut events) = Links::new(self.c(), self.committer_id);
         // What the proposals say: `Ok` once committed and applied (the loop takes the
         // outputs at once), `Err` when this replica no longer leads.
-        let (failed_tx, mut failed) = mpsc::unbounded_channel::<Result<(), String>>();
+        let (answers_tx, mut answers) = mpsc::unbounded_channel::<Result<(), String>>();
         let mut metrics = self.member.raft.metrics();
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         let mut app = App::Waiting(Vec::new());
@@ -453,7 +456,7 @@ impl Replica<'_> {
                     }
                 }
                 // Committed records and checkpoints, then the role.
-                actions.extend(self.committed(&mut app)?);
+                actions.extend(self.committed(&mut app));
                 if matches!(app, App::Live { .. }) && self.removed() {
                     return Ok("this replica was removed from the instance's group: it receives no records".into());
                 }
@@ -482,7 +485,7 @@ impl Replica<'_> {
                             if let App::Live { awaiting, .. } = &mut app {
                                 *awaiting = Awaiting::Record;
                             }
-                            self.propose(vec![vec![Input::Record(entry)]], &failed_tx);
+                            self.propose(vec![vec![Input::Record(entry)]], &answers_tx);
                         }
                         Action::WriteCheckpoint(state) => {
                             let (version, initial) = match &mut app {
@@ -501,7 +504,7 @@ impl Replica<'_> {
                             if let (Some(initial), Some(last)) = (initial, entries.last_mut()) {
                                 last.push(Input::Record(initial));
                             }
-                            self.propose(entries, &failed_tx);
+                            self.propose(entries, &answers_tx);
                         }
                         Action::Upgraded => {
                             tracing::info!(instance = %self.c().instance, replica = self.id, "upgraded: the upgrade checkpoint is committed");
@@ -544,7 +547,7 @@ impl Replica<'_> {
                         }
                     }
                     _ = tick.tick() => {}
-                    proposed = failed.recv() => if let Some(Err(why)) = proposed {
+                    proposed = answers.recv() => if let Some(Err(why)) = proposed {
                         return Ok(format!("a proposal was not committed: {why}"));
                     },
                     accepted = peer.accept() => match accepted {
@@ -568,7 +571,7 @@ impl Replica<'_> {
     }
 
     /// Hands what was committed since the last call to the session.
-    fn committed(&mut self, app: &mut App) -> Result<Vec<Action>, CoordinatorError> {
+    fn committed(&mut self, app: &mut App) -> Vec<Action> {
         let mut actions = Vec::new();
         let every = self.c().checkpoint_every_bytes.min(REPLICA_CHECKPOINT_EVERY);
         for o in self.member.machine.take_outputs() {
@@ -642,16 +645,16 @@ impl Replica<'_> {
                 }
             }
         }
-        Ok(actions)
+        actions
     }
 
     /// Proposes `entries` in order, each a Raft entry of one or more inputs applied
     /// together (the session has at most one record or checkpoint in flight); a failure
-    /// (this replica no longer leads) is reported on `failed`.
-    fn propose(&self, entries: Vec<Vec<Input>>, failed: &mpsc::UnboundedSender<Result<(), String>>) {
+    /// (this replica no longer leads) and the end of the batch are reported on `answers`.
+    fn propose(&self, entries: Vec<Vec<Input>>, answers: &mpsc::UnboundedSender<Result<(), String>>) {
         let raft = self.member.raft.clone();
         let leadership = self.member.leadership.clone();
-        let failed = failed.clone();
+        let answers = answers.clone();
         let proposing = self.proposing.clone();
         proposing.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
@@ -673,17 +676,17 @@ impl Replica<'_> {
                     match drover_journal::machine::encode_input::<InstanceLog>(input) {
                         Ok(d) => data.extend_from_slice(&d),
                         Err(e) => {
-                            let _ = failed.send(Err(e.to_string()));
+                            let _ = answers.send(Err(e.to_string()));
                             return;
                         }
                     }
                 }
                 if let Err(e) = raft.client_write(drover_raft::Inputs(data)).await {
-                    let _ = failed.send(Err(e.to_string()));
+                    let _ = answers.send(Err(e.to_string()));
                     return;
                 }
             }
-            let _ = failed.send(Ok(()));
+            let _ = answers.send(Ok(()));
         });
     }
 
