@@ -85,6 +85,7 @@ async fn main() {
                 arg("--trials", "30").parse().unwrap(),
                 arg("--calls", "100000").parse().unwrap(),
                 arg("--window", "256").parse().unwrap(),
+                Some(arg("--only", "all")).filter(|o| o != "all").as_deref(),
             )
             .await
         }

@@ -280,10 +280,21 @@ pub async fn three_replicas(size: usize, calls: u64, window: usize, hot: bool, s
     (rate, rate * size as f64 / 1e6)
 }
 
-pub async fn run(trials: usize, calls: u64, window: usize) {
+pub async fn run(trials: usize, calls: u64, window: usize, only: Option<&str>) {
     println!(
         "command: cargo build --release -p drover && cd bench && cargo run --release -- replicas --trials {trials} --calls {calls} --window {window}"
     );
+    if let Some(setup) = only {
+        // One setup alone (for a profiler): one, hot, cold or shm.
+        let (rate, mb) = match setup {
+            "one" => crate::coordinator::one(1024, calls, window).await,
+            "hot" => three_replicas(1024, calls, window, true, false).await,
+            "cold" => three_replicas(1024, calls, window, false, false).await,
+            _ => three_replicas(1024, calls, window, true, true).await,
+        };
+        println!("{setup}: {calls} calls, {rate:.0} calls/s, {mb:.1} MB/s");
+        return;
+    }
     let (one_rate, one_mb) = crate::coordinator::one(1024, calls, window).await;
     let (three_rate, three_mb) = three_replicas(1024, calls, window, true, false).await;
     let (cold_rate, cold_mb) = three_replicas(1024, calls, window, false, false).await;

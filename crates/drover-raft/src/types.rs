@@ -4,9 +4,11 @@
 use std::io::Cursor;
 
 /// A normal entry's data: the encoded input messages (each `size · type · data`, as
-/// the single-controller journal holds them), applied in order.
+/// the single-controller journal holds them), applied in order. On the Raft port it
+/// travels as bytes (one length and a copy: the same postcard bytes as a sequence of
+/// `u8`, which costs a call per byte).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Inputs(pub Vec<u8>);
+pub struct Inputs(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
 openraft::declare_raft_types!(
     /// drover's Raft types.
@@ -34,3 +36,24 @@ pub type Membership = openraft::Membership<u64, openraft::BasicNode>;
 /// Where the result of a proposal arrives (`Raft::client_write_ff`).
 pub type WriteReceiver =
     <<TypeConfig as openraft::RaftTypeConfig>::Responder as openraft::raft::responder::Responder<TypeConfig>>::Receiver;
+
+#[cfg(test)]
+mod tests {
+    use super::Inputs;
+
+    /// What the previous release sent: the derived encoding (a sequence of `u8`).
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    struct Sequence(Vec<u8>);
+
+    #[test]
+    fn inputs_on_the_wire_are_the_bytes_a_sequence_of_u8_was() {
+        for len in [0usize, 1, 127, 128, 300, 70_000] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let now = postcard::to_stdvec(&Inputs(data.clone())).unwrap();
+            let before = postcard::to_stdvec(&Sequence(data.clone())).unwrap();
+            assert_eq!(now, before, "length {len}");
+            assert_eq!(postcard::from_bytes::<Inputs>(&before).unwrap(), Inputs(data.clone()));
+            assert_eq!(postcard::from_bytes::<Sequence>(&now).unwrap(), Sequence(data));
+        }
+    }
+}
