@@ -81,6 +81,28 @@ pub struct CheckpointHeader {
     /// Per destination instance: calls made to it so far, and those it has not
     /// committed yet (sequence number, message), which replay will not regenerate.
     pub sent: BTreeMap<String, (i64, Vec<(i64, Bytes)>)>,
+    /// What was waiting to be logged (each message and whether it is replayable):
+    /// the first ordinary record after the checkpoint holds all of it. Replay does not
+    /// regenerate it (the application sent it before the checkpoint), so a log that
+    /// ends at this checkpoint logs it again from here. Empty in checkpoints written
+    /// before this field existed (a trailing part of the header older releases skip).
+    pub unlogged: Vec<(Bytes, bool)>,
+    /// The InitialMessage that is record 0, when it is the next record (a first
+    /// start's checkpoint): a log that ends at the checkpoint logs it from here.
+    pub unlogged_initial: Option<Bytes>,
+    /// Per source instance, the calls from it in `unlogged` (last sequence number, how
+    /// many): the tags of the record that holds them.
+    pub unlogged_tags: BTreeMap<String, (i64, u32)>,
+}
+
+/// What a session started from a checkpoint must log itself unless the record after
+/// that checkpoint commits (see [`CheckpointHeader::unlogged`]).
+#[derive(Clone, Debug, Default)]
+struct Unlogged {
+    /// Record 0, until it is logged.
+    initial: Option<Bytes>,
+    calls: Vec<(Bytes, bool)>,
+    tags: BTreeMap<String, (i64, u32)>,
 }
 
 /// What a checkpoint says about the record after it (one byte in the header).
@@ -187,6 +209,24 @@ impl CheckpointHeader {
                 h.extend_from_slice(msg);
             }
         }
+        if !self.unlogged.is_empty() || self.unlogged_initial.is_some() {
+            // Each entry's kind byte: 0 a call that is not replayable, 1 one that is, 2
+            // the InitialMessage (first, and only in a first start's checkpoint).
+            let initial = self.unlogged_initial.iter().map(|m| (m, 2u8));
+            let calls = self.unlogged.iter().map(|(m, r)| (m, u8::from(*r)));
+            varint::put_long(&mut h, (self.unlogged.len() + usize::from(self.unlogged_initial.is_some())) as i64);
+            for (msg, kind) in initial.chain(calls) {
+                h.push(kind);
+                varint::put_long(&mut h, msg.len() as i64);
+                h.extend_from_slice(msg);
+            }
+            varint::put_long(&mut h, self.unlogged_tags.len() as i64);
+            for (name, (seq, count)) in &self.unlogged_tags {
+                put_str(&mut h, name);
+                varint::put_long(&mut h, *seq);
+                varint::put_long(&mut h, i64::from(*count));
+            }
+        }
         let mut out = Vec::with_capacity(8 + h.len() + app.len());
         out.extend_from_slice(&(h.len() as u64).to_le_bytes());
         out.extend_from_slice(&h);
@@ -222,8 +262,38 @@ impl CheckpointHeader {
             }
             sent.insert(name, (count, outbox));
         }
+        // The unlogged calls: absent in headers written before they were kept.
+        let (mut unlogged, mut unlogged_tags, mut unlogged_initial) = (Vec::new(), BTreeMap::new(), None);
+        if !c.0.is_empty() {
+            for i in 0..c.count("unlogged call count")? {
+                let (&kind, rest) = c.0.split_first().ok_or_else(short)?;
+                c.0 = rest;
+                let message = Bytes::copy_from_slice(c.bytes()?);
+                match kind {
+                    0 | 1 => unlogged.push((message, kind == 1)),
+                    2 if i == 0 => unlogged_initial = Some(message),
+                    k => return Err(format!("checkpoint header: unlogged entry {i} of kind {k}")),
+                }
+            }
+            for _ in 0..c.count("unlogged source count")? {
+                let name = c.string()?;
+                let seq = c.count("sequence number")? as i64;
+                let count = u32::try_from(c.count("call count")?)
+                    .map_err(|_| "checkpoint header has an impossible call count".to_owned())?;
+                unlogged_tags.insert(name, (seq, count));
+            }
+        }
         let initial_next = InitialNext::from_byte(flag)?;
-        let header = CheckpointHeader { self_calls, pending, initial_next, received, sent };
+        let header = CheckpointHeader {
+            self_calls,
+            pending,
+            initial_next,
+            received,
+            sent,
+            unlogged,
+            unlogged_tags,
+            unlogged_initial,
+        };
         Ok((header, stored.slice(8 + len..)))
     }
 }
@@ -370,8 +440,10 @@ fn replay_view_untagged(payload: &Bytes) -> (u64, Option<Bytes>) {
 enum After {
     /// First start: then log the whole InitialMessage (these bytes).
     FirstStart(Bytes),
-    /// After recovery (`upgrade`: move to the new version).
-    Recovered { upgrade: bool },
+    /// After recovery (`upgrade`: move to the new version), then log `initial` as
+    /// record 0 when the log ends before it (a first start killed between its
+    /// checkpoint and record 0).
+    Recovered { upgrade: bool, initial: Option<Bytes> },
     /// A checkpoint during normal operation.
     Normal,
 }
@@ -428,6 +500,9 @@ pub struct Session {
     initial_next: InitialNext,
     /// A secondary's calls read and dropped because the log already held them.
     dropped: u64,
+    /// What the checkpoint this session started from had waiting to be logged, until
+    /// an ordinary record after it commits (then the log holds it).
+    unlogged: Option<Unlogged>,
 }
 
 impl Session {
@@ -452,6 +527,7 @@ impl Session {
             outbox: BTreeMap::new(),
             initial_next: InitialNext::No,
             dropped: 0,
+            unlogged: None,
         }
     }
 
@@ -472,8 +548,11 @@ impl Session {
         upgrade: bool,
         max_checkpoint: u64,
     ) -> Result<(Session, Vec<Action>), String> {
-        let phase = Phase::AwaitCheckpoint(After::Recovered { upgrade });
-        let (s, mut out) = Session::replayed(committer_id, name, stored_checkpoint, records, phase, max_checkpoint)?;
+        let phase = Phase::AwaitCheckpoint(After::Recovered { upgrade, initial: None });
+        let (mut s, mut out) =
+            Session::replayed(committer_id, name, stored_checkpoint, records, phase, max_checkpoint)?;
+        let initial = s.requeue_unlogged();
+        s.phase = Phase::AwaitCheckpoint(After::Recovered { upgrade, initial });
         let ask = if upgrade { Message::UpgradeTakeCheckpoint } else { Message::TakeBecomingPrimaryCheckpoint };
         out.push(Action::Send(control(committer_id, &ask).into()));
         Ok((s, out))
@@ -513,14 +592,22 @@ impl Session {
             s.sent.insert(name.clone(), *count);
             s.outbox.insert(name.clone(), outbox.iter().cloned().collect());
         }
+        let mut unlogged = Unlogged {
+            initial: header.unlogged_initial.filter(|_| header.initial_next != InitialNext::No),
+            calls: header.unlogged,
+            tags: header.unlogged_tags,
+        };
         for (seq, payload) in records {
             if initial_next != InitialNext::No {
                 // The InitialMessage record: the whole message, not a self-call.
                 let whole = initial_next.deliverable(&payload);
                 initial_next = InitialNext::No;
                 out.push(Action::Send(record(committer_id, seq, &whole).into()));
+                unlogged.initial = None;
                 continue;
             }
+            // The first ordinary record after the checkpoint holds what it had waiting.
+            unlogged = Unlogged::default();
             for (source, last, _) in strip_tags(&payload).1 {
                 let r = s.received.entry(source).or_insert(0);
                 *r = (*r).max(last);
@@ -534,6 +621,7 @@ impl Session {
         s.self_calls = header.self_calls;
         s.logged_self_calls = logged;
         s.initial_next = initial_next;
+        s.unlogged = Some(unlogged).filter(|u| u.initial.is_some() || !u.calls.is_empty());
         Ok((s, out))
     }
 
@@ -541,7 +629,9 @@ impl Session {
     /// session logs as record 0 right after (a replicated log commits both together).
     pub fn initial_to_log(&self) -> Option<Bytes> {
         match &self.phase {
-            Phase::Writing(After::FirstStart(initial)) => Some(initial.clone()),
+            Phase::Writing(After::FirstStart(initial) | After::Recovered { initial: Some(initial), .. }) => {
+                Some(initial.clone())
+            }
             _ => None,
         }
     }
@@ -573,8 +663,12 @@ impl Session {
         if self.initial_next != InitialNext::No {
             let whole = self.initial_next.deliverable(payload);
             self.initial_next = InitialNext::No;
+            if let Some(u) = &mut self.unlogged {
+                u.initial = None;
+            }
             return vec![Action::Send(record(self.committer_id, seq, &whole).into())];
         }
+        self.unlogged = None;
         for (source, last, _) in strip_tags(payload).1 {
             let r = self.received.entry(source).or_insert(0);
             *r = (*r).max(last);
@@ -614,9 +708,32 @@ impl Session {
         if !self.is_secondary() {
             return Vec::new();
         }
-        self.phase = Phase::AwaitCheckpoint(After::Recovered { upgrade });
+        let initial = self.requeue_unlogged();
+        self.phase = Phase::AwaitCheckpoint(After::Recovered { upgrade, initial });
         let ask = if upgrade { Message::UpgradeTakeCheckpoint } else { Message::TakeBecomingPrimaryCheckpoint };
         vec![Action::Send(control(self.committer_id, &ask).into())]
+    }
+
+    /// Going live from a log that ends with no ordinary record after the checkpoint
+    /// this session started from: what that checkpoint had waiting goes first in line
+    /// (the application sent it before the checkpoint, so nothing regenerates it; the
+    /// calls regenerated since are numbered after it). Returns record 0 when the log
+    /// does not hold it either: it is logged right after the next checkpoint.
+    fn requeue_unlogged(&mut self) -> Option<Bytes> {
+        let Unlogged { initial, calls, tags } = self.unlogged.take()?;
+        tracing::info!(
+            calls = calls.len(),
+            record_0 = initial.is_some(),
+            "the log ends at a checkpoint without what it had waiting to be logged: logging it now"
+        );
+        self.pending_bytes += calls.iter().map(|(b, _)| b.len()).sum::<usize>();
+        self.pending.splice(0..0, calls);
+        for (source, (seq, count)) in tags {
+            let tag = self.pending_tags.entry(source).or_insert((seq, 0));
+            tag.0 = tag.0.max(seq);
+            tag.1 = tag.1.saturating_add(count);
+        }
+        initial
     }
 
     /// What a debug run (seed 4's repro and upgrade what-if flows) sends: the
@@ -673,7 +790,7 @@ impl Session {
         let header = CheckpointHeader {
             self_calls: self.self_calls,
             pending: (self.pending.iter().filter(|(_, r)| *r).count() as u64).saturating_sub(remote_pending),
-            initial_next: if matches!(after, After::FirstStart(_)) {
+            initial_next: if matches!(after, After::FirstStart(_) | After::Recovered { initial: Some(_), .. }) {
                 InitialNext::WholeMessage
             } else {
                 InitialNext::No
@@ -686,6 +803,12 @@ impl Session {
                     (d.clone(), (*n, self.outbox.get(d).map(|o| o.iter().cloned().collect()).unwrap_or_default()))
                 })
                 .collect(),
+            unlogged_initial: match &after {
+                After::FirstStart(i) | After::Recovered { initial: Some(i), .. } => Some(i.clone()),
+                After::Recovered { initial: None, .. } | After::Normal => None,
+            },
+            unlogged: self.pending.clone(),
+            unlogged_tags: self.pending_tags.clone(),
         };
         let state = header.encode(&buf);
         self.phase = Phase::Writing(after);
@@ -928,8 +1051,18 @@ impl Session {
                 out.push(Action::Append(initial));
                 return out;
             }
-            After::Recovered { upgrade: true } => out.push(Action::Upgraded),
-            After::Recovered { upgrade: false } | After::Normal => {}
+            After::Recovered { upgrade, initial } => {
+                if upgrade {
+                    out.push(Action::Upgraded);
+                }
+                if let Some(initial) = initial {
+                    self.in_flight = true;
+                    self.initial_in_flight = true;
+                    out.push(Action::Append(initial));
+                    return out;
+                }
+            }
+            After::Normal => {}
         }
         out.extend(self.flush());
         out
@@ -979,6 +1112,145 @@ mod tests {
         let (mut u, _) = Session::secondary(7, "app", &stored, Vec::new(), 1 << 20).unwrap();
         assert_eq!(u.become_primary(true), vec![Action::Send(control(7, &Message::UpgradeTakeCheckpoint).into())]);
         assert!(u.become_primary(true).is_empty(), "only once");
+    }
+
+    /// A live session with `in_flight` appended and not yet durable, then `waiting`
+    /// calls sent while the application answers `TakeCheckpoint`: the checkpoint it
+    /// writes, and the session.
+    fn checkpoint_with_waiting_calls(in_flight: u8, waiting: &[u8], remote: Option<(&str, u8)>) -> (Session, Bytes) {
+        let empty = Bytes::from(CheckpointHeader::default().encode(b""));
+        let (mut s, _) = Session::recovery(7, "app", &empty, Vec::new(), false, 1 << 20).unwrap();
+        let _ = s.on_frame(Frame::Message(Message::Checkpoint { len: 0, fixed_length: false }));
+        let _ = s.on_checkpoint_written();
+        assert_eq!(s.on_frame(sent(in_flight)), vec![Action::Append(logged(in_flight))]);
+        assert!(s.request_checkpoint().is_empty(), "asked once nothing is in flight");
+        let out = s.on_durable(0, &logged(in_flight));
+        assert_eq!(out.last(), Some(&Action::Send(control(7, &Message::TakeCheckpoint).into())));
+        for arg in waiting {
+            assert!(s.on_frame(sent(*arg)).is_empty());
+        }
+        if let Some((source, arg)) = remote {
+            assert!(s.on_remote(source, 1, &logged(arg)).is_empty());
+        }
+        let write = s.on_frame(Frame::Message(Message::Checkpoint { len: 0, fixed_length: false }));
+        let [Action::WriteCheckpoint(state)] = write.as_slice() else { panic!("{write:?}") };
+        (s, Bytes::from(state.clone()))
+    }
+
+    /// The one record a session appends next (the waiting calls, batched).
+    fn appended(out: &[Action]) -> Bytes {
+        match out {
+            [Action::Append(entry)] => entry.clone(),
+            other => panic!("expected one append: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn calls_waiting_at_a_checkpoint_are_logged_even_when_the_log_ends_at_it() {
+        let (mut live, stored) = checkpoint_with_waiting_calls(1, &[2, 3], None);
+        let (header, _) = CheckpointHeader::decode(&stored).unwrap();
+        assert_eq!((header.self_calls, header.pending), (3, 2));
+        assert_eq!(header.unlogged, vec![(logged(2), true), (logged(3), true)]);
+        // Without a crash, the record after the checkpoint holds both.
+        let next = appended(&live.on_checkpoint_written());
+        assert_eq!(replay_view(&next).0, 2);
+
+        // A crash after the checkpoint and before that record: recovery logs them.
+        let (mut s, _) = Session::recovery(7, "app", &stored, Vec::new(), false, 1 << 20).unwrap();
+        let write = s.on_frame(Frame::Message(Message::Checkpoint { len: 0, fixed_length: false }));
+        let [Action::WriteCheckpoint(again)] = write.as_slice() else { panic!("{write:?}") };
+        let (header, _) = CheckpointHeader::decode(&Bytes::from(again.clone())).unwrap();
+        assert_eq!((header.self_calls, header.pending, header.unlogged.len()), (3, 2, 2));
+        assert_eq!(appended(&s.on_checkpoint_written()), next, "the same record, once");
+        // The application's next call is its fourth: logged, not taken for a repeat.
+        assert!(s.on_frame(sent(4)).is_empty(), "one record in flight");
+        assert_eq!(s.on_durable(2, &next), vec![Action::Send(record(7, 2, &next).into()), Action::Append(logged(4))]);
+
+        // With that record in the log, recovery replays it and logs nothing again.
+        let (mut s, out) = Session::recovery(7, "app", &stored, vec![(2, next.clone())], false, 1 << 20).unwrap();
+        assert_eq!(out.len(), 3, "[-2] and checkpoint, the record, TakeBecomingPrimaryCheckpoint: {out:?}");
+        let _ = s.on_frame(Frame::Message(Message::Checkpoint { len: 0, fixed_length: false }));
+        assert!(s.on_checkpoint_written().is_empty());
+    }
+
+    /// The record the session appends for these self-calls (an `RpcBatch`).
+    fn batch(args: &[u8]) -> Bytes {
+        let mut data = Vec::new();
+        varint::put_int(&mut data, args.len() as i32);
+        for a in args {
+            data.extend_from_slice(&logged(*a));
+        }
+        let mut out = Vec::new();
+        varint::put_int(&mut out, (data.len() + 1) as i32);
+        out.push(MessageType::RpcBatch as u8);
+        out.extend_from_slice(&data);
+        out.into()
+    }
+
+    #[test]
+    fn a_secondary_started_at_such_a_checkpoint_logs_them_first_on_becoming_primary_unless_their_record_commits() {
+        let (mut live, stored) = checkpoint_with_waiting_calls(1, &[2, 3], None);
+        let next = appended(&live.on_checkpoint_written());
+        assert_eq!(next, batch(&[2, 3]));
+        // The primary is lost before that record commits. This replica's application
+        // started from the checkpoint (so it never makes calls 2 and 3 again) and makes
+        // call 4, which waits; on becoming primary, 2 and 3 go first.
+        let (mut s, _) = Session::secondary(7, "app", &stored, Vec::new(), 1 << 20).unwrap();
+        assert!(s.on_frame(sent(4)).is_empty());
+        let _ = s.become_primary(false);
+        let write = s.on_frame(Frame::Message(Message::Checkpoint { len: 0, fixed_length: false }));
+        let [Action::WriteCheckpoint(state)] = write.as_slice() else { panic!("{write:?}") };
+        let (header, _) = CheckpointHeader::decode(&Bytes::from(state.clone())).unwrap();
+        assert_eq!((header.self_calls, header.pending), (4, 3));
+        assert_eq!(appended(&s.on_checkpoint_written()), batch(&[2, 3, 4]));
+
+        // The record commits first: the secondary delivers it and logs nothing again.
+        let (mut s, _) = Session::secondary(7, "app", &stored, Vec::new(), 1 << 20).unwrap();
+        assert_eq!(s.on_committed(2, &next), vec![Action::Send(record(7, 2, &next).into())]);
+        let _ = s.become_primary(false);
+        let _ = s.on_frame(Frame::Message(Message::Checkpoint { len: 0, fixed_length: false }));
+        assert!(s.on_checkpoint_written().is_empty());
+    }
+
+    #[test]
+    fn a_call_from_another_instance_waiting_at_a_checkpoint_is_logged_and_committed_after_recovery() {
+        let (_, stored) = checkpoint_with_waiting_calls(1, &[], Some(("peer", 9)));
+        let (header, _) = CheckpointHeader::decode(&stored).unwrap();
+        assert_eq!(header.received.get("peer"), Some(&1));
+        assert_eq!(header.unlogged_tags.get("peer"), Some(&(1, 1)));
+        // The log ends at the checkpoint: the peer is not asked again (it counts the
+        // call as received), so recovery logs it, tagged, and then commits it.
+        let (mut s, _) = Session::recovery(7, "app", &stored, Vec::new(), false, 1 << 20).unwrap();
+        assert_eq!(s.next_from("peer"), 2);
+        let _ = s.on_frame(Frame::Message(Message::Checkpoint { len: 0, fixed_length: false }));
+        let entry = appended(&s.on_checkpoint_written());
+        let (stripped, tags) = strip_tags(&entry);
+        assert_eq!(stripped, logged(9).to_vec());
+        assert_eq!(tags, vec![("peer".to_owned(), 1, 1)]);
+        let out = s.on_durable(2, &entry);
+        assert!(out.contains(&Action::Commit { source: "peer".into(), seq: 1 }), "{out:?}");
+    }
+
+    #[test]
+    fn the_unlogged_part_of_a_header_is_optional_and_damage_to_it_is_refused() {
+        let (_, stored) = checkpoint_with_waiting_calls(1, &[2, 3], Some(("peer", 9)));
+        let len = u64::from_le_bytes(stored[..8].try_into().unwrap()) as usize;
+        let (full, app) = (stored.slice(8..8 + len), stored.slice(8 + len..));
+        // Where the unlogged part starts: the header of the same checkpoint without it.
+        let (mut header, _) = CheckpointHeader::decode(&stored).unwrap();
+        let (unlogged, tags) = (std::mem::take(&mut header.unlogged), std::mem::take(&mut header.unlogged_tags));
+        let old = Bytes::from(header.encode(&app));
+        let old_len = u64::from_le_bytes(old[..8].try_into().unwrap()) as usize;
+        assert_eq!(full[..old_len], old[8..8 + old_len], "the part is appended after the older fields");
+        assert!(CheckpointHeader::decode(&old).unwrap().0.unlogged.is_empty(), "a header without it: nothing unlogged");
+        assert_eq!((unlogged.len(), tags.len()), (3, 1));
+        // Every cut inside the part is refused (not read as fewer calls, no panic).
+        for cut in old_len + 1..len {
+            let mut damaged = (cut as u64).to_le_bytes().to_vec();
+            damaged.extend_from_slice(&full[..cut]);
+            damaged.extend_from_slice(&app);
+            assert!(CheckpointHeader::decode(&Bytes::from(damaged)).is_err(), "cut at {cut} of {len}");
+        }
     }
 
     #[test]

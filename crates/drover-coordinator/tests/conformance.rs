@@ -381,6 +381,157 @@ async fn golden_record0_v1_directory_recovers_with_record_0_as_the_whole_initial
     c.stop().await;
 }
 
+/// A self call as the application sends it (fire-and-forget, method 32, one byte).
+fn call(arg: u8) -> [u8; 7] {
+    [0x0C, 0x00, 0x00, 0x00, 0x40, 0x01, arg]
+}
+
+/// The same call as a logged record delivers it.
+fn delivered(arg: u8) -> [u8; 6] {
+    [0x0A, 0x00, 0x00, 0x40, 0x01, arg]
+}
+
+/// Writes a log through the session and the journal, as the coordinator does, and
+/// stops right after writing checkpoint `last` (1 or 2), as a coordinator killed
+/// before the record that follows it: a first start (C InitialMessage, checkpoint
+/// `C0 DE`, then record 0), call 1 logged, a checkpoint asked for, calls 2 and 3 sent
+/// before the application's answer `C2 DE` (so they wait to be logged after it).
+/// With `last` 2 this is `tests/golden/checkpoint-header-v2`.
+async fn write_log_ending_at_checkpoint(dir: &Path, last: usize) {
+    use drover_coordinator::session::{Action, Session};
+    use drover_journal::{FsStorage, Journal, JournalConfig};
+    use drover_wire::ambrosia::{Direction, Frame, Limits, MessageReader};
+    instance::register(dir, "app", 0).unwrap();
+    let config = JournalConfig::new(instance::log_path(dir, "app"));
+    let (journal, _) = Journal::open(config, std::sync::Arc::new(FsStorage)).unwrap();
+    let (mut session, _) = Session::first_start(journal.committer_id(), "app", 1 << 20);
+    // What the application sends, parsed as the coordinator parses it.
+    let frames = |bytes: &[u8]| {
+        let mut r = MessageReader::new(Direction::ToCoordinator, Limits::default());
+        r.feed(bytes);
+        std::iter::from_fn(move || r.next_frame().unwrap()).collect::<Vec<Frame>>()
+    };
+    let mut app = frames(&C_INITIAL);
+    app.extend(frames(&[0x04, 0x08, 0x04, 0xC0, 0xDE]));
+    app.extend(frames(&call(1)));
+    let mut checkpoints = 0;
+    let mut queue: std::collections::VecDeque<Action> = Default::default();
+    loop {
+        let Some(action) = queue.pop_front() else {
+            match app.is_empty() {
+                true if checkpoints == 1 => {
+                    // Call 1 is logged: the coordinator asks for a checkpoint; calls 2
+                    // and 3 come before the application's answer.
+                    queue.extend(session.request_checkpoint());
+                    app.extend(frames(&call(2)));
+                    app.extend(frames(&call(3)));
+                    app.extend(frames(&[0x04, 0x08, 0x04, 0xC2, 0xDE]));
+                    continue;
+                }
+                true => panic!("the application has nothing more to send"),
+                false => {
+                    queue.extend(session.on_frame(app.remove(0)));
+                    continue;
+                }
+            }
+        };
+        match action {
+            Action::Append(entry) => {
+                let at = journal.append(entry.clone()).await.unwrap().await.unwrap();
+                queue.extend(session.on_durable(at.seq, &entry));
+            }
+            Action::WriteCheckpoint(state) => {
+                journal.checkpoint(state).await.unwrap();
+                checkpoints += 1;
+                if checkpoints == last {
+                    break;
+                }
+                queue.extend(session.on_checkpoint_written());
+            }
+            Action::Send(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    tokio::task::spawn_blocking(move || journal.close_blocking()).await.unwrap();
+}
+
+/// `tests/golden/checkpoint-header-v2`: a log that ends at a checkpoint whose two
+/// waiting calls were never logged (see `write_log_ending_at_checkpoint`). A checkpoint
+/// header now carries such calls; a release before it lost them. Recreate by
+/// `DROVER_WRITE_GOLDEN=checkpoint-header-v2 cargo test -p drover-coordinator --test
+/// conformance golden`.
+#[tokio::test]
+async fn golden_checkpoint_header_v2_a_log_ending_at_a_checkpoint_still_logs_the_calls_that_waited() {
+    if std::env::var("DROVER_WRITE_GOLDEN").as_deref() == Ok("checkpoint-header-v2") {
+        let dir = tempfile::tempdir().unwrap();
+        write_log_ending_at_checkpoint(dir.path(), 2).await;
+        let target = golden("checkpoint-header-v2");
+        let _ = std::fs::remove_dir_all(&target);
+        copy_dir(dir.path(), &target);
+        std::fs::remove_file(target.join("app/LOCK")).ok();
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&golden("checkpoint-header-v2"), dir.path());
+    let c = Coordinator::start(dir.path(), false, 0, None).await;
+    let (mut to, mut from) = connect(&c).await;
+    // The second checkpoint, no record after it, and the request to go live.
+    assert_eq!(read_checkpoint(&mut from).await, [0xC2, 0xDE]);
+    let (_, _, seq, payload) = read_record(&mut from).await;
+    assert_eq!((seq, payload.as_slice()), (-1, &[0x02, 0x0B][..]));
+    to.write_all(&[0x04, 0x08, 0x00]).await.unwrap();
+    // Calls 2 and 3 are logged (once, in one record) and delivered.
+    let (_, _, seq, payload) = read_record(&mut from).await;
+    let mut batch = Vec::new();
+    drover_wire::ambrosia::varint::put_int(&mut batch, 2);
+    batch.extend_from_slice(&delivered(2));
+    batch.extend_from_slice(&delivered(3));
+    let mut want = Vec::new();
+    drover_wire::ambrosia::varint::put_int(&mut want, batch.len() as i32 + 1);
+    want.push(drover_wire::ambrosia::MessageType::RpcBatch as u8);
+    want.extend_from_slice(&batch);
+    assert_eq!((seq, payload), (2, want));
+    // The application's next call is logged after them.
+    to.write_all(&call(4)).await.unwrap();
+    let (_, _, seq, payload) = read_record(&mut from).await;
+    assert_eq!((seq, payload.as_slice()), (3, &delivered(4)[..]));
+    drop((to, from));
+    c.stop().await;
+}
+
+/// A first start killed between its checkpoint and record 0: recovery logs the
+/// InitialMessage as record 0 after the application's recovery checkpoint, delivered
+/// whole, and the application goes on from it.
+#[tokio::test]
+async fn a_first_start_killed_before_record_0_logs_the_initial_message_on_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    write_log_ending_at_checkpoint(dir.path(), 1).await;
+    let c = Coordinator::start(dir.path(), false, 0, None).await;
+    let (mut to, mut from) = connect(&c).await;
+    assert_eq!(read_checkpoint(&mut from).await, [0xC0, 0xDE]);
+    let (_, _, seq, payload) = read_record(&mut from).await;
+    assert_eq!((seq, payload.as_slice()), (-1, &[0x02, 0x0B][..]));
+    to.write_all(&[0x04, 0x08, 0x02, 0xC0]).await.unwrap();
+    let (_, check, seq, payload) = read_record(&mut from).await;
+    assert_eq!((seq, payload.as_slice()), (0, &C_INITIAL[..]), "record 0, the whole InitialMessage");
+    assert_eq!(check, xxh64(&C_INITIAL));
+    to.write_all(&call(1)).await.unwrap();
+    let (_, _, seq, payload) = read_record(&mut from).await;
+    assert_eq!((seq, payload.as_slice()), (1, &delivered(1)[..]));
+    drop((to, from));
+    c.stop().await;
+    // And a recovery from the checkpoint written meanwhile replays record 0 whole.
+    let c = Coordinator::start(dir.path(), false, 0, None).await;
+    let (_to, mut from) = connect(&c).await;
+    assert_eq!(read_checkpoint(&mut from).await, [0xC0]);
+    let (_, _, seq, payload) = read_record(&mut from).await;
+    assert_eq!((seq, payload.as_slice()), (0, &C_INITIAL[..]));
+    let (_, _, seq, payload) = read_record(&mut from).await;
+    assert_eq!((seq, payload.as_slice()), (1, &delivered(1)[..]));
+    drop((_to, from));
+    c.stop().await;
+}
+
 /// Connects as either generation: (app → coordinator, coordinator → app).
 async fn connect_as(c: &Coordinator, app_listener: Option<&TcpListener>) -> (TcpStream, TcpStream) {
     match app_listener {
