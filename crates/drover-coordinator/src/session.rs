@@ -209,7 +209,7 @@ impl CheckpointHeader {
                 h.extend_from_slice(msg);
             }
         }
-        if !self.unlogged.is_empty() || self.unlogged_initial.is_some() {
+        if !self.unlogged.is_empty() || self.unlogged_initial.is_some() || !self.unlogged_tags.is_empty() {
             // Each entry's kind byte: 0 a call that is not replayable, 1 one that is, 2
             // the InitialMessage (first, and only in a first start's checkpoint).
             let initial = self.unlogged_initial.iter().map(|m| (m, 2u8));
