@@ -47,6 +47,12 @@ pub enum Request {
         /// Its id.
         id: u64,
     },
+    /// To replica `id` itself, from the leader once its removal is committed: it ends
+    /// its application's session and stops (openraft does not tell it).
+    Removed {
+        /// Its id.
+        id: u64,
+    },
 }
 
 /// A replica's answer.
@@ -170,6 +176,14 @@ async fn handle(request: Request, parts: Parts) -> Result<Answer, String> {
     match request {
         Request::Info => Ok(Answer::Info(info(&raft, &machine, &shared))),
         Request::Status => Ok(Answer::Status(status(&raft, &machine, &creds, &shared).await)),
+        Request::Removed { id } => {
+            if id != me {
+                return Err(format!("this is replica {me}, not {id}"));
+            }
+            shared.mark_removed().map_err(|e| format!("marking replica {me} removed: {e}"))?;
+            tracing::warn!(replica = me, "the leader removed this replica from the instance's group");
+            Ok(Answer::Done(format!("replica {me} stops")))
+        }
         change => {
             let m = raft.metrics().borrow().clone();
             if m.current_leader != Some(me) {
@@ -211,12 +225,25 @@ async fn handle(request: Request, parts: Parts) -> Result<Answer, String> {
                             "replica {id} is primary: hand the role over first (drover coordinator transfer-primary)"
                         ));
                     }
+                    let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone());
                     raft.change_membership(ChangeMembers::RemoveVoters([id].into()), false)
                         .await
                         .map_err(|e| format!("removing replica {id}: {e}"))?;
-                    Ok(Answer::Done(format!("replica {id} removed")))
+                    // Then tell it (it may be down: then it is told nothing, and stays
+                    // stopped only if its operator stops it).
+                    let body = postcard::to_allocvec(&Request::Removed { id }).map_err(|e| e.to_string())?;
+                    let told = match addr {
+                        Some(a) => Forwarder::new(creds).call(&a, body, TTL).await.map_err(|e| e.to_string()),
+                        None => Err("its address is not in the membership".into()),
+                    };
+                    Ok(Answer::Done(match told {
+                        Ok(_) => format!("replica {id} removed; it ended its application's session and stops"),
+                        Err(e) => format!(
+                            "replica {id} removed; it could not be told ({e}): stop its process and application"
+                        ),
+                    }))
                 }
-                Request::Info | Request::Status => unreachable!("answered above"),
+                Request::Info | Request::Status | Request::Removed { .. } => unreachable!("answered above"),
             }
         }
     }
@@ -280,7 +307,7 @@ pub async fn ask(addrs: &[String], creds: &Credentials, request: &Request) -> Re
     let body = postcard::to_allocvec(request).map_err(|e| AdminError::Decode(e.to_string()))?;
     let forwarder = Forwarder::new(creds.clone());
     let ttl = match request {
-        Request::Info | Request::Status => Duration::from_secs(5),
+        Request::Info | Request::Status | Request::Removed { .. } => Duration::from_secs(5),
         _ => Duration::from_secs(30),
     };
     let mut errors = Vec::new();

@@ -139,6 +139,10 @@ pub(crate) struct Shared {
     pub(crate) app: Arc<Mutex<AppView>>,
     pub(crate) addresses: Arc<BTreeMap<String, String>>,
     pub(crate) instance: String,
+    /// Set when the leader said this replica was removed from the group.
+    removed: Arc<std::sync::atomic::AtomicBool>,
+    /// This replica's directory (where the removal is marked).
+    dir: PathBuf,
 }
 
 impl Shared {
@@ -147,6 +151,26 @@ impl Shared {
             f(&mut a);
         }
     }
+
+    /// The leader removed this replica from the group (openraft does not tell a
+    /// removed voter: the leader stops replicating to it). Marked on disk first, so a
+    /// restart of this replica refuses to run instead of campaigning in a group that
+    /// no longer has it.
+    pub(crate) fn mark_removed(&self) -> std::io::Result<()> {
+        let path = removed_marker(&self.dir);
+        let f = std::fs::File::create(&path)?;
+        f.sync_all()?;
+        if let Some(parent) = path.parent() {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
+        self.removed.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// The file that marks a replica removed from its group.
+fn removed_marker(replica_dir: &std::path::Path) -> PathBuf {
+    replica_dir.join("removed")
 }
 
 /// Whether the member these metrics describe leads (one view, read once).
@@ -167,6 +191,15 @@ pub async fn run_replica(
     let dir = replica_dir(&c.log_dir, &c.instance, config.id);
     std::fs::create_dir_all(&dir)?;
     let _lock = drover_journal::DirLock::acquire(&dir)?;
+    if removed_marker(&dir).exists() {
+        return Err(CoordinatorError::Config(format!(
+            "replica {} of {} was removed from the instance's group ({} exists): it does not run again; to add a replica with this id, delete {} and use add-replica",
+            config.id,
+            c.instance,
+            removed_marker(&dir).display(),
+            dir.display()
+        )));
+    }
     let registered = instance::load(&c.log_dir, &c.instance).ok().map(|m| m.version);
     let receive = TcpListener::bind(("127.0.0.1", c.receive_port)).await?;
     let send = if c.connect_send { None } else { Some(TcpListener::bind(("127.0.0.1", c.send_port)).await?) };
@@ -189,6 +222,8 @@ pub async fn run_replica(
         app: Arc::new(Mutex::new(AppView { phase: "none".into(), ..AppView::default() })),
         addresses: Arc::new(addresses),
         instance: c.instance.clone(),
+        removed: Arc::default(),
+        dir: dir.clone(),
     };
     let slot: crate::admin::Slot = Arc::default();
     let settings = Settings {
@@ -226,6 +261,7 @@ pub async fn run_replica(
         version_file: registered,
         committer_id: committer_id(&c.instance),
         proposing: Arc::default(),
+        was_member: Default::default(),
     };
     let result = replica.run(shutdown, &receive, send.as_ref(), &peer).await;
     if let Ok(mut s) = slot.lock() {
@@ -247,6 +283,8 @@ struct Replica<'a> {
     /// they are, no session may start or become primary (a record an ended session
     /// proposed may still commit, and its calls must be counted as logged first).
     proposing: Arc<std::sync::atomic::AtomicUsize>,
+    /// Whether a membership with this replica in it was seen (see `removed`).
+    was_member: std::sync::atomic::AtomicBool,
 }
 
 /// What a primary's session waits to see committed (what it proposed).
@@ -289,10 +327,20 @@ impl Replica<'_> {
     }
 
     /// Whether this replica was in the group and has been removed from it (it gets no
-    /// records any more).
+    /// records any more): the leader said so, or it applied a membership without it
+    /// after one with it (a replica being added first applies the memberships from
+    /// before it was added).
     fn removed(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.shared.removed.load(SeqCst) {
+            return true;
+        }
         let m = self.member.raft.metrics().borrow().clone();
-        m.membership_config.log_id().is_some() && m.membership_config.membership().get_node(&self.id).is_none()
+        if m.membership_config.membership().get_node(&self.id).is_some() {
+            self.was_member.store(true, SeqCst);
+            return false;
+        }
+        m.membership_config.log_id().is_some() && self.was_member.load(SeqCst)
     }
 
     fn leads(&self) -> bool {
@@ -325,6 +373,11 @@ impl Replica<'_> {
             let (input, from) = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
                 _ = tick.tick() => {
+                    if self.removed() {
+                        tracing::warn!(instance = %self.c().instance, replica = self.id,
+                            "this replica was removed from the instance's group: it stops");
+                        return Ok(());
+                    }
                     // No application: committed records are only counted.
                     for o in self.member.machine.take_outputs() {
                         if let Output::Checkpoint { version, .. } = o {
@@ -457,7 +510,7 @@ impl Replica<'_> {
                 }
                 // Committed records and checkpoints, then the role.
                 actions.extend(self.committed(&mut app));
-                if matches!(app, App::Live { .. }) && self.removed() {
+                if self.removed() {
                     return Ok("this replica was removed from the instance's group: it receives no records".into());
                 }
                 if let App::Live { session, upgrade, .. } = &mut app {

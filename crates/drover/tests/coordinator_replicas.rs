@@ -12,6 +12,9 @@
 //!   while primaries on both sides are killed: every add and every ack exactly once.
 //! - An upgrade by `transfer-primary` to an upgrading secondary under load: the
 //!   upgrade hook runs once, the count is exact, the instance is at the new version.
+//! - Membership under load: a fourth replica added (its application follows as a
+//!   secondary), then removed: it ends its application's session, stops, and refuses
+//!   to run again; the counter goes on.
 //!
 //! Profiles: the CI profile counts to 20,000 with 10 kills (the figure) and
 //! exchanges 2,500 calls with 8 kills; `DROVER_CHAOS_PROFILE=long` counts to 50,000
@@ -96,8 +99,9 @@ impl Instance {
         i
     }
 
+    /// The founding replicas (1 to 3): a replica added later is not in its own list.
     fn peers(&self) -> String {
-        self.replicas.iter().map(|r| format!("{}=127.0.0.1:{}", r.id, r.raft)).collect::<Vec<_>>().join(",")
+        self.replicas.iter().take(3).map(|r| format!("{}=127.0.0.1:{}", r.id, r.raft)).collect::<Vec<_>>().join(",")
     }
 
     fn log(&self, k: usize) -> PathBuf {
@@ -159,9 +163,10 @@ impl Instance {
 
     /// Restarts applications whose sessions ended (a supervisor's job).
     fn tend(&mut self) {
-        for k in 0..3 {
+        for k in 0..self.replicas.len() {
             let exited = self.replicas[k].app.as_mut().is_none_or(|a| a.0.try_wait().ok().flatten().is_some());
-            if exited && self.replicas[k].process.is_some() {
+            let running = self.replicas[k].process.as_mut().is_some_and(|p| p.0.try_wait().ok().flatten().is_none());
+            if exited && running {
                 self.start_app(k);
             }
         }
@@ -495,4 +500,104 @@ fn transfer_primary_to_an_upgrading_secondary_upgrades_once_under_load_and_loses
         "not every replica at version 1 with the same log: {:#?}",
         inst.status()
     );
+}
+
+/// Runs `drover coordinator SUB --instance NAME ARGS... --log-dir --cluster-secret-file`.
+fn admin(inst: &Instance, sub: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["coordinator", sub, "--instance", &inst.name])
+        .args(args)
+        .arg("--log-dir")
+        .arg(inst.dir.join("logs"))
+        .arg("--cluster-secret-file")
+        .arg(secret(&inst.dir))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_replica_added_under_load_follows_and_once_removed_stops_and_does_not_run_again() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut inst = Instance::new(dir.path(), "members", "counter", &["--target", "10000000"]);
+    let counting = |inst: &mut Instance, above: u64| {
+        wait_until(Duration::from_secs(30), || {
+            inst.tend();
+            inst.numbers("count ").into_iter().max().unwrap_or(0) > above
+        })
+    };
+    assert!(counting(&mut inst, 200), "the counter never started\n{}", inst.tail());
+    // Replica 4, started with the founders as its peers, then added.
+    inst.replicas.push(Replica {
+        id: 4,
+        raft: free_port(),
+        receive: free_port(),
+        send: free_port(),
+        upgrade: None,
+        process: None,
+        app: None,
+    });
+    inst.start(3);
+    inst.start_app(3);
+    let raft = format!("127.0.0.1:{}", inst.replicas[3].raft);
+    let out = admin(&inst, "add-replica", &["--replica", "4", "--raft", &raft]);
+    assert!(out.status.success(), "add-replica: {}", common::text(&out));
+    let following = wait_until(Duration::from_secs(30), || {
+        inst.tend();
+        inst.status().is_some_and(|s| {
+            s["replicas"].as_array().is_some_and(|rs| {
+                rs.iter().any(|r| {
+                    r["id"] == 4
+                        && r["voter"] == true
+                        && r["info"]["app"]["phase"] == "secondary"
+                        && r["info"]["records"].as_i64().unwrap_or(0) > 0
+                })
+            })
+        })
+    });
+    assert!(
+        following,
+        "replica 4 never followed as a voter with a secondary application: {:#?}\n{}",
+        inst.status(),
+        std::fs::read_to_string(inst.log(3)).unwrap_or_default()
+    );
+    if inst.primary() == Some(3) {
+        let out = admin(&inst, "transfer-primary", &["--to", "1"]);
+        assert!(out.status.success(), "transfer-primary: {}", common::text(&out));
+    }
+    // Its application in session (not tended from here on: no other session ends).
+    let mut app = inst.replicas[3].app.take().expect("replica 4's application");
+    let out = admin(&inst, "remove-replica", &["--replica", "4"]);
+    assert!(out.status.success(), "remove-replica: {}", common::text(&out));
+    assert!(common::text(&out).contains("stops"), "it was told: {}", common::text(&out));
+    // Its process exits by itself (0), and its application's session ended.
+    let mut exited = None;
+    let stopped = wait_until(Duration::from_secs(10), || {
+        exited = inst.replicas[3].process.as_mut().and_then(|p| p.0.try_wait().ok().flatten());
+        exited.is_some()
+    });
+    assert!(stopped, "the removed replica kept running\n{}", std::fs::read_to_string(inst.log(3)).unwrap_or_default());
+    assert!(exited.is_some_and(|e| e.success()), "exit {exited:?}");
+    let app_ended = wait_until(Duration::from_secs(10), || app.0.try_wait().ok().flatten().is_some());
+    assert!(app_ended, "the removed replica's application is still in session");
+    inst.replicas[3].process = None;
+    // Started again, it refuses, naming why.
+    inst.start(3);
+    let mut again = None;
+    assert!(wait_until(Duration::from_secs(10), || {
+        again = inst.replicas[3].process.as_mut().and_then(|p| p.0.try_wait().ok().flatten());
+        again.is_some()
+    }));
+    assert!(again.is_some_and(|e| !e.success()), "a removed replica ran again: {again:?}");
+    let log = std::fs::read_to_string(inst.log(3)).unwrap_or_default();
+    assert!(log.contains("was removed from the instance's group"), "{log}");
+    inst.replicas[3].process = None;
+    // The group is the three founders again, and the count goes on.
+    let ids: Vec<u64> = inst
+        .status()
+        .and_then(|s| s["replicas"].as_array().map(|rs| rs.iter().filter_map(|r| r["id"].as_u64()).collect()))
+        .unwrap_or_default();
+    assert_eq!(ids, vec![1, 2, 3]);
+    let now = inst.numbers("count ").into_iter().max().unwrap_or(0);
+    assert!(counting(&mut inst, now + 200), "the counter stopped after the removal\n{}", inst.tail());
 }
