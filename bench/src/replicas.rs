@@ -185,9 +185,21 @@ pub async fn takeover(trials: usize) -> (Vec<f64>, Vec<f64>) {
     (answered, processing)
 }
 
+/// Where the replicas' logs are.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Logs {
+    /// All on the disk (one disk, shared).
+    Disk,
+    /// The secondaries' in memory (`/dev/shm`), as if on disks of their own.
+    FollowersInMemory,
+    /// Every replica's in memory: the Raft round without a disk.
+    AllInMemory,
+}
+
 /// 1 KiB self calls through three in-process replicas (the primary's service floods;
 /// the secondaries' services replay every record).
-pub async fn three_replicas(size: usize, calls: u64, window: usize, hot: bool, shm: bool) -> (f64, f64) {
+pub async fn three_replicas(size: usize, calls: u64, window: usize, hot: bool, logs: Logs) -> (f64, f64) {
+    let shm = logs != Logs::Disk;
     let dir = tempfile::tempdir().unwrap();
     // Secondaries on a disk of their own, as on their own machines: here, memory.
     let shm_dir = tempfile::tempdir_in("/dev/shm").unwrap();
@@ -205,7 +217,7 @@ pub async fn three_replicas(size: usize, calls: u64, window: usize, hot: bool, s
         let config = drover_coordinator::replica::ReplicaConfig {
             coordinator: drover_coordinator::CoordinatorConfig::new(
                 "bench",
-                if shm && id != 1 { shm_dir.path() } else { dir.path() },
+                if logs == Logs::AllInMemory || (shm && id != 1) { shm_dir.path() } else { dir.path() },
                 0,
                 0,
             ),
@@ -285,20 +297,22 @@ pub async fn run(trials: usize, calls: u64, window: usize, only: Option<&str>) {
         "command: cargo build --release -p drover && cd bench && cargo run --release -- replicas --trials {trials} --calls {calls} --window {window}"
     );
     if let Some(setup) = only {
-        // One setup alone (for a profiler): one, hot, cold or shm.
+        // One setup alone (for a profiler): one, hot, cold, shm or mem.
         let (rate, mb) = match setup {
             "one" => crate::coordinator::one(1024, calls, window).await,
-            "hot" => three_replicas(1024, calls, window, true, false).await,
-            "cold" => three_replicas(1024, calls, window, false, false).await,
-            _ => three_replicas(1024, calls, window, true, true).await,
+            "hot" => three_replicas(1024, calls, window, true, Logs::Disk).await,
+            "cold" => three_replicas(1024, calls, window, false, Logs::Disk).await,
+            "mem" => three_replicas(1024, calls, window, true, Logs::AllInMemory).await,
+            _ => three_replicas(1024, calls, window, true, Logs::FollowersInMemory).await,
         };
         println!("{setup}: {calls} calls, {rate:.0} calls/s, {mb:.1} MB/s");
         return;
     }
     let (one_rate, one_mb) = crate::coordinator::one(1024, calls, window).await;
-    let (three_rate, three_mb) = three_replicas(1024, calls, window, true, false).await;
-    let (cold_rate, cold_mb) = three_replicas(1024, calls, window, false, false).await;
-    let (shm_rate, shm_mb) = three_replicas(1024, calls, window, true, true).await;
+    let (three_rate, three_mb) = three_replicas(1024, calls, window, true, Logs::Disk).await;
+    let (cold_rate, cold_mb) = three_replicas(1024, calls, window, false, Logs::Disk).await;
+    let (shm_rate, shm_mb) = three_replicas(1024, calls, window, true, Logs::FollowersInMemory).await;
+    let (mem_rate, mem_mb) = three_replicas(1024, calls, window, true, Logs::AllInMemory).await;
     println!("\n| 1 KiB self calls, {window} in flight | calls | calls/s | MB/s |\n| --- | --- | --- | --- |");
     println!("| one coordinator | {calls} | {one_rate:.0} | {one_mb:.1} |");
     println!("| three replicas (primary + 2 hot secondaries) | {calls} | {three_rate:.0} | {three_mb:.1} |");
@@ -306,11 +320,13 @@ pub async fn run(trials: usize, calls: u64, window: usize, only: Option<&str>) {
     println!(
         "| three replicas, hot secondaries' logs in memory (/dev/shm: the disk not shared) | {calls} | {shm_rate:.0} | {shm_mb:.1} |"
     );
+    println!("| three replicas, hot, every log in memory (no disk at all) | {calls} | {mem_rate:.0} | {mem_mb:.1} |");
     println!(
-        "three replicas / one: {:.2}× with hot secondaries, {:.2}× without their applications, {:.2}× with the secondaries' logs off the shared disk (goal ≥ 0.6×)",
+        "three replicas / one: {:.2}× with hot secondaries, {:.2}× without their applications, {:.2}× with the secondaries' logs off the shared disk, {:.2}× with no disk (goal ≥ 0.6×)",
         three_rate / one_rate,
         cold_rate / one_rate,
-        shm_rate / one_rate
+        shm_rate / one_rate,
+        mem_rate / one_rate
     );
     if trials == 0 {
         return;

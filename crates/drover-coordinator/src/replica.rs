@@ -49,7 +49,7 @@ use tokio::sync::mpsc;
 use crate::instance;
 use crate::replicated::{Input, InstanceLog, Output};
 use crate::server::{
-    CoordinatorConfig, CoordinatorError, Links, Listening, MAX_CALL, accepted, read_frames, session_connections,
+    AppPorts, CoordinatorConfig, CoordinatorError, Links, Listening, MAX_CALL, read_frames, session_connections,
 };
 use crate::session::{Action, Session};
 
@@ -369,6 +369,7 @@ impl Replica<'_> {
     ) -> Result<(), CoordinatorError> {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut ports = AppPorts::new(receive, send);
         loop {
             let (input, from) = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
@@ -391,21 +392,21 @@ impl Replica<'_> {
                     drop(a);
                     continue;
                 }
-                a = receive.accept() => match accepted(a).await {
+                a = ports.next_session() => match a {
                     Some(a) => a,
                     None => continue,
                 },
             };
             let (input, output) = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                c = session_connections(self.c(), send, input, from) => match c {
+                c = session_connections(self.c(), ports.send(), input, from) => match c {
                     Some(c) => c,
                     None => continue,
                 },
             };
             let end = tokio::select! {
                 _ = &mut shutdown => None,
-                end = self.serve(input, output, peer) => Some(end),
+                end = self.serve(input, output, peer, &mut ports) => Some(end),
             };
             self.shared.set(|a| *a = AppView { phase: "none".into(), ..AppView::default() });
             match end {
@@ -478,12 +479,14 @@ impl Replica<'_> {
         input: TcpStream,
         output: TcpStream,
         peer: &TcpListener,
+        ports: &mut AppPorts<'_>,
     ) -> Result<String, CoordinatorError> {
         let mut out = BufWriter::with_capacity(256 * 1024, output);
         let limits = Limits { max_checkpoint: self.c().max_checkpoint, max_message: MAX_CALL, ..Limits::default() };
         let (tx, mut frames) = mpsc::channel(1024);
         let reader = tokio::spawn(read_frames(input, tx, limits));
         let (mut links, mut events) = Links::new(self.c(), self.committer_id);
+        let instance = self.c().instance.clone();
         // What the proposals say: `Ok` once committed and applied (the loop takes the
         // outputs at once), `Err` when this replica no longer leads.
         let (answers_tx, mut answers) = mpsc::unbounded_channel::<Result<(), String>>();
@@ -612,6 +615,7 @@ impl Replica<'_> {
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                     },
+                    never = ports.refuse_second_applications(&instance) => match never {},
                     ev = events.recv() => if let App::Live { session, .. } = &mut app {
                         actions = links.on_event(&self.c().instance, session, ev);
                     },

@@ -140,26 +140,20 @@ pub async fn run(
     tracing::info!(instance = %config.instance, version = meta.version, receive = config.receive_port, send = config.send_port,
         connect_send = config.connect_send, "coordinator listening");
     tokio::pin!(shutdown);
-    let ports = Ports { receive: &receive, send: send.as_ref() };
-    let mut waiting: Option<Waiting> = None;
+    let mut ports = AppPorts::new(&receive, send.as_ref());
     loop {
         // Every wait races the shutdown signal: SIGINT/SIGTERM stop the coordinator at
         // once, whatever it is waiting for.
         let (input, from) = tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            // A receive-port connection made while the last session was ending.
-            w = async { waiting.take() }, if waiting.as_ref().is_some_and(|w| w.port == "receive") => {
-                let w = w.expect("checked");
-                (w.stream, w.from)
-            }
-            a = receive.accept() => match accepted(a).await {
+            a = ports.next_session() => match a {
                 Some(a) => a,
                 None => continue,
             },
         };
         let (input, output) = tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            c = session_connections(&config, send.as_ref(), input, from) => match c {
+            c = session_connections(&config, ports.send(), input, from) => match c {
                 Some(c) => c,
                 None => continue,
             },
@@ -200,13 +194,9 @@ pub async fn run(
         drop(recovery);
         let end = tokio::select! {
             _ = &mut shutdown => None,
-            end = serve(&config, &mut meta, upgrade, &journal, started, input, output, &peer, ports, &mut waiting) => Some(end),
+            end = serve(&config, &mut meta, upgrade, &journal, started, input, output, &peer, &mut ports) => Some(end),
         };
         tokio::task::spawn_blocking(move || journal.close_blocking()).await.ok();
-        // Only a receive-port connection can start the next session.
-        if waiting.as_ref().is_some_and(|w| w.port != "receive") {
-            waiting = None;
-        }
         match end {
             None => return Ok(()),
             Some(Ok(why)) => tracing::info!(instance = %config.instance, %why, "application session ended"),
@@ -333,22 +323,79 @@ async fn closed_now(s: &TcpStream) -> bool {
 const SECOND_APP_GRACE: Duration = Duration::from_millis(250);
 
 /// A connection on an application port made while a session was active.
-pub(crate) struct Waiting {
+struct Waiting {
     stream: TcpStream,
     from: std::net::SocketAddr,
     port: &'static str,
     until: tokio::time::Instant,
 }
 
-/// The application ports, watched during a session so that a second application is
-/// refused at once (and a leftover connection never waits for the next session).
-#[derive(Clone, Copy)]
-pub(crate) struct Ports<'a> {
+/// The application ports. Between sessions, where the next session's connection
+/// comes from; during one, they are watched so that a second application is refused
+/// (after a short grace, see [`SECOND_APP_GRACE`]) and a leftover connection never
+/// waits for the next session. Shared by the single coordinator and replicas.
+pub(crate) struct AppPorts<'a> {
     receive: &'a TcpListener,
     send: Option<&'a TcpListener>,
+    waiting: Option<Waiting>,
 }
 
-impl Ports<'_> {
+impl<'a> AppPorts<'a> {
+    pub(crate) fn new(receive: &'a TcpListener, send: Option<&'a TcpListener>) -> Self {
+        AppPorts { receive, send, waiting: None }
+    }
+
+    /// The send port (None when the coordinator connects out to the application).
+    pub(crate) fn send(&self) -> Option<&'a TcpListener> {
+        self.send
+    }
+
+    /// The receive-port connection that starts the next session: one made while the
+    /// last session was ending, or the next one (none, after a logged pause, when the
+    /// accept fails). A send-port connection left from a session never starts one.
+    pub(crate) async fn next_session(&mut self) -> Option<(TcpStream, std::net::SocketAddr)> {
+        if let Some(w) = self.waiting.take()
+            && w.port == "receive"
+        {
+            return Some((w.stream, w.from));
+        }
+        accepted(self.receive.accept().await).await
+    }
+
+    /// During a session (never returns; cancel-safe, for a `select!`): a connection
+    /// on either port waits out the grace (an application restarted just after its
+    /// old session died, whose end may not be read yet: if the session ends
+    /// meanwhile, it starts the next one), then is refused. AMBROSIA has no message
+    /// for this, so the connection is closed (the second application sees it end at
+    /// once) and the log says why. The active session is untouched.
+    pub(crate) async fn refuse_second_applications(&mut self, instance: &str) -> std::convert::Infallible {
+        loop {
+            match &self.waiting {
+                None => {
+                    let (port, accepted) = self.accept().await;
+                    match accepted {
+                        Ok((stream, from)) => {
+                            let until = tokio::time::Instant::now() + SECOND_APP_GRACE;
+                            self.waiting = Some(Waiting { stream, from, port, until });
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept on an application port failed; pausing 100 ms");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+                Some(w) => {
+                    tokio::time::sleep_until(w.until).await;
+                    if let Some(w) = self.waiting.take() {
+                        drop(w.stream);
+                        tracing::warn!(%instance, from = %w.from, port = w.port,
+                            "refused a second application: this instance already has an application session");
+                    }
+                }
+            }
+        }
+    }
+
     /// The next connection on either port, with the port's name.
     async fn accept(&self) -> (&'static str, std::io::Result<(TcpStream, std::net::SocketAddr)>) {
         tokio::select! {
@@ -534,8 +581,7 @@ async fn serve(
     input: TcpStream,
     output: TcpStream,
     peer: &TcpListener,
-    ports: Ports<'_>,
-    waiting: &mut Option<Waiting>,
+    ports: &mut AppPorts<'_>,
 ) -> Result<String, CoordinatorError> {
     let (mut session, first) = started;
     let (mut links, mut events) = Links::new(config, journal.committer_id());
@@ -592,12 +638,6 @@ async fn serve(
                 }
             };
             let reading = !session.backpressure();
-            let grace_over = async {
-                match waiting.as_ref() {
-                    Some(w) => tokio::time::sleep_until(w.until).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 d = durable => {
                     let (_, entry) = inflight.take().expect("in flight");
@@ -612,29 +652,7 @@ async fn serve(
                     Some(Err(why)) => return Ok(why),
                     None => return Ok("the application's connection ended".into()),
                 },
-                // A connection while a session is active: an application restarted
-                // just after its old session died (whose end this coordinator may not
-                // have read yet) or a second application. It waits a short grace: if
-                // the session ends meanwhile, the connection starts the next one.
-                (port, accepted) = ports.accept(), if waiting.is_none() => match accepted {
-                    Ok((stream, from)) => {
-                        *waiting = Some(Waiting { stream, from, port, until: tokio::time::Instant::now() + SECOND_APP_GRACE });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept on an application port failed; pausing 100 ms");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
-                _ = grace_over => {
-                    // The session is alive: refuse. AMBROSIA has no message for this, so
-                    // the connection is closed (the second application sees it end at
-                    // once) and the log says why. The active session is untouched.
-                    if let Some(w) = waiting.take() {
-                        drop(w.stream);
-                        tracing::warn!(instance = %config.instance, from = %w.from, port = w.port,
-                            "refused a second application: this instance already has an application session");
-                    }
-                }
+                never = ports.refuse_second_applications(&config.instance) => match never {},
                 accepted = peer.accept() => match accepted {
                     Ok((s, from)) => links.accept(s, from),
                     // Out of descriptors: do not spin on the error.

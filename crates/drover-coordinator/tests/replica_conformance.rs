@@ -363,3 +363,46 @@ async fn golden_replica_v1_directory_recovers_its_checkpoint_and_records() {
     drop((to, from));
     g.stop().await;
 }
+
+/// The second application's two connections are closed, without a byte sent to it,
+/// within 2 s (the grace a restarted application gets is 250 ms).
+async fn refused(g: &Group, id: u64) {
+    let started = std::time::Instant::now();
+    let (mut to, mut from) = g.connect(id).await;
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), from.read_to_end(&mut rest)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "nothing is sent to a second application on replica {id}");
+    let n = tokio::time::timeout(Duration::from_secs(5), to.read(&mut [0u8; 8])).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "its receive connection is closed too");
+    assert!(started.elapsed() < Duration::from_secs(2), "refused promptly: {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_application_on_a_replica_is_refused_and_the_one_in_session_goes_on() {
+    let g = Group::start().await;
+    let p = g.wait("a primary", |s| s.primary.is_some()).await.primary.unwrap();
+    let (mut pto, mut pfrom) = g.connect(p).await;
+    read_exact(&mut pfrom, 26).await;
+    pto.write_all(&[0x06, 0x09, b'h', b'i']).await.unwrap();
+    pto.write_all(&[0x04, 0x08, 0x02, 0xAA]).await.unwrap();
+    assert_eq!(seq(&read_record(&mut pfrom).await), 0);
+    // On the primary.
+    refused(&g, p).await;
+    pto.write_all(&self_call(1)).await.unwrap();
+    assert_eq!(seq(&read_record(&mut pfrom).await), 1);
+    // On a secondary: its application in session gets the record as it commits.
+    let sec = (1..=3).find(|id| *id != p).unwrap();
+    let (_sto, mut sfrom) = g.connect(sec).await;
+    let head = read_exact(&mut sfrom, 24).await;
+    assert_eq!(seq(&head), -2);
+    read_exact(&mut sfrom, i32::from_le_bytes(head[4..8].try_into().unwrap()) as usize - 24 + 1).await;
+    for want in [0, 1] {
+        assert_eq!(seq(&read_record(&mut sfrom).await), want);
+    }
+    refused(&g, sec).await;
+    pto.write_all(&self_call(2)).await.unwrap();
+    assert_eq!(seq(&read_record(&mut pfrom).await), 2);
+    assert_eq!(seq(&read_record(&mut sfrom).await), 2);
+    drop((pto, pfrom));
+    g.stop().await;
+}
