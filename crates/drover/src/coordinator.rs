@@ -77,6 +77,41 @@ pub struct RunArgs {
     /// A replica that hears no primary for this long to twice this long campaigns.
     #[arg(long, default_value = "200ms", value_parser = crate::util::parse_duration, requires = "replica")]
     pub election_timeout: std::time::Duration,
+    #[command(flatten)]
+    pub tls: RaftTlsArgs,
+}
+
+/// Mutual TLS on the replicas' Raft port (as the controllers' `--cluster-ca`).
+#[derive(Debug, Args)]
+pub struct RaftTlsArgs {
+    /// The CA (PEM, `drover cert init`) that issued every replica's certificate: with
+    /// it, the Raft port is mutual TLS, each side presenting --tls-cert/--tls-key and
+    /// accepting only certificates this CA signed. The group secret is still proved
+    /// inside.
+    #[arg(long, env = "DROVER_CLUSTER_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub cluster_ca: Option<PathBuf>,
+    /// This replica's (or this operator's) certificate, issued by --cluster-ca.
+    #[arg(long, env = "DROVER_TLS_CERT", requires = "cluster_ca")]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, env = "DROVER_TLS_KEY", requires = "cluster_ca")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl RaftTlsArgs {
+    /// The credentials the Raft port asks for: the group secret, and TLS when given.
+    fn credentials(&self, secret_file: &std::path::Path) -> anyhow::Result<drover_raft::tls::Credentials> {
+        let secret = drover_raft::secret::ClusterSecret::from_file(secret_file)?;
+        let tls = match (&self.cluster_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => {
+                let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+                Some(drover_raft::tls::RaftTls::new(&read(cert)?, &read(key)?, &read(ca)?)?)
+            }
+            (None, None, None) => None,
+            _ => anyhow::bail!("--cluster-ca, --tls-cert and --tls-key go together"),
+        };
+        Ok(drover_raft::tls::Credentials { secret, tls })
+    }
 }
 
 /// How the replica commands reach an instance's replicas.
@@ -94,6 +129,8 @@ pub struct ReplicaTarget {
     /// The replicas' shared secret.
     #[arg(long, env = "DROVER_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: PathBuf,
+    #[command(flatten)]
+    pub tls: RaftTlsArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -347,6 +384,9 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             config.checkpoint_every_bytes = a.checkpoint_every_bytes.max(1 << 20);
             config.peer_port = a.peer_port;
             let Some(id) = a.replica else {
+                if a.tls.cluster_ca.is_some() {
+                    anyhow::bail!("--cluster-ca is for replicas' Raft port (with --replica)");
+                }
                 config.peers = a.registry.or(a.peers.map(PathBuf::from));
                 drover_coordinator::run(config, shutdown_signal(), |_| {}).await?;
                 return Ok(ExitCode::SUCCESS);
@@ -363,7 +403,7 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("--peers lists replica {id} at {listed}, but --raft is {raft_addr}");
             }
             let secret_file = a.cluster_secret_file.context("--replica needs --cluster-secret-file")?;
-            let secret = drover_raft::secret::ClusterSecret::from_file(&secret_file)?;
+            let creds = a.tls.credentials(&secret_file)?;
             let raft = tokio::net::TcpListener::bind(&raft_addr)
                 .await
                 .with_context(|| format!("cannot listen on {raft_addr} for Raft (in use? see --raft)"))?;
@@ -373,7 +413,7 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
                 raft,
                 raft_addr,
                 peers,
-                creds: drover_raft::tls::Credentials::plain(secret),
+                creds,
                 timing: drover_raft::member::Timing::from_election_timeout(a.election_timeout),
             };
             drover_coordinator::replica::run_replica(replica, shutdown_signal(), |_| {}).await?;
@@ -384,7 +424,7 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
 
 /// The replicas' Raft addresses to ask, and the credentials to ask with.
 fn replica_target(t: &ReplicaTarget) -> anyhow::Result<(Vec<String>, drover_raft::tls::Credentials)> {
-    let secret = drover_raft::secret::ClusterSecret::from_file(&t.cluster_secret_file)?;
+    let creds = t.tls.credentials(&t.cluster_secret_file)?;
     let addrs: Vec<String> = match &t.via {
         Some(v) => v.split(',').map(str::trim).filter(|a| !a.is_empty()).map(str::to_owned).collect(),
         None => drover_coordinator::instance::replica_raft_addresses(&t.log_dir, &t.instance),
@@ -396,7 +436,7 @@ fn replica_target(t: &ReplicaTarget) -> anyhow::Result<(Vec<String>, drover_raft
             t.log_dir.display()
         );
     }
-    Ok((addrs, drover_raft::tls::Credentials::plain(secret)))
+    Ok((addrs, creds))
 }
 
 async fn replica_change(t: &ReplicaTarget, request: drover_coordinator::admin::Request) -> anyhow::Result<ExitCode> {
