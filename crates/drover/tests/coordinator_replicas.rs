@@ -17,6 +17,10 @@
 //!   to run again; the counter goes on.
 //! - Mutual TLS on the replicas' Raft port: the counter counts exactly, and an admin
 //!   command with a certificate from another CA, or none, is refused.
+//! - A partition: the primary and its application in their own network namespace,
+//!   cut off while counting; the majority takes over and counts on, and after the
+//!   heal the old primary rejoins as a secondary; the count is exact and every replica
+//!   holds the same records (anything the isolated primary took alone would differ).
 //!
 //! Profiles: the CI profile counts to 20,000 with 10 kills (the figure) and
 //! exchanges 2,500 calls with 8 kills; `DROVER_CHAOS_PROFILE=long` counts to 50,000
@@ -41,6 +45,10 @@ fn profile() -> &'static str {
 /// One replica: its ports, its process, its application.
 struct Replica {
     id: u64,
+    /// The address its Raft port listens on and its peers reach it by.
+    ip: String,
+    /// The network namespace it runs in, with its application (None: the host's).
+    ns: Option<String>,
     raft: u16,
     receive: u16,
     send: u16,
@@ -62,6 +70,19 @@ struct Instance {
     tls: Vec<String>,
 }
 
+/// `drover`, in network namespace `ns` when given (`ip netns exec` execs it: the
+/// child's pid is drover's).
+fn command(ns: Option<&str>) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_drover")]);
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_drover")),
+    }
+}
+
 fn secret(dir: &Path) -> PathBuf {
     let path = dir.join("secret");
     if !path.exists() {
@@ -78,10 +99,24 @@ impl Instance {
     }
 
     fn new_with_tls(dir: &Path, name: &str, app: &'static str, app_args: &[&str], tls: Vec<String>) -> Instance {
+        Instance::new_placed(dir, name, app, app_args, tls, |_| ("127.0.0.1".into(), None))
+    }
+
+    /// Replicas placed by `place(id)`: (the address, the network namespace).
+    fn new_placed(
+        dir: &Path,
+        name: &str,
+        app: &'static str,
+        app_args: &[&str],
+        tls: Vec<String>,
+        place: impl Fn(u64) -> (String, Option<String>),
+    ) -> Instance {
         secret(dir);
         let replicas = (1..=3)
             .map(|id| Replica {
                 id,
+                ip: place(id).0,
+                ns: place(id).1,
                 raft: free_port(),
                 receive: free_port(),
                 send: free_port(),
@@ -110,7 +145,7 @@ impl Instance {
 
     /// The founding replicas (1 to 3): a replica added later is not in its own list.
     fn peers(&self) -> String {
-        self.replicas.iter().take(3).map(|r| format!("{}=127.0.0.1:{}", r.id, r.raft)).collect::<Vec<_>>().join(",")
+        self.replicas.iter().take(3).map(|r| format!("{}={}:{}", r.id, r.ip, r.raft)).collect::<Vec<_>>().join(",")
     }
 
     fn log(&self, k: usize) -> PathBuf {
@@ -122,7 +157,7 @@ impl Instance {
         let r = &self.replicas[k];
         let err = std::fs::OpenOptions::new().create(true).append(true).open(self.log(k)).unwrap();
         let (id, raft, rp, sp) =
-            (r.id.to_string(), format!("127.0.0.1:{}", r.raft), r.receive.to_string(), r.send.to_string());
+            (r.id.to_string(), format!("{}:{}", r.ip, r.raft), r.receive.to_string(), r.send.to_string());
         let logs = self.dir.join("logs");
         let sec = secret(&self.dir);
         let mut args = vec![
@@ -149,8 +184,7 @@ impl Instance {
             args.extend(["--upgrade-version", v]);
         }
         args.extend(self.tls.iter().map(String::as_str));
-        let child =
-            Command::new(env!("CARGO_BIN_EXE_drover")).args(args).stdout(Stdio::null()).stderr(err).spawn().unwrap();
+        let child = command(r.ns.as_deref()).args(args).stdout(Stdio::null()).stderr(err).spawn().unwrap();
         self.replicas[k].process = Some(Killed(child));
     }
 
@@ -167,7 +201,7 @@ impl Instance {
         let (rp, sp) = (r.receive.to_string(), r.send.to_string());
         let mut args = vec!["coordinator", "example", self.app, "--receive-port", &rp, "--send-port", &sp];
         args.extend(self.app_args.iter().map(String::as_str));
-        let child = Command::new(env!("CARGO_BIN_EXE_drover")).args(args).stdout(out).stderr(err).spawn().unwrap();
+        let child = command(r.ns.as_deref()).args(args).stdout(out).stderr(err).spawn().unwrap();
         self.replicas[k].app = Some(Killed(child));
     }
 
@@ -542,6 +576,8 @@ fn a_replica_added_under_load_follows_and_once_removed_stops_and_does_not_run_ag
     // Replica 4, started with the founders as its peers, then added.
     inst.replicas.push(Replica {
         id: 4,
+        ip: "127.0.0.1".into(),
+        ns: None,
         raft: free_port(),
         receive: free_port(),
         send: free_port(),
@@ -667,4 +703,114 @@ fn inst_view(i: &Instance) -> Instance {
         rounds: 0,
         tls: Vec::new(),
     }
+}
+
+#[test]
+fn an_isolated_primary_is_replaced_the_count_goes_on_and_after_the_heal_it_rejoins_with_the_same_records() {
+    let _serial = serial();
+    let ns = common::netns::Netns::create(8).unwrap_or_else(|e| {
+        panic!("the partition scenario needs network namespaces (root, iproute2); refusing is a failure: {e}")
+    });
+    let (host, inside) = (ns.host_ip.clone(), ns.ns_ip());
+    let dir = tempfile::tempdir().unwrap();
+    let target: u64 = if long() { 30_000 } else { 8_000 };
+    let t = target.to_string();
+    // Replica 1 (and its application) in the namespace; 2 and 3 on the host's end of
+    // the link, an address that stays reachable on the host while the link is down.
+    let name = ns.name.clone();
+    let mut inst = Instance::new_placed(dir.path(), "split", "counter", &["--target", &t], Vec::new(), |id| {
+        if id == 1 { (inside.clone(), Some(name.clone())) } else { (host.clone(), None) }
+    });
+    let counted = |inst: &Instance| inst.numbers("count ").into_iter().max().unwrap_or(0);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            inst.tend();
+            counted(&inst) > 300
+        }),
+        "the counter never started\n{}",
+        inst.tail()
+    );
+    if inst.primary() != Some(0) {
+        let out = admin(&inst, "transfer-primary", &["--to", "1"]);
+        assert!(out.status.success(), "transfer-primary: {}", common::text(&out));
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            inst.tend();
+            inst.status().is_some_and(|s| {
+                s["primary"] == 1
+                    && s["replicas"]
+                        .as_array()
+                        .is_some_and(|rs| rs.iter().any(|r| r["id"] == 1 && r["info"]["app"]["phase"] == "primary"))
+            })
+        }),
+        "replica 1 never served as primary: {:#?}",
+        inst.status()
+    );
+    // The cut (link down, and a blackhole route so the namespace's addresses are not
+    // sent to the default gateway instead).
+    let subnet = format!("{}.0/24", inst.replicas[0].ip.rsplit_once('.').unwrap().0);
+    let at_cut = counted(&inst);
+    ns.cut().expect("cut the link");
+    common::netns::ip(&["route", "add", "blackhole", &subnet]).expect("blackhole the namespace's subnet");
+    let cut = Instant::now();
+    let mut new_primary = None;
+    let took_over = wait_until(Duration::from_secs(20), || {
+        inst.tend();
+        new_primary = inst.status().and_then(|s| s["primary"].as_u64()).filter(|p| *p != 1);
+        new_primary.is_some()
+    });
+    let elected_ms = cut.elapsed().as_millis() as u64;
+    let counting_on = took_over
+        && wait_until(Duration::from_secs(20), || {
+            inst.tend();
+            counted(&inst) > at_cut + 500
+        });
+    let resumed_ms = cut.elapsed().as_millis() as u64;
+    // Let the majority count a while with replica 1 cut off.
+    tend_for(&mut [&mut inst], 2_000);
+    common::netns::ip(&["route", "del", "blackhole", &subnet]).expect("remove the blackhole");
+    ns.heal().expect("heal the link");
+    let healed = Instant::now();
+    assert!(took_over, "the majority elected no primary in 20 s: {:#?}\n{}", inst.status(), inst.tail());
+    assert!(counting_on, "the count did not go on after the cut (at {at_cut})\n{}", inst.tail());
+    let rejoined = wait_until(Duration::from_secs(30), || {
+        inst.tend();
+        inst.status().is_some_and(|s| {
+            s["primary"].as_u64() != Some(1)
+                && s["replicas"].as_array().is_some_and(|rs| {
+                    rs.iter().any(|r| {
+                        r["id"] == 1 && r["info"]["role"] == "follower" && r["info"]["app"]["phase"] == "secondary"
+                    })
+                })
+        })
+    });
+    let rejoin_ms = healed.elapsed().as_millis() as u64;
+    assert!(rejoined, "replica 1 did not rejoin as a secondary: {:#?}\n{}", inst.status(), inst.tail());
+    let finished = wait_until(Duration::from_secs(120), || {
+        inst.tend();
+        inst.numbers("done ").contains(&target) || inst.numbers("count ").iter().any(|c| *c > target)
+    });
+    let max = counted(&inst);
+    assert!(max <= target, "overshot to {max}: a call was logged twice");
+    assert!(finished, "stopped at {max} of {target}\n{}", inst.tail());
+    let mut same = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            inst.tend();
+            same = inst.replicas_identical();
+            same.is_some()
+        }),
+        "the replicas' logs differ after the heal: {:#?}",
+        inst.status()
+    );
+    chaos_report(
+        "coordinator replicas: isolated primary",
+        profile(),
+        serde_json::json!({
+            "target": target, "count_at_cut": at_cut, "new_primary": new_primary,
+            "new_primary_ms": elected_ms, "counted_500_more_ms": resumed_ms, "rejoined_as_secondary_ms": rejoin_ms,
+            "records": same.map(|s| s.0),
+        }),
+    );
 }
