@@ -270,6 +270,28 @@ impl Instance {
             .then_some(first)
     }
 
+    /// Tends the applications until the counter reports `target` done (or overshoots)
+    /// or `secs` pass: whether it finished, and the highest count any application saw.
+    fn count_to(&mut self, target: u64, secs: u64) -> (bool, u64) {
+        let finished = wait_until(Duration::from_secs(secs), || {
+            self.tend();
+            self.numbers("done ").contains(&target) || self.numbers("count ").iter().any(|c| *c > target)
+        });
+        (finished, self.numbers("count ").into_iter().max().unwrap_or(0))
+    }
+
+    /// Tends the applications until every replica reports the same records (within
+    /// 30 s): their count and digest.
+    fn identical(&mut self) -> Option<(i64, u64)> {
+        let mut same = None;
+        wait_until(Duration::from_secs(30), || {
+            self.tend();
+            same = self.replicas_identical();
+            same.is_some()
+        });
+        same
+    }
+
     /// Lines of every replica's log containing `what`.
     fn log_lines(&self, what: &str) -> usize {
         (0..3)
@@ -365,11 +387,7 @@ fn the_counter_on_three_replicas_counts_exactly_across_sigkills_of_primaries_and
             None => panic!("no primary\n{}", inst.tail()),
         }
     }
-    let finished = wait_until(Duration::from_secs(300), || {
-        inst.tend();
-        inst.numbers("done ").contains(&target) || inst.numbers("count ").iter().any(|c| *c > target)
-    });
-    let max = inst.numbers("count ").into_iter().max().unwrap_or(0);
+    let (finished, max) = inst.count_to(target, 300);
     if max > target || !finished {
         let kept = dir.keep();
         panic!(
@@ -384,17 +402,8 @@ fn the_counter_on_three_replicas_counts_exactly_across_sigkills_of_primaries_and
             inst.tail()
         );
     }
-    let mut same = None;
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            inst.tend();
-            same = inst.replicas_identical();
-            same.is_some()
-        }),
-        "the replicas' logs differ: {:#?}",
-        inst.status()
-    );
-    let (records, digest) = same.unwrap();
+    let same = inst.identical();
+    let (records, digest) = same.unwrap_or_else(|| panic!("the replicas' logs differ: {:#?}", inst.status()));
     assert!(records as u64 > target, "{records} records for {target} counts");
     assert!(mid >= kills * 4 / 5, "only {mid} of the kills came while the counter was counting");
     chaos_report(
@@ -524,11 +533,7 @@ fn transfer_primary_to_an_upgrading_secondary_upgrades_once_under_load_and_loses
         .output()
         .unwrap();
     assert!(out.status.success(), "transfer-primary: {}", common::text(&out));
-    let finished = wait_until(Duration::from_secs(120), || {
-        inst.tend();
-        inst.numbers("done ").contains(&target) || inst.numbers("count ").iter().any(|c| *c > target)
-    });
-    let max = inst.numbers("count ").into_iter().max().unwrap_or(0);
+    let (finished, max) = inst.count_to(target, 120);
     assert!(max <= target, "overshoot to {max}");
     assert!(finished, "stopped at {max}\n{}", inst.tail());
     let upgrades = inst.numbers("upgraded at ");
@@ -673,17 +678,9 @@ fn replicas_on_mutual_tls_count_and_refuse_a_certificate_from_another_ca() {
     let target: u64 = 1_000;
     let t = target.to_string();
     let mut inst = Instance::new_with_tls(dir.path(), "tls", "counter", &["--target", &t], flags(&ours));
-    let finished = wait_until(Duration::from_secs(60), || {
-        inst.tend();
-        inst.numbers("done ").contains(&target)
-    });
-    assert!(finished, "the counter did not finish over TLS\n{}", inst.tail());
-    assert_eq!(inst.numbers("count ").into_iter().max(), Some(target));
-    assert!(
-        wait_until(Duration::from_secs(20), || inst.replicas_identical().is_some()),
-        "status over TLS: {:#?}",
-        inst.status()
-    );
+    let (finished, max) = inst.count_to(target, 60);
+    assert!(finished && max == target, "the counter reached {max} of {target} over TLS\n{}", inst.tail());
+    assert!(inst.identical().is_some(), "status over TLS: {:#?}", inst.status());
     // The same secret, but a certificate from another CA, or none: refused.
     let mut stranger = Instance { tls: flags(&theirs), replicas: Vec::new(), ..inst_view(&inst) };
     assert!(!admin(&stranger, "status", &["--json"]).status.success(), "a certificate from another CA was taken");
@@ -787,23 +784,11 @@ fn an_isolated_primary_is_replaced_the_count_goes_on_and_after_the_heal_it_rejoi
     });
     let rejoin_ms = healed.elapsed().as_millis() as u64;
     assert!(rejoined, "replica 1 did not rejoin as a secondary: {:#?}\n{}", inst.status(), inst.tail());
-    let finished = wait_until(Duration::from_secs(120), || {
-        inst.tend();
-        inst.numbers("done ").contains(&target) || inst.numbers("count ").iter().any(|c| *c > target)
-    });
-    let max = counted(&inst);
+    let (finished, max) = inst.count_to(target, 120);
     assert!(max <= target, "overshot to {max}: a call was logged twice");
     assert!(finished, "stopped at {max} of {target}\n{}", inst.tail());
-    let mut same = None;
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            inst.tend();
-            same = inst.replicas_identical();
-            same.is_some()
-        }),
-        "the replicas' logs differ after the heal: {:#?}",
-        inst.status()
-    );
+    let same = inst.identical();
+    assert!(same.is_some(), "the replicas' logs differ after the heal: {:#?}", inst.status());
     chaos_report(
         "coordinator replicas: isolated primary",
         profile(),
