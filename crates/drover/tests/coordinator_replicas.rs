@@ -57,6 +57,23 @@ struct Replica {
     app: Option<Killed>,
 }
 
+impl Replica {
+    /// Replica `id` at `ip` (in namespace `ns`), on free ports, not started.
+    fn new(id: u64, ip: String, ns: Option<String>) -> Replica {
+        Replica {
+            id,
+            ip,
+            ns,
+            raft: free_port(),
+            receive: free_port(),
+            send: free_port(),
+            upgrade: None,
+            process: None,
+            app: None,
+        }
+    }
+}
+
 /// The replicas of one instance.
 struct Instance {
     dir: PathBuf,
@@ -113,16 +130,9 @@ impl Instance {
     ) -> Instance {
         secret(dir);
         let replicas = (1..=3)
-            .map(|id| Replica {
-                id,
-                ip: place(id).0,
-                ns: place(id).1,
-                raft: free_port(),
-                receive: free_port(),
-                send: free_port(),
-                upgrade: None,
-                process: None,
-                app: None,
+            .map(|id| {
+                let (ip, ns) = place(id);
+                Replica::new(id, ip, ns)
             })
             .collect();
         let mut i = Instance {
@@ -579,17 +589,7 @@ fn a_replica_added_under_load_follows_and_once_removed_stops_and_does_not_run_ag
     };
     assert!(counting(&mut inst, 200), "the counter never started\n{}", inst.tail());
     // Replica 4, started with the founders as its peers, then added.
-    inst.replicas.push(Replica {
-        id: 4,
-        ip: "127.0.0.1".into(),
-        ns: None,
-        raft: free_port(),
-        receive: free_port(),
-        send: free_port(),
-        upgrade: None,
-        process: None,
-        app: None,
-    });
+    inst.replicas.push(Replica::new(4, "127.0.0.1".into(), None));
     inst.start(3);
     inst.start_app(3);
     let raft = format!("127.0.0.1:{}", inst.replicas[3].raft);
