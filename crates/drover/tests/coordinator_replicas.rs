@@ -19,8 +19,9 @@
 //!   command with a certificate from another CA, or none, is refused.
 //! - A partition: the primary and its application in their own network namespace,
 //!   cut off while counting; the majority takes over and counts on, and after the
-//!   heal the old primary rejoins as a secondary; the count is exact and every replica
-//!   holds the same records (anything the isolated primary took alone would differ).
+//!   heal the old primary rejoins as a secondary; then that secondary is cut off and
+//!   healed while the count goes on; the count is exact and every replica holds the
+//!   same records (anything the isolated primary took alone would differ).
 //!
 //! Profiles: the CI profile counts to 20,000 with 10 kills (the figure) and
 //! exchanges 2,500 calls with 8 kills; `DROVER_CHAOS_PROFILE=long` counts to 50,000
@@ -784,7 +785,27 @@ fn an_isolated_primary_is_replaced_the_count_goes_on_and_after_the_heal_it_rejoi
     });
     let rejoin_ms = healed.elapsed().as_millis() as u64;
     assert!(rejoined, "replica 1 did not rejoin as a secondary: {:#?}\n{}", inst.status(), inst.tail());
+    // Now the secondary is cut off: the primary counts on with the other one, and
+    // after the heal the secondary catches up with its application still in session.
+    let before = counted(&inst);
+    let app_pid = inst.replicas[0].app.as_ref().map(Killed::pid);
+    ns.cut().expect("cut the link again");
+    common::netns::ip(&["route", "add", "blackhole", &subnet]).expect("blackhole again");
+    let on_without_it = wait_until(Duration::from_secs(20), || {
+        inst.tend();
+        counted(&inst) > before + 300
+    });
+    tend_for(&mut [&mut inst], 1_000);
+    common::netns::ip(&["route", "del", "blackhole", &subnet]).expect("remove the blackhole");
+    ns.heal().expect("heal the link");
+    assert!(on_without_it, "the count stopped while a secondary was cut off (at {before})\n{}", inst.tail());
     let (finished, max) = inst.count_to(target, 120);
+    assert_eq!(
+        inst.replicas[0].app.as_ref().map(Killed::pid),
+        app_pid,
+        "the cut-off secondary's application was restarted (its session ended)\n{}",
+        inst.tail()
+    );
     assert!(max <= target, "overshot to {max}: a call was logged twice");
     assert!(finished, "stopped at {max} of {target}\n{}", inst.tail());
     let same = inst.identical();
