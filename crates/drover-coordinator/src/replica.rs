@@ -315,7 +315,8 @@ impl Replica<'_> {
     /// Whether this replica leads and has applied its whole log (so every record an
     /// earlier primary committed has been handed out).
     fn leads_caught_up(&self) -> bool {
-        let m = self.member.raft.metrics().borrow().clone();
+        let metrics = self.member.raft.metrics();
+        let m = metrics.borrow();
         leading(&m)
             // An entry of this term is applied (the leader's first, blank one): so every
             // entry of an earlier term in its log is committed and applied too...
@@ -335,7 +336,8 @@ impl Replica<'_> {
         if self.shared.removed.load(SeqCst) {
             return true;
         }
-        let m = self.member.raft.metrics().borrow().clone();
+        let metrics = self.member.raft.metrics();
+        let m = metrics.borrow();
         if m.membership_config.membership().get_node(&self.id).is_some() {
             self.was_member.store(true, SeqCst);
             return false;

@@ -448,6 +448,16 @@ enum After {
     Normal,
 }
 
+impl After {
+    /// The InitialMessage to log as record 0 right after this checkpoint, if any.
+    fn initial(&self) -> Option<&Bytes> {
+        match self {
+            After::FirstStart(initial) | After::Recovered { initial: Some(initial), .. } => Some(initial),
+            After::Recovered { initial: None, .. } | After::Normal => None,
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Phase {
     /// First start: waiting for the InitialMessage.
@@ -629,9 +639,7 @@ impl Session {
     /// session logs as record 0 right after (a replicated log commits both together).
     pub fn initial_to_log(&self) -> Option<Bytes> {
         match &self.phase {
-            Phase::Writing(After::FirstStart(initial) | After::Recovered { initial: Some(initial), .. }) => {
-                Some(initial.clone())
-            }
+            Phase::Writing(after) => after.initial().cloned(),
             _ => None,
         }
     }
@@ -790,11 +798,7 @@ impl Session {
         let header = CheckpointHeader {
             self_calls: self.self_calls,
             pending: (self.pending.iter().filter(|(_, r)| *r).count() as u64).saturating_sub(remote_pending),
-            initial_next: if matches!(after, After::FirstStart(_) | After::Recovered { initial: Some(_), .. }) {
-                InitialNext::WholeMessage
-            } else {
-                InitialNext::No
-            },
+            initial_next: if after.initial().is_some() { InitialNext::WholeMessage } else { InitialNext::No },
             received: self.received.clone(),
             sent: self
                 .sent
@@ -803,10 +807,7 @@ impl Session {
                     (d.clone(), (*n, self.outbox.get(d).map(|o| o.iter().cloned().collect()).unwrap_or_default()))
                 })
                 .collect(),
-            unlogged_initial: match &after {
-                After::FirstStart(i) | After::Recovered { initial: Some(i), .. } => Some(i.clone()),
-                After::Recovered { initial: None, .. } | After::Normal => None,
-            },
+            unlogged_initial: after.initial().cloned(),
             unlogged: self.pending.clone(),
             unlogged_tags: self.pending_tags.clone(),
         };
@@ -1044,25 +1045,15 @@ impl Session {
     pub fn on_checkpoint_written(&mut self) -> Vec<Action> {
         let Phase::Writing(after) = std::mem::replace(&mut self.phase, Phase::Normal) else { return Vec::new() };
         let mut out = Vec::new();
-        match after {
-            After::FirstStart(initial) => {
-                self.in_flight = true;
-                self.initial_in_flight = true;
-                out.push(Action::Append(initial));
-                return out;
-            }
-            After::Recovered { upgrade, initial } => {
-                if upgrade {
-                    out.push(Action::Upgraded);
-                }
-                if let Some(initial) = initial {
-                    self.in_flight = true;
-                    self.initial_in_flight = true;
-                    out.push(Action::Append(initial));
-                    return out;
-                }
-            }
-            After::Normal => {}
+        if let After::Recovered { upgrade: true, .. } = after {
+            out.push(Action::Upgraded);
+        }
+        // Record 0 next (a first start, or a log that ended before it): alone.
+        if let Some(initial) = after.initial() {
+            self.in_flight = true;
+            self.initial_in_flight = true;
+            out.push(Action::Append(initial.clone()));
+            return out;
         }
         out.extend(self.flush());
         out
