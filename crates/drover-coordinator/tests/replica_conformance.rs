@@ -15,7 +15,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{copy_dir, golden, read_exact};
+use common::{assert_refused, copy_dir, golden, read_exact, store_golden};
 use drover_coordinator::CoordinatorConfig;
 use drover_coordinator::admin::{Answer, InstanceStatus, Request};
 use drover_coordinator::replica::{ReplicaConfig, run_replica};
@@ -325,12 +325,7 @@ async fn golden_replica_v1_directory_recovers_its_checkpoint_and_records() {
         eprintln!("written: {s:#?}");
         drop((to, from));
         let _dir = g.stop().await;
-        let target = golden("replica-v1");
-        let _ = std::fs::remove_dir_all(&target);
-        copy_dir(&root.join("app/replica-1"), &target);
-        for f in ["LOCK", "peer-address", "raft-address"] {
-            std::fs::remove_file(target.join(f)).ok();
-        }
+        let target = store_golden("replica-v1", &root.join("app/replica-1"), &["LOCK", "peer-address", "raft-address"]);
         assert!(target.join(drover_raft::machine::SNAPSHOT_FILE).exists(), "no snapshot was taken");
         return;
     }
@@ -364,17 +359,11 @@ async fn golden_replica_v1_directory_recovers_its_checkpoint_and_records() {
     g.stop().await;
 }
 
-/// The second application's two connections are closed, without a byte sent to it,
-/// within 2 s (the grace a restarted application gets is 250 ms).
+/// A second application on replica `id` is refused.
 async fn refused(g: &Group, id: u64) {
     let started = std::time::Instant::now();
     let (mut to, mut from) = g.connect(id).await;
-    let mut rest = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), from.read_to_end(&mut rest)).await.unwrap().unwrap_or(0);
-    assert_eq!(n, 0, "nothing is sent to a second application on replica {id}");
-    let n = tokio::time::timeout(Duration::from_secs(5), to.read(&mut [0u8; 8])).await.unwrap().unwrap_or(0);
-    assert_eq!(n, 0, "its receive connection is closed too");
-    assert!(started.elapsed() < Duration::from_secs(2), "refused promptly: {:?}", started.elapsed());
+    assert_refused(&mut to, &mut from, started).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

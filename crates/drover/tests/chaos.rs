@@ -484,9 +484,7 @@ fn node_churn_keeps_one_streamer_per_pair_and_fails_over_in_bounds() {
 fn partitioned_streamer_is_replaced_in_time_and_fenced_after_heal() {
     let _serial = serial();
     let p = profile();
-    let ns = Netns::create(1).unwrap_or_else(|e| {
-        panic!("the partition scenario needs network namespaces (root, iproute2); refusing is a failure: {e}")
-    });
+    let ns = Netns::required(1);
     let dir = tempfile::tempdir().unwrap();
     let timeout = Duration::from_secs(1);
     let mut c = Controller::new(dir.path(), &["--node-timeout", "1s"]);

@@ -706,9 +706,7 @@ fn inst_view(i: &Instance) -> Instance {
 #[test]
 fn an_isolated_primary_is_replaced_the_count_goes_on_and_after_the_heal_it_rejoins_with_the_same_records() {
     let _serial = serial();
-    let ns = common::netns::Netns::create(8).unwrap_or_else(|e| {
-        panic!("the partition scenario needs network namespaces (root, iproute2); refusing is a failure: {e}")
-    });
+    let ns = common::netns::Netns::required(8);
     let (host, inside) = (ns.host_ip.clone(), ns.ns_ip());
     let dir = tempfile::tempdir().unwrap();
     let target: u64 = if long() { 30_000 } else { 8_000 };

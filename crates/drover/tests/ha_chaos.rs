@@ -688,9 +688,7 @@ fn ns_http_status(ns: &str, port: u16, path: &str) -> String {
 #[test]
 fn an_isolated_leader_stops_serving_the_majority_takes_over_and_the_fleet_follows_it() {
     let _serial = serial();
-    let ns = common::netns::Netns::create(7).unwrap_or_else(|e| {
-        panic!("the partition scenario needs network namespaces (root, iproute2); refusing is a failure: {e}")
-    });
+    let ns = common::netns::Netns::required(7);
     let (host, inside) = (ns.host_ip.clone(), ns.ns_ip());
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("cluster.secret");

@@ -33,3 +33,26 @@ pub fn copy_dir(from: &Path, to: &Path) {
 pub fn golden(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
 }
+
+/// Stores `from` as `tests/golden/NAME` (replacing it), without `leftovers` (paths
+/// relative to it: a directory lock, addresses of this run's ports).
+pub fn store_golden(name: &str, from: &Path, leftovers: &[&str]) -> PathBuf {
+    let target = golden(name);
+    let _ = std::fs::remove_dir_all(&target);
+    copy_dir(from, &target);
+    for f in leftovers {
+        std::fs::remove_file(target.join(f)).ok();
+    }
+    target
+}
+
+/// A second application's two connections (made at `started`) are closed without a
+/// byte sent to it, within 2 s (a restarted application gets a 250 ms grace).
+pub async fn assert_refused(to: &mut TcpStream, from: &mut TcpStream, started: std::time::Instant) {
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), from.read_to_end(&mut rest)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "nothing is sent to the second application");
+    let n = tokio::time::timeout(Duration::from_secs(5), to.read(&mut [0u8; 8])).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "its receive connection is closed too");
+    assert!(started.elapsed() < Duration::from_secs(2), "refused promptly: {:?}", started.elapsed());
+}

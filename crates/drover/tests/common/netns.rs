@@ -43,6 +43,14 @@ impl Netns {
         Ok(ns)
     }
 
+    /// The namespace a partition scenario needs: one that cannot be made fails the
+    /// test (a scenario refused is not a scenario passed).
+    pub fn required(tag: u8) -> Netns {
+        Netns::create(tag).unwrap_or_else(|e| {
+            panic!("the partition scenario needs network namespaces (root, iproute2); refusing is a failure: {e}")
+        })
+    }
+
     pub fn cut(&self) -> Result<(), String> {
         ip(&["link", "set", &self.host_if, "down"])
     }
