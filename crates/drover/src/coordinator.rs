@@ -103,10 +103,7 @@ impl RaftTlsArgs {
     fn credentials(&self, secret_file: &std::path::Path) -> anyhow::Result<drover_raft::tls::Credentials> {
         let secret = drover_raft::secret::ClusterSecret::from_file(secret_file)?;
         let tls = match (&self.cluster_ca, &self.tls_cert, &self.tls_key) {
-            (Some(ca), Some(cert), Some(key)) => {
-                let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-                Some(drover_raft::tls::RaftTls::new(&read(cert)?, &read(key)?, &read(ca)?)?)
-            }
+            (Some(ca), Some(cert), Some(key)) => Some(crate::util::raft_tls(ca, cert, key)?),
             (None, None, None) => None,
             _ => anyhow::bail!("--cluster-ca, --tls-cert and --tls-key go together"),
         };

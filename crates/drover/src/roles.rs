@@ -299,8 +299,7 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
                             "--cluster-ca needs --tls-cert and --tls-key (this member's certificate, issued by that CA)"
                         );
                     };
-                    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-                    Some(drover_raft::tls::RaftTls::new(&read(cert)?, &read(key)?, &read(ca)?)?)
+                    Some(crate::util::raft_tls(ca, cert, key)?)
                 }
             };
             config.cluster = Some(drover_controller::ClusterSettings {

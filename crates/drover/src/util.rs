@@ -1,5 +1,5 @@
 //! Small helpers shared by the subcommands: durations on the command line, the
-//! shutdown signal, and the open-file limit.
+//! shutdown signal, the open-file limit, and the Raft port's TLS from PEM files.
 
 use std::time::Duration;
 
@@ -87,6 +87,18 @@ pub fn raise_fd_limit(wanted: u64) -> u64 {
         tracing::warn!(limit, wanted, "the open-file limit is low for this many connections; raise it (ulimit -n)");
     }
     limit
+}
+
+/// Mutual TLS for a Raft port (the controllers' and the coordinator replicas'): this
+/// member's certificate and key, and the cluster CA that issued every member's.
+pub fn raft_tls(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<drover_raft::tls::RaftTls> {
+    use anyhow::Context;
+    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    Ok(drover_raft::tls::RaftTls::new(&read(cert)?, &read(key)?, &read(ca)?)?)
 }
 
 #[cfg(test)]
